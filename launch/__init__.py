@@ -1,0 +1,1 @@
+"""Launch tooling: run profiles (``configs/``) and Ray job submission (``submit``)."""

@@ -1,0 +1,74 @@
+"""Each figure function writes a non-empty PNG at the given path and returns that path."""
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from toolkit import plots
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_png(returned, expected):
+    assert returned == expected
+    data = expected.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 1000
+
+
+def test_plot_confusion_matrix(tmp_path):
+    cm = torch.randint(0, 50, (10, 10))
+    cm[3] = 0  # a class absent from the test set must not divide by zero
+    path = tmp_path / "nested" / "cm.png"  # parent folders are created
+    assert_png(plots.plot_confusion_matrix(cm, path, "linear probe, 100-labels"), path)
+
+
+def test_plot_confusion_matrix_rejects_non_square(tmp_path):
+    with pytest.raises(ValueError, match="square"):
+        plots.plot_confusion_matrix(np.zeros((3, 4)), tmp_path / "x.png", "bad")
+
+
+def test_plot_embedding_2d_subsamples(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(10).repeat_interleave(30)  # 300 points, 64-d: exercises the PCA step
+    feats = 4 * torch.randn(10, 64, generator=g)[labels] + torch.randn(300, 64, generator=g)
+    path = tmp_path / "tsne.png"
+    assert_png(plots.plot_embedding_2d(feats, labels, path, "encoder features", max_points=150, seed=1), path)
+
+
+def test_plot_embedding_2d_tiny_input(tmp_path):
+    feats = np.random.default_rng(0).normal(size=(12, 5))
+    path = tmp_path / "tiny.png"
+    assert_png(plots.plot_embedding_2d(feats, np.arange(12) % 3, str(path), "tiny"), path)
+
+
+def test_plot_curves(tmp_path):
+    path = tmp_path / "loss.png"
+    series = {"train loss": [2.3, 1.1, 0.7, 0.5], "val acc": [0.1, 0.6, 0.8, 0.85]}
+    assert_png(plots.plot_curves([1, 2, 3, 4], series, path, "SimCLR", "epoch", "value"), path)
+    with pytest.raises(ValueError, match="'short'"):
+        plots.plot_curves([1, 2, 3], {"short": [1.0]}, path, "t", "x", "y")
+
+
+def test_plot_bars_with_references(tmp_path):
+    path = tmp_path / "stages.png"
+    names = ["knn", "linear", "mlp", "cnn 100 labels", "pseudo-label r3"]
+    values = [0.91, 0.93, 0.94, 0.80, 0.97]
+    reference = {"linear": 0.95, "supervised, all labels": 0.99}  # one marker, one line
+    assert_png(plots.plot_bars(names, values, path, "test accuracy", "accuracy", reference), path)
+    path2 = tmp_path / "plain.png"
+    assert_png(plots.plot_bars(["a", "b"], [3.0, 5.0], path2, "seconds", "s"), path2)
+
+
+def test_plot_class_counts(tmp_path):
+    path = tmp_path / "counts.png"
+    counts = [[10] * 10, [40 + c for c in range(10)], [90 - 3 * c for c in range(10)]]
+    assert_png(plots.plot_class_counts(counts, path, "labels per class and round"), path)
+
+
+def test_plots_leave_no_pyplot_figures_open(tmp_path):
+    plots.plot_curves([0, 1], {"a": [0.0, 1.0]}, tmp_path / "a.png", "t", "x", "y")
+    plots.plot_class_counts([[1, 2], [3, 4]], tmp_path / "b.png", "t")
+    if "matplotlib.pyplot" in sys.modules:
+        assert sys.modules["matplotlib.pyplot"].get_fignums() == []

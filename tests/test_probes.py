@@ -1,0 +1,290 @@
+"""Probes on synthetic Gaussian clusters, kNN against a brute-force reference, pinned defaults."""
+
+import inspect
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from toolkit import probes
+from toolkit.probes import (
+    accuracy,
+    confusion_matrix,
+    knn_predict,
+    per_class_accuracy,
+    predict,
+    run_probes,
+    train_linear_probe,
+    train_mlp_probe,
+)
+
+# Small MLP settings so each test takes well under a second on a busy 2-core CPU.
+FAST_MLP = {"hidden_dim": 64, "steps": 100}
+
+
+def clusters(n_per_class, d=16, sep=3.0, seed=0, num_classes=10):
+    """(N, d) float features around fixed class centres and (N,) labels; centres do not depend on seed."""
+    centres = sep * torch.randn(num_classes, d, generator=torch.Generator().manual_seed(1234))
+    labels = torch.arange(num_classes).repeat_interleave(n_per_class)
+    noise = torch.randn(labels.shape[0], d, generator=torch.Generator().manual_seed(seed))
+    return centres[labels] + noise, labels
+
+
+def brute_force_knn(train, train_labels, query, k, temperature, num_classes):
+    """One query at a time, straight from Wu et al. 2018: votes exp(cos / T) from the k nearest."""
+    train, query = train.double().numpy(), query.double().numpy()
+    train = train / np.linalg.norm(train, axis=1, keepdims=True)
+    out = []
+    for q in query:
+        q = q / np.linalg.norm(q)
+        sims = train @ q
+        nearest = np.argsort(-sims)[: min(k, len(train))]
+        votes = np.zeros(num_classes)
+        for j in nearest:
+            votes[int(train_labels[j])] += math.exp(sims[j] / temperature)
+        out.append(int(np.argmax(votes)))
+    return torch.tensor(out)
+
+
+def default(fn, name):
+    return inspect.signature(fn).parameters[name].default
+
+
+# ----------------------------------------------------------------------------- pinned defaults
+
+
+def test_evaluation_defaults_are_pinned():
+    # These numbers define the reported protocols; changing one must be a deliberate edit here.
+    assert default(knn_predict, "k") == 20
+    assert default(knn_predict, "temperature") == 0.07
+    assert default(knn_predict, "chunk_size") == 512
+    assert default(train_linear_probe, "C") == 1.0
+    assert default(train_linear_probe, "max_iter") == 200
+    assert default(train_linear_probe, "batch_size") == 16384
+    assert default(train_mlp_probe, "hidden_dim") == 512
+    assert default(train_mlp_probe, "dropout") == 0.0
+    assert default(train_mlp_probe, "steps") == 500
+    assert default(train_mlp_probe, "lr") == 1e-3
+    assert default(train_mlp_probe, "weight_decay") == 1e-2
+    assert default(train_mlp_probe, "batch_size") == 1024
+    for fn in (train_linear_probe, train_mlp_probe):
+        assert default(fn, "num_classes") == 10
+        assert default(fn, "seed") == 0
+    assert probes.PROBE_NAMES == ("linear", "mlp", "knn")
+
+
+def test_run_probes_reports_resolved_settings_as_params():
+    xtr, ytr = clusters(10)
+    xte, yte = clusters(5, seed=1)
+    out = run_probes(xtr, ytr, xte, yte, protocol="100-labels", mlp_kwargs=FAST_MLP)
+    p = out["params"]
+    assert p["100-labels/knn/k"] == 20 and p["100-labels/knn/temperature"] == 0.07
+    assert p["100-labels/linear/C"] == 1.0 and p["100-labels/linear/max_iter"] == 200
+    assert p["100-labels/mlp/steps"] == 100 and p["100-labels/mlp/hidden_dim"] == 64  # overrides win
+    assert p["100-labels/mlp/lr"] == 1e-3 and p["100-labels/mlp/seed"] == 0
+    assert (p["100-labels/n_train"], p["100-labels/n_test"], p["100-labels/n_val"]) == (100, 50, 0)
+
+
+# ----------------------------------------------------------------------------- linear and MLP
+
+
+def test_linear_probe_separates_clusters_from_100_labels():
+    xtr, ytr = clusters(10)
+    xte, yte = clusters(50, seed=1)
+    probe = train_linear_probe(xtr, ytr)
+    assert accuracy(predict(probe, xte), yte) >= 0.95
+    assert not probe.training
+
+
+def test_mlp_probe_separates_clusters_from_100_labels():
+    xtr, ytr = clusters(10)
+    xte, yte = clusters(50, seed=1)
+    probe = train_mlp_probe(xtr, ytr, **FAST_MLP)
+    assert accuracy(predict(probe, xte), yte) >= 0.95
+
+
+def test_mlp_probe_is_deterministic_and_leaves_global_rng_alone():
+    xtr, ytr = clusters(10)
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    a = train_mlp_probe(xtr, ytr, seed=3, dropout=0.2, **FAST_MLP)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    b = train_mlp_probe(xtr, ytr, seed=3, dropout=0.2, **FAST_MLP)
+    c = train_mlp_probe(xtr, ytr, seed=4, dropout=0.2, **FAST_MLP)
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa, pb), name
+    assert not torch.equal(a[1].weight, c[1].weight)
+
+
+def test_probes_with_mini_batches_on_more_points():
+    # 3,000 points: the MLP walks through several permutations, the linear probe accumulates chunks.
+    xtr, ytr = clusters(300, sep=0.8)
+    xte, yte = clusters(100, sep=0.8, seed=1)
+    lin_full = train_linear_probe(xtr, ytr, batch_size=10**6)
+    lin_chunked = train_linear_probe(xtr, ytr, batch_size=700)  # ragged last chunk on purpose
+    # Chunking only bounds memory: the convex optimum is the same.
+    torch.testing.assert_close(lin_chunked[1].weight, lin_full[1].weight, atol=2e-3, rtol=1e-3)
+    acc_lin = accuracy(predict(lin_chunked, xte), yte)
+    mlp = train_mlp_probe(xtr, ytr, batch_size=256, **FAST_MLP)
+    acc_mlp = accuracy(predict(mlp, xte), yte)
+    assert acc_lin >= 0.9 and acc_mlp >= 0.9, (acc_lin, acc_mlp)
+
+
+@pytest.mark.parametrize("train", [train_linear_probe, train_mlp_probe])
+def test_standardisation_is_stored_in_the_module(train):
+    xtr, ytr = clusters(10)
+    xte, _ = clusters(50, seed=1)
+    kwargs = FAST_MLP if train is train_mlp_probe else {}
+    probe = train(xtr, ytr, **kwargs)
+    state = probe.state_dict()
+    torch.testing.assert_close(state["0.mean"], xtr.mean(0))
+    torch.testing.assert_close(state["0.std"], xtr.std(0, unbiased=False))
+    # Shift and scale every feature: the probe trained on the moved data sees the same
+    # standardised inputs, so on equally moved test data it predicts exactly the same.
+    shift, scale = 1000.0 * torch.randn(xtr.shape[1]), 50.0
+    moved = train(xtr * scale + shift, ytr, **kwargs)
+    torch.testing.assert_close(moved.state_dict()["0.mean"], xtr.mean(0) * scale + shift)
+    assert torch.equal(predict(moved, xte * scale + shift), predict(probe, xte))
+
+
+def test_standardize_leaves_constant_features_unscaled():
+    x = torch.randn(20, 4)
+    x[:, 2] = 7.0
+    std = probes.Standardize.fit(x)
+    assert std.std[2] == 1.0
+    assert torch.isfinite(std(x)).all() and torch.all(std(x)[:, 2] == 0)
+
+
+def test_probe_rejects_bad_inputs_with_a_named_argument():
+    xtr, ytr = clusters(10)
+    with pytest.raises(ValueError, match="train_labels"):
+        train_linear_probe(xtr, ytr[:-1])
+    with pytest.raises(ValueError, match=r"\[0, 5\)"):
+        train_linear_probe(xtr, ytr, num_classes=5)
+    with pytest.raises(ValueError, match="train_feats"):
+        train_mlp_probe(xtr[0], ytr)
+
+
+# ----------------------------------------------------------------------------- kNN
+
+
+def test_knn_matches_brute_force_reference():
+    xtr, ytr = clusters(10, sep=0.5)  # overlapping clusters so that the votes matter
+    xq, _ = clusters(8, sep=0.5, seed=1)
+    for k, t in ((20, 0.07), (5, 0.5), (1, 0.07)):
+        got = knn_predict(xtr, ytr, xq, k=k, temperature=t, chunk_size=7)  # ragged chunks
+        assert torch.equal(got, brute_force_knn(xtr, ytr, xq, k, t, 10)), (k, t)
+
+
+def test_knn_chunking_does_not_change_predictions():
+    xtr, ytr = clusters(30, sep=0.5)
+    xq, _ = clusters(20, sep=0.5, seed=1)
+    whole = knn_predict(xtr, ytr, xq, chunk_size=10**6)
+    assert torch.equal(knn_predict(xtr, ytr, xq, chunk_size=1), whole)
+    assert torch.equal(knn_predict(xtr, ytr, xq, chunk_size=33), whole)
+
+
+def test_knn_clips_k_to_the_number_of_training_points():
+    xtr, ytr = clusters(1, sep=0.5)  # 10 training points, one per class
+    xq, _ = clusters(10, sep=0.5, seed=1)
+    got = knn_predict(xtr, ytr, xq, k=20)
+    assert torch.equal(got, brute_force_knn(xtr, ytr, xq, 10, 0.07, 10))
+    assert torch.equal(got, knn_predict(xtr, ytr, xq, k=10))
+
+
+def test_knn_separates_clusters_and_is_scale_invariant():
+    xtr, ytr = clusters(10)
+    xte, yte = clusters(50, seed=1)
+    pred = knn_predict(xtr, ytr, xte)
+    assert pred.dtype == torch.long and pred.shape == yte.shape
+    assert accuracy(pred, yte) >= 0.95
+    assert torch.equal(knn_predict(xtr * 3.0, ytr, xte * 0.1), pred)  # cosine similarity
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def test_confusion_matrix_rows_are_true_classes():
+    labels = torch.tensor([0, 0, 1, 2, 2, 2])
+    pred = torch.tensor([0, 1, 1, 2, 0, 2])
+    cm = confusion_matrix(pred, labels, num_classes=4)
+    expected = torch.tensor([[1, 1, 0, 0], [0, 1, 0, 0], [1, 0, 2, 0], [0, 0, 0, 0]])
+    assert cm.dtype == torch.long and torch.equal(cm, expected)
+    assert cm.sum() == len(labels)
+    assert cm.diag().sum() == (pred == labels).sum()
+    assert torch.equal(cm.sum(1), torch.bincount(labels, minlength=4))
+
+
+def test_accuracy_and_per_class_accuracy():
+    labels = torch.tensor([0, 0, 1, 2, 2, 2])
+    pred = torch.tensor([0, 1, 1, 2, 0, 2])
+    assert accuracy(pred, labels) == pytest.approx(4 / 6)
+    pc = per_class_accuracy(pred, labels, num_classes=4)
+    assert pc[:3] == pytest.approx([0.5, 1.0, 2 / 3])
+    assert math.isnan(pc[3])  # class absent from labels
+    with pytest.raises(ValueError):
+        accuracy(pred, labels[:-1])
+    with pytest.raises(ValueError, match="pred"):
+        confusion_matrix(pred, labels, num_classes=2)
+
+
+# ----------------------------------------------------------------------------- run_probes
+
+
+def test_run_probes_returns_named_metrics_and_results():
+    xtr, ytr = clusters(10)
+    xval, yval = clusters(5, seed=2)
+    xte, yte = clusters(30, seed=1)
+    out = run_probes(xtr, ytr, xte, yte, xval, yval, protocol="100-labels", seed=1, mlp_kwargs=FAST_MLP)
+    assert out["protocol"] == "100-labels"
+    m = out["metrics"]
+    for name in ("linear", "mlp", "knn"):
+        res = out[name]
+        assert m[f"100-labels/{name}/test_acc"] == res["test_acc"] >= 0.95
+        assert m[f"100-labels/{name}/val_acc"] == res["val_acc"] >= 0.9
+        assert len(res["per_class_acc"]) == 10
+        for c in range(10):
+            assert m[f"100-labels/{name}/test_acc_class{c}"] == res["per_class_acc"][c]
+        assert res["confusion"].shape == (10, 10) and res["confusion"].sum() == len(yte)
+        assert torch.equal(res["test_pred"], predict(res["probe"], xte) if res["probe"] is not None
+                           else knn_predict(xtr, ytr, xte))
+        assert m[f"100-labels/{name}/seconds"] >= 0.0
+    assert m["100-labels/linear/train_acc"] == 1.0
+    assert out["knn"]["train_acc"] is None and "100-labels/knn/train_acc" not in m
+    assert all(isinstance(v, float) for v in m.values())
+    assert all(isinstance(v, (int, float, str)) for v in out["params"].values())
+
+
+def test_run_probes_without_val_and_with_clipped_k():
+    xtr, ytr = clusters(1)
+    xte, yte = clusters(5, seed=1)
+    out = run_probes(xtr, ytr, xte, yte, protocol="all-labels", mlp_kwargs=FAST_MLP)
+    assert not any(k.endswith("val_acc") for k in out["metrics"])
+    assert all(out[name]["val_acc"] is None for name in ("linear", "mlp", "knn"))
+    assert out["params"]["all-labels/knn/k"] == 10  # the k actually used
+
+
+def test_run_probes_rejects_bad_protocol_and_unknown_settings():
+    xtr, ytr = clusters(2)
+    with pytest.raises(ValueError, match="protocol"):
+        run_probes(xtr, ytr, xtr, ytr, protocol="")
+    with pytest.raises(ValueError, match="protocol"):
+        run_probes(xtr, ytr, xtr, ytr, protocol="a/b")
+    with pytest.raises(TypeError, match="'epochs'"):
+        run_probes(xtr, ytr, xtr, ytr, protocol="x", mlp_kwargs={"epochs": 3})
+    with pytest.raises(ValueError, match="together"):
+        run_probes(xtr, ytr, xtr, ytr, xtr, None, protocol="x")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_run_probes_on_cuda_features():
+    xtr, ytr = clusters(10)
+    xte, yte = clusters(30, seed=1)
+    dev = torch.device("cuda")
+    out = run_probes(xtr.to(dev), ytr.to(dev), xte.to(dev), yte.to(dev), protocol="100-labels", mlp_kwargs=FAST_MLP)
+    for name in ("linear", "mlp", "knn"):
+        assert out[name]["test_pred"].device.type == "cuda"
+        assert out[name]["test_acc"] >= 0.95
+    cpu = train_linear_probe(xtr, ytr)
+    assert torch.equal(predict(out["linear"]["probe"], xte), predict(cpu, xte))  # CPU query, CUDA probe

@@ -1,0 +1,118 @@
+"""Batched image augmentation on the device, with per-sample random parameters.
+
+Every function takes a float batch (B, 1, H, W) in [0, 1] on any device and a
+``torch.Generator`` on that device, and draws one set of parameters *per image*
+(torchvision's v2 transforms draw one per batch, which makes SimCLR's two views
+nearly identical). No PIL, no per-sample Python: the whole batch is a handful of
+tensor ops, so it runs at tens of thousands of images/s on a CPU and far more on a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .config import AugmentConfig
+
+
+def _uniform(n: int, low: float, high: float, g: torch.Generator, device) -> torch.Tensor:
+    return torch.rand(n, generator=g, device=device) * (high - low) + low
+
+
+def _bernoulli(n: int, p: float, g: torch.Generator, device) -> torch.Tensor:
+    return torch.rand(n, generator=g, device=device) < p
+
+
+def random_affine_grid(n: int, size: int, cfg: AugmentConfig, g: torch.Generator, device) -> torch.Tensor:
+    """Sampling grid (n, size, size, 2) of a per-image affine map: rotation, shear, zoom, translation.
+
+    Zoom > 1 magnifies (crop-and-resize); the grid maps output pixels to input
+    coordinates in [-1, 1], so the matrix below is the inverse transform.
+    """
+    s = cfg.strength
+    rot = _uniform(n, -1, 1, g, device) * math.radians(cfg.rotate_deg * s)
+    shear = _uniform(n, -1, 1, g, device) * math.radians(cfg.shear_deg * s)
+    lo = 1 + (cfg.scale_min - 1) * s
+    hi = 1 + (cfg.scale_max - 1) * s
+    # log-uniform zoom so that 0.8 and 1.25 are equally likely
+    zoom = torch.exp(_uniform(n, math.log(lo), math.log(hi), g, device))
+    shift = _uniform(2 * n, -1, 1, g, device).view(n, 2) * (2 * cfg.translate * s)
+    cos, sin = torch.cos(rot), torch.sin(rot)
+    tan = torch.tan(shear)
+    # inverse of (rotate @ shear) scaled by 1/zoom: output -> input coordinates
+    a = torch.stack([cos, -sin + cos * tan, sin, cos + sin * tan], dim=1).view(n, 2, 2) / zoom.view(n, 1, 1)
+    theta = torch.cat([a, shift.view(n, 2, 1)], dim=2)
+    return F.affine_grid(theta, (n, 1, size, size), align_corners=False)
+
+
+def random_elastic_offsets(n: int, size: int, alpha_px: float, prob: float, g: torch.Generator, device) -> torch.Tensor:
+    """Smooth random displacement field (n, size, size, 2) in grid units, zero for images not drawn.
+
+    A coarse 4x4 field of random offsets upsampled bicubically is a cheap stand-in for
+    Simard et al.'s Gaussian-smoothed field: both give locally coherent warps.
+    """
+    coarse = torch.randn(n, 2, 4, 4, generator=g, device=device)
+    field = F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=True)
+    on = _bernoulli(n, prob, g, device).float().view(n, 1, 1, 1)
+    # pixels -> grid units ([-1, 1] spans `size` pixels)
+    return (field * on * (2.0 * alpha_px / size)).permute(0, 2, 3, 1)
+
+
+def random_blur(x: torch.Tensor, prob: float, g: torch.Generator) -> torch.Tensor:
+    """Gaussian blur (3x3, sigma drawn in [0.5, 1.0]) on a random subset of images."""
+    n = x.shape[0]
+    sigma = _uniform(n, 0.5, 1.0, g, x.device).view(n, 1, 1)
+    r = torch.arange(-1, 2, device=x.device, dtype=x.dtype).view(1, 3, 1)
+    k1 = torch.exp(-(r**2) / (2 * sigma**2))  # (n, 3, 1)
+    k1 = k1 / k1.sum(1, keepdim=True)
+    kernels = (k1 @ k1.transpose(1, 2)).unsqueeze(1)  # (n, 1, 3, 3): one kernel per image
+    blurred = F.conv2d(x.transpose(0, 1), kernels, padding=1, groups=n).transpose(0, 1)
+    on = _bernoulli(n, prob, g, x.device).view(n, 1, 1, 1)
+    return torch.where(on, blurred, x)
+
+
+def random_erase(x: torch.Tensor, prob: float, g: torch.Generator, max_frac: float = 0.4) -> torch.Tensor:
+    """Zero one random rectangle (side up to ``max_frac`` of the image) in a random subset of images."""
+    n, _, h, w = x.shape
+    dev = x.device
+    eh = (_uniform(n, 0.1, max_frac, g, dev) * h).ceil()
+    ew = (_uniform(n, 0.1, max_frac, g, dev) * w).ceil()
+    top = (_uniform(n, 0, 1, g, dev) * (h - eh + 1)).floor()
+    left = (_uniform(n, 0, 1, g, dev) * (w - ew + 1)).floor()
+    rows = torch.arange(h, device=dev).view(1, h, 1)
+    cols = torch.arange(w, device=dev).view(1, 1, w)
+    inside = (
+        (rows >= top.view(n, 1, 1)) & (rows < (top + eh).view(n, 1, 1))
+        & (cols >= left.view(n, 1, 1)) & (cols < (left + ew).view(n, 1, 1))
+    )
+    on = _bernoulli(n, prob, g, dev).view(n, 1, 1)
+    return x.masked_fill((inside & on).unsqueeze(1), 0.0)
+
+
+def augment(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
+    """One augmented view of a batch: (B, 1, H, W) float in [0, 1] -> same shape, new random draw per image."""
+    if cfg.strength == 0:
+        return x
+    n, _, h, w = x.shape
+    grid = random_affine_grid(n, h, cfg, g, x.device)
+    if cfg.elastic_alpha > 0 and cfg.elastic_prob > 0:
+        grid = grid + random_elastic_offsets(n, h, cfg.elastic_alpha * cfg.strength, cfg.elastic_prob, g, x.device)
+    out = F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
+    if cfg.blur_prob > 0:
+        out = random_blur(out, cfg.blur_prob, g)
+    if cfg.erase_prob > 0:
+        out = random_erase(out, cfg.erase_prob * min(cfg.strength, 1.0), g)
+    if cfg.noise_std > 0:
+        out = out + torch.randn(out.shape, generator=g, device=out.device, dtype=out.dtype) * (cfg.noise_std * cfg.strength)
+    return out.clamp_(0.0, 1.0)
+
+
+def two_views(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """SimCLR's two independent views of the same batch."""
+    return augment(x, cfg, g), augment(x, cfg, g)
+
+
+def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)

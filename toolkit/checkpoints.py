@@ -1,0 +1,88 @@
+"""Checkpoint files: one dict per file, loaded with ``weights_only=True``, checked against the model asked for."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import Config, ModelConfig, config_from_dict
+from .models import architecture
+
+CHECKPOINT_FILE = "checkpoint.pt"
+MODEL_FILE = "model.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, unreadable, or from another model; the message names the file."""
+
+
+def save(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
+    """Write atomically (temp file + rename): a crash mid-write never leaves a half checkpoint."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".tmp")
+    os.close(fd)
+    torch.save(payload, tmp)
+    os.replace(tmp, p)
+    return p
+
+
+def model_payload(kind: str, cfg: Config, state_dict: dict, **extra: Any) -> dict[str, Any]:
+    """What a model file holds: its kind, architecture, the resolved config and the weights."""
+    return {
+        "kind": kind,
+        "architecture": architecture(cfg.model),
+        "config": cfg.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
+        **extra,
+    }
+
+
+def load(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    if p.is_dir():
+        for name in (MODEL_FILE, CHECKPOINT_FILE):
+            if (p / name).is_file():
+                p = p / name
+                break
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    try:
+        payload = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
+        raise CheckpointError(f"checkpoint {p} is not a readable toolkit checkpoint: {type(e).__name__}: {e}".splitlines()[0]) from None
+    if not isinstance(payload, dict) or "kind" not in payload or "state_dict" not in payload:
+        raise CheckpointError(f"checkpoint {p} is not a toolkit checkpoint (no 'kind'/'state_dict')")
+    payload["path"] = str(p)
+    return payload
+
+
+def load_model_file(path: str | os.PathLike, kind: str, model_cfg: ModelConfig | None = None) -> dict[str, Any]:
+    """Load a model file and check it holds a ``kind`` model with ``model_cfg``'s architecture."""
+    payload = load(path)
+    if payload["kind"] != kind:
+        raise CheckpointError(f"checkpoint {payload['path']} holds a '{payload['kind']}' model, expected '{kind}'")
+    if model_cfg is not None:
+        want, got = architecture(model_cfg), payload.get("architecture", {})
+        diff = {k: (got.get(k), v) for k, v in want.items() if k in ("width", "depth", "convs_per_stage") and got.get(k) != v}
+        if diff:
+            desc = ", ".join(f"model.{k}={g} in the checkpoint but {w} here" for k, (g, w) in diff.items())
+            raise CheckpointError(f"checkpoint {payload['path']} is from another model: {desc}")
+    return payload
+
+
+def config_of(payload: dict[str, Any]) -> Config:
+    return config_from_dict(payload["config"])
+
+
+def copy_into(src: str | os.PathLike, dst_dir: str | os.PathLike) -> Path:
+    dst = Path(dst_dir)
+    dst.mkdir(parents=True, exist_ok=True)
+    out = dst / Path(src).name
+    shutil.copy2(src, out)
+    return out

@@ -1,0 +1,95 @@
+"""`toolkit <command> [--config FILE.yaml] [--backend local|ray] [key=value ...]`.
+
+Bad input (unknown keys, impossible values, missing or corrupt data, a checkpoint
+from another model) ends with one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from .config import ConfigError, Config, help_text, load_config
+
+COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "pretrain": ("SimCLR pretraining of the encoder (Ray Train DDP + Accelerate)",
+                 ("data", "split", "model", "augment", "pretrain", "ray", "tracking", "run")),
+    "probe": ("linear / MLP / kNN probes on a frozen encoder, 100 labels and all labels",
+              ("data", "split", "model", "probe", "tracking", "run")),
+    "supervised": ("CNN on the labeled images with on-device augmentation",
+                   ("data", "split", "model", "augment", "classifier", "ray", "tracking", "run")),
+    "pseudolabel": ("one-shot or iterative pseudo-labeling with Ray Data inference",
+                    ("data", "split", "model", "augment", "classifier", "pseudolabel", "ray", "tracking", "run")),
+    "pipeline": ("pretrain -> probe -> supervised -> one-shot -> iterative -> SimCLR-initialised iterative", None),
+    "tune": ("Ray Tune search of the iterative pseudo-labeler's threshold schedule",
+             ("data", "split", "model", "augment", "classifier", "pseudolabel", "tune", "ray", "tracking", "run")),
+    "report": ("results table and plots of a pipeline run", ("tracking", "run")),
+}
+
+
+def _dispatch(command: str) -> Callable[[Config], object]:
+    if command == "pretrain":
+        from .stages.pretrain import pretrain
+        return pretrain
+    if command == "probe":
+        from .stages.probe import probe
+        return probe
+    if command == "supervised":
+        from .stages.supervised import supervised
+        return supervised
+    if command == "pseudolabel":
+        from .stages.pseudolabel import pseudolabel
+        return pseudolabel
+    if command == "pipeline":
+        from .stages.pipeline import pipeline
+        return pipeline
+    if command == "tune":
+        from .stages.tune import tune
+        return tune
+    if command == "report":
+        from .stages.report import report
+        return report
+    raise ConfigError(f"unknown command {command!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="toolkit", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (desc, sections) in COMMANDS.items():
+        p = sub.add_parser(
+            name, help=desc, description=desc, formatter_class=argparse.RawDescriptionHelpFormatter,
+            epilog="config keys (key=value):" + help_text(sections),
+        )
+        p.add_argument("--config", "-c", help="YAML file of overrides (e.g. launch/configs/cpu.yaml)")
+        p.add_argument("--backend", choices=("ray", "local"), help="shortcut for run.backend=...")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    from .checkpoints import CheckpointError
+    from .data import DataError
+
+    try:
+        overrides = list(args.overrides)
+        if args.backend:
+            overrides.append(f"run.backend={args.backend}")
+        cfg = load_config(args.config, overrides)
+        _dispatch(args.command)(cfg)
+    except (ConfigError, DataError, CheckpointError) as e:
+        print(f"toolkit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"toolkit {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,469 @@
+"""The one config system: frozen dataclasses hold every default, YAML files and
+``key=value`` arguments hold overrides, and validation names the offending key.
+
+A ``Config`` is the whole study (data, split, model, each stage, Ray, tracking);
+every command receives the same resolved object, so a run's logged config is
+enough to reproduce it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """An impossible or unknown configuration value; the message names the key."""
+
+
+def _opt(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field carrying its help text (shown by ``toolkit CMD --help``)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+def _check(cond: bool, key: str, allowed: str, value: Any) -> None:
+    if not cond:
+        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str = _opt("", "MNIST root (holds MNIST/raw); empty: $TOOLKIT_DATA_DIR, else ./data")
+    download: bool = _opt(False, "let torchvision download MNIST when the files are missing (needs internet)")
+    train_subset: int = _opt(0, "use only the first N training images (0: all 60,000); for tests and smoke runs")
+    test_subset: int = _opt(0, "use only the first N test images (0: all 10,000)")
+
+    def validate(self) -> None:
+        _check(self.train_subset >= 0, "data.train_subset", "must be >= 0", self.train_subset)
+        _check(self.test_subset >= 0, "data.test_subset", "must be >= 0", self.test_subset)
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    seed: int = _opt(0, "seed of the labeled/validation/pool split (the split depends on it alone)")
+    labels_per_class: int = _opt(10, "labeled images per digit (10 -> the 100-label problem)")
+    val_size: int = _opt(1000, "validation images (labels used for model selection only)")
+
+    def validate(self) -> None:
+        _check(self.labels_per_class >= 1, "split.labels_per_class", "must be >= 1", self.labels_per_class)
+        _check(self.val_size >= 1, "split.val_size", "must be >= 1", self.val_size)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    width: int = _opt(32, "channels of the first conv stage (doubles each stage)")
+    depth: int = _opt(3, "conv stages of the encoder (2..4)")
+    convs_per_stage: int = _opt(1, "3x3 convs in each stage after the first (1..3)")
+    proj_dim: int = _opt(64, "SimCLR projection output size")
+    proj_hidden: int = _opt(256, "SimCLR projection hidden size")
+    dropout: float = _opt(0.1, "dropout before the classifier head")
+    init: str = _opt("scratch", "classifier start: 'scratch' or 'simclr:<checkpoint path | MLflow run id>'")
+    sync_bn: bool = _opt(False, "SyncBatchNorm across workers (BatchNorm statistics independent of world size)")
+
+    def validate(self) -> None:
+        _check(8 <= self.width <= 512, "model.width", "must be in [8, 512]", self.width)
+        _check(2 <= self.depth <= 4, "model.depth", "must be in [2, 4]", self.depth)
+        _check(1 <= self.convs_per_stage <= 3, "model.convs_per_stage", "must be in [1, 3]", self.convs_per_stage)
+        _check(self.proj_dim >= 2, "model.proj_dim", "must be >= 2", self.proj_dim)
+        _check(self.proj_hidden >= 2, "model.proj_hidden", "must be >= 2", self.proj_hidden)
+        _check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)", self.dropout)
+        _check(
+            self.init == "scratch" or (self.init.startswith("simclr:") and len(self.init) > 7),
+            "model.init", "'scratch' or 'simclr:<checkpoint path | MLflow run id>'", self.init,
+        )
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    strength: float = _opt(1.0, "global multiplier of every magnitude below (0 turns augmentation off)")
+    rotate_deg: float = _opt(15.0, "max rotation, degrees")
+    shear_deg: float = _opt(10.0, "max shear, degrees")
+    scale_min: float = _opt(0.8, "min zoom (crop-and-resize when > 1)")
+    scale_max: float = _opt(1.2, "max zoom")
+    translate: float = _opt(0.12, "max translation, fraction of the image side")
+    elastic_alpha: float = _opt(1.5, "elastic distortion magnitude, pixels")
+    elastic_prob: float = _opt(0.5, "probability of elastic distortion per image")
+    blur_prob: float = _opt(0.2, "probability of a Gaussian blur per image")
+    erase_prob: float = _opt(0.25, "probability of random erasing per image")
+    noise_std: float = _opt(0.05, "std of additive Gaussian noise (images in [0, 1])")
+
+    def validate(self) -> None:
+        _check(self.strength >= 0, "augment.strength", "must be >= 0", self.strength)
+        _check(0 < self.scale_min <= self.scale_max, "augment.scale_min", "must be in (0, scale_max]", self.scale_min)
+        for name in ("elastic_prob", "blur_prob", "erase_prob"):
+            v = getattr(self, name)
+            _check(0.0 <= v <= 1.0, f"augment.{name}", "a probability in [0, 1]", v)
+        for name in ("rotate_deg", "shear_deg", "translate", "elastic_alpha", "noise_std"):
+            v = getattr(self, name)
+            _check(v >= 0, f"augment.{name}", "must be >= 0", v)
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    epochs: int = _opt(20, "SimCLR epochs over the training images")
+    batch_size: int = _opt(512, "global batch (images; each gives two views), split over workers")
+    lr: float = _opt(2e-3, "peak AdamW learning rate")
+    weight_decay: float = _opt(1e-4, "AdamW weight decay")
+    warmup_epochs: float = _opt(1.0, "linear warmup length, epochs")
+    temperature: float = _opt(0.2, "NT-Xent temperature")
+    max_images: int = _opt(0, "images per epoch (0: the whole training set, labels unused)")
+
+    def validate(self) -> None:
+        _check(self.epochs >= 1, "pretrain.epochs", "must be >= 1", self.epochs)
+        _check(self.batch_size >= 2, "pretrain.batch_size", "must be >= 2", self.batch_size)
+        _check(self.lr > 0, "pretrain.lr", "must be > 0", self.lr)
+        _check(self.weight_decay >= 0, "pretrain.weight_decay", "must be >= 0", self.weight_decay)
+        _check(self.warmup_epochs >= 0, "pretrain.warmup_epochs", "must be >= 0", self.warmup_epochs)
+        _check(self.temperature > 0, "pretrain.temperature", "must be > 0", self.temperature)
+        _check(self.max_images >= 0, "pretrain.max_images", "must be >= 0", self.max_images)
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    checkpoint: str = _opt("", "encoder: checkpoint path, or MLflow run id of a pretrain run (empty: latest pretrain of this run name)")
+    all_labels: bool = _opt(True, "also train the probes with all training labels (second protocol)")
+    knn_k: int = _opt(20, "neighbours of the kNN probe")
+    tsne_points: int = _opt(2000, "test points in the t-SNE plot (0: no plot)")
+
+    def validate(self) -> None:
+        _check(self.knn_k >= 1, "probe.knn_k", "must be >= 1", self.knn_k)
+        _check(self.tsne_points >= 0, "probe.tsne_points", "must be >= 0", self.tsne_points)
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    steps: int = _opt(1500, "optimizer steps of the supervised stage")
+    eval_every: int = _opt(250, "steps between validation, checkpoint and progress line")
+    batch_size: int = _opt(256, "global batch")
+    lr: float = _opt(3e-3, "peak AdamW learning rate (one-cycle: warmup then cosine)")
+    encoder_lr_scale: float = _opt(0.3, "lr multiplier of a SimCLR-initialised encoder")
+    weight_decay: float = _opt(5e-4, "AdamW weight decay")
+    warmup_steps: int = _opt(100, "linear warmup steps")
+    label_smoothing: float = _opt(0.1, "cross-entropy label smoothing")
+
+    def validate(self) -> None:
+        _check(self.steps >= 1, "classifier.steps", "must be >= 1", self.steps)
+        _check(self.eval_every >= 1, "classifier.eval_every", "must be >= 1", self.eval_every)
+        _check(self.batch_size >= 1, "classifier.batch_size", "must be >= 1", self.batch_size)
+        _check(self.lr > 0, "classifier.lr", "must be > 0", self.lr)
+        _check(self.encoder_lr_scale >= 0, "classifier.encoder_lr_scale", "must be >= 0", self.encoder_lr_scale)
+        _check(self.weight_decay >= 0, "classifier.weight_decay", "must be >= 0", self.weight_decay)
+        _check(self.warmup_steps >= 0, "classifier.warmup_steps", "must be >= 0", self.warmup_steps)
+        _check(0 <= self.label_smoothing < 1, "classifier.label_smoothing", "must be in [0, 1)", self.label_smoothing)
+
+
+THRESHOLD_SCHEDULE_KINDS = ("constant", "linear", "exponential", "cosine", "step")
+
+
+@dataclass(frozen=True)
+class PseudoLabelConfig:
+    mode: str = _opt("iterative", "'oneshot' (one round at threshold_start) or 'iterative'")
+    rounds: int = _opt(5, "pseudo-labeling rounds (iterative mode)")
+    schedule: str = _opt("linear", f"threshold schedule: one of {', '.join(THRESHOLD_SCHEDULE_KINDS)}")
+    threshold_start: float = _opt(0.99, "confidence threshold of round 0, in (0, 1]")
+    threshold_floor: float = _opt(0.9, "lowest threshold the schedule may reach, in (0, 1]")
+    threshold_rate: float = _opt(0.5, "exponential: decay factor in (0, 1); step: drop per step")
+    step_every: int = _opt(1, "step schedule: rounds between drops")
+    class_adaptive: bool = _opt(False, "FlexMatch-style per-class thresholds")
+    per_class_cap: int = _opt(0, "max pseudo-labels per predicted digit (0: no cap)")
+    warm_start: bool = _opt(True, "each round fine-tunes the previous model (false: from the initial weights)")
+    steps_per_round: int = _opt(1500, "optimizer steps per round")
+    labeled_fraction: float = _opt(0.25, "share of each batch drawn from the true labels")
+    inference: str = _opt("ray", "pool inference: 'ray' (Ray Data actor pool) or 'local' (in-process)")
+    inference_actors: int = _opt(2, "Ray Data actors (each gets a GPU when ray.use_gpu)")
+    inference_batch_size: int = _opt(2048, "images per inference batch")
+
+    def validate(self) -> None:
+        _check(self.mode in ("oneshot", "iterative"), "pseudolabel.mode", "'oneshot' or 'iterative'", self.mode)
+        _check(self.rounds >= 1, "pseudolabel.rounds", "must be >= 1", self.rounds)
+        _check(self.schedule in THRESHOLD_SCHEDULE_KINDS, "pseudolabel.schedule",
+               f"one of {', '.join(THRESHOLD_SCHEDULE_KINDS)}", self.schedule)
+        _check(0 < self.threshold_start <= 1, "pseudolabel.threshold_start", "must be in (0, 1]", self.threshold_start)
+        _check(0 < self.threshold_floor <= 1, "pseudolabel.threshold_floor", "must be in (0, 1]", self.threshold_floor)
+        _check(self.threshold_floor <= self.threshold_start, "pseudolabel.threshold_floor",
+               f"must be <= threshold_start ({self.threshold_start})", self.threshold_floor)
+        _check(self.threshold_rate > 0, "pseudolabel.threshold_rate", "must be > 0", self.threshold_rate)
+        if self.schedule == "exponential":
+            _check(self.threshold_rate < 1, "pseudolabel.threshold_rate", "must be in (0, 1) for exponential", self.threshold_rate)
+        _check(self.step_every >= 1, "pseudolabel.step_every", "must be >= 1", self.step_every)
+        _check(self.per_class_cap >= 0, "pseudolabel.per_class_cap", "must be >= 0", self.per_class_cap)
+        _check(self.steps_per_round >= 1, "pseudolabel.steps_per_round", "must be >= 1", self.steps_per_round)
+        _check(0 < self.labeled_fraction <= 1, "pseudolabel.labeled_fraction", "must be in (0, 1]", self.labeled_fraction)
+        _check(self.inference in ("ray", "local"), "pseudolabel.inference", "'ray' or 'local'", self.inference)
+        _check(self.inference_actors >= 1, "pseudolabel.inference_actors", "must be >= 1", self.inference_actors)
+        _check(self.inference_batch_size >= 1, "pseudolabel.inference_batch_size", "must be >= 1", self.inference_batch_size)
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    space: str = _opt("", "YAML file with the search space (empty: the built-in MNIST space)")
+    num_samples: int = _opt(8, "trials")
+    max_concurrent: int = _opt(2, "trials running at once")
+    search: str = _opt("random", "'random' or 'optuna' (TPE; needs the optuna extra)")
+    grace_rounds: int = _opt(1, "ASHA: rounds every trial gets before it may be stopped")
+    reduction_factor: int = _opt(2, "ASHA reduction factor")
+    cpus_per_trial: float = _opt(1.0, "CPUs reserved per trial")
+    gpus_per_trial: float = _opt(0.0, "GPUs per trial (fractions share a GPU)")
+    max_failures: int = _opt(1, "retries of a crashed trial")
+    pool_subset: int = _opt(0, "use only N pool images per trial (0: the whole pool)")
+
+    def validate(self) -> None:
+        _check(self.num_samples >= 1, "tune.num_samples", "must be >= 1", self.num_samples)
+        _check(self.max_concurrent >= 1, "tune.max_concurrent", "must be >= 1", self.max_concurrent)
+        _check(self.search in ("random", "optuna"), "tune.search", "'random' or 'optuna'", self.search)
+        _check(self.grace_rounds >= 1, "tune.grace_rounds", "must be >= 1", self.grace_rounds)
+        _check(self.reduction_factor >= 2, "tune.reduction_factor", "must be >= 2", self.reduction_factor)
+        _check(self.cpus_per_trial > 0, "tune.cpus_per_trial", "must be > 0", self.cpus_per_trial)
+        _check(self.gpus_per_trial >= 0, "tune.gpus_per_trial", "must be >= 0", self.gpus_per_trial)
+        _check(self.max_failures >= 0, "tune.max_failures", "must be >= 0", self.max_failures)
+        _check(self.pool_subset >= 0, "tune.pool_subset", "must be >= 0", self.pool_subset)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    seeds: list = _opt([0], "split seeds; the study is repeated per seed and reported as mean ± std")
+    stages: list = _opt(
+        ["pretrain", "probe", "supervised", "oneshot", "iterative", "simclr_iterative"],
+        "stages to run, in order",
+    )
+    tune: bool = _opt(False, "run the Tune search before the final iterative stage and use its best schedule")
+
+    def validate(self) -> None:
+        _check(len(self.seeds) >= 1 and all(isinstance(s, int) for s in self.seeds),
+               "pipeline.seeds", "a non-empty list of integers", self.seeds)
+        known = ("pretrain", "probe", "supervised", "oneshot", "iterative", "simclr_iterative")
+        bad = [s for s in self.stages if s not in known]
+        _check(not bad, "pipeline.stages", f"stages among {', '.join(known)}", self.stages)
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str = _opt("", "Ray cluster address (empty: $RAY_ADDRESS, else an embedded local Ray)")
+    num_workers: int = _opt(2, "Ray Train workers (DDP ranks)")
+    use_gpu: bool = _opt(False, "one GPU per worker / inference actor")
+    cpus_per_worker: float = _opt(1.0, "CPUs reserved per training worker")
+    num_cpus: int = _opt(0, "logical CPUs of an embedded local Ray (0: max(4, cores))")
+    storage_path: str = _opt("", "where Ray Train keeps checkpoints (empty: <run.output_dir>/ray); shared or cloud path on a cluster")
+
+    def validate(self) -> None:
+        _check(self.num_workers >= 1, "ray.num_workers", "must be >= 1", self.num_workers)
+        _check(self.cpus_per_worker > 0, "ray.cpus_per_worker", "must be > 0", self.cpus_per_worker)
+        _check(self.num_cpus >= 0, "ray.num_cpus", "must be >= 0", self.num_cpus)
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    uri: str = _opt("", "MLflow tracking URI (empty: $MLFLOW_TRACKING_URI, else sqlite under run.output_dir)")
+    experiment: str = _opt("toolkit", "MLflow experiment name")
+    enabled: bool = _opt(True, "log to MLflow")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = _opt("", "run name: keys checkpoints and resumption (empty: derived from command and config)")
+    output_dir: str = _opt("runs", "folder for checkpoints, Ray storage and the default MLflow store")
+    backend: str = _opt("ray", "'ray' (Ray Train TorchTrainer) or 'local' (same loop in-process, no Ray)")
+    seed: int = _opt(0, "seed of model init and augmentation (the split has its own seed)")
+    device: str = _opt("auto", "local backend: 'auto', 'cpu' or 'cuda'")
+    threads: int = _opt(0, "torch threads per process (0: torch's default)")
+
+    def validate(self) -> None:
+        _check(self.backend in ("ray", "local"), "run.backend", "'ray' or 'local'", self.backend)
+        _check(self.device in ("auto", "cpu", "cuda"), "run.device", "'auto', 'cpu' or 'cuda'", self.device)
+        _check(self.threads >= 0, "run.threads", "must be >= 0", self.threads)
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    pseudolabel: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> "Config":
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if hasattr(section, "validate"):
+                section.validate()
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> values (the form logged as MLflow params)."""
+        return {f"{s}.{k}": v for s, d in self.to_dict().items() for k, v in d.items()}
+
+    def replace(self, **dotted: Any) -> "Config":
+        """A copy with dotted keys replaced (``cfg.replace(**{"split.seed": 1})``), validated."""
+        return apply_overrides(self, dotted)
+
+    def digest(self, *sections: str) -> str:
+        """Short stable hash of the given sections (all when none): keys stage outputs."""
+        d = self.to_dict()
+        if sections:
+            d = {s: d[s] for s in sections}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+
+
+# --- parsing -----------------------------------------------------------------
+
+
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def all_keys() -> dict[str, dataclasses.Field]:
+    """Every dotted key with its dataclass field (default and help)."""
+    out = {}
+    for section, cls in _section_types().items():
+        for f in dataclasses.fields(cls):
+            out[f"{section}.{f.name}"] = f
+    return out
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Convert a YAML / command-line value to the type of the field's default."""
+    if isinstance(value, str) and not isinstance(default, str):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{key}: cannot parse {value!r}: {e}") from None
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} is not allowed: expected true or false")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}={value!r} is not allowed: expected an integer")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r} is not allowed: expected a number")
+        return float(value)
+    if isinstance(default, str):
+        if value is None:
+            return ""
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} is not allowed: expected a string")
+        return str(value)
+    if isinstance(default, list):
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return list(value)
+    return value
+
+
+def _unknown(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(all_keys()), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else "; see --help for the keys"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """Return ``cfg`` with dotted-key overrides applied, type-checked and validated."""
+    keys = all_keys()
+    sections: dict[str, dict[str, Any]] = {}
+    for key, value in overrides.items():
+        if key not in keys:
+            raise _unknown(key)
+        section, name = key.split(".", 1)
+        current = getattr(getattr(cfg, section), name)
+        sections.setdefault(section, {})[name] = _coerce(key, value, current)
+    changes = {s: dataclasses.replace(getattr(cfg, s), **kv) for s, kv in sections.items()}
+    return dataclasses.replace(cfg, **changes).validate()
+
+
+def flatten_yaml(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mapping -> dotted keys (``{"pretrain": {"epochs": 3}}`` -> ``{"pretrain.epochs": 3}``)."""
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file: expected a mapping at '{prefix or 'top level'}', got {type(tree).__name__}")
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(flatten_yaml(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def parse_assignments(args: list[str]) -> dict[str, str]:
+    out = {}
+    for a in args:
+        if "=" not in a:
+            raise ConfigError(f"expected key=value, got {a!r} (e.g. pretrain.epochs=5)")
+        k, v = a.split("=", 1)
+        out[k.strip()] = v
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, assignments: list[str] | None = None,
+                base: Config | None = None) -> Config:
+    """Defaults <- YAML overrides (``path``) <- ``key=value`` assignments; validated."""
+    cfg = base or Config()
+    overrides: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}".splitlines()[0]) from None
+        overrides.update(flatten_yaml(tree))
+    overrides.update(parse_assignments(assignments or []))
+    return apply_overrides(cfg, overrides)
+
+
+def config_from_dict(d: dict) -> Config:
+    """Rebuild a Config from ``to_dict()`` output (checkpoints, MLflow artifacts)."""
+    return apply_overrides(Config(), flatten_yaml(d))
+
+
+def to_yaml(cfg: Config, only_changed: bool = False) -> str:
+    d = cfg.to_dict()
+    if only_changed:
+        default = Config().to_dict()
+        d = {s: {k: v for k, v in kv.items() if default[s][k] != v} for s, kv in d.items()}
+        d = {s: kv for s, kv in d.items() if kv}
+    return yaml.safe_dump(d, sort_keys=False)
+
+
+def help_text(sections: tuple[str, ...] | None = None) -> str:
+    """Every key with its default and meaning (``toolkit CMD --help``)."""
+    lines = []
+    current = None
+    for key, f in all_keys().items():
+        section = key.split(".")[0]
+        if sections and section not in sections:
+            continue
+        if section != current:
+            lines.append(f"\n[{section}]")
+            current = section
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"  {key}={json.dumps(default)}\n      {f.metadata.get('help', '')}")
+    return "\n".join(lines)

@@ -1,0 +1,162 @@
+"""MNIST as tensors, and the labeled / validation / pool split.
+
+MNIST is read once into uint8 tensors (N, 28, 28); everything downstream
+indexes into them on the device. The idx files are checked before torchvision
+touches them, because torchvision only asserts on a corrupt file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+NUM_CLASSES = 10
+IMAGE_SIZE = 28
+
+# file name -> (idx magic number, expected shape)
+_FILES = {
+    "train-images-idx3-ubyte": (2051, (60000, 28, 28)),
+    "train-labels-idx1-ubyte": (2049, (60000,)),
+    "t10k-images-idx3-ubyte": (2051, (10000, 28, 28)),
+    "t10k-labels-idx1-ubyte": (2049, (10000,)),
+}
+
+
+class DataError(RuntimeError):
+    """A missing, truncated or corrupt data file; the message names the file."""
+
+
+def resolve_root(root: str = "") -> Path:
+    """``data.root``, else ``$TOOLKIT_DATA_DIR``, else ``./data``; always absolute (Ray workers run elsewhere)."""
+    return Path(root or os.environ.get("TOOLKIT_DATA_DIR") or "data").expanduser().resolve()
+
+
+def check_idx_file(path: Path, magic: int, shape: tuple[int, ...]) -> None:
+    """Raise DataError unless ``path`` is an idx file with this magic number and shape."""
+    if not path.is_file():
+        raise DataError(f"MNIST file missing: {path} (set data.root or TOOLKIT_DATA_DIR to the folder holding MNIST/raw)")
+    size = path.stat().st_size
+    header = 4 * (1 + len(shape))
+    with path.open("rb") as f:
+        head = f.read(header)
+    if len(head) < header:
+        raise DataError(f"MNIST file truncated: {path} has {size} bytes, less than its {header}-byte header")
+    got_magic = int.from_bytes(head[:4], "big")
+    if got_magic != magic:
+        raise DataError(f"MNIST file corrupt: {path} starts with magic number {got_magic}, expected {magic}")
+    dims = tuple(int.from_bytes(head[4 + 4 * i: 8 + 4 * i], "big") for i in range(len(shape)))
+    if dims != shape:
+        raise DataError(f"MNIST file corrupt: {path} declares shape {dims}, expected {shape}")
+    expected = header + int(torch.tensor(shape).prod())
+    if size != expected:
+        raise DataError(f"MNIST file truncated or corrupt: {path} has {size} bytes, expected {expected}")
+
+
+@dataclass(frozen=True)
+class Mnist:
+    """MNIST as uint8 images (N, 28, 28) and int64 labels (N,), train and test."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+
+    def to(self, device: torch.device | str) -> "Mnist":
+        return Mnist(*(t.to(device) for t in (self.train_images, self.train_labels, self.test_images, self.test_labels)))
+
+
+def load_mnist(root: str = "", download: bool = False, train_subset: int = 0, test_subset: int = 0) -> Mnist:
+    """Load MNIST from ``<root>/MNIST/raw`` (torchvision's layout), checking every file first."""
+    base = resolve_root(root)
+    raw = base / "MNIST" / "raw"
+    missing = [n for n in _FILES if not (raw / n).is_file()]
+    if missing and download:
+        import torchvision
+
+        torchvision.datasets.MNIST(root=str(base), train=True, download=True)
+        torchvision.datasets.MNIST(root=str(base), train=False, download=True)
+    for name, (magic, shape) in _FILES.items():
+        check_idx_file(raw / name, magic, shape)
+
+    import torchvision
+
+    train = torchvision.datasets.MNIST(root=str(base), train=True, download=False)
+    test = torchvision.datasets.MNIST(root=str(base), train=False, download=False)
+    labels_range = (int(train.targets.min()), int(train.targets.max()))
+    if labels_range != (0, 9):
+        raise DataError(f"MNIST labels corrupt in {raw}: labels span {labels_range}, expected (0, 9)")
+    tr_x, tr_y = train.data, train.targets.long()
+    te_x, te_y = test.data, test.targets.long()
+    if train_subset:
+        tr_x, tr_y = tr_x[:train_subset], tr_y[:train_subset]
+    if test_subset:
+        te_x, te_y = te_x[:test_subset], te_y[:test_subset]
+    return Mnist(tr_x.contiguous(), tr_y.contiguous(), te_x.contiguous(), te_y.contiguous())
+
+
+@dataclass(frozen=True)
+class Split:
+    """Indices into the training images: labeled, validation (model selection only) and the unlabeled pool."""
+
+    labeled: torch.Tensor
+    val: torch.Tensor
+    pool: torch.Tensor
+    seed: int
+    labels_per_class: int
+
+    def to_dict(self) -> dict:
+        return {
+            "seed": self.seed,
+            "labels_per_class": self.labels_per_class,
+            "sizes": {"labeled": len(self.labeled), "val": len(self.val), "pool": len(self.pool)},
+            "labeled": self.labeled.tolist(),
+            "val": self.val.tolist(),
+            "pool": self.pool.tolist(),
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(self.to_dict()))
+        return p
+
+
+def make_split(labels: torch.Tensor, labels_per_class: int = 10, val_size: int = 1000, seed: int = 0) -> Split:
+    """Stratified labeled set (``labels_per_class`` per digit), random validation set, rest = pool.
+
+    Depends only on (labels, labels_per_class, val_size, seed): the same seed gives the
+    same 100 images on every machine and every worker.
+    """
+    from .config import ConfigError
+
+    labels = labels.cpu()
+    g = torch.Generator().manual_seed(seed)
+    labeled = []
+    for c in range(NUM_CLASSES):
+        idx = (labels == c).nonzero().flatten()
+        if len(idx) < labels_per_class:
+            raise ConfigError(
+                f"split.labels_per_class={labels_per_class} is not allowed: digit {c} has only {len(idx)} training images"
+            )
+        labeled.append(idx[torch.randperm(len(idx), generator=g)[:labels_per_class]])
+    labeled_idx = torch.cat(labeled).sort().values
+    rest = torch.ones(len(labels), dtype=torch.bool)
+    rest[labeled_idx] = False
+    rest_idx = rest.nonzero().flatten()
+    if val_size >= len(rest_idx):
+        raise ConfigError(
+            f"split.val_size={val_size} is not allowed: only {len(rest_idx)} images are left after the labeled set"
+        )
+    perm = rest_idx[torch.randperm(len(rest_idx), generator=g)]
+    val_idx = perm[:val_size].sort().values
+    pool_idx = perm[val_size:].sort().values
+    return Split(labeled_idx, val_idx, pool_idx, seed, labels_per_class)
+
+
+def to_float(images_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 28, 28) -> float (B, 1, 28, 28) in [0, 1]."""
+    return images_u8.unsqueeze(1).float().div_(255.0)

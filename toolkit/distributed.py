@@ -1,0 +1,139 @@
+"""The one module that talks to ``torch.distributed``.
+
+Every helper works with or without a process group: with none (a plain
+script, a test, the ``local`` backend) the world has size 1, this process is
+rank 0 and the collectives return their input. Ray Train / Accelerate create
+the process group; nothing here creates or destroys one.
+
+All gathers assume every rank passes a tensor of the same shape (equal
+per-rank batch sizes, e.g. ``drop_last=True`` in the data loader):
+``all_gather`` cannot concatenate unequal shapes and fails or hangs otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = [
+    "is_dist",
+    "world_size",
+    "rank",
+    "is_main_process",
+    "gather_with_grad",
+    "all_gather_no_grad",
+    "all_reduce_sum",
+    "all_reduce_mean",
+    "barrier",
+]
+
+
+def is_dist() -> bool:
+    """True when ``torch.distributed`` is available and a process group is initialized."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    """Number of processes in the default group (1 without a process group)."""
+    return dist.get_world_size() if is_dist() else 1
+
+
+def rank() -> int:
+    """This process's rank in the default group (0 without a process group)."""
+    return dist.get_rank() if is_dist() else 0
+
+
+def is_main_process() -> bool:
+    """True on rank 0: the one process that logs, prints and writes files."""
+    return rank() == 0
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather along dim 0 whose backward sends each rank the gradient of *all* ranks' losses.
+
+    Forward: (n, ...) on every rank -> (world * n, ...), rank r's rows at [r*n, (r+1)*n).
+
+    Backward, and why it all_reduces: rank r computes its own loss L_r from the
+    gathered tensor, so L_r depends on every rank's local input x_k. DDP then
+    averages parameter gradients, i.e. it differentiates (1/W) * sum_r L_r. The
+    gradient that must reach x_k is therefore sum_r dL_r/dx_k, but rank k only
+    holds dL_k/d(gathered): the terms dL_r/dx_k for r != k live on the other
+    ranks. Summing the incoming (world * n, ...) gradients over ranks and
+    keeping this rank's slice delivers exactly sum_r dL_r/dx_k.
+
+    Returning only ``grad_out[rank slice]`` without the all_reduce (the
+    original lightly ``GatherLayer``, lightly #1528; the same bug in
+    lightning-bolts #179) keeps just dL_k/dx_k and silently drops every other
+    rank's contribution: the loss value is unchanged, but the gradient no longer
+    matches single-process training on the global batch, and the error grows
+    with the world size. tests/test_losses.py shows both.
+    """
+
+    @staticmethod
+    def forward(ctx, t: Tensor) -> Tensor:  # type: ignore[override]
+        t = t.contiguous()
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t)
+        ctx.n = t.shape[0]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> Tensor:  # type: ignore[override]
+        # Clone: the incoming gradient may be shared with other graph nodes,
+        # and all_reduce works in place.
+        grad = grad_out.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = dist.get_rank() * ctx.n
+        return grad[start : start + ctx.n]
+
+
+def gather_with_grad(t: Tensor) -> Tensor:
+    """Concatenate ``t`` (n, ...) from all ranks along dim 0 -> (world * n, ...), keeping gradients.
+
+    Rank r's rows sit at [r*n, (r+1)*n). Every rank must pass the same shape.
+    Without a process group (or with world size 1) returns ``t`` itself.
+    """
+    if world_size() == 1:
+        return t
+    return _GatherWithGrad.apply(t)
+
+
+@torch.no_grad()
+def all_gather_no_grad(t: Tensor) -> Tensor:
+    """Concatenate ``t`` (n, ...) from all ranks along dim 0, detached (for metrics, predictions).
+
+    Every rank must pass the same shape. Without a process group returns ``t`` detached.
+    """
+    if world_size() == 1:
+        return t.detach()
+    t = t.detach().contiguous()
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t)
+    return torch.cat(parts, dim=0)
+
+
+@torch.no_grad()
+def all_reduce_sum(t: Tensor) -> Tensor:
+    """Element-wise sum of ``t`` over ranks, as a new detached tensor (the input is not modified)."""
+    out = t.detach().clone()
+    if world_size() > 1:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+@torch.no_grad()
+def all_reduce_mean(t: Tensor) -> Tensor:
+    """Element-wise mean of ``t`` over ranks, as a new detached tensor (the input is not modified).
+
+    Integer tensors are promoted to float32 so that the mean is not truncated.
+    """
+    if not (t.is_floating_point() or t.is_complex()):
+        t = t.float()
+    return all_reduce_sum(t) / world_size()
+
+
+def barrier() -> None:
+    """Wait for all ranks; a no-op without a process group."""
+    if is_dist():
+        dist.barrier()

@@ -1,0 +1,224 @@
+"""Batch inference over the unlabeled pool: class probabilities for each pseudo-labeling round.
+
+Two drivers around one function (``pool_probs``): in-process (``predict_pool_local``)
+and a Ray Data actor pool (``predict_pool_ray``), where each actor loads the model
+and the MNIST training images once and then maps batches of pool indices to
+probabilities. Only indices travel through Ray's object store, never images.
+
+Ray Data actors carry seconds of start-up overhead (ray#44905): on MNIST-sized
+pools the in-process path is faster on one machine; the actor pool pays off
+when the pool is large or spread over several GPU nodes. Ray is imported only
+on the Ray path, so a GPU box without Ray can still run ``inference=local``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import checkpoints
+from .config import Config, ConfigError
+from .data import NUM_CLASSES, load_mnist, resolve_root
+from .engine import predict_logits
+from .models import Classifier
+
+# CPUs each inference actor reserves: a fraction, so an actor pool never takes every
+# CPU and starves Ray Data's own tasks (an actor pool that does hangs; see NOTES).
+ACTOR_NUM_CPUS = 0.5
+
+
+def _as_index_array(indices: Any) -> np.ndarray:
+    """LongTensor / array / list of indices -> contiguous int64 numpy array (N,)."""
+    if isinstance(indices, torch.Tensor):
+        indices = indices.detach().cpu().numpy()
+    arr = np.ascontiguousarray(np.asarray(indices, dtype=np.int64).reshape(-1))
+    return arr
+
+
+def _check_in_range(idx: np.ndarray, n_images: int, where: str) -> None:
+    if idx.size and (idx.min() < 0 or idx.max() >= n_images):
+        raise IndexError(
+            f"{where}: pool indices span [{int(idx.min())}, {int(idx.max())}] but only {n_images} training images "
+            f"are loaded (data.train_subset?)"
+        )
+
+
+def _default_device(cfg: Config | None = None) -> torch.device:
+    """``run.device`` when it names one, else cuda if visible, else cpu."""
+    if cfg is not None and cfg.run.device != "auto":
+        if cfg.run.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("run.device='cuda' is not allowed: no CUDA GPU is visible to this process")
+        return torch.device(cfg.run.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_classifier(model_path: str, device: torch.device | str) -> torch.nn.Module:
+    """A classifier from a model file (kind "classifier"), in eval mode and channels_last on ``device``.
+
+    The architecture comes from the file's own config, so the caller's config need not match it.
+    Raises ``CheckpointError`` for a missing file or a model of another kind.
+    """
+    payload = checkpoints.load_model_file(model_path, "classifier")
+    model = Classifier(checkpoints.config_of(payload).model)
+    model.load_state_dict(payload["state_dict"])
+    return model.to(device=device, memory_format=torch.channels_last).eval()
+
+
+def pool_probs(model: torch.nn.Module, images_u8: torch.Tensor, batch_size: int = 2048) -> torch.Tensor:
+    """Softmax probabilities (N, 10) float32 for uint8 images (N, 28, 28) on the model's device.
+
+    float32 throughout (no autocast): the probabilities feed a confidence threshold,
+    and both drivers must agree to within float rounding.
+    """
+    return F.softmax(predict_logits(model, images_u8, batch_size), dim=1)
+
+
+def predict_pool_local(
+    model_path: str, cfg: Config, indices: Any, batch_size: int = 2048, device: torch.device | str | None = None
+) -> np.ndarray:
+    """Probabilities (len(indices), 10) float32 for the training images at ``indices``, in their order, in-process.
+
+    ``device``: as given, else ``run.device`` unless it is "auto", else cuda when visible.
+    """
+    idx = _as_index_array(indices)
+    if idx.size == 0:
+        return np.zeros((0, NUM_CLASSES), dtype=np.float32)
+    device = torch.device(device) if device is not None else _default_device(cfg)
+    model = load_classifier(model_path, device)
+    images = load_mnist(cfg.data.root, cfg.data.download, cfg.data.train_subset).train_images
+    _check_in_range(idx, images.shape[0], "predict_pool_local")
+    # index on the CPU, then move only the pool images (N, 28, 28) uint8
+    pool = images[torch.from_numpy(idx)].to(device)
+    return pool_probs(model, pool, batch_size).cpu().numpy().astype(np.float32, copy=False)
+
+
+class PoolPredictor:
+    """Ray Data ``map_batches`` callable: {"index": (B,)} -> {"index": (B,), "probs": (B, 10) float32}.
+
+    Constructed once per actor: the model and the uint8 training images (N, 28, 28)
+    are loaded then and stay on the actor's device, so a batch costs one gather and
+    one forward pass.
+    """
+
+    def __init__(self, model_path: str, data_root: str, train_subset: int, use_gpu: bool):
+        # Ray sets CUDA_VISIBLE_DEVICES to the actor's GPU, so "cuda" is that GPU
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        self.model = load_classifier(model_path, self.device)
+        # download=False: concurrent actors must not race to download; the data must be there
+        self.images = load_mnist(data_root, download=False, train_subset=train_subset).train_images.to(self.device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # batches are read-only zero-copy views: copy before torch.from_numpy
+        idx = np.array(batch["index"], dtype=np.int64, copy=True)
+        _check_in_range(idx, self.images.shape[0], "PoolPredictor")
+        x = self.images[torch.from_numpy(idx).to(self.device)]
+        probs = pool_probs(self.model, x, batch_size=max(len(idx), 1))
+        return {"index": idx, "probs": probs.cpu().numpy().astype(np.float32, copy=False)}
+
+
+def _check_ray_resources(cfg: Config, num_actors: int) -> None:
+    """Fail fast where Ray would otherwise wait forever for resources that do not exist."""
+    import ray
+
+    res = ray.cluster_resources()
+    if cfg.ray.use_gpu:
+        gpus = res.get("GPU", 0)
+        if gpus < 1:
+            raise ConfigError("ray.use_gpu=true is not allowed: the Ray cluster has no GPU for the inference actors")
+        if gpus < num_actors:
+            raise ConfigError(
+                f"pseudolabel.inference_actors={num_actors} is not allowed: each actor needs a GPU "
+                f"and the Ray cluster has {gpus:g}"
+            )
+    cpus = res.get("CPU", 0)
+    if num_actors * ACTOR_NUM_CPUS >= cpus:
+        raise ConfigError(
+            f"pseudolabel.inference_actors={num_actors} is not allowed: {num_actors} actors x {ACTOR_NUM_CPUS} CPU "
+            f"would take all {cpus:g} CPUs of the Ray cluster and starve Ray Data's tasks"
+        )
+
+
+def _reorder(indices: np.ndarray, got_index: np.ndarray, got_probs: np.ndarray) -> np.ndarray:
+    """Rows of ``got_probs`` in the order of ``indices``; RuntimeError unless each index has exactly one row."""
+    uniq, counts = np.unique(got_index, return_counts=True)
+    missing = int(np.setdiff1d(indices, uniq, assume_unique=True).size)
+    duplicated = int((counts > 1).sum())
+    unexpected = int(np.setdiff1d(uniq, indices, assume_unique=True).size)
+    if missing or duplicated or unexpected:
+        raise RuntimeError(
+            f"Ray Data pool inference returned {len(got_index)} rows for {len(indices)} pool indices: "
+            f"{missing} indices missing, {duplicated} duplicated, {unexpected} not in the pool"
+        )
+    order = np.argsort(got_index, kind="stable")
+    pos = np.searchsorted(got_index[order], indices)
+    return np.ascontiguousarray(got_probs[order[pos]], dtype=np.float32)
+
+
+def predict_pool_ray(cfg: Config, model_path: str, indices: Any, num_actors: int, batch_size: int) -> np.ndarray:
+    """Probabilities (len(indices), 10) float32 in the order of ``indices``, from a Ray Data actor pool.
+
+    ``num_actors`` actors (one GPU each when ``ray.use_gpu``) each load the model and
+    the training images once. Raises ``ConfigError`` when the cluster cannot host
+    the pool, RuntimeError unless every pool index got exactly one prediction.
+    """
+    idx = _as_index_array(indices)
+    if np.unique(idx).size != idx.size:
+        raise ValueError(f"pool indices must be unique: {idx.size - np.unique(idx).size} repeated")
+    if idx.size == 0:
+        return np.zeros((0, NUM_CLASSES), dtype=np.float32)
+    if num_actors < 1 or batch_size < 1:
+        raise ConfigError(f"num_actors={num_actors} and batch_size={batch_size} must both be >= 1")
+
+    import pyarrow as pa  # Ray Data's own dependency
+    import ray
+
+    from .backends import init_ray
+
+    init_ray(cfg)
+    _check_ray_resources(cfg, num_actors)
+
+    # Small data is one block and one block feeds one actor. Cap the batch so there are
+    # at least two batches per actor (actors come up one after another, and the first
+    # one up would otherwise take everything), and hand Ray Data one block per batch
+    # directly: that is what `repartition` would produce, without a shuffle stage.
+    # Row order is not guaranteed through the pool: the index column travels with each row.
+    batch = max(1, min(batch_size, math.ceil(idx.size / (2 * num_actors))))
+    blocks = [pa.table({"index": chunk}) for chunk in np.split(idx, np.arange(batch, idx.size, batch))]
+    ds = ray.data.from_arrow(blocks)
+    ds = ds.map_batches(
+        PoolPredictor,
+        fn_constructor_kwargs={
+            "model_path": os.path.abspath(model_path),  # actors run in another working directory
+            "data_root": str(resolve_root(cfg.data.root)),
+            "train_subset": cfg.data.train_subset,
+            "use_gpu": cfg.ray.use_gpu,
+        },
+        compute=ray.data.ActorPoolStrategy(size=num_actors),
+        batch_size=batch,
+        batch_format="numpy",
+        num_gpus=1 if cfg.ray.use_gpu else 0,
+        num_cpus=ACTOR_NUM_CPUS,
+    )
+    got_index, got_probs = [], []
+    for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        got_index.append(np.asarray(out["index"], dtype=np.int64))
+        got_probs.append(np.asarray(out["probs"], dtype=np.float32).reshape(-1, NUM_CLASSES))
+    got_i = np.concatenate(got_index) if got_index else np.zeros(0, dtype=np.int64)
+    got_p = np.concatenate(got_probs) if got_probs else np.zeros((0, NUM_CLASSES), dtype=np.float32)
+    return _reorder(idx, got_i, got_p)
+
+
+def predict_pool(cfg: Config, model_path: str, indices: Any) -> np.ndarray:
+    """Pool probabilities (len(indices), 10) float32 via ``pseudolabel.inference`` ("ray" | "local").
+
+    Always in-process when ``run.backend=local``: that backend must work without Ray.
+    """
+    pl = cfg.pseudolabel
+    if pl.inference == "local" or cfg.run.backend == "local":
+        return predict_pool_local(model_path, cfg, indices, batch_size=pl.inference_batch_size)
+    return predict_pool_ray(cfg, model_path, indices, pl.inference_actors, pl.inference_batch_size)

@@ -1,0 +1,225 @@
+"""Figures written to PNG files: confusion matrices, t-SNE embeddings, curves, bars, class counts.
+
+Each function draws on its own ``matplotlib.figure.Figure`` rendered by the Agg canvas, so it
+never touches pyplot's global figure registry or the process-wide backend: nothing to leak,
+safe in headless Ray workers. matplotlib, seaborn and scikit-learn are imported inside the
+functions so that importing this module stays cheap. Every function returns the written path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    """Tensor (any device), list or array -> numpy array."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _new_figure(figsize: tuple[float, float]):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)  # attaches itself as fig.canvas
+    return fig
+
+
+def _save(fig, path: str | Path, dpi: int) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=dpi, bbox_inches="tight")
+    fig.clear()  # free the artists now rather than at garbage collection
+    return path
+
+
+def plot_confusion_matrix(cm: Any, path: str | Path, title: str, dpi: int = 120) -> Path:
+    """Heatmap of a (C, C) confusion matrix (rows = true digit, columns = predicted digit).
+
+    Cells are annotated with counts and coloured by the fraction of their true class, so that
+    rare classes remain readable.
+    """
+    import seaborn as sns
+
+    cm = _to_numpy(cm).astype(np.int64)
+    if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
+        raise ValueError(f"cm must be a square (C, C) matrix, got shape {cm.shape}")
+    c = cm.shape[0]
+    row_frac = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    fig = _new_figure((1.0 + 0.55 * c, 0.6 + 0.5 * c))
+    ax = fig.add_subplot()
+    sns.heatmap(
+        row_frac,
+        annot=cm,
+        fmt="d",
+        cmap="Blues",
+        vmin=0.0,
+        vmax=1.0,
+        square=True,
+        xticklabels=list(range(c)),
+        yticklabels=list(range(c)),
+        cbar_kws={"label": "fraction of true class"},
+        annot_kws={"fontsize": 7},
+        ax=ax,
+    )
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    return _save(fig, path, dpi)
+
+
+def plot_embedding_2d(
+    features: Any,
+    labels: Any,
+    path: str | Path,
+    title: str,
+    max_points: int = 2000,
+    seed: int = 0,
+    dpi: int = 120,
+) -> Path:
+    """t-SNE of a random subset of at most ``max_points`` rows, coloured by label (digit).
+
+    Features wider than 50 are first reduced to 50 dimensions by PCA (the usual t-SNE
+    preprocessing, and much faster). The subset, PCA and t-SNE are all seeded by ``seed``.
+    """
+    import seaborn as sns
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    x = _to_numpy(features).astype(np.float32)
+    y = _to_numpy(labels).astype(np.int64)
+    if x.ndim != 2 or y.shape != (x.shape[0],):
+        raise ValueError(f"features must be (N, D) and labels (N,), got {x.shape} and {y.shape}")
+    if x.shape[0] < 2:
+        raise ValueError(f"need at least 2 points for an embedding, got {x.shape[0]}")
+    rng = np.random.default_rng(seed)
+    if x.shape[0] > max_points:
+        keep = np.sort(rng.choice(x.shape[0], size=max_points, replace=False))
+        x, y = x[keep], y[keep]
+    n = x.shape[0]
+    if x.shape[1] > 50 and n > 50:
+        x = PCA(n_components=50, random_state=seed).fit_transform(x)
+    perplexity = float(min(30.0, max(1.0, (n - 1) / 3.0)))  # t-SNE needs perplexity < n
+    emb = TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto", random_state=seed).fit_transform(x)
+
+    classes = np.unique(y)
+    palette = sns.color_palette("tab10" if len(classes) <= 10 else "husl", len(classes))
+    fig = _new_figure((6.5, 5.5))
+    ax = fig.add_subplot()
+    for color, cls in zip(palette, classes):
+        sel = y == cls
+        ax.scatter(emb[sel, 0], emb[sel, 1], s=6, color=color, label=str(cls), alpha=0.8, linewidths=0)
+    ax.legend(title="digit", markerscale=2.5, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(f"{title} (t-SNE, {n} points)")
+    return _save(fig, path, dpi)
+
+
+def plot_curves(
+    x: Sequence[float],
+    series: dict[str, Sequence[float]],
+    path: str | Path,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    dpi: int = 120,
+) -> Path:
+    """One line per entry of ``series`` against the shared ``x`` (per-epoch losses, per-round accuracies)."""
+    x = _to_numpy(x).astype(np.float64)
+    fig = _new_figure((6.5, 4.0))
+    ax = fig.add_subplot()
+    for name, values in series.items():
+        v = _to_numpy(values).astype(np.float64)
+        if v.shape != x.shape:
+            raise ValueError(f"series {name!r} has {v.shape[0] if v.ndim else 0} values, x has {x.shape[0]}")
+        ax.plot(x, v, marker="o" if len(x) <= 30 else None, markersize=3, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if series:
+        ax.legend(fontsize=8)
+    return _save(fig, path, dpi)
+
+
+def plot_bars(
+    names: Sequence[str],
+    values: Sequence[float],
+    path: str | Path,
+    title: str,
+    ylabel: str,
+    reference: dict[str, float] | None = None,
+    dpi: int = 120,
+) -> Path:
+    """One bar per name (e.g. accuracy per stage), value written on top.
+
+    ``reference`` maps names to reference values: a key that is one of ``names`` is drawn as a
+    red marker on that bar; any other key (e.g. "supervised, all labels") as a labelled dashed
+    horizontal line.
+    """
+    import seaborn as sns
+
+    names = [str(n) for n in names]
+    vals = _to_numpy(values).astype(np.float64)
+    if vals.shape != (len(names),):
+        raise ValueError(f"got {len(names)} names and {vals.shape} values")
+    reference = dict(reference or {})
+    fig = _new_figure((max(4.0, 0.9 * len(names) + 2.0), 4.0))
+    ax = fig.add_subplot()
+    pos = np.arange(len(names))
+    bars = ax.bar(pos, vals, color=sns.color_palette("deep", len(names)))
+    ax.bar_label(bars, labels=[f"{v:.3f}" for v in vals], fontsize=8, padding=2)
+    on_bar = [(names.index(k), v) for k, v in reference.items() if k in names]
+    if on_bar:
+        ax.scatter([i for i, _ in on_bar], [v for _, v in on_bar], marker="D", color="red", zorder=3, label="reference")
+    for k, v in reference.items():
+        if k not in names:
+            ax.axhline(v, linestyle="--", linewidth=1, color="gray", label=f"{k}: {v:.3f}")
+    everything = np.concatenate([vals, np.asarray(list(reference.values()), dtype=np.float64)])
+    finite = everything[np.isfinite(everything)]
+    if finite.size and finite.min() >= 0.0 and finite.max() <= 1.0:
+        ax.set_ylim(0.0, 1.08)  # accuracies: a fixed scale makes figures comparable
+    ax.set_xticks(pos, names, rotation=30 if len(names) > 4 else 0, ha="right" if len(names) > 4 else "center")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if reference:
+        ax.legend(fontsize=8, loc="lower right")
+    return _save(fig, path, dpi)
+
+
+def plot_class_counts(
+    counts_per_round: Sequence[Sequence[int]],
+    path: str | Path,
+    title: str,
+    dpi: int = 120,
+) -> Path:
+    """Grouped bars: for each class (x axis), one bar per round with that round's count.
+
+    ``counts_per_round[r][c]`` is the number of (pseudo-)labelled examples of class c after
+    round r; rounds are coloured from light to dark.
+    """
+    import seaborn as sns
+
+    counts = _to_numpy(counts_per_round).astype(np.int64)
+    if counts.ndim != 2 or counts.shape[0] == 0:
+        raise ValueError(f"counts_per_round must be a non-empty (rounds, classes) table, got shape {counts.shape}")
+    rounds, classes = counts.shape
+    width = 0.8 / rounds
+    palette = sns.color_palette("viridis_r", rounds)
+    fig = _new_figure((max(6.0, 0.25 * rounds * classes + 2.0), 4.0))
+    ax = fig.add_subplot()
+    pos = np.arange(classes)
+    for r in range(rounds):
+        ax.bar(pos - 0.4 + (r + 0.5) * width, counts[r], width=width, color=palette[r], label=f"round {r}")
+    ax.set_xticks(pos, [str(c) for c in range(classes)])
+    ax.set_xlabel("class")
+    ax.set_ylabel("examples")
+    ax.set_title(title)
+    ax.legend(fontsize=8, ncol=max(1, rounds // 8), loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return _save(fig, path, dpi)

@@ -1,0 +1,204 @@
+"""MLflow at the edge: runs, params, metrics and artifacts through one small class.
+
+Uses ``MlflowClient`` with explicit run ids rather than the fluent "active run":
+the active run does not follow into Ray workers (ray#19978), so workers get the
+tracking URI and run id in their config and log from rank 0 only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from .config import Config
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+RUN_KEY_TAG = "toolkit.run_key"
+_SECRET_WORDS = ("password", "secret", "token", "key_id", "access_key")
+
+
+def tracking_uri(cfg: Config) -> str:
+    """``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else an absolute sqlite file under ``run.output_dir``."""
+    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri:
+        return uri
+    out = Path(cfg.run.output_dir).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{out / 'mlflow.db'}"
+
+
+def ui_command(uri: str) -> str:
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+
+
+def _git_commit() -> str:
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except Exception:  # noqa: BLE001 - no git is fine
+        return "unknown"
+
+
+def safe_params(flat: dict[str, Any]) -> dict[str, str]:
+    """Config as MLflow params, with anything that looks like a credential masked."""
+    out = {}
+    for k, v in flat.items():
+        s = str(v)
+        if any(w in k.lower() for w in _SECRET_WORDS) or ("://" in s and "@" in s):
+            s = "***"
+        out[k] = s[:6000]
+    return out
+
+
+class Tracker:
+    """One MLflow run. ``Tracker.disabled()`` gives a no-op twin (tracking.enabled=false, non-zero ranks)."""
+
+    def __init__(self, uri: str | None, run_id: str | None):
+        self.uri, self.run_id = uri, run_id
+        self._client = None
+        if uri and run_id:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=uri)
+
+    @classmethod
+    def disabled(cls) -> "Tracker":
+        return cls(None, None)
+
+    @property
+    def enabled(self) -> bool:
+        return self._client is not None
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        ms = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items() if isinstance(v, (int, float))]
+        if ms:
+            self._client.log_batch(self.run_id, metrics=ms)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Param
+
+        existing = self._client.get_run(self.run_id).data.params
+        new = [Param(k, v) for k, v in safe_params(params).items() if k not in existing]
+        for i in range(0, len(new), 100):
+            self._client.log_batch(self.run_id, params=new[i: i + 100])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import RunTag
+
+        self._client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        if self.enabled:
+            self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        if self.enabled:
+            self._client.log_text(self.run_id, text, artifact_file)
+
+    def log_dict(self, d: dict, artifact_file: str) -> None:
+        if self.enabled:
+            self._client.log_dict(self.run_id, d, artifact_file)
+
+
+def _experiment_id(client, name: str, uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    artifact_location = None
+    if uri.startswith("sqlite:///"):
+        # keep artifacts beside the database, at an absolute path (workers and `mlflow ui` run elsewhere)
+        artifact_location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except Exception:  # noqa: BLE001 - created concurrently by another process
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def find_run(cfg: Config, run_key: str, parent_run_id: str | None = None):
+    """The newest run tagged with ``run_key`` (and this parent), or None."""
+    if not cfg.tracking.enabled:
+        return None
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(cfg)
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = _experiment_id(client, cfg.tracking.experiment, uri)
+    flt = f"tags.`{RUN_KEY_TAG}` = '{run_key}'"
+    if parent_run_id:
+        flt += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    runs = client.search_runs([exp_id], filter_string=flt, order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+@contextlib.contextmanager
+def mlflow_run(cfg: Config, command: str, run_key: str, parent_run_id: str | None = None,
+               extra_tags: dict[str, Any] | None = None) -> Iterator[Tracker]:
+    """Open (or resume) the MLflow run of ``run_key``; mark it FINISHED, FAILED or KILLED on exit.
+
+    Re-running the same command finds its unfinished run by the ``toolkit.run_key`` tag
+    and continues it, so an interrupted run keeps one history.
+    """
+    if not cfg.tracking.enabled:
+        yield Tracker.disabled()
+        return
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(cfg)
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = _experiment_id(client, cfg.tracking.experiment, uri)
+    previous = find_run(cfg, run_key, parent_run_id)
+    if previous is not None and previous.info.status != "FINISHED":
+        run_id = previous.info.run_id
+        client.update_run(run_id, status="RUNNING")
+        resumed = True
+    else:
+        tags = {RUN_KEY_TAG: run_key, "toolkit.command": command}
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run_id = client.create_run(exp_id, run_name=run_key, tags=tags).info.run_id
+        resumed = False
+    tracker = Tracker(uri, run_id)
+    tracker.set_tags({
+        "toolkit.command": command,
+        "toolkit.git_commit": _git_commit(),
+        "toolkit.host": socket.gethostname(),
+        "toolkit.backend": cfg.run.backend,
+        "toolkit.resumed": resumed,
+        **(extra_tags or {}),
+    })
+    tracker.log_params(cfg.flat())
+    status = "FAILED"
+    try:
+        yield tracker
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        client.set_terminated(run_id, status)
+
+
+def run_url(cfg: Config, tracker: Tracker) -> str:
+    """Where ``mlflow ui`` shows the run's experiment table (3.x opens on a GenAI page otherwise)."""
+    if not tracker.enabled:
+        return ""
+    from mlflow.tracking import MlflowClient
+
+    exp_id = MlflowClient(tracking_uri=tracker.uri).get_run(tracker.run_id).info.experiment_id
+    return f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs/{tracker.run_id}"

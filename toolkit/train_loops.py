@@ -1,0 +1,280 @@
+"""The per-worker training functions: SimCLR pretraining and classifier training.
+
+Each runs unchanged on a Ray Train worker or in-process; the ``Session`` hides the
+difference. Accelerate owns device placement, DDP wrapping and bf16 autocast.
+Rank 0 alone writes checkpoints, logs to MLflow and prints progress.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import checkpoints
+from .augment import make_generator
+from .config import Config, config_from_dict
+from .data import load_mnist, make_split
+from .engine import classifier_steps, evaluate, simclr_epoch
+from .models import Classifier, SimCLRModel
+from .schedules import warmup_cosine_lambda
+from .tracking import Tracker
+
+
+def make_accelerator(cfg: Config):
+    """An ``Accelerator`` for this process: bf16 on GPU; on CPU ``cpu=True`` so it joins the gloo group.
+
+    A plain ``Accelerator()`` on CPU silently trains each worker alone (NOTES), and
+    ``AcceleratorState`` is a per-process singleton, so it is reset first.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    want_gpu = cfg.ray.use_gpu or (cfg.run.backend == "local" and cfg.run.device == "cuda")
+    if cfg.run.backend == "local" and cfg.run.device == "auto":
+        want_gpu = torch.cuda.is_available()
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    return Accelerator(cpu=not want_gpu, mixed_precision="bf16" if want_gpu else "no")
+
+
+class Progress:
+    """One line per report on rank 0: what, where, how fast, time left."""
+
+    def __init__(self, label: str, total: int, unit: str, rank: int):
+        self.label, self.total, self.unit, self.rank = label, total, unit, rank
+        self.t0 = time.perf_counter()
+        self.start_done: int | None = None
+
+    def __call__(self, done: int, metrics: dict[str, Any]) -> None:
+        if self.rank != 0:
+            return
+        if self.start_done is None:
+            self.start_done = done - 1
+        elapsed = time.perf_counter() - self.t0
+        rate = (done - self.start_done) / elapsed if elapsed > 0 else 0
+        eta = (self.total - done) / rate if rate > 0 else 0
+        shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+        # sys.stdout.write, not print: Ray Train patches print into a logger that echoes each line twice
+        sys.stdout.write(f"[{self.label}] {self.unit} {done}/{self.total}  {shown}  elapsed {elapsed:.0f}s  eta {eta:.0f}s\n")
+        sys.stdout.flush()
+
+
+def _tracker(params: dict, rank: int) -> Tracker:
+    t = params.get("tracking") or {}
+    if rank != 0 or not t.get("run_id"):
+        return Tracker.disabled()
+    return Tracker(t["uri"], t["run_id"])
+
+
+def _unwrap(accelerator, model):
+    return accelerator.unwrap_model(model)
+
+
+def _maybe_sync_bn(cfg: Config, model: torch.nn.Module, world: int) -> torch.nn.Module:
+    if cfg.model.sync_bn and world > 1:
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def _write_checkpoint(payload: dict) -> Path:
+    d = Path(tempfile.mkdtemp(prefix="toolkit-ckpt-"))
+    checkpoints.save(d / checkpoints.CHECKPOINT_FILE, payload)
+    return d
+
+
+def simclr_worker(params: dict, session) -> None:
+    """SimCLR pretraining: NT-Xent over two on-device views, negatives gathered across ranks."""
+    cfg = config_from_dict(params["config"])
+    accelerator = make_accelerator(cfg)
+    device = accelerator.device
+    rank, world = session.rank, session.world
+    pc = cfg.pretrain
+
+    data = load_mnist(cfg.data.root, cfg.data.download, cfg.data.train_subset, cfg.data.test_subset)
+    split = make_split(data.train_labels, cfg.split.labels_per_class, cfg.split.val_size, cfg.split.seed)
+    # SimCLR sees the labeled and pool images without labels; the validation images stay untouched
+    train_idx = torch.cat([split.labeled, split.pool])
+    if pc.max_images:
+        train_idx = train_idx[torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(cfg.run.seed))[: pc.max_images]]
+    images = data.train_images[train_idx].to(device)
+
+    local_batch = max(1, pc.batch_size // world)
+    global_batch = local_batch * world
+    steps_per_epoch = images.shape[0] // global_batch
+    if steps_per_epoch < 1:
+        raise ValueError(f"pretrain.batch_size={pc.batch_size} is larger than the {images.shape[0]} training images")
+    total_steps = pc.epochs * steps_per_epoch
+
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    model = _maybe_sync_bn(cfg, SimCLRModel(cfg.model), world).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=pc.lr, weight_decay=pc.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine_lambda(total_steps, int(pc.warmup_epochs * steps_per_epoch), 0.0)
+    )
+    start_epoch = 0
+    resume = session.latest_checkpoint()
+    if resume is not None:
+        state = checkpoints.load(resume)
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = int(state["epoch"])
+        if rank == 0:
+            print(f"[pretrain] resuming after epoch {start_epoch} from {resume}", flush=True)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    tracker = _tracker(params, rank)
+    progress = Progress("pretrain", pc.epochs, "epoch", rank)
+    for epoch in range(start_epoch, pc.epochs):
+        gen = make_generator(cfg.run.seed * 1000 + epoch * 16 + rank, device)
+        stats = simclr_epoch(
+            model, optimizer, scheduler, images, global_batch, cfg.augment, pc.temperature,
+            cfg.run.seed, epoch, gen, accelerator, rank, world,
+        )
+        if not math.isfinite(stats["loss"]):
+            raise FloatingPointError(f"pretrain loss became {stats['loss']} in epoch {epoch + 1}: lower pretrain.lr")
+        metrics = {
+            "epoch": epoch + 1,
+            "loss": stats["loss"],
+            "lr": scheduler.get_last_lr()[0],
+            "views_per_s": stats["views_per_s"],
+            "epoch_seconds": stats["epoch_seconds"],
+            "world_size": world,
+            "global_batch": global_batch,
+        }
+        ckpt_dir = None
+        if rank == 0:
+            ckpt_dir = _write_checkpoint(checkpoints.model_payload(
+                "simclr", cfg, _unwrap(accelerator, model).state_dict(),
+                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), epoch=epoch + 1,
+            ))
+            tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch + 1)
+        session.report(metrics, ckpt_dir)
+        progress(epoch + 1, {k: metrics[k] for k in ("loss", "lr", "views_per_s")})
+
+
+def _classifier_init(cfg: Config, model: Classifier, params: dict, rank: int) -> bool:
+    """Warm start from a classifier, or the encoder of a SimCLR checkpoint. Returns True if the encoder is pretrained."""
+    init = params.get("init") or {}
+    if init.get("classifier"):
+        payload = checkpoints.load_model_file(init["classifier"], "classifier", cfg.model)
+        model.load_state_dict(payload["state_dict"])
+        return bool(init.get("encoder_pretrained"))
+    if init.get("simclr"):
+        payload = checkpoints.load_model_file(init["simclr"], "simclr", cfg.model)
+        enc = {k[len("encoder."):]: v for k, v in payload["state_dict"].items() if k.startswith("encoder.")}
+        model.encoder.load_state_dict(enc)
+        return True
+    return False
+
+
+def classifier_worker(params: dict, session) -> None:
+    """Classifier on the true labels (+ pseudo-labels), model selection on the validation split.
+
+    params: config, optional ``pseudo`` {"indices", "labels"} into the training images,
+    optional ``init`` {"classifier" | "simclr": path}, ``tracking``, ``label`` and ``step_offset``
+    (where this run's steps sit in the MLflow history, for pseudo-labeling rounds).
+    """
+    cfg = config_from_dict(params["config"])
+    accelerator = make_accelerator(cfg)
+    device = accelerator.device
+    rank, world = session.rank, session.world
+    cc = cfg.classifier
+    steps = int(params.get("steps") or cc.steps)
+    label = params.get("label", "classifier")
+
+    data = load_mnist(cfg.data.root, cfg.data.download, cfg.data.train_subset, cfg.data.test_subset).to(device)
+    split = make_split(data.train_labels.cpu(), cfg.split.labels_per_class, cfg.split.val_size, cfg.split.seed)
+    lab = split.labeled.to(device)
+    labeled_x, labeled_y = data.train_images[lab], data.train_labels[lab]
+    val = split.val.to(device)
+    val_x, val_y = data.train_images[val], data.train_labels[val]
+    pseudo_x = pseudo_y = None
+    if params.get("pseudo") and len(params["pseudo"]["indices"]):
+        pi = torch.as_tensor(params["pseudo"]["indices"], dtype=torch.long, device=device)
+        pseudo_x = data.train_images[pi]
+        pseudo_y = torch.as_tensor(params["pseudo"]["labels"], dtype=torch.long, device=device)
+
+    torch.manual_seed(cfg.run.seed)
+    model = Classifier(cfg.model)
+    pretrained = _classifier_init(cfg, model, params, rank)
+    model = _maybe_sync_bn(cfg, model, world).to(memory_format=torch.channels_last)
+    enc_params = list(model.encoder.parameters())
+    enc_ids = {id(p) for p in enc_params}
+    head_params = [p for p in model.parameters() if id(p) not in enc_ids]
+    enc_lr = cc.lr * (cc.encoder_lr_scale if pretrained else 1.0)
+    optimizer = torch.optim.AdamW(
+        [{"params": enc_params, "lr": enc_lr}, {"params": head_params, "lr": cc.lr}], weight_decay=cc.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine_lambda(steps, min(cc.warmup_steps, steps // 2), 0.0))
+
+    done, best_acc, best_state, best_step = 0, -1.0, None, 0
+    resume = session.latest_checkpoint()
+    if resume is not None:
+        state = checkpoints.load(resume)
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        done, best_acc, best_step = int(state["step"]), float(state["best_val_acc"]), int(state["best_step"])
+        best_state = state["best_state_dict"]
+        if rank == 0:
+            print(f"[{label}] resuming at step {done} from {resume}", flush=True)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    local_batch = max(1, cc.batch_size // world)
+    tracker = _tracker(params, rank)
+    offset = int(params.get("step_offset", 0))
+    progress = Progress(label, steps, "step", rank)
+    while done < steps:
+        chunk = min(cc.eval_every, steps - done)
+        gen = make_generator(cfg.run.seed * 1_000_003 + done * 16 + rank, device)
+        stats = classifier_steps(
+            model, optimizer, scheduler, labeled_x, labeled_y, pseudo_x, pseudo_y, chunk, local_batch,
+            cfg.pseudolabel.labeled_fraction, cfg.augment, gen, accelerator, cc.label_smoothing,
+        )
+        done += chunk
+        plain = _unwrap(accelerator, model)
+        val_stats = evaluate(plain, val_x, val_y)
+        if val_stats["acc"] > best_acc:
+            best_acc, best_step = val_stats["acc"], done
+            best_state = {k: v.detach().cpu().clone() for k, v in plain.state_dict().items()}
+        metrics = {
+            "step": done,
+            "train_loss": stats["train_loss"],
+            "train_acc": stats["train_acc"],
+            "val_acc": val_stats["acc"],
+            "val_loss": val_stats["loss"],
+            "best_val_acc": best_acc,
+            "lr": scheduler.get_last_lr()[-1],
+            "images_per_s": stats["images_per_s"] * world,
+        }
+        ckpt_dir = None
+        if rank == 0:
+            ckpt_dir = _write_checkpoint(checkpoints.model_payload(
+                "classifier", cfg, plain.state_dict(),
+                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), step=done,
+                best_state_dict=best_state, best_val_acc=best_acc, best_step=best_step,
+                encoder_pretrained=pretrained, val_size=int(val_y.numel()),
+            ))
+            tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=offset + done)
+        session.report(metrics, ckpt_dir)
+        progress(done, {k: metrics[k] for k in ("train_loss", "val_acc", "images_per_s")})
+
+
+def best_model_state(checkpoint_dir: Path) -> dict[str, Any]:
+    """From a classifier training checkpoint: the weights with the best validation accuracy."""
+    state = checkpoints.load(checkpoint_dir)
+    return {
+        "state_dict": state.get("best_state_dict") or state["state_dict"],
+        "best_val_acc": float(state.get("best_val_acc", float("nan"))),
+        "best_step": int(state.get("best_step", 0)),
+        "encoder_pretrained": bool(state.get("encoder_pretrained", False)),
+    }
