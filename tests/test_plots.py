@@ -34,13 +34,22 @@ def test_plot_embedding_2d_subsamples(tmp_path):
     labels = torch.arange(10).repeat_interleave(30)  # 300 points, 64-d: exercises the PCA step
     feats = 4 * torch.randn(10, 64, generator=g)[labels] + torch.randn(300, 64, generator=g)
     path = tmp_path / "tsne.png"
-    assert_png(plots.plot_embedding_2d(feats, labels, path, "encoder features", max_points=150, seed=1), path)
+    assert_png(plots.plot_embedding_2d(
+        feats, labels, path, "encoder features", max_points=150, seed=1, max_iter=250, n_threads=1
+    ), path)
 
 
 def test_plot_embedding_2d_tiny_input(tmp_path):
     feats = np.random.default_rng(0).normal(size=(12, 5))
     path = tmp_path / "tiny.png"
-    assert_png(plots.plot_embedding_2d(feats, np.arange(12) % 3, str(path), "tiny"), path)
+    assert_png(plots.plot_embedding_2d(feats, np.arange(12) % 3, str(path), "tiny", max_iter=250, n_threads=1), path)
+
+
+def test_plot_embedding_2d_defaults_are_pinned():
+    import inspect
+
+    params = inspect.signature(plots.plot_embedding_2d).parameters
+    assert (params["max_points"].default, params["seed"].default, params["max_iter"].default) == (2000, 0, 1000)
 
 
 def test_plot_curves(tmp_path):

@@ -97,6 +97,20 @@ def test_linear_probe_separates_clusters_from_100_labels():
     assert not probe.training
 
 
+def test_linear_probe_matches_scikit_learn_logistic_regression():
+    # Same objective as sklearn's LogisticRegression(C) on standardised features, divided by N.
+    from sklearn.linear_model import LogisticRegression
+
+    xtr, ytr = clusters(20, d=8, sep=0.5)  # overlapping, so the optimum is well conditioned
+    xte, _ = clusters(10, d=8, sep=0.5, seed=1)
+    probe = train_linear_probe(xtr, ytr, C=0.5)
+    std = probe[0]
+    ref = LogisticRegression(C=0.5, tol=1e-10, max_iter=10_000).fit(std(xtr).double().numpy(), ytr.numpy())
+    with torch.no_grad():
+        ours = probe(xte).softmax(1).double().numpy()
+    np.testing.assert_allclose(ours, ref.predict_proba(std(xte).double().numpy()), atol=2e-4)
+
+
 def test_mlp_probe_separates_clusters_from_100_labels():
     xtr, ytr = clusters(10)
     xte, yte = clusters(50, seed=1)
@@ -119,8 +133,8 @@ def test_mlp_probe_is_deterministic_and_leaves_global_rng_alone():
 
 def test_probes_with_mini_batches_on_more_points():
     # 3,000 points: the MLP walks through several permutations, the linear probe accumulates chunks.
-    xtr, ytr = clusters(300, sep=0.8)
-    xte, yte = clusters(100, sep=0.8, seed=1)
+    xtr, ytr = clusters(300, sep=1.5)
+    xte, yte = clusters(100, sep=1.5, seed=1)
     lin_full = train_linear_probe(xtr, ytr, batch_size=10**6)
     lin_chunked = train_linear_probe(xtr, ytr, batch_size=700)  # ragged last chunk on purpose
     # Chunking only bounds memory: the convex optimum is the same.

@@ -74,9 +74,10 @@ def simclr_epoch(
         total += loss.detach()
         if on_step:
             on_step(step, steps)
+    mean_loss = float(total) / max(steps, 1)  # syncs the device before the clock stops
     seconds = time.perf_counter() - t0
     return {
-        "loss": float(total) / max(steps, 1),
+        "loss": mean_loss,
         "views_per_s": 2 * steps * global_batch / seconds if seconds > 0 else 0.0,
         "epoch_seconds": seconds,
     }
@@ -127,10 +128,11 @@ def classifier_steps(
         total += loss.detach()
         correct += (logits.argmax(1) == yb).sum()
         seen += yb.numel()
+    train_loss, train_acc = float(total) / steps, float(correct) / max(seen, 1)  # device sync
     seconds = time.perf_counter() - t0
     return {
-        "train_loss": float(total) / steps,
-        "train_acc": float(correct) / max(seen, 1),
+        "train_loss": train_loss,
+        "train_acc": train_acc,
         "images_per_s": steps * local_batch / seconds if seconds > 0 else 0.0,
     }
 

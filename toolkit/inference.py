@@ -36,8 +36,7 @@ def _as_index_array(indices: Any) -> np.ndarray:
     """LongTensor / array / list of indices -> contiguous int64 numpy array (N,)."""
     if isinstance(indices, torch.Tensor):
         indices = indices.detach().cpu().numpy()
-    arr = np.ascontiguousarray(np.asarray(indices, dtype=np.int64).reshape(-1))
-    return arr
+    return np.ascontiguousarray(np.asarray(indices, dtype=np.int64).reshape(-1))
 
 
 def _check_in_range(idx: np.ndarray, n_images: int, where: str) -> None:
@@ -163,7 +162,8 @@ def predict_pool_ray(cfg: Config, model_path: str, indices: Any, num_actors: int
     """Probabilities (len(indices), 10) float32 in the order of ``indices``, from a Ray Data actor pool.
 
     ``num_actors`` actors (one GPU each when ``ray.use_gpu``) each load the model and
-    the training images once. Raises ``ConfigError`` when the cluster cannot host
+    the training images once; on a multi-node cluster ``model_path`` and ``data.root``
+    must be readable on every node (shared storage). Raises ``ConfigError`` when the cluster cannot host
     the pool, RuntimeError unless every pool index got exactly one prediction.
     """
     idx = _as_index_array(indices)

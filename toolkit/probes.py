@@ -117,7 +117,7 @@ def train_linear_probe(
         raise ValueError(f"max_iter and batch_size must be >= 1, got {max_iter}, {batch_size}")
     n, d = train_feats.shape
     device = train_feats.device
-    with _seeded(seed, device):
+    with _seeded(seed, device):  # nn.Linear's init draws from the global RNG: leave it untouched
         std = Standardize.fit(train_feats)
         linear = nn.Linear(d, num_classes).to(device)
         nn.init.zeros_(linear.weight)

@@ -1,0 +1,106 @@
+"""`toolkit probe`: linear, MLP and kNN probes on a frozen SimCLR encoder, under two named protocols.
+
+"100-labels": probes fitted on the labeled split only. "all-labels": fitted on every
+training image outside the validation split. Validation accuracy is logged for
+selection; test accuracy is reported once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from .. import checkpoints
+from ..config import Config, ConfigError
+from ..engine import extract_features
+from ..models import SimCLRModel
+from ..plots import plot_confusion_matrix, plot_embedding_2d
+from ..probes import run_probes
+from ..tracking import mlflow_run, run_url
+from .common import StageResult, eval_device, finished_result, load_data_and_split, log_config_and_split, stage_dir
+
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def resolve_model_ref(cfg: Config, ref: str, dest: Path) -> Path:
+    """A checkpoint path, or the MLflow run id of a stage that logged ``model/model.pt``."""
+    p = Path(ref).expanduser()
+    if p.exists():
+        return p.resolve()
+    if _RUN_ID.match(ref):
+        import mlflow
+
+        from ..tracking import tracking_uri
+
+        try:
+            local = mlflow.artifacts.download_artifacts(
+                run_id=ref, artifact_path=f"model/{checkpoints.MODEL_FILE}", dst_path=str(dest), tracking_uri=tracking_uri(cfg)
+            )
+        except Exception as e:  # noqa: BLE001 - any MLflow failure means the reference is unusable
+            raise ConfigError(f"cannot fetch model/{checkpoints.MODEL_FILE} of MLflow run {ref}: {e}".splitlines()[0]) from None
+        return Path(local)
+    raise ConfigError(f"model reference {ref!r} is neither an existing checkpoint file nor an MLflow run id")
+
+
+def load_encoder(path: Path, device: torch.device) -> torch.nn.Module:
+    payload = checkpoints.load_model_file(path, "simclr")
+    model = SimCLRModel(checkpoints.config_of(payload).model)
+    model.load_state_dict(payload["state_dict"])
+    return model.encoder.to(device).to(memory_format=torch.channels_last).eval()
+
+
+def probe(cfg: Config, parent_run_id: str | None = None, key: str | None = None, checkpoint: str | None = None) -> StageResult:
+    ref = checkpoint or cfg.probe.checkpoint
+    if not ref:
+        raise ConfigError("probe.checkpoint is empty: give a SimCLR checkpoint path or the MLflow run id of a pretrain run")
+    ref_hash = hashlib.sha256(str(ref).encode()).hexdigest()[:6]
+    key = key or (f"{cfg.run.name}-probe" if cfg.run.name else f"probe-{cfg.digest('data', 'split', 'probe')}-{ref_hash}")
+    folder = stage_dir(cfg, key)
+    done = finished_result(folder)
+    if done:
+        print(f"[probe] {key} already finished", flush=True)
+        return done
+    t0 = time.perf_counter()
+    path = resolve_model_ref(cfg, ref, folder)
+    device = eval_device()
+    encoder = load_encoder(path, device)
+    data, split = load_data_and_split(cfg)
+
+    with mlflow_run(cfg, "probe", key, parent_run_id, {"toolkit.encoder": str(path)}) as tracker:
+        log_config_and_split(tracker, cfg, split, folder)
+        train_x = data.train_images.to(device)
+        feats = extract_features(encoder, train_x)
+        test_feats = extract_features(encoder, data.test_images.to(device))
+        labels, test_labels = data.train_labels.to(device), data.test_labels.to(device)
+        val = split.val.to(device)
+        protocols = {"100-labels": split.labeled.to(device)}
+        if cfg.probe.all_labels:
+            protocols["all-labels"] = torch.cat([split.labeled, split.pool]).to(device)
+        metrics: dict[str, float] = {}
+        for protocol, idx in protocols.items():
+            out = run_probes(
+                feats[idx], labels[idx], test_feats, test_labels, feats[val], labels[val],
+                protocol=protocol, seed=cfg.run.seed, knn_kwargs={"k": cfg.probe.knn_k},
+            )
+            metrics.update(out["metrics"])
+            tracker.log_params(out["params"])
+            for name in ("linear", "mlp", "knn"):
+                png = plot_confusion_matrix(out[name]["confusion"], folder / f"confusion_{protocol}_{name}.png",
+                                            f"{name} probe, {protocol}: test acc {out[name]['test_acc']:.4f}")
+                tracker.log_artifact(png, "plots")
+                print(f"[probe] {protocol:>10} {name:>6}: test acc {out[name]['test_acc']:.4f}  val acc {out[name]['val_acc']:.4f}", flush=True)
+        if cfg.probe.tsne_points:
+            png = plot_embedding_2d(test_feats.cpu(), test_labels.cpu(), folder / "tsne_test.png",
+                                    "t-SNE of frozen SimCLR features (test set)", max_points=cfg.probe.tsne_points, seed=cfg.run.seed)
+            tracker.log_artifact(png, "plots")
+        seconds = time.perf_counter() - t0
+        metrics["stage_seconds"] = seconds
+        tracker.log_metrics(metrics)
+        result = StageResult("probe", key, tracker.run_id, None, metrics, seconds)
+        result.save(folder)
+        print(f"[probe] done in {seconds:.0f}s  {run_url(cfg, tracker)}", flush=True)
+        return result
