@@ -106,12 +106,12 @@ def test_all_magnitudes_zero_is_identity_through_grid_sample():
 
 
 def test_zero_alpha_elastic_is_no_offset():
-    off = random_elastic_offsets(4, 28, alpha_px=0.0, prob=1.0, g=make_generator(0, "cpu"), device="cpu")
+    off = random_elastic_offsets(4, (28, 28), alpha_px=0.0, prob=1.0, g=make_generator(0, "cpu"), device="cpu")
     assert torch.equal(off, torch.zeros_like(off))
 
 
 def test_identity_grid_is_the_pixel_centres():
-    grid = random_affine_grid(2, 28, OFF, make_generator(0, "cpu"), "cpu")
+    grid = random_affine_grid(2, (28, 28), OFF, make_generator(0, "cpu"), "cpu")
     centres = (torch.arange(28) + 0.5) / 28 * 2 - 1  # align_corners=False: pixel centres in [-1, 1]
     torch.testing.assert_close(grid[0, 5, :, 0], centres)  # x varies along the width
     torch.testing.assert_close(grid[1, :, 7, 1], centres)  # y along the height
@@ -189,8 +189,8 @@ def _centre_of_mass(x: torch.Tensor) -> torch.Tensor:
 def test_pure_translation_moves_the_centre_of_mass():
     cfg = only(translate=0.1)
     x = digits(16, seed=1).double()
-    grid = random_affine_grid(16, 28, cfg, make_generator(5, "cpu"), "cpu")
-    identity = random_affine_grid(16, 28, OFF, make_generator(0, "cpu"), "cpu")
+    grid = random_affine_grid(16, (28, 28), cfg, make_generator(5, "cpu"), "cpu")
+    identity = random_affine_grid(16, (28, 28), OFF, make_generator(0, "cpu"), "cpu")
     # a pure translation: the grid is the identity plus one constant offset (x, y) per image
     shift = grid[:, 0, 0] - identity[:, 0, 0]
     torch.testing.assert_close(grid - identity, shift.view(16, 1, 1, 2).expand_as(grid))
@@ -219,19 +219,19 @@ def test_translation_of_a_single_pixel_by_whole_pixels():
 def test_rotation_preserves_distances_and_zoom_scales_them():
     n = 8
     centre_dist = lambda grid: grid.norm(dim=-1)  # noqa: E731 - distance of each sampled point from the centre
-    ident = centre_dist(random_affine_grid(n, 28, OFF, make_generator(0, "cpu"), "cpu"))
-    rot = random_affine_grid(n, 28, only(rotate_deg=30.0), make_generator(0, "cpu"), "cpu")
+    ident = centre_dist(random_affine_grid(n, (28, 28), OFF, make_generator(0, "cpu"), "cpu"))
+    rot = random_affine_grid(n, (28, 28), only(rotate_deg=30.0), make_generator(0, "cpu"), "cpu")
     torch.testing.assert_close(centre_dist(rot), ident, atol=1e-5, rtol=0)
-    assert (rot - random_affine_grid(n, 28, OFF, make_generator(0, "cpu"), "cpu")).abs().amax() > 0.01
-    zoom = random_affine_grid(n, 28, only(scale_min=1.25, scale_max=1.25), make_generator(0, "cpu"), "cpu")
+    assert (rot - random_affine_grid(n, (28, 28), OFF, make_generator(0, "cpu"), "cpu")).abs().amax() > 0.01
+    zoom = random_affine_grid(n, (28, 28), only(scale_min=1.25, scale_max=1.25), make_generator(0, "cpu"), "cpu")
     # zoom 1.25 magnifies: each output pixel samples the input 1/1.25 as far from the centre
     torch.testing.assert_close(centre_dist(zoom), ident / 1.25, atol=1e-5, rtol=0)
 
 
 def test_zoom_is_log_uniform_within_bounds():
     cfg = only(scale_min=0.8, scale_max=1.25)
-    grid = random_affine_grid(4000, 4, cfg, make_generator(0, "cpu"), "cpu")
-    ident = random_affine_grid(1, 4, OFF, make_generator(0, "cpu"), "cpu")
+    grid = random_affine_grid(4000, (4, 4), cfg, make_generator(0, "cpu"), "cpu")
+    ident = random_affine_grid(1, (4, 4), OFF, make_generator(0, "cpu"), "cpu")
     zoom = ident[0, 0, 0, 0] / grid[:, 0, 0, 0]
     assert float(zoom.min()) >= 0.8 - 1e-5 and float(zoom.max()) <= 1.25 + 1e-5
     # log-uniform on [log 0.8, log 1.25], symmetric about 0: half the draws magnify
@@ -240,9 +240,9 @@ def test_zoom_is_log_uniform_within_bounds():
 
 def test_strength_scales_the_magnitudes():
     g = lambda: make_generator(0, "cpu")  # noqa: E731
-    ident = random_affine_grid(4, 28, OFF, g(), "cpu")
-    half = random_affine_grid(4, 28, dataclasses.replace(only(translate=0.1), strength=0.5), g(), "cpu") - ident
-    full = random_affine_grid(4, 28, only(translate=0.1), g(), "cpu") - ident
+    ident = random_affine_grid(4, (28, 28), OFF, g(), "cpu")
+    half = random_affine_grid(4, (28, 28), dataclasses.replace(only(translate=0.1), strength=0.5), g(), "cpu") - ident
+    full = random_affine_grid(4, (28, 28), only(translate=0.1), g(), "cpu") - ident
     torch.testing.assert_close(half * 2, full, atol=1e-6, rtol=0)
 
 
@@ -250,18 +250,18 @@ def test_strength_scales_the_magnitudes():
 
 
 def test_elastic_offsets_zero_where_not_drawn():
-    off = random_elastic_offsets(64, 28, alpha_px=2.0, prob=0.5, g=make_generator(0, "cpu"), device="cpu")
+    off = random_elastic_offsets(64, (28, 28), alpha_px=2.0, prob=0.5, g=make_generator(0, "cpu"), device="cpu")
     assert off.shape == (64, 28, 28, 2)
     drawn = off.flatten(1).abs().amax(1) > 0
     assert 10 < int(drawn.sum()) < 54
     assert torch.equal(off[~drawn], torch.zeros_like(off[~drawn]))
     assert not torch.allclose(off[drawn][0], off[drawn][1])
-    none = random_elastic_offsets(4, 28, 2.0, 0.0, make_generator(0, "cpu"), "cpu")
+    none = random_elastic_offsets(4, (28, 28), 2.0, 0.0, make_generator(0, "cpu"), "cpu")
     assert torch.equal(none, torch.zeros_like(none))
 
 
 def test_elastic_offsets_are_smooth_and_scaled_in_pixels():
-    off = random_elastic_offsets(32, 28, alpha_px=3.0, prob=1.0, g=make_generator(0, "cpu"), device="cpu")
+    off = random_elastic_offsets(32, (28, 28), alpha_px=3.0, prob=1.0, g=make_generator(0, "cpu"), device="cpu")
     px = off * 28 / 2  # grid units -> pixels
     # neighbouring pixels move together: a coherent warp, not per-pixel noise
     step = (px[:, 1:] - px[:, :-1]).abs().mean()

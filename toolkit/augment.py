@@ -25,7 +25,7 @@ def _bernoulli(n: int, p: float, g: torch.Generator, device) -> torch.Tensor:
     return torch.rand(n, generator=g, device=device) < p
 
 
-def random_affine_grid(n: int, size: int, cfg: AugmentConfig, g: torch.Generator, device) -> torch.Tensor:
+def random_affine_grid(n: int, size: tuple[int, int], cfg: AugmentConfig, g: torch.Generator, device) -> torch.Tensor:
     """Sampling grid (n, size, size, 2) of a per-image affine map: rotation, shear, zoom, translation.
 
     Zoom > 1 magnifies (crop-and-resize); the grid maps output pixels to input
@@ -44,20 +44,21 @@ def random_affine_grid(n: int, size: int, cfg: AugmentConfig, g: torch.Generator
     # inverse of (rotate @ shear) scaled by 1/zoom: output -> input coordinates
     a = torch.stack([cos, -sin + cos * tan, sin, cos + sin * tan], dim=1).view(n, 2, 2) / zoom.view(n, 1, 1)
     theta = torch.cat([a, shift.view(n, 2, 1)], dim=2)
-    return F.affine_grid(theta, (n, 1, size, size), align_corners=False)
+    return F.affine_grid(theta, (n, 1, *size), align_corners=False)
 
 
-def random_elastic_offsets(n: int, size: int, alpha_px: float, prob: float, g: torch.Generator, device) -> torch.Tensor:
+def random_elastic_offsets(n: int, size: tuple[int, int], alpha_px: float, prob: float, g: torch.Generator, device) -> torch.Tensor:
     """Smooth random displacement field (n, size, size, 2) in grid units, zero for images not drawn.
 
     A coarse 4x4 field of random offsets upsampled bicubically is a cheap stand-in for
     Simard et al.'s Gaussian-smoothed field: both give locally coherent warps.
     """
     coarse = torch.randn(n, 2, 4, 4, generator=g, device=device)
-    field = F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=True)
+    field = F.interpolate(coarse, size=size, mode="bicubic", align_corners=True)
     on = _bernoulli(n, prob, g, device).float().view(n, 1, 1, 1)
-    # pixels -> grid units ([-1, 1] spans `size` pixels)
-    return (field * on * (2.0 * alpha_px / size)).permute(0, 2, 3, 1)
+    # pixels -> grid units ([-1, 1] spans the side in pixels): x offsets by width, y by height
+    scale = torch.tensor([2.0 * alpha_px / size[1], 2.0 * alpha_px / size[0]], device=device).view(1, 2, 1, 1)
+    return (field * on * scale).permute(0, 2, 3, 1)
 
 
 def random_blur(x: torch.Tensor, prob: float, g: torch.Generator) -> torch.Tensor:
@@ -96,9 +97,9 @@ def augment(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Te
     if cfg.strength == 0:
         return x
     n, _, h, w = x.shape
-    grid = random_affine_grid(n, h, cfg, g, x.device)
+    grid = random_affine_grid(n, (h, w), cfg, g, x.device)
     if cfg.elastic_alpha > 0 and cfg.elastic_prob > 0:
-        grid = grid + random_elastic_offsets(n, h, cfg.elastic_alpha * cfg.strength, cfg.elastic_prob, g, x.device)
+        grid = grid + random_elastic_offsets(n, (h, w), cfg.elastic_alpha * cfg.strength, cfg.elastic_prob, g, x.device)
     out = F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
     if cfg.blur_prob > 0:
         out = random_blur(out, cfg.blur_prob, g)

@@ -27,8 +27,12 @@ def save(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".tmp")
     os.close(fd)
-    torch.save(payload, tmp)
-    os.replace(tmp, p)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return p
 
 

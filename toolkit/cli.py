@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "pipeline": ("pretrain -> probe -> supervised -> one-shot -> iterative -> SimCLR-initialised iterative", None),
     "tune": ("Ray Tune search of the iterative pseudo-labeler's threshold schedule",
              ("data", "split", "model", "augment", "classifier", "pseudolabel", "tune", "ray", "tracking", "run")),
-    "report": ("results table and plots of a pipeline run", ("tracking", "run")),
+    "report": ("results table and plots of a pipeline run", ("report", "tracking", "run")),
 }
 
 
@@ -81,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.backend:
             overrides.append(f"run.backend={args.backend}")
         cfg = load_config(args.config, overrides)
+        if cfg.run.backend == "local":
+            # fail before any folder or MLflow run exists (the Ray path checks after connecting)
+            from .backends import check_gpu_request
+
+            check_gpu_request(cfg)
         _dispatch(args.command)(cfg)
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"toolkit {args.command}: error: {e}", file=sys.stderr)

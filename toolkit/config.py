@@ -248,6 +248,11 @@ class PipelineConfig:
 
 
 @dataclass(frozen=True)
+class ReportConfig:
+    run_id: str = _opt("", "MLflow run id of the pipeline to report (empty: the newest pipeline run)")
+
+
+@dataclass(frozen=True)
 class RayConfig:
     address: str = _opt("", "Ray cluster address (empty: $RAY_ADDRESS, else an embedded local Ray)")
     num_workers: int = _opt(2, "Ray Train workers (DDP ranks)")
@@ -296,6 +301,7 @@ class Config:
     pseudolabel: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -350,6 +356,11 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
             value = yaml.safe_load(value)
         except yaml.YAMLError as e:
             raise ConfigError(f"{key}: cannot parse {value!r}: {e}") from None
+    if isinstance(value, str) and isinstance(default, (int, float)) and not isinstance(default, bool):
+        try:
+            value = float(value)  # YAML 1.1 reads 1e-3 and 3e-4 as strings
+        except ValueError:
+            pass
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"{key}={value!r} is not allowed: expected true or false")
