@@ -1,0 +1,93 @@
+"""`toolkit pipeline`: the whole study as one parent MLflow run with a nested run per stage.
+
+pretrain -> probe -> supervised -> one-shot -> iterative -> SimCLR-initialised iterative,
+repeated over ``pipeline.seeds`` (split seeds) and summarised as mean ± std. Each stage's
+folder is keyed by the pipeline key, the seed and the stage, so re-running the same
+command skips finished stages and resumes an interrupted one where it stopped.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ..config import Config
+from ..tracking import Tracker, mlflow_run, run_url, tracking_uri
+from .common import StageResult, run_key
+
+PIPELINE_SECTIONS = ("data", "split", "model", "augment", "pretrain", "probe", "classifier", "pseudolabel", "tune", "pipeline")
+
+
+def _tag(cfg: Config, result: StageResult, stage: str, seed: int) -> None:
+    """Mark a stage's run so `toolkit report` can find it by stage and seed."""
+    if result.run_id and cfg.tracking.enabled:
+        Tracker(tracking_uri(cfg), result.run_id).set_tags({"toolkit.stage": stage, "toolkit.seed": seed})
+
+
+def run_seed(cfg: Config, parent_id: str | None, prefix: str, seed: int, simclr_path: str | None) -> dict[str, StageResult]:
+    """All stages but pretraining for one split seed."""
+    from .probe import probe
+    from .pseudolabel import pseudolabel
+    from .supervised import supervised
+
+    stages = cfg.pipeline.stages
+    scfg = cfg.replace(**{"split.seed": seed, "run.seed": seed, "run.name": ""})
+    out: dict[str, StageResult] = {}
+
+    def record(stage: str, result: StageResult) -> None:
+        out[stage] = result
+        _tag(cfg, result, stage, seed)
+
+    if "probe" in stages and simclr_path:
+        record("probe", probe(scfg, parent_id, f"{prefix}-probe", checkpoint=simclr_path))
+    base = None
+    if "supervised" in stages:
+        record("supervised", supervised(scfg.replace(**{"model.init": "scratch"}), parent_id, f"{prefix}-supervised"))
+        base = out["supervised"].model_path
+    if "oneshot" in stages:
+        c = scfg.replace(**{"model.init": "scratch", "pseudolabel.mode": "oneshot"})
+        record("oneshot", pseudolabel(c, parent_id, f"{prefix}-oneshot", base_model=base))
+    if "iterative" in stages:
+        c = scfg.replace(**{"model.init": "scratch", "pseudolabel.mode": "iterative"})
+        record("iterative", pseudolabel(c, parent_id, f"{prefix}-iterative", base_model=base))
+    if "simclr_iterative" in stages and simclr_path:
+        c = scfg.replace(**{"model.init": f"simclr:{simclr_path}", "pseudolabel.mode": "iterative"})
+        if cfg.pipeline.tune:
+            from ..config import load_config
+            from .tune import best_config_path, tune
+
+            tuned = tune(c, parent_id, f"{prefix}-tune")
+            _tag(cfg, tuned, "tune", seed)
+            c = load_config(best_config_path(tuned), base=c)
+        record("simclr_iterative", pseudolabel(c, parent_id, f"{prefix}-simclr_iterative"))
+    return out
+
+
+def pipeline(cfg: Config) -> dict:
+    """Run the study; return {seed: {stage: StageResult}} and log the summary table to the parent run."""
+    from .pretrain import pretrain
+    from .report import summarise
+
+    key = run_key(cfg, "pipeline", *PIPELINE_SECTIONS)
+    t0 = time.perf_counter()
+    results: dict[int, dict[str, StageResult]] = {}
+    with mlflow_run(cfg, "pipeline", key, None, {"toolkit.seeds": cfg.pipeline.seeds}) as parent:
+        print(f"[pipeline] {key}: seeds {cfg.pipeline.seeds}, stages {cfg.pipeline.stages}", flush=True)
+        simclr_path = None
+        needs_simclr = any(s in cfg.pipeline.stages for s in ("pretrain", "probe", "simclr_iterative"))
+        if needs_simclr:
+            # one encoder for all seeds: SimCLR never sees a label, and the first seed's
+            # validation images are held out of it
+            first = cfg.pipeline.seeds[0]
+            pcfg = cfg.replace(**{"split.seed": first, "run.seed": first, "run.name": ""})
+            pre = pretrain(pcfg, parent.run_id, f"{key}-pretrain")
+            _tag(cfg, pre, "pretrain", first)
+            simclr_path = pre.model_path
+        for seed in cfg.pipeline.seeds:
+            print(f"[pipeline] seed {seed}", flush=True)
+            results[seed] = run_seed(cfg, parent.run_id, f"{key}-seed{seed}", seed, simclr_path)
+        seconds = time.perf_counter() - t0
+        parent.log_metrics({"pipeline_seconds": seconds})
+        table = summarise(cfg, parent, results)
+        print(table, flush=True)
+        print(f"[pipeline] done in {seconds:.0f}s. Browse: {run_url(cfg, parent)}", flush=True)
+    return results
