@@ -29,6 +29,7 @@ class StageResult:
     model_path: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    config_digest: str = ""
     skipped: bool = False
 
     def save(self, folder: Path) -> None:
@@ -54,13 +55,19 @@ def stage_dir(cfg: Config, key: str) -> Path:
     return d
 
 
-def finished_result(folder: Path) -> StageResult | None:
-    """The saved result of a finished stage, or None (then the stage runs, resuming what it can)."""
+def finished_result(folder: Path, cfg: Config | None = None) -> StageResult | None:
+    """The saved result of a finished stage with this config, or None (then the stage runs, resuming what it can).
+
+    A stage re-run under the same key with another config (say more epochs) is not
+    finished: it continues from its checkpoints.
+    """
     p = folder / RESULT_FILE
     if not p.is_file():
         return None
     d = json.loads(p.read_text())
     if d.get("model_path") and not Path(d["model_path"]).is_file():
+        return None
+    if cfg is not None and d.get("config_digest") and d["config_digest"] != cfg.digest():
         return None
     return StageResult(**d, skipped=True)
 

@@ -60,7 +60,7 @@ def probe(cfg: Config, parent_run_id: str | None = None, key: str | None = None,
     ref_hash = hashlib.sha256(str(ref).encode()).hexdigest()[:6]
     key = key or (f"{cfg.run.name}-probe" if cfg.run.name else f"probe-{cfg.digest('data', 'split', 'probe')}-{ref_hash}")
     folder = stage_dir(cfg, key)
-    done = finished_result(folder)
+    done = finished_result(folder, cfg)
     if done:
         print(f"[probe] {key} already finished", flush=True)
         return done
@@ -100,7 +100,7 @@ def probe(cfg: Config, parent_run_id: str | None = None, key: str | None = None,
         seconds = time.perf_counter() - t0
         metrics["stage_seconds"] = seconds
         tracker.log_metrics(metrics)
-        result = StageResult("probe", key, tracker.run_id, None, metrics, seconds)
+        result = StageResult("probe", key, tracker.run_id, None, metrics, seconds, config_digest=cfg.digest())
         result.save(folder)
         print(f"[probe] done in {seconds:.0f}s  {run_url(cfg, tracker)}", flush=True)
         return result

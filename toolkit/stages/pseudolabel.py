@@ -147,7 +147,7 @@ def pseudolabel(cfg: Config, parent_run_id: str | None = None, key: str | None =
     """Run the rounds; log per-round metrics, plots, the final model and its test accuracy (once)."""
     key = key or run_key(cfg, f"pseudolabel-{cfg.pseudolabel.mode}", *SECTIONS)
     folder = stage_dir(cfg, key)
-    done = finished_result(folder)
+    done = finished_result(folder, cfg)
     if done:
         print(f"[pseudolabel] {key} already finished: test acc {done.metrics.get('test_acc', float('nan')):.4f}", flush=True)
         return done
@@ -171,7 +171,7 @@ def pseudolabel(cfg: Config, parent_run_id: str | None = None, key: str | None =
             "stage_seconds": seconds,
         })
         tracker.log_metrics({k: v for k, v in metrics.items() if not k.startswith("test_")})
-        result = StageResult(f"pseudolabel-{cfg.pseudolabel.mode}", key, tracker.run_id, str(final), metrics, seconds)
+        result = StageResult(f"pseudolabel-{cfg.pseudolabel.mode}", key, tracker.run_id, str(final), metrics, seconds, config_digest=cfg.digest())
         result.save(folder)
         print(f"[pseudolabel] done in {seconds:.0f}s: {metrics['pseudo_labels']} pseudo-labels, pool left "
               f"{metrics['pool_left']}, test acc {metrics['test_acc']:.4f}  {run_url(cfg, tracker)}", flush=True)

@@ -1,0 +1,301 @@
+"""`toolkit tune`: the search space rules, and real Ray Tune searches on 3,000 real MNIST images.
+
+One Ray session for the module. The main search (4 trials, 2..3 rounds, ASHA with
+grace 1 and reduction factor 2) runs once and several tests read it; a second small
+search checks that an interrupted search is restored without redoing finished trials,
+a third that crashing trials are recorded without stopping the search.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from toolkit.config import Config, ConfigError, flatten_yaml, load_config
+from toolkit.stages import tune as tune_stage
+from toolkit.stages.common import RESULT_FILE
+
+# learning rates from 1e-5 (barely moves) to 1e-2: trials differ clearly, so ASHA has something to stop
+SPACE = """
+pseudolabel.schedule: {choice: [linear, exponential, class-adaptive]}
+pseudolabel.threshold_start: {uniform: [0.8, 0.99]}
+pseudolabel.threshold_floor: {uniform: [0.5, 0.95]}
+pseudolabel.rounds: {randint: [2, 3]}
+classifier.lr: {loguniform: [0.00001, 0.01]}
+"""
+SPACE_KEYS = set(flatten_yaml(yaml.safe_load(SPACE)))
+MAX_ROUNDS = 3
+
+
+def tiny(root: Path, data_root: str, space: str = SPACE, **over) -> Config:
+    """3,000 images, width 8, 30 + 20-step rounds, sqlite MLflow under ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "space.yaml").write_text(space)
+    return Config().replace(**{
+        "data.root": data_root,
+        "data.train_subset": 3000,
+        "data.test_subset": 500,
+        "split.val_size": 200,
+        "model.width": 8,
+        "classifier.steps": 30,
+        "classifier.eval_every": 30,
+        "classifier.warmup_steps": 5,
+        "pseudolabel.steps_per_round": 20,
+        "tune.space": str(root / "space.yaml"),
+        "tune.num_samples": 4,
+        "tune.max_concurrent": 2,
+        "tune.grace_rounds": 1,
+        "tune.reduction_factor": 2,
+        "tune.max_failures": 0,
+        "run.output_dir": str(root / "runs"),
+        "tracking.uri": f"sqlite:///{root}/mlflow.db",
+        **over,
+    })
+
+
+def client_for(cfg: Config):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=cfg.tracking.uri)
+    return client, client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+
+
+def child_runs(cfg: Config, parent_run_id: str):
+    client, exp = client_for(cfg)
+    return client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+
+
+def trial_runs(cfg: Config):
+    client, exp = client_for(cfg)
+    return client.search_runs([exp], filter_string="tags.`toolkit.command` = 'tune-trial'")
+
+
+def read_rows(folder: Path) -> list[dict]:
+    with (folder / tune_stage.RESULTS_FILE).open() as f:
+        return list(csv.DictReader(f))
+
+
+# --------------------------------------------------------------------------- the space, no Ray
+
+
+def test_builtin_space_parses_and_drops_simclr_without_a_checkpoint():
+    text, source = tune_stage.read_space(Config())
+    space = tune_stage.parse_space(text, source, Config())
+    assert source == "built-in"
+    assert {"pseudolabel.schedule", "pseudolabel.threshold_start", "pseudolabel.threshold_floor",
+            "pseudolabel.threshold_rate", "pseudolabel.rounds", "pseudolabel.steps_per_round", "classifier.lr",
+            "pseudolabel.per_class_cap", "pseudolabel.warm_start"} <= set(space.entries)
+    assert "model.init" not in space.entries and space.notes  # scratch base config: nothing to choose
+    assert tune_stage.CLASS_ADAPTIVE in space.entries["pseudolabel.schedule"][1]
+    assert space.max_rounds == 8
+    with_simclr = tune_stage.parse_space(text, source, Config(), simclr="/ckpt/simclr.pt")
+    assert with_simclr.entries["model.init"] == ("choice", ["scratch", "simclr"])
+    assert "model.init" not in tune_stage.parse_space(text, source, Config(), "/ckpt/simclr.pt", base_model="/m.pt").entries
+
+
+@pytest.mark.parametrize("text, words", [
+    ("pseudolabel.treshold_start: {uniform: [0.9, 0.99]}", ["pseudolabel.treshold_start", "pseudolabel.threshold_start"]),
+    ("pseudolabel.rounds: {uniform: [2, 5]}", ["pseudolabel.rounds", "randint"]),
+    ("pseudolabel.threshold_start: {uniform: [0.9, 1.5]}", ["pseudolabel.threshold_start=1.5"]),
+    ("pseudolabel.schedule: {choice: [linear, quadratic]}", ["pseudolabel.schedule='quadratic'"]),
+    ("classifier.lr: {loguniform: [0, 0.1]}", ["classifier.lr", "lo > 0"]),
+    ("classifier.lr: {normal: [0, 0.1]}", ["classifier.lr", "choice"]),
+    ("split.seed: {choice: [0, 1]}", ["split.seed", "cannot be tuned"]),
+    ("pseudolabel.inference: {choice: [ray, local]}", ["pseudolabel.inference", "cannot be tuned"]),
+    ("pseudolabel.rounds: {randint: [1, 2]}\n", None),  # fine on its own; grace_rounds=3 makes it fail below
+])
+def test_bad_space_is_a_config_error_naming_the_key(text, words):
+    cfg = Config().replace(**{"tune.grace_rounds": 3})
+    with pytest.raises(ConfigError) as e:
+        tune_stage.parse_space(text, "space.yaml", cfg)
+    for w in words or ["tune.grace_rounds=3"]:
+        assert w in str(e.value)
+
+
+def test_unknown_key_in_space_file_fails_before_any_search(tmp_path, data_root):
+    cfg = tiny(tmp_path, data_root, space="pseudolabel.threshold_strat: {uniform: [0.9, 0.99]}\n")
+    with pytest.raises(ConfigError, match="pseudolabel.threshold_strat"):
+        tune_stage.tune(cfg)
+    assert not (tmp_path / "runs" / "tune").exists()
+
+
+def test_sampled_combinations_are_repaired_into_valid_configs():
+    base = Config()
+    cfg = tune_stage.trial_config(base, {"pseudolabel.threshold_start": 0.9, "pseudolabel.threshold_floor": 0.95})
+    assert cfg.pseudolabel.threshold_floor == 0.9  # floor clipped to start
+    cfg = tune_stage.trial_config(base, {"pseudolabel.schedule": "class-adaptive"})
+    assert (cfg.pseudolabel.schedule, cfg.pseudolabel.class_adaptive) == ("constant", True)
+    cfg = tune_stage.trial_config(base, {"pseudolabel.schedule": "exponential", "pseudolabel.threshold_rate": 1.7})
+    assert cfg.pseudolabel.threshold_rate < 1
+    cfg = tune_stage.trial_config(base, {"pseudolabel.schedule": "step", "pseudolabel.threshold_rate": 1.7})
+    assert cfg.pseudolabel.threshold_rate == 1.0
+    cfg = tune_stage.trial_config(base, {"model.init": "simclr"}, simclr="/abs/simclr.pt")
+    assert cfg.model.init == "simclr:/abs/simclr.pt"
+    with pytest.raises(ConfigError, match="model.init"):
+        tune_stage.trial_config(base, {"model.init": "simclr"})
+
+
+def test_best_overrides_load_on_the_defaults(tmp_path):
+    # the base config's floor (0.5) is non-default and the tuned start (0.7) is below the default floor (0.9)
+    base = Config().replace(**{"pseudolabel.threshold_floor": 0.5, "classifier.steps": 30})
+    tuned = tune_stage.trial_config(base, {"pseudolabel.threshold_start": 0.7, "pseudolabel.schedule": "linear"})
+    ov = tune_stage.best_overrides(base, tuned, ["pseudolabel.threshold_start", "pseudolabel.schedule"])
+    assert ov["pseudolabel.threshold_floor"] == 0.5 and "classifier.steps" not in ov
+    p = tmp_path / "best.yaml"
+    p.write_text(yaml.safe_dump(tune_stage._nested(ov)))
+    loaded = load_config(p)
+    assert loaded.pseudolabel.threshold_start == 0.7 and loaded.pseudolabel.threshold_floor == 0.5
+
+
+def test_optuna_searcher_and_missing_optuna(monkeypatch):
+    from ray.tune.search import ConcurrencyLimiter
+
+    cfg = Config().replace(**{"tune.search": "optuna", "tune.max_concurrent": 3})
+    searcher = tune_stage._searcher(cfg)
+    assert isinstance(searcher, ConcurrencyLimiter) and searcher.max_concurrent == 3
+    assert type(searcher.searcher).__name__ == "OptunaSearch"
+    monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna -> ImportError
+    with pytest.raises(ConfigError, match="optuna is not installed"):
+        tune_stage.tune(cfg)
+
+
+# --------------------------------------------------------------------------- real searches
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=4, include_dashboard=False, object_store_memory=100 * 1024 * 1024)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def search(ray_session, tmp_path_factory, data_root):
+    """The main search: 4 trials of 2..3 rounds, run once for the tests below."""
+    cfg = tiny(tmp_path_factory.mktemp("tune"), data_root)
+    result = tune_stage.tune(cfg)
+    return cfg, result, Path(result.model_path).parent
+
+
+def test_search_result_and_files(search):
+    cfg, result, folder = search
+    assert result.stage == "tune" and not result.skipped
+    m = result.metrics
+    assert m["trials"] == 4 and m["trials_failed"] == 0
+    assert 0.0 <= m["best_val_acc"] <= 1.0 and 0.0 <= m["test_acc"] <= 1.0
+    assert Path(result.model_path).is_file()
+    for name in (tune_stage.BEST_FILE, tune_stage.RESULTS_FILE, tune_stage.PLOT_FILE, RESULT_FILE):
+        assert (folder / name).is_file(), name
+    assert tune_stage.best_config_path(result) == folder / tune_stage.BEST_FILE
+    # Tune's storage is <run.output_dir>/tune/<key>
+    assert (Path(cfg.run.output_dir).resolve() / "tune" / result.run_key).is_dir()
+
+
+def test_best_yaml_holds_only_the_tuned_keys_and_loads(search):
+    cfg, result, folder = search
+    best = tune_stage.best_config_path(result)
+    keys = set(flatten_yaml(yaml.safe_load(best.read_text())))
+    assert SPACE_KEYS <= keys <= SPACE_KEYS | {"pseudolabel.class_adaptive"}
+    loaded = load_config(best)  # what `toolkit pseudolabel --config best.yaml` does
+    rows = {r["trial_id"]: r for r in read_rows(folder)}
+    best_row = max((r for r in rows.values() if r["status"] == "completed"), key=lambda r: float(r["val_acc"]))
+    assert math.isclose(float(best_row["val_acc"]), result.metrics["best_val_acc"])
+    assert math.isclose(loaded.pseudolabel.threshold_start, float(best_row["pseudolabel.threshold_start"]))
+    assert loaded.pseudolabel.rounds == int(best_row["pseudolabel.rounds"])
+    assert loaded.pseudolabel.threshold_floor <= loaded.pseudolabel.threshold_start
+
+
+def test_asha_stops_trials_early_and_rounds_stay_within_max_t(search):
+    cfg, result, folder = search
+    rows = read_rows(folder)
+    assert len(rows) == 4
+    assert all(1 <= int(r["rounds_done"]) <= min(int(r["rounds"]), MAX_ROUNDS) for r in rows)
+    stopped = [r for r in rows if r["status"] == "stopped_early"]
+    assert all(int(r["rounds_done"]) < int(r["rounds"]) for r in stopped)
+    assert result.metrics["trials_stopped_early"] == len(stopped) >= 1
+
+
+def test_one_nested_mlflow_run_per_trial_with_round_metrics(search):
+    cfg, result, folder = search
+    client, _ = client_for(cfg)
+    parent = client.get_run(result.run_id)
+    assert parent.data.tags["toolkit.command"] == "tune" and parent.info.status == "FINISHED"
+    children = child_runs(cfg, result.run_id)
+    assert len(children) == 4
+    rows = {r["trial_id"]: r for r in read_rows(folder)}
+    for run in children:
+        tid = run.data.tags["toolkit.tune.trial_id"]
+        assert run.data.tags["toolkit.tune.status"] == rows[tid]["status"]
+        assert run.info.status == {"completed": "FINISHED", "stopped_early": "KILLED"}[rows[tid]["status"]]
+        # params are the trial's config: the sampled values, in-process execution
+        assert float(run.data.params["classifier.lr"]) == pytest.approx(float(rows[tid]["classifier.lr"]))
+        assert run.data.params["run.backend"] == "local" and run.data.params["pseudolabel.inference"] == "local"
+        history = client.get_metric_history(run.info.run_id, "val_acc")
+        assert sorted({h.step for h in history}) == list(range(1, int(rows[tid]["rounds_done"]) + 1))
+        assert not any(k.startswith("test_") for k in run.data.metrics)  # the objective is validation accuracy only
+    assert "test_acc" in parent.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"best.yaml", "trials.csv", "space.yaml", "plots", "model"} <= artifacts
+    assert "plots/search.png" in {a.path for a in client.list_artifacts(result.run_id, "plots")}
+
+
+def test_rerun_of_a_finished_search_skips(search):
+    cfg, result, folder = search
+    again = tune_stage.tune(cfg)
+    assert again.skipped and again.run_key == result.run_key
+    assert again.metrics["best_val_acc"] == result.metrics["best_val_acc"]
+    assert len(trial_runs(cfg)) == 4
+
+
+def test_interrupted_search_is_restored_without_redoing_finished_trials(ray_session, tmp_path, data_root, monkeypatch):
+    from ray import tune as ray_tune
+
+    cfg = tiny(tmp_path, data_root, **{"tune.num_samples": 2})
+    first = tune_stage.tune(cfg)
+    folder = Path(first.model_path).parent
+    # what an interrupted driver leaves: no result.json, the parent run not FINISHED
+    (folder / RESULT_FILE).unlink()
+    client, _ = client_for(cfg)
+    client.set_terminated(first.run_id, "KILLED")
+    models = {p: p.stat().st_mtime_ns for p in (folder / "trials").rglob("*.pt")}
+    assert models
+
+    restored = []
+    original = ray_tune.Tuner.restore
+    monkeypatch.setattr(ray_tune.Tuner, "restore",
+                        classmethod(lambda cls, *a, **k: restored.append(a[0]) or original(*a, **k)))
+    second = tune_stage.tune(cfg)
+    assert restored == [str(Path(cfg.run.output_dir).resolve() / "tune" / first.run_key)]
+    assert not second.skipped and second.run_id == first.run_id  # the same parent run, resumed
+    assert second.metrics["trials"] == 2 and second.metrics["best_val_acc"] == first.metrics["best_val_acc"]
+    assert len(trial_runs(cfg)) == 2 and len(child_runs(cfg, first.run_id)) == 2  # no trial ran again
+    assert {p: p.stat().st_mtime_ns for p in models} == models  # no model retrained
+    assert (folder / RESULT_FILE).is_file()
+
+
+def test_crashing_trials_are_recorded_as_failed_and_the_search_goes_on(ray_session, tmp_path, data_root):
+    # each value is valid on the base config, but every pair is not (scale_min > scale_max):
+    # each trial fails when it builds its config
+    space = "augment.scale_min: {choice: [1.15]}\naugment.scale_max: {choice: [0.9, 0.95]}\n"
+    cfg = tiny(tmp_path, data_root, space=space, **{"tune.num_samples": 2})
+    with pytest.raises(RuntimeError, match="no trial ran all its rounds"):
+        tune_stage.tune(cfg)
+    key = tune_stage.search_key(cfg, space)
+    folder = Path(cfg.run.output_dir).resolve() / "stages" / key
+    rows = read_rows(folder)
+    assert len(rows) == 2 and all(r["status"] == "failed" and "augment.scale_min" in r["error"] for r in rows)
+    runs = trial_runs(cfg)
+    assert len(runs) == 2 and all(r.info.status == "FAILED" for r in runs)
+    assert not (folder / RESULT_FILE).exists()

@@ -1,0 +1,641 @@
+"""`toolkit tune`: a Ray Tune search over the iterative pseudo-labeler's schedule and its neighbours.
+
+Each trial runs the pseudo-labeling rounds (``run_rounds``) inside its own Tune actor,
+with the in-process backend and in-process pool inference: a trial holding one CPU
+whose nested ``TorchTrainer`` asks for more would starve on a small machine (NOTES).
+After every round the trial reports its validation accuracy, and ASHA stops weak
+trials at round rungs. Validation accuracy is the only objective; the test set is
+touched once, by the final model of the best trial.
+
+Outputs (stage folder and the parent MLflow run): ``best.yaml`` (the tuned keys of the
+best trial, a file ``toolkit pseudolabel --config best.yaml`` accepts), ``trials.csv``
+(every trial), ``search.png`` (val acc against the thresholds, coloured by schedule),
+the best trial's ``model.pt`` and its test report. One nested MLflow run per trial.
+
+The search is resumable: Tune keeps its state under ``<run.output_dir>/tune/<key>``
+and re-running the same command restores it (finished trials are not run again; a
+trial cut off mid-way resumes at its last finished round from its own folder).
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from .. import checkpoints
+from ..config import Config, ConfigError, all_keys, config_from_dict
+from ..data import Mnist, make_split, resolve_root
+from ..tracking import find_run, mlflow_run, run_url, tracking_uri
+from .common import StageResult, finished_result, load_data_and_split, stage_dir
+from .pseudolabel import STATE_FILE, run_rounds
+from .supervised import init_params, log_test_report
+
+SECTIONS = ("data", "split", "model", "augment", "classifier", "pseudolabel", "tune")
+TUNABLE_SECTIONS = ("model", "augment", "classifier", "pseudolabel")
+# fixed by the search itself: iterative rounds, in-process inference inside each trial
+FIXED_KEYS = ("pseudolabel.mode", "pseudolabel.inference", "pseudolabel.inference_actors",
+              "pseudolabel.inference_batch_size")
+DOMAINS = ("choice", "uniform", "loguniform", "randint")
+CLASS_ADAPTIVE = "class-adaptive"  # schedule choice: FlexMatch thresholds on a constant base threshold
+SIMCLR = "simclr"                  # model.init choice: the base config's SimCLR checkpoint
+METRIC = "val_acc"
+
+BEST_FILE = "best.yaml"
+RESULTS_FILE = "trials.csv"
+PLOT_FILE = "search.png"
+SPACE_FILE = "space.yaml"
+BUILTIN_SPACE = Path(__file__).resolve().parents[1] / "profiles" / "tune_space.yaml"
+
+
+# --------------------------------------------------------------------------- the search space
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """A validated search space: dotted key -> (domain, values), in file order."""
+
+    entries: dict[str, tuple[str, list]]
+    max_rounds: int
+    source: str
+    notes: tuple[str, ...] = ()
+
+    def param_space(self) -> dict[str, Any]:
+        """Ray Tune domains, one flat dotted key each (randint's upper end made exclusive, as Tune wants)."""
+        from ray import tune as ray_tune
+
+        out = {}
+        for key, (domain, values) in self.entries.items():
+            if domain == "choice":
+                out[key] = ray_tune.choice(list(values))
+            elif domain == "uniform":
+                out[key] = ray_tune.uniform(*values)
+            elif domain == "loguniform":
+                out[key] = ray_tune.loguniform(*values)
+            else:
+                out[key] = ray_tune.randint(values[0], values[1] + 1)
+        return out
+
+
+def read_space(cfg: Config) -> tuple[str, str]:
+    """(YAML text, where it came from): ``tune.space``, else the built-in space."""
+    if not cfg.tune.space:
+        return BUILTIN_SPACE.read_text(), "built-in"
+    p = Path(cfg.tune.space).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"tune.space={cfg.tune.space!r} is not allowed: the file does not exist")
+    return p.read_text(), str(p.resolve())
+
+
+def sample_overrides(base: Config, sample: dict[str, Any], simclr: str | None = None) -> dict[str, Any]:
+    """A sampled point -> the dotted overrides of a valid trial config.
+
+    Resolves the two special values (``class-adaptive``, ``simclr``) and repairs the
+    combinations the schedules reject: the floor is clipped to the start, and the rate
+    to < 1 (exponential) or <= 1 (step).
+    """
+    ov = dict(sample)
+    if ov.get("pseudolabel.schedule") == CLASS_ADAPTIVE:
+        ov["pseudolabel.schedule"] = "constant"
+        ov["pseudolabel.class_adaptive"] = True
+    if ov.get("model.init") == SIMCLR:
+        if not simclr:
+            raise ConfigError("model.init='simclr' is not allowed: the base config has no SimCLR checkpoint (model.init)")
+        ov["model.init"] = f"simclr:{simclr}"
+    pc = base.pseudolabel
+    start = float(ov.get("pseudolabel.threshold_start", pc.threshold_start))
+    floor = float(ov.get("pseudolabel.threshold_floor", pc.threshold_floor))
+    if floor > start:
+        ov["pseudolabel.threshold_floor"] = start
+    schedule = ov.get("pseudolabel.schedule", pc.schedule)
+    rate = float(ov.get("pseudolabel.threshold_rate", pc.threshold_rate))
+    top = {"exponential": 0.99, "step": 1.0}.get(schedule)
+    if top is not None and rate > top:
+        ov["pseudolabel.threshold_rate"] = top
+    return ov
+
+
+def trial_config(base: Config, sample: dict[str, Any], simclr: str | None = None) -> Config:
+    """The validated config of one trial (before the execution settings of ``_execution_overrides``)."""
+    return base.replace(**sample_overrides(base, sample, simclr))
+
+
+def _unknown_key(key: str, source: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(all_keys()), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"tune.space ({source}): unknown config key '{key}'{hint}")
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def parse_space(text: str, source: str, base: Config, simclr: str | None = None,
+                base_model: str | None = None) -> SearchSpace:
+    """Parse and validate a space file; every value and range end must give a valid trial config.
+
+    ``simclr``: resolved SimCLR checkpoint of the base config (else the ``simclr`` choice is
+    dropped). With a shared ``base_model`` the round-0 model is fixed, so ``model.init`` is
+    not searched.
+    """
+    try:
+        tree = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"tune.space ({source}) is not valid YAML: {e}".splitlines()[0]) from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"tune.space ({source}): expected a mapping of dotted keys, got {type(tree).__name__}")
+    keys = all_keys()
+    entries: dict[str, tuple[str, list]] = {}
+    notes: list[str] = []
+    for key, spec in tree.items():
+        key = str(key)
+        if key not in keys:
+            raise _unknown_key(key, source)
+        if key.split(".")[0] not in TUNABLE_SECTIONS or key in FIXED_KEYS:
+            raise ConfigError(f"tune.space ({source}): '{key}' cannot be tuned (only {', '.join(s + '.*' for s in TUNABLE_SECTIONS)},"
+                              f" less {', '.join(FIXED_KEYS)})")
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DOMAINS:
+            raise ConfigError(f"tune.space ({source}): '{key}' needs exactly one of "
+                              f"{{choice: [...]}}, {{uniform: [lo, hi]}}, {{loguniform: [lo, hi]}}, {{randint: [lo, hi]}}; got {spec!r}")
+        domain, values = next(iter(spec.items()))
+        where = f"tune.space ({source}): {key}: {domain}"
+        default = keys[key].default
+        if domain == "choice":
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"{where} needs a non-empty list")
+            values = list(values)
+            if key == "model.init" and base_model:
+                notes.append("model.init is not searched: the trials share the given base model (its init is fixed)")
+                continue
+            if key == "model.init" and SIMCLR in values and not simclr:
+                values = [v for v in values if v != SIMCLR]
+                notes.append("model.init: no SimCLR checkpoint in the base config (model.init), searching without it")
+                if not values or values == [base.model.init]:
+                    continue
+        else:
+            if not (isinstance(values, list) and len(values) == 2 and all(_number(v) for v in values)):
+                raise ConfigError(f"{where} needs [lo, hi], two numbers; got {values!r}")
+            lo, hi = values
+            if domain == "randint":
+                if isinstance(default, bool) or not isinstance(default, int):
+                    raise ConfigError(f"{where} is for integer keys; '{key}' takes {type(default).__name__}: use choice")
+                if not (float(lo).is_integer() and float(hi).is_integer()) or lo > hi:
+                    raise ConfigError(f"{where} needs integers lo <= hi; got {values!r}")
+                values = [int(lo), int(hi)]
+            else:
+                if not isinstance(default, float):
+                    raise ConfigError(f"{where} is for float keys; '{key}' takes {type(default).__name__}: "
+                                      f"use {'randint' if isinstance(default, int) and not isinstance(default, bool) else 'choice'}")
+                if not lo < hi or (domain == "loguniform" and lo <= 0):
+                    raise ConfigError(f"{where} needs lo < hi{' and lo > 0' if domain == 'loguniform' else ''}; got {values!r}")
+                values = [float(lo), float(hi)]
+        for v in values:  # each value (or range end) alone on the base config must make a valid trial
+            if v == CLASS_ADAPTIVE and key != "pseudolabel.schedule" or v == SIMCLR and key != "model.init":
+                raise ConfigError(f"{where}: {v!r} is only a value of {'pseudolabel.schedule' if v == CLASS_ADAPTIVE else 'model.init'}")
+            try:
+                trial_config(base, {key: v}, simclr)
+            except ConfigError as e:
+                extra = f" (or {CLASS_ADAPTIVE})" if key == "pseudolabel.schedule" else ""
+                raise ConfigError(f"tune.space ({source}): {e}{extra}") from None
+        entries[key] = (domain, values)
+    if not entries:
+        raise ConfigError(f"tune.space ({source}): nothing to search")
+    if "pseudolabel.rounds" in entries:
+        domain, values = entries["pseudolabel.rounds"]
+        max_rounds = max(int(v) for v in values)
+    else:
+        max_rounds = base.pseudolabel.rounds
+    if base.tune.grace_rounds > max_rounds:
+        raise ConfigError(f"tune.grace_rounds={base.tune.grace_rounds} is not allowed: must be <= the most rounds "
+                          f"a trial runs ({max_rounds})")
+    return SearchSpace(entries, max_rounds, source, tuple(notes))
+
+
+def best_overrides(base: Config, tuned: Config, keys: Iterable[str]) -> dict[str, Any]:
+    """What ``best.yaml`` holds: the searched keys, plus any key the repairs changed.
+
+    Checked to load on the defaults; when a cross-key rule fails there (the base config
+    relied on other non-default values, say a lower floor), the non-default values of
+    the same sections are added.
+    """
+    b, t = base.flat(), tuned.flat()
+    chosen = set(keys) | {k for k in t if t[k] != b[k]}
+    if "pseudolabel.schedule" in chosen:
+        chosen.add("pseudolabel.class_adaptive")  # a kind is (schedule, class_adaptive): write both
+    ov = {k: t[k] for k in all_keys() if k in chosen}
+    try:
+        Config().replace(**ov)
+    except ConfigError:
+        d = Config().flat()
+        sections = {k.split(".")[0] for k in chosen}
+        ov = {k: t[k] for k in all_keys()
+              if k in chosen or (k.split(".")[0] in sections and k not in FIXED_KEYS and t[k] != d[k])}
+    return ov
+
+
+def _nested(overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for k, v in overrides.items():
+        section, name = k.split(".", 1)
+        out.setdefault(section, {})[name] = v
+    return out
+
+
+# --------------------------------------------------------------------------- one trial
+
+
+def _execution_overrides(cfg: Config, train_subset: int) -> dict[str, Any]:
+    """How every trial runs: in-process rounds and inference, absolute paths (Tune actors run elsewhere)."""
+    ov: dict[str, Any] = {
+        "data.root": str(resolve_root(cfg.data.root)),
+        "run.output_dir": str(Path(cfg.run.output_dir).expanduser().resolve()),
+        "run.backend": "local",
+        "pseudolabel.inference": "local",
+        "ray.use_gpu": False,  # the trial's own GPU (if any) is used through run.device=cuda
+    }
+    if cfg.tracking.enabled:
+        ov["tracking.uri"] = tracking_uri(cfg)
+    if train_subset:
+        ov["data.train_subset"] = train_subset
+    if not cfg.run.threads:
+        ov["run.threads"] = max(1, int(cfg.tune.cpus_per_trial))  # no oversubscription of the trial's CPUs
+    return ov
+
+
+def _trial(sample: dict, ctx: dict) -> None:
+    """A Tune trial: the rounds in this process, ``{"val_acc", "round"}`` reported after each one."""
+    import ray
+    from ray import tune as ray_tune
+
+    trial_id = ray_tune.get_context().get_trial_id()
+    base = config_from_dict(ctx["base"])
+    try:
+        tuned, error = trial_config(base, sample, ctx["simclr"]), None
+    except ConfigError as e:  # a combination the repairs do not cover: recorded as a failed trial
+        tuned, error = base, e
+    device = "cuda" if ray.get_gpu_ids() else "cpu"
+    cfg = tuned.replace(**ctx["execution"], **{"run.device": device})
+    folder = Path(ctx["folder"]) / "trials" / trial_id
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"{ctx['key']}-trial-{trial_id}"
+    reported: list[int] = []
+
+    def on_round(r: int, metrics: dict) -> None:
+        ray_tune.report({METRIC: float(metrics["val_acc"]), "round": r + 1, "threshold": float(metrics["threshold"]),
+                         "added": int(metrics["added"]), "pool_left": int(metrics["pool_left"])})
+        reported.append(r + 1)
+
+    tags = {"toolkit.tune.trial_id": trial_id, **{f"toolkit.tune.sample.{k}": v for k, v in sample.items()}}
+    with mlflow_run(cfg, "tune-trial", name, ctx["parent_run_id"], tags) as tracker:
+        if error is not None:
+            raise error
+        state = run_rounds(cfg, tracker, name, folder, ctx["base_model"], on_round)
+        if not reported and state["history"]:
+            # restored after its last round had finished: Tune still needs the final result
+            last = state["history"][-1]
+            ray_tune.report({METRIC: float(last["val_acc"]), "round": int(last["round"]),
+                             "threshold": float(last["threshold"]), "added": int(last["added"]),
+                             "pool_left": int(last["pool_left"])})
+
+
+def _trial_dirname(trial) -> str:
+    return trial.trial_id  # the trial's folder under the experiment, and under <stage>/trials
+
+
+# --------------------------------------------------------------------------- the search
+
+
+def search_key(cfg: Config, space_text: str, base_model: str | None = None) -> str:
+    """``<run.name>-tune``, else ``tune-<hash of the config sections, the space and the base model>``."""
+    if cfg.run.name:
+        return f"{cfg.run.name}-tune"
+    h = hashlib.sha256((cfg.digest(*SECTIONS) + space_text + (base_model or "")).encode()).hexdigest()[:10]
+    return f"tune-{h}"
+
+
+def _require_optuna() -> None:
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        raise ConfigError("tune.search='optuna' is not allowed: optuna is not installed "
+                          "(pip install 'toolkit[optuna]'), or use tune.search=random") from None
+
+
+def _searcher(cfg: Config):
+    """Random search (seeded by run.seed) or Optuna TPE; both capped at tune.max_concurrent running trials."""
+    if cfg.tune.search == "optuna":
+        _require_optuna()
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        return ConcurrencyLimiter(OptunaSearch(seed=cfg.run.seed), max_concurrent=cfg.tune.max_concurrent)
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(max_concurrent=cfg.tune.max_concurrent, random_state=cfg.run.seed)
+
+
+def _pool_train_subset(cfg: Config, data: Mnist) -> int:
+    """``data.train_subset`` that leaves ``tune.pool_subset`` pool images per trial (0: leave it).
+
+    run_rounds takes its pool from the split, so the pool is made smaller by splitting
+    only the first images: labeled + validation + pool_subset. The split stays valid
+    (checked here) but is drawn from those images, so trials see other labeled and
+    validation images than a full run; all trials see the same ones, so they remain
+    comparable, and best.yaml never carries data.train_subset.
+    """
+    n = cfg.tune.pool_subset
+    if not n:
+        return 0
+    want = 10 * cfg.split.labels_per_class + cfg.split.val_size + n
+    total = len(data.train_labels)
+    if want >= total:
+        print(f"[tune] tune.pool_subset={n}: the pool is already at most that large, using it whole", flush=True)
+        return 0
+    try:
+        make_split(data.train_labels[:want], cfg.split.labels_per_class, cfg.split.val_size, cfg.split.seed)
+    except ConfigError as e:
+        raise ConfigError(f"tune.pool_subset={n} is not allowed: the first {want} training images cannot hold "
+                          f"the split ({e})") from None
+    return want
+
+
+def _check_cluster(cfg: Config) -> None:
+    """On the embedded local Ray, fail now rather than leave trials pending forever.
+
+    A cluster (``ray.address``) may autoscale to the resources it lacks now, so it is not checked.
+    """
+    import ray
+
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        return
+    res = ray.cluster_resources()
+    if cfg.tune.gpus_per_trial > res.get("GPU", 0):
+        raise ConfigError(f"tune.gpus_per_trial={cfg.tune.gpus_per_trial:g} is not allowed: the local Ray has "
+                          f"{res.get('GPU', 0):g} GPUs")
+    if cfg.tune.cpus_per_trial > res.get("CPU", 0):
+        raise ConfigError(f"tune.cpus_per_trial={cfg.tune.cpus_per_trial:g} is not allowed: the local Ray has "
+                          f"{res.get('CPU', 0):g} CPUs")
+
+
+def tune_storage(cfg: Config) -> Path:
+    """Where Tune keeps its experiments: ``<run.output_dir>/tune`` (absolute)."""
+    return (Path(cfg.run.output_dir).expanduser() / "tune").resolve()
+
+
+def _fit(cfg: Config, key: str, space: SearchSpace, ctx: dict):
+    """Run (or restore and finish) the Tune experiment ``key``; return its ResultGrid."""
+    from ray import tune as ray_tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    storage = tune_storage(cfg)
+    path = storage / key
+    resources = {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial}
+    trainable = ray_tune.with_resources(ray_tune.with_parameters(_trial, ctx=ctx), resources)
+    if ray_tune.Tuner.can_restore(str(path)):
+        print(f"[tune] resuming the search in {path}", flush=True)
+        tuner = ray_tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
+    else:
+        scheduler = ASHAScheduler(time_attr="round", max_t=space.max_rounds, grace_period=cfg.tune.grace_rounds,
+                                  reduction_factor=cfg.tune.reduction_factor)
+        tuner = ray_tune.Tuner(
+            trainable,
+            param_space=space.param_space(),
+            tune_config=ray_tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler, search_alg=_searcher(cfg),
+                                            num_samples=cfg.tune.num_samples, trial_dirname_creator=_trial_dirname),
+            run_config=ray_tune.RunConfig(name=key, storage_path=str(storage), verbose=1,
+                                          failure_config=ray_tune.FailureConfig(max_failures=cfg.tune.max_failures)),
+        )
+    return tuner.fit()
+
+
+@dataclass
+class TrialRow:
+    """One trial as the search ended: what it tried, how far it got, where its model is."""
+
+    trial_id: str
+    status: str  # completed | stopped_early | failed
+    kind: str
+    rounds_done: int
+    rounds: int
+    val_acc: float
+    values: dict[str, Any]  # the searched keys as the trial ran them (after the repairs)
+    sample: dict[str, Any]  # what the searcher proposed
+    error: str = ""
+    model: str = ""
+
+
+def _kind(cfg: Config) -> str:
+    pc = cfg.pseudolabel
+    if pc.class_adaptive:
+        return CLASS_ADAPTIVE if pc.schedule == "constant" else f"{pc.schedule}+{CLASS_ADAPTIVE}"
+    return pc.schedule
+
+
+def _collect(grid, base: Config, space: SearchSpace, simclr: str | None, folder: Path) -> list[TrialRow]:
+    rows = []
+    for res in grid:
+        tid = Path(res.path).name
+        sample = res.config
+        if sample is None:  # failed before its first report: Tune's params.json has the sample
+            p = Path(res.path) / "params.json"
+            sample = json.loads(p.read_text()) if p.is_file() else {}
+        sample = {k: v for k, v in sample.items() if k in space.entries}
+        try:
+            tuned = trial_config(base, sample, simclr)
+        except ConfigError:
+            tuned = base
+        m = res.metrics or {}
+        rounds_done = int(m.get("round", 0) or 0)
+        val = float(m.get(METRIC, float("nan")))
+        model = ""
+        if res.error is not None:
+            status = "failed"
+        elif rounds_done >= tuned.pseudolabel.rounds:
+            status = "completed"
+            state_file = folder / "trials" / tid / STATE_FILE
+            if state_file.is_file():
+                model = json.loads(state_file.read_text())["model"]
+        else:
+            status = "stopped_early"
+        values = {k: tuned.flat()[k] for k in space.entries}
+        error = str(res.error).strip().splitlines()[-1][:300] if res.error is not None else ""
+        rows.append(TrialRow(tid, status, _kind(tuned), rounds_done, tuned.pseudolabel.rounds, val, values, sample,
+                             error, model))
+    return sorted(rows, key=lambda r: r.trial_id)
+
+
+def _write_csv(rows: list[TrialRow], keys: list[str], path: Path) -> Path:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["trial_id", "status", "kind", "rounds_done", "rounds", "val_acc", *keys, "error"])
+        for r in rows:
+            w.writerow([r.trial_id, r.status, r.kind, r.rounds_done, r.rounds, r.val_acc,
+                        *(r.values.get(k, "") for k in keys), r.error])
+    return path
+
+
+def plot_search(rows: list[TrialRow], path: Path, title: str, dpi: int = 120) -> Path:
+    """Validation accuracy (last reported) against threshold_start and threshold_floor, coloured by kind.
+
+    Filled markers: trials that ran all their rounds; hollow: stopped early by ASHA.
+    """
+    from matplotlib import colormaps
+
+    from ..plots import _new_figure, _save
+
+    pts = [r for r in rows if r.status != "failed" and math.isfinite(r.val_acc)]
+    kinds = sorted({r.kind for r in pts})
+    colors = {k: colormaps["tab10"](i % 10) for i, k in enumerate(kinds)}
+    fig = _new_figure((10.0, 4.0))
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, key, label in zip(axes, ("threshold_start", "threshold_floor"), ("threshold start", "threshold floor")):
+        for kind in kinds:
+            for stopped in (False, True):
+                sel = [r for r in pts if r.kind == kind and (r.status == "stopped_early") == stopped]
+                if not sel:
+                    continue
+                ax.scatter([r.values.get(f"pseudolabel.{key}", float("nan")) for r in sel], [r.val_acc for r in sel],
+                           s=36, facecolors="none" if stopped else colors[kind], edgecolors=colors[kind],
+                           label=f"{kind}{' (stopped early)' if stopped else ''}")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("validation accuracy (last reported round)")
+    if pts:
+        axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.suptitle(title)
+    return _save(fig, path, dpi)
+
+
+def _close_child_runs(cfg: Config, key: str, parent_run_id: str | None, rows: list[TrialRow]) -> None:
+    """Tag each trial's run with how it ended; a trial stopped by ASHA was killed mid-run and left RUNNING."""
+    if not cfg.tracking.enabled or not parent_run_id:
+        return
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri(cfg))
+    status = {"completed": "FINISHED", "stopped_early": "KILLED", "failed": "FAILED"}
+    for r in rows:
+        run = find_run(cfg, f"{key}-trial-{r.trial_id}", parent_run_id)
+        if run is None:
+            continue
+        client.set_tag(run.info.run_id, "toolkit.tune.status", r.status)
+        client.set_tag(run.info.run_id, "toolkit.tune.rounds_done", str(r.rounds_done))
+        if r.error:
+            client.set_tag(run.info.run_id, "toolkit.tune.error", r.error)
+        if run.info.status != status[r.status]:
+            client.set_terminated(run.info.run_id, status[r.status])
+
+
+def tune(cfg: Config, parent_run_id: str | None = None, key: str | None = None,
+         base_model: str | None = None) -> StageResult:
+    """Search the pseudo-labeling schedule on validation accuracy; write best.yaml; test the best trial's model once.
+
+    ``base_model``: a classifier file every trial starts its rounds from (no round 0 per
+    trial). A SimCLR encoder (``model.init``) is likewise resolved once and shared by path.
+    """
+    if cfg.pseudolabel.mode != "iterative":
+        cfg = cfg.replace(**{"pseudolabel.mode": "iterative"})
+    if cfg.tune.search == "optuna":
+        _require_optuna()
+    text, source = read_space(cfg)
+    key = key or search_key(cfg, text, base_model)
+    folder = stage_dir(cfg, key)
+    done = finished_result(folder, cfg)
+    if done:
+        print(f"[tune] {key} already finished: best val acc {done.metrics.get('best_val_acc', float('nan')):.4f}, "
+              f"best config {best_config_path(done)}", flush=True)
+        return done
+    t0 = time.perf_counter()
+
+    # resolved once in the driver; the trials share the files by absolute path
+    base, simclr = cfg, None
+    if cfg.model.init.startswith("simclr:"):
+        simclr = init_params(cfg, folder)["simclr"]
+        base = cfg.replace(**{"model.init": f"simclr:{simclr}"})
+    if base_model:
+        base_model = str(Path(base_model).expanduser().resolve())
+        checkpoints.load_model_file(base_model, "classifier", cfg.model)
+    space = parse_space(text, source, base, simclr, base_model)
+    for note in space.notes:
+        print(f"[tune] {note}", flush=True)
+    data, _ = load_data_and_split(cfg)
+    train_subset = _pool_train_subset(cfg, data)
+
+    from ..backends import init_ray
+
+    init_ray(cfg)
+    _check_cluster(cfg)
+    tags = {"toolkit.tune.search": cfg.tune.search, "toolkit.tune.space": source, "toolkit.init": cfg.model.init}
+    with mlflow_run(cfg, "tune", key, parent_run_id, tags) as tracker:
+        (folder / SPACE_FILE).write_text(text)
+        tracker.log_artifact(folder / SPACE_FILE)
+        ctx = {"base": base.to_dict(), "simclr": simclr, "base_model": base_model, "key": key,
+               "folder": str(folder), "parent_run_id": tracker.run_id,
+               "execution": _execution_overrides(cfg, train_subset)}
+        grid = _fit(cfg, key, space, ctx)
+
+        rows = _collect(grid, base, space, simclr, folder)
+        _close_child_runs(cfg, key, tracker.run_id, rows)
+        keys = list(space.entries)
+        tracker.log_artifact(_write_csv(rows, keys, folder / RESULTS_FILE))
+        tracker.log_artifact(plot_search(rows, folder / PLOT_FILE, f"tune {key}: {len(rows)} trials"), "plots")
+        for i, r in enumerate(rows):
+            if math.isfinite(r.val_acc):
+                tracker.log_metrics({"trial_val_acc": r.val_acc}, step=i)
+        counts = {s: sum(r.status == s for r in rows) for s in ("completed", "stopped_early", "failed")}
+        print(f"[tune] {len(rows)} trials: {counts['completed']} completed, {counts['stopped_early']} stopped early "
+              f"by ASHA, {counts['failed']} failed", flush=True)
+        finished = [r for r in rows if r.status == "completed" and r.model and math.isfinite(r.val_acc)]
+        if not finished:
+            errors = "; ".join(f"{r.trial_id}: {r.error}" for r in rows if r.error)[:1000]
+            raise RuntimeError(f"tune {key}: no trial ran all its rounds ({counts}){': ' + errors if errors else ''}")
+        # best validation accuracy among trials that ran all their rounds (an early-stopped trial's
+        # number belongs to fewer rounds than its config says); ties go to the first trial
+        best = max(finished, key=lambda r: (r.val_acc, -rows.index(r)))
+        best_cfg = trial_config(base, best.sample, simclr)
+        overrides = best_overrides(base, best_cfg, keys)
+        best_path = folder / BEST_FILE
+        best_path.write_text(
+            f"# best of `toolkit tune` {key}: trial {best.trial_id}, val acc {best.val_acc:.4f} ({best.kind})\n"
+            f"# use: toolkit pseudolabel --config {best_path}\n"
+            + yaml.safe_dump(_nested(overrides), sort_keys=False)
+        )
+        tracker.log_artifact(best_path)
+        tracker.set_tags({"toolkit.tune.best_trial": best.trial_id, "toolkit.tune.best_kind": best.kind})
+
+        final = folder / checkpoints.MODEL_FILE
+        shutil.copyfile(best.model, final)
+        tracker.log_artifact(final, "model")
+        metrics = log_test_report(tracker, best_cfg, final, data, folder, f"tune: best trial ({best.kind})")
+        seconds = time.perf_counter() - t0
+        metrics.update({
+            "best_val_acc": best.val_acc,
+            "trials": len(rows),
+            "trials_completed": counts["completed"],
+            "trials_stopped_early": counts["stopped_early"],
+            "trials_failed": counts["failed"],
+            "stage_seconds": seconds,
+        })
+        tracker.log_metrics({k: v for k, v in metrics.items() if not k.startswith("test_")})
+        result = StageResult("tune", key, tracker.run_id, str(final), metrics, seconds, config_digest=cfg.digest())
+        result.save(folder)
+        print(f"[tune] done in {seconds:.0f}s: best trial {best.trial_id} ({best.kind}) val acc {best.val_acc:.4f}, "
+              f"test acc {metrics['test_acc']:.4f}\n[tune] best config: {best_path}  {run_url(cfg, tracker)}", flush=True)
+        return result
+
+
+def best_config_path(result: StageResult) -> Path:
+    """The ``best.yaml`` of a finished search (beside its best model)."""
+    if not result.model_path:
+        raise ValueError(f"stage result {result.run_key} has no model path")
+    return Path(result.model_path).parent / BEST_FILE
