@@ -11,13 +11,16 @@ from __future__ import annotations
 import csv
 import math
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from toolkit.config import Config, ConfigError, flatten_yaml, load_config
+from toolkit.config import Config, ConfigError, flatten_yaml, load_config, to_yaml
 from toolkit.stages import tune as tune_stage
 from toolkit.stages.common import RESULT_FILE
 
@@ -31,6 +34,7 @@ classifier.lr: {loguniform: [0.00001, 0.01]}
 """
 SPACE_KEYS = set(yaml.safe_load(SPACE))
 MAX_ROUNDS = 3
+POOL_SUBSET = 1500  # trials split the first 100 + 200 + 1,500 images
 
 
 def tiny(root: Path, data_root: str, space: str = SPACE, **over) -> Config:
@@ -153,6 +157,17 @@ def test_best_overrides_load_on_the_defaults(tmp_path):
     assert loaded.pseudolabel.threshold_start == 0.7 and loaded.pseudolabel.threshold_floor == 0.5
 
 
+def test_pool_subset_shrinks_the_images_the_split_is_drawn_from(mnist_small):
+    cfg = Config().replace(**{"split.val_size": 200, "tune.pool_subset": 500})
+    assert tune_stage._pool_train_subset(cfg, mnist_small) == 100 + 200 + 500
+    assert tune_stage._pool_train_subset(cfg.replace(**{"tune.pool_subset": 0}), mnist_small) == 0
+    assert tune_stage._pool_train_subset(cfg.replace(**{"tune.pool_subset": 5000}), mnist_small) == 0  # pool is smaller
+    # 100 labels per digit from the first 1,011 images: digit 3 has only 94 there
+    cfg = Config().replace(**{"split.labels_per_class": 100, "split.val_size": 10, "tune.pool_subset": 1})
+    with pytest.raises(ConfigError, match="tune.pool_subset=1"):
+        tune_stage._pool_train_subset(cfg, mnist_small)
+
+
 def test_optuna_searcher_and_missing_optuna(monkeypatch):
     from ray.tune.search import ConcurrencyLimiter
 
@@ -184,7 +199,7 @@ def ray_session():
 @pytest.fixture(scope="module")
 def search(ray_session, tmp_path_factory, data_root):
     """The main search: 4 trials of 2..3 rounds, run once for the tests below."""
-    cfg = tiny(tmp_path_factory.mktemp("tune"), data_root)
+    cfg = tiny(tmp_path_factory.mktemp("tune"), data_root, **{"tune.pool_subset": POOL_SUBSET})
     result = tune_stage.tune(cfg)
     return cfg, result, Path(result.model_path).parent
 
@@ -242,6 +257,8 @@ def test_one_nested_mlflow_run_per_trial_with_round_metrics(search):
         # params are the trial's config: the sampled values, in-process execution
         assert float(run.data.params["classifier.lr"]) == pytest.approx(float(rows[tid]["classifier.lr"]))
         assert run.data.params["run.backend"] == "local" and run.data.params["pseudolabel.inference"] == "local"
+        assert run.data.params["data.train_subset"] == str(100 + 200 + POOL_SUBSET)
+        assert run.data.params["split.pool_size"] == str(POOL_SUBSET)
         rounds = list(range(1, int(rows[tid]["rounds_done"]) + 1))
         assert sorted(h.step for h in client.get_metric_history(run.info.run_id, "threshold")) == rounds
         # per-round val_acc at steps 1..rounds (the training curve shares the name at steps >= its eval_every)
@@ -262,29 +279,43 @@ def test_rerun_of_a_finished_search_skips(search):
 
 
 def test_interrupted_search_is_restored_without_redoing_finished_trials(ray_session, tmp_path, data_root, monkeypatch):
+    """Ctrl-C a real `toolkit tune` while its second trial runs; the same search, re-run, restores Tune's state."""
     from ray import tune as ray_tune
 
-    cfg = tiny(tmp_path, data_root, **{"tune.num_samples": 2})
-    first = tune_stage.tune(cfg)
-    folder = Path(first.model_path).parent
-    # what an interrupted driver leaves: no result.json, the parent run not FINISHED
-    (folder / RESULT_FILE).unlink()
-    client, _ = client_for(cfg)
-    client.set_terminated(first.run_id, "KILLED")
-    models = {p: p.stat().st_mtime_ns for p in (folder / "trials").rglob("*.pt")}
-    assert models
+    cfg = tiny(tmp_path, data_root, **{"tune.num_samples": 2, "tune.max_concurrent": 1})
+    (tmp_path / "cfg.yaml").write_text(to_yaml(cfg, only_changed=True))
+    key = tune_stage.search_key(cfg, SPACE)
+    trials = Path(cfg.run.output_dir).resolve() / "stages" / key / "trials"
+    gcs = ray_session.get_runtime_context().gcs_address  # the CLI joins this module's Ray
+    proc = subprocess.Popen([sys.executable, "-m", "toolkit.cli", "tune", "--config", str(tmp_path / "cfg.yaml"),
+                             f"ray.address={gcs}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while len(list(trials.glob("*"))) < 2:  # trial 2 starts once Tune has recorded trial 1 as ended
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-3000:]
+    assert "re-run the same command to resume" in out
+    client, exp = client_for(cfg)
+    (parent,) = client.search_runs([exp], filter_string="tags.`toolkit.command` = 'tune'")
+    assert parent.info.status == "KILLED"
+    first = sorted(trials.iterdir())[0]
+    done_before = {p: p.stat().st_mtime_ns for p in first.glob("*.pt")}
+    assert done_before
 
     restored = []
     original = ray_tune.Tuner.restore
     monkeypatch.setattr(ray_tune.Tuner, "restore",
                         classmethod(lambda cls, *a, **k: restored.append(a[0]) or original(*a, **k)))
-    second = tune_stage.tune(cfg)
-    assert restored == [str(Path(cfg.run.output_dir).resolve() / "tune" / first.run_key)]
-    assert not second.skipped and second.run_id == first.run_id  # the same parent run, resumed
-    assert second.metrics["trials"] == 2 and second.metrics["best_val_acc"] == first.metrics["best_val_acc"]
-    assert len(trial_runs(cfg)) == 2 and len(child_runs(cfg, first.run_id)) == 2  # no trial ran again
-    assert {p: p.stat().st_mtime_ns for p in models} == models  # no model retrained
-    assert (folder / RESULT_FILE).is_file()
+    result = tune_stage.tune(cfg)
+    assert restored == [str(Path(cfg.run.output_dir).resolve() / "tune" / key)]
+    assert result.run_id == parent.info.run_id  # the same parent run, resumed
+    m = result.metrics
+    assert m["trials"] == 2 and m["trials_failed"] == 0
+    assert {p: p.stat().st_mtime_ns for p in done_before} == done_before  # the finished trial did not run again
+    assert len(trial_runs(cfg)) == 2 and len(child_runs(cfg, parent.info.run_id)) == 2  # nor got a second run
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
 
 
 def test_crashing_trials_are_recorded_as_failed_and_the_search_goes_on(ray_session, tmp_path, data_root):

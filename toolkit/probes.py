@@ -151,6 +151,26 @@ def train_linear_probe(
     return nn.Sequential(std, linear).eval()
 
 
+def select_linear_C(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    val_feats: torch.Tensor,
+    val_labels: torch.Tensor,
+    grid: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0),
+    num_classes: int = 10,
+) -> tuple[float, dict[float, float]]:
+    """The inverse regularisation ``C`` of the linear probe with the best *validation* accuracy.
+
+    Returns (best C, {C: val acc}); ties go to the smaller C (the stronger penalty).
+    """
+    scores = {}
+    for c in grid:
+        probe = train_linear_probe(train_feats, train_labels, num_classes, C=c)
+        scores[c] = accuracy(predict(probe, val_feats), val_labels)
+    best = max(grid, key=lambda c: (scores[c], -c))
+    return best, scores
+
+
 # ----------------------------------------------------------------------------- MLP probe
 
 

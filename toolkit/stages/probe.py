@@ -19,7 +19,7 @@ from ..config import Config, ConfigError
 from ..engine import extract_features
 from ..models import SimCLRModel
 from ..plots import plot_confusion_matrix, plot_embedding_2d
-from ..probes import run_probes
+from ..probes import run_probes, select_linear_C
 from ..tracking import mlflow_run, run_url
 from .common import StageResult, eval_device, finished_result, load_data_and_split, log_config_and_split, stage_dir
 
@@ -82,9 +82,13 @@ def probe(cfg: Config, parent_run_id: str | None = None, key: str | None = None,
             protocols["all-labels"] = torch.cat([split.labeled, split.pool]).to(device)
         metrics: dict[str, float] = {}
         for protocol, idx in protocols.items():
+            # the linear probe's regularisation is chosen on the validation split, never the test set
+            best_c, scores = select_linear_C(feats[idx], labels[idx], feats[val], labels[val])
+            metrics.update({f"{protocol}/linear/val_acc_C{c:g}": a for c, a in scores.items()})
             out = run_probes(
                 feats[idx], labels[idx], test_feats, test_labels, feats[val], labels[val],
                 protocol=protocol, seed=cfg.run.seed, knn_kwargs={"k": cfg.probe.knn_k},
+                linear_kwargs={"C": best_c},
             )
             metrics.update(out["metrics"])
             tracker.log_params(out["params"])

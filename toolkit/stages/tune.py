@@ -20,6 +20,7 @@ trial cut off mid-way resumes at its last finished round from its own folder).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import difflib
 import hashlib
 import json
@@ -55,6 +56,7 @@ BEST_FILE = "best.yaml"
 RESULTS_FILE = "trials.csv"
 PLOT_FILE = "search.png"
 SPACE_FILE = "space.yaml"
+SEARCH_FILE = "search.json"
 BUILTIN_SPACE = Path(__file__).resolve().parents[1] / "profiles" / "tune_space.yaml"
 
 
@@ -393,7 +395,7 @@ def tune_storage(cfg: Config) -> Path:
 
 
 def _fit(cfg: Config, key: str, space: SearchSpace, ctx: dict):
-    """Run (or restore and finish) the Tune experiment ``key``; return its ResultGrid."""
+    """Run (or restore and finish) the Tune experiment ``key``; return (ResultGrid, trials it was started with)."""
     from ray import tune as ray_tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -401,10 +403,14 @@ def _fit(cfg: Config, key: str, space: SearchSpace, ctx: dict):
     path = storage / key
     resources = {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial}
     trainable = ray_tune.with_resources(ray_tune.with_parameters(_trial, ctx=ctx), resources)
+    started = Path(ctx["folder"]) / SEARCH_FILE  # the restored search keeps the settings it started with
     if ray_tune.Tuner.can_restore(str(path)):
         print(f"[tune] resuming the search in {path}", flush=True)
         tuner = ray_tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
+        num_samples = json.loads(started.read_text())["num_samples"] if started.is_file() else cfg.tune.num_samples
     else:
+        num_samples = cfg.tune.num_samples
+        started.write_text(json.dumps({"num_samples": num_samples, "max_rounds": space.max_rounds}))
         scheduler = ASHAScheduler(time_attr="round", max_t=space.max_rounds, grace_period=cfg.tune.grace_rounds,
                                   reduction_factor=cfg.tune.reduction_factor)
         tuner = ray_tune.Tuner(
@@ -415,7 +421,19 @@ def _fit(cfg: Config, key: str, space: SearchSpace, ctx: dict):
             run_config=ray_tune.RunConfig(name=key, storage_path=str(storage), verbose=1,
                                           failure_config=ray_tune.FailureConfig(max_failures=cfg.tune.max_failures)),
         )
-    return tuner.fit()
+    return tuner.fit(), num_samples
+
+
+def _ended_trials(path: Path) -> int:
+    """Trials that ended (finished, stopped by ASHA or errored) in the saved state of the experiment at ``path``.
+
+    After Ctrl-C, Tune saves its state (running trials as RUNNING, to resume them) and
+    then marks the trials it stops as TERMINATED in memory, so the ResultGrid alone
+    cannot tell an interrupted search from a finished one; the saved state can.
+    """
+    from ray.tune import ExperimentAnalysis
+
+    return sum(t.status in ("TERMINATED", "ERROR") for t in ExperimentAnalysis(str(path)).trials)
 
 
 @dataclass
@@ -452,25 +470,26 @@ def _collect(grid, base: Config, space: SearchSpace, simclr: str | None, folder:
         sample = {k: v for k, v in sample.items() if k in space.entries}
         try:
             tuned = trial_config(base, sample, simclr)
-        except ConfigError:
-            tuned = base
+            flat = tuned.flat()
+            values, kind, rounds = {k: flat[k] for k in space.entries}, _kind(tuned), tuned.pseudolabel.rounds
+        except ConfigError:  # the trial failed on it: show what was sampled
+            values, kind = dict(sample), str(sample.get("pseudolabel.schedule", base.pseudolabel.schedule))
+            rounds = int(sample.get("pseudolabel.rounds", base.pseudolabel.rounds))
         m = res.metrics or {}
         rounds_done = int(m.get("round", 0) or 0)
         val = float(m.get(METRIC, float("nan")))
         model = ""
         if res.error is not None:
             status = "failed"
-        elif rounds_done >= tuned.pseudolabel.rounds:
+        elif rounds_done >= rounds:
             status = "completed"
             state_file = folder / "trials" / tid / STATE_FILE
             if state_file.is_file():
                 model = json.loads(state_file.read_text())["model"]
         else:
             status = "stopped_early"
-        values = {k: tuned.flat()[k] for k in space.entries}
         error = str(res.error).strip().splitlines()[-1][:300] if res.error is not None else ""
-        rows.append(TrialRow(tid, status, _kind(tuned), rounds_done, tuned.pseudolabel.rounds, val, values, sample,
-                             error, model))
+        rows.append(TrialRow(tid, status, kind, rounds_done, rounds, val, values, sample, error, model))
     return sorted(rows, key=lambda r: r.trial_id)
 
 
@@ -566,6 +585,11 @@ def tune(cfg: Config, parent_run_id: str | None = None, key: str | None = None,
         base_model = str(Path(base_model).expanduser().resolve())
         checkpoints.load_model_file(base_model, "classifier", cfg.model)
     space = parse_space(text, source, base, simclr, base_model)
+    if "model.init" in space.entries:  # explicit 'simclr:<path | run id>' choices: resolved once, shared by path
+        domain, values = space.entries["model.init"]
+        values = [f"simclr:{init_params(base.replace(**{'model.init': v}), folder)['simclr']}"
+                  if str(v).startswith("simclr:") else v for v in values]
+        space = dataclasses.replace(space, entries={**space.entries, "model.init": (domain, values)})
     for note in space.notes:
         print(f"[tune] {note}", flush=True)
     data, _ = load_data_and_split(cfg)
@@ -582,13 +606,19 @@ def tune(cfg: Config, parent_run_id: str | None = None, key: str | None = None,
         ctx = {"base": base.to_dict(), "simclr": simclr, "base_model": base_model, "key": key,
                "folder": str(folder), "parent_run_id": tracker.run_id,
                "execution": _execution_overrides(cfg, train_subset)}
-        grid = _fit(cfg, key, space, ctx)
+        grid, num_samples = _fit(cfg, key, space, ctx)
+        ended = _ended_trials(tune_storage(cfg) / key)
+        if ended < num_samples:
+            # Ctrl-C: Tune stopped gracefully and saved its state; the same command restores it
+            print(f"[tune] search interrupted after {ended}/{num_samples} trials; re-run the same command "
+                  f"to resume it", flush=True)
+            raise KeyboardInterrupt
 
         rows = _collect(grid, base, space, simclr, folder)
         _close_child_runs(cfg, key, tracker.run_id, rows)
         keys = list(space.entries)
         tracker.log_artifact(_write_csv(rows, keys, folder / RESULTS_FILE))
-        tracker.log_artifact(plot_search(rows, folder / PLOT_FILE, f"tune {key}: {len(rows)} trials"), "plots")
+        tracker.log_artifact(plot_search(rows, folder / PLOT_FILE, f"{key}: {len(rows)} trials"), "plots")
         for i, r in enumerate(rows):
             if math.isfinite(r.val_acc):
                 tracker.log_metrics({"trial_val_acc": r.val_acc}, step=i)

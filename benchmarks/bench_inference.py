@@ -1,0 +1,87 @@
+"""Pool inference throughput: Ray Data actor pool against a plain in-process loop, in one run.
+
+    python benchmarks/bench_inference.py [--data-root ../shared/data] [--pool 58900] [--actors 1 2]
+
+Both paths run the same model file over the same pool indices (the unlabeled pool of
+the default split) and must return the same probabilities; the script checks that.
+The Ray figures include what a pseudo-labeling round pays: actor start-up, model and
+data loading per actor, scheduling and the gather (measured against a warm Ray).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from toolkit import checkpoints  # noqa: E402
+from toolkit.config import Config  # noqa: E402
+from toolkit.data import load_mnist, make_split  # noqa: E402
+from toolkit.inference import predict_pool_local, predict_pool_ray  # noqa: E402
+from toolkit.models import Classifier  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    default_root = os.environ.get("TOOLKIT_DATA_DIR") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
+    ap.add_argument("--data-root", default=default_root)
+    ap.add_argument("--pool", type=int, default=0, help="pool images (0: the whole unlabeled pool)")
+    ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--actors", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--batch-size", type=int, default=2048)
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args()
+
+    cfg = Config().replace(**{"data.root": args.data_root, "model.width": args.width,
+                              "pseudolabel.inference_batch_size": args.batch_size})
+    data = load_mnist(args.data_root)
+    pool = make_split(data.train_labels).pool
+    if args.pool:
+        pool = pool[: args.pool]
+    torch.manual_seed(0)
+    model = Classifier(cfg.model)
+    model_file = Path(tempfile.mkdtemp()) / "model.pt"
+    checkpoints.save(model_file, checkpoints.model_payload("classifier", cfg, model.state_dict()))
+
+    rows = []
+    predict_pool_local(str(model_file), cfg, pool[:256])  # warm-up: imports, first kernels
+    t0 = time.perf_counter()
+    ref = predict_pool_local(str(model_file), cfg, pool, batch_size=args.batch_size)
+    dt = time.perf_counter() - t0
+    rows.append({"path": "in-process loop", "seconds": dt, "images_per_s": len(pool) / dt})
+
+    import ray
+
+    from toolkit.backends import init_ray
+
+    init_ray(cfg)
+    for n in args.actors:
+        t0 = time.perf_counter()
+        probs = predict_pool_ray(cfg, str(model_file), pool, num_actors=n, batch_size=args.batch_size)
+        dt = time.perf_counter() - t0
+        max_diff = float(np.abs(probs - ref).max())
+        rows.append({"path": f"Ray Data, {n} actor(s)", "seconds": dt, "images_per_s": len(pool) / dt, "max_abs_diff": max_diff})
+    ray.shutdown()
+
+    print(f"# pool inference, {len(pool)} images, width {args.width}, batch {args.batch_size}, "
+          f"{os.cpu_count()} CPUs, torch {torch.__version__}, load(1m) {os.getloadavg()[0]:.2f}")
+    print("| path | seconds | images/s | vs in-process |")
+    print("| --- | ---: | ---: | ---: |")
+    base = rows[0]["images_per_s"]
+    for r in rows:
+        print(f"| {r['path']} | {r['seconds']:.2f} | {r['images_per_s']:,.0f} | {r['images_per_s'] / base:.2f}x |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,464 @@
+"""The stages end to end on the in-process ``local`` backend: probe, pseudo-labeling, Ctrl-C and resume, pipeline, report.
+
+Everything runs on a small slice of the real MNIST with a width-8 CNN and local
+pool inference (Ray Train and Ray Data have their own test files). One sqlite MLflow
+store serves the module (creating one costs ~7 s of migrations); every test uses its
+own run name and output folder. Ctrl-C is tested for real: ``toolkit`` runs as a
+subprocess, gets SIGINT mid-run, and the same command is run again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from toolkit import checkpoints
+from toolkit.checkpoints import CheckpointError
+from toolkit.config import Config, ConfigError
+from toolkit.tracking import RUN_KEY_TAG
+
+POOL = 1500 - 100 - 200  # train_subset - labeled - validation
+
+# On a loaded 2-core machine torch's default 2 intra-op threads oversubscribe the cores:
+# the MLP probe took 57 s with 2 threads and 6 s with 1. Tests run single-threaded.
+THREADS_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tracking(tmp_path_factory) -> str:
+    """The module's sqlite MLflow store (absolute URI)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+def overrides(data_root: str, tracking_uri: str, output_dir: Path, **over) -> dict:
+    """Dotted overrides of a tiny local study: 1,500 images, width 8, 40 + 20-step rounds."""
+    base = {
+        "data.root": data_root,
+        "data.train_subset": 1500,
+        "data.test_subset": 500,
+        "split.val_size": 200,
+        "model.width": 8,
+        "pretrain.epochs": 1,
+        "pretrain.batch_size": 128,
+        "pretrain.warmup_epochs": 0.0,
+        "probe.tsne_points": 0,
+        "classifier.steps": 40,
+        "classifier.eval_every": 20,
+        "classifier.batch_size": 64,
+        "classifier.warmup_steps": 5,
+        # a higher lr and low thresholds: 40-step models are unconfident, and rounds should pick something
+        "classifier.lr": 0.01,
+        "pseudolabel.mode": "iterative",
+        "pseudolabel.rounds": 3,
+        "pseudolabel.schedule": "linear",
+        "pseudolabel.threshold_start": 0.6,
+        "pseudolabel.threshold_floor": 0.3,
+        "pseudolabel.steps_per_round": 20,
+        "pseudolabel.inference": "local",
+        "run.backend": "local",
+        "run.threads": 1,
+        "run.output_dir": str(output_dir),
+        "tracking.uri": tracking_uri,
+    }
+    base.update(over)
+    return base
+
+
+@pytest.fixture
+def make_cfg(data_root, tracking, tmp_path):
+    def make(**over) -> Config:
+        return Config().replace(**overrides(data_root, tracking, tmp_path / "runs", **over))
+
+    return make
+
+
+def client_for(cfg: Config):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=cfg.tracking.uri)
+
+
+def runs_with_key(cfg: Config, key: str) -> list:
+    client = client_for(cfg)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    return client.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'")
+
+
+def steps_of(cfg: Config, run_id: str, metric: str) -> list[int]:
+    return sorted(m.step for m in client_for(cfg).get_metric_history(run_id, metric))
+
+
+def round_history(cfg: Config, run_id: str, metric: str) -> list[float]:
+    """Per-round values of ``metric`` (steps 1, 2, ...) in round order.
+
+    Step 0 is left out: the stage's final summary re-logs ``pool_left`` and ``val_acc`` there.
+    """
+    ms = sorted(client_for(cfg).get_metric_history(run_id, metric), key=lambda m: m.step)
+    return [m.value for m in ms if m.step >= 1]
+
+
+def artifact_paths(cfg: Config, run_id: str, folder: str | None = None) -> set[str]:
+    return {a.path for a in client_for(cfg).list_artifacts(run_id, folder)}
+
+
+# ------------------------------------------------------------------ subprocess helpers
+
+
+def cli_command(command: str, over: dict) -> list[str]:
+    return [sys.executable, "-m", "toolkit.cli", command, *(f"{k}={v}" for k, v in over.items())]
+
+
+def cli_env(data_root: str) -> dict:
+    return {**os.environ, "TOOLKIT_DATA_DIR": data_root, "PYTHONUNBUFFERED": "1", **THREADS_ENV}
+
+
+def interrupt_when(cmd: list[str], env: dict, log: Path, ready, what: str, timeout: float = 120.0) -> tuple[int, str]:
+    """Start ``cmd``, send SIGINT once ``ready()`` is true; return (exit code, output)."""
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + timeout
+            while not ready():
+                if proc.poll() is not None:
+                    pytest.fail(f"the run ended (exit {proc.returncode}) before {what}:\n{log.read_text()[-3000:]}")
+                if time.monotonic() > deadline:
+                    pytest.fail(f"no {what} within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            rc = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return rc, log.read_text()
+
+
+def run_to_completion(cmd: list[str], env: dict, timeout: float = 300.0) -> str:
+    done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:]
+    return done.stdout
+
+
+# ------------------------------------------------------------------ a tiny SimCLR encoder, shared
+
+
+@pytest.fixture(scope="module")
+def simclr(data_root, tracking, tmp_path_factory):
+    """One epoch of SimCLR on 1,500 images: (config, StageResult)."""
+    from toolkit.stages.pretrain import pretrain
+
+    out = tmp_path_factory.mktemp("simclr") / "runs"
+    cfg = Config().replace(**overrides(data_root, tracking, out, **{"run.name": "encoder"}))
+    result = pretrain(cfg)
+    assert Path(result.model_path).is_file()
+    return cfg, result
+
+
+# ------------------------------------------------------------------ probe
+
+PROBES = ("linear", "mlp", "knn")
+
+
+def test_probe_logs_both_protocols_confusion_matrices_and_tsne(simclr, make_cfg):
+    from toolkit.stages.probe import probe
+
+    _, pre = simclr
+    cfg = make_cfg(**{"probe.checkpoint": pre.model_path, "probe.tsne_points": 100, "run.name": "probe-path"})
+    result = probe(cfg)
+    run = client_for(cfg).get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    for protocol in ("100-labels", "all-labels"):
+        for name in PROBES:
+            key = f"{protocol}/{name}/test_acc"
+            assert 0.0 <= run.data.metrics[key] <= 1.0, key
+            assert run.data.metrics[key] == pytest.approx(result.metrics[key])
+    # the probes learn something even from a one-epoch encoder: above chance (10%)
+    assert run.data.metrics["all-labels/linear/test_acc"] > 0.2
+    plots = artifact_paths(cfg, result.run_id, "plots")
+    assert {f"plots/confusion_{p}_{n}.png" for p in ("100-labels", "all-labels") for n in PROBES} <= plots
+    assert "plots/tsne_test.png" in plots
+    assert {"config.yaml", "split.json"} <= artifact_paths(cfg, result.run_id)
+    assert run.data.params["probe.checkpoint"] == pre.model_path
+
+
+def test_probe_fetches_the_encoder_from_a_pretrain_run_id(simclr, make_cfg):
+    from toolkit.stages.probe import probe
+
+    _, pre = simclr
+    cfg = make_cfg(**{"probe.checkpoint": pre.run_id, "probe.all_labels": False, "run.name": "probe-runid"})
+    result = probe(cfg)
+    run = client_for(cfg).get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert {f"100-labels/{n}/test_acc" for n in PROBES} <= set(run.data.metrics)
+    assert not any(k.startswith("all-labels/") for k in run.data.metrics)  # probe.all_labels=false
+    assert "plots/tsne_test.png" not in artifact_paths(cfg, result.run_id, "plots")  # probe.tsne_points=0
+    # the model came from the pretrain run's artifacts, into the probe's stage folder
+    fetched = Path(run.data.tags["toolkit.encoder"])
+    assert fetched.is_file() and fetched != Path(pre.model_path)
+    assert fetched.is_relative_to(Path(cfg.run.output_dir).resolve() / "stages" / "probe-runid-probe")
+    assert fetched.read_bytes() == Path(pre.model_path).read_bytes()
+
+
+def test_probe_rejects_an_empty_reference_and_a_classifier_checkpoint(simclr, make_cfg, tmp_path, capsys):
+    from toolkit.cli import main
+    from toolkit.models import Classifier
+    from toolkit.stages.common import save_model_file
+    from toolkit.stages.probe import probe
+
+    cfg = make_cfg(**{"run.name": "probe-bad"})
+    with pytest.raises(ConfigError, match="probe.checkpoint"):
+        probe(cfg)
+    # the CLI turns it into one line on stderr and exit code 2
+    assert main(["probe", *(f"{k}={v}" for k, v in overrides(cfg.data.root, cfg.tracking.uri, tmp_path / "cli").items())]) == 2
+    assert "probe.checkpoint is empty" in capsys.readouterr().err
+
+    clf = save_model_file(tmp_path / "classifier.pt", "classifier", cfg, Classifier(cfg.model).state_dict())
+    with pytest.raises(CheckpointError, match="'classifier' model, expected 'simclr'"):
+        probe(cfg.replace(**{"probe.checkpoint": str(clf)}))
+    # neither got as far as an MLflow run
+    assert runs_with_key(cfg, "probe-bad-probe") == []
+
+
+# ------------------------------------------------------------------ pseudo-labeling
+
+
+def test_iterative_pseudolabel_logs_each_round_and_the_final_model(make_cfg):
+    from toolkit.stages.pseudolabel import pseudolabel
+
+    cfg = make_cfg(**{"run.name": "iter"})
+    result = pseudolabel(cfg)
+    client = client_for(cfg)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    for metric in ("threshold", "added", "train_size", "diagnostic/pseudo_precision_round"):
+        assert steps_of(cfg, result.run_id, metric) == [1, 2, 3], metric
+    # pool_left also carries the final summary at step 0
+    assert [s for s in steps_of(cfg, result.run_id, "pool_left") if s] == [1, 2, 3]
+    thresholds = round_history(cfg, result.run_id, "threshold")
+    assert thresholds[0] == pytest.approx(0.6) and thresholds[-1] == pytest.approx(0.3)
+    assert all(a >= b for a, b in zip(thresholds, thresholds[1:]))
+    pool_left, added = round_history(cfg, result.run_id, "pool_left"), round_history(cfg, result.run_id, "added")
+    assert all(a >= b for a, b in zip([POOL, *pool_left], pool_left))
+    assert [POOL - p for p in pool_left] == [sum(added[: i + 1]) for i in range(3)]
+    assert pool_left[-1] < POOL, "no round selected any pseudo-label: the thresholds are too high for this model"
+
+    folder = Path(cfg.run.output_dir).resolve() / "stages" / "iter-pseudolabel-iterative"
+    state = json.loads((folder / "rounds.json").read_text())
+    assert state["rounds_done"] == 3 and [h["round"] for h in state["history"]] == [1, 2, 3]
+    assert len(state["pool"]) == pool_left[-1] == result.metrics["pool_left"]
+    assert len(state["pseudo_indices"]) == len(state["pseudo_labels"]) == POOL - pool_left[-1]
+    # the final model is the last round's, logged once with its test accuracy
+    assert (folder / "model.pt").read_bytes() == (folder / "round3.pt").read_bytes()
+    assert "model/model.pt" in artifact_paths(cfg, result.run_id, "model")
+    assert "plots/confusion_test.png" in artifact_paths(cfg, result.run_id, "plots")
+    test_acc = client.get_metric_history(result.run_id, "test_acc")
+    assert len(test_acc) == 1 and 0.0 <= test_acc[0].value <= 1.0
+    assert test_acc[0].value == pytest.approx(result.metrics["test_acc"])
+
+
+def test_oneshot_trains_exactly_one_round_at_threshold_start(make_cfg):
+    from toolkit.stages.pseudolabel import pseudolabel
+
+    cfg = make_cfg(**{"run.name": "once", "pseudolabel.mode": "oneshot", "pseudolabel.threshold_start": 0.4})
+    result = pseudolabel(cfg)
+    assert result.stage == "pseudolabel-oneshot"
+    folder = Path(cfg.run.output_dir).resolve() / "stages" / "once-pseudolabel-oneshot"
+    state = json.loads((folder / "rounds.json").read_text())
+    assert state["rounds_done"] == 1 and len(state["history"]) == 1
+    assert sorted(p.name for p in folder.glob("round*.pt")) == ["round0.pt", "round1.pt"]
+    assert steps_of(cfg, result.run_id, "threshold") == [1]
+    assert round_history(cfg, result.run_id, "threshold") == [pytest.approx(0.4)]
+    assert client_for(cfg).get_run(result.run_id).data.tags["toolkit.mode"] == "oneshot"
+
+
+# ------------------------------------------------------------------ Ctrl-C and resume (subprocesses)
+
+
+def test_pseudolabel_interrupted_in_round_2_resumes_after_round_1(data_root, tracking, tmp_path, make_cfg):
+    """Acceptance: SIGINT during round 2 -> exit 130, run KILLED; the same command resumes after round 1."""
+    over = overrides(data_root, tracking, tmp_path / "runs", **{
+        "run.name": "resume",
+        "pseudolabel.steps_per_round": 60,  # slow enough that the signal lands inside round 2
+    })
+    cfg = make_cfg(**over)
+    cmd, env = cli_command("pseudolabel", over), cli_env(data_root)
+    folder = Path(cfg.run.output_dir).resolve() / "stages" / "resume-pseudolabel-iterative"
+    state_file = folder / "rounds.json"
+
+    def rounds_done() -> int:
+        try:
+            return json.loads(state_file.read_text())["rounds_done"]
+        except (FileNotFoundError, json.JSONDecodeError):
+            return -1
+
+    rc, out = interrupt_when(cmd, env, tmp_path / "first.log", lambda: rounds_done() >= 1, "round 1")
+    assert rc == 130, out[-3000:]
+    assert "interrupted; re-run the same command to resume" in out
+    assert rounds_done() == 1, f"the signal did not land in round 2:\n{out[-3000:]}"
+    (killed,) = runs_with_key(cfg, "resume-pseudolabel-iterative")
+    assert killed.info.status == "KILLED"
+    finished = {name: (folder / name).stat().st_mtime_ns for name in ("round0.pt", "round1.pt")}
+
+    out = run_to_completion(cmd, env)
+    assert "resuming after round 1" in out, out[-3000:]
+    assert {name: (folder / name).stat().st_mtime_ns for name in finished} == finished  # not trained again
+    state = json.loads(state_file.read_text())
+    assert state["rounds_done"] == 3 and [h["round"] for h in state["history"]] == [1, 2, 3]
+    (run,) = runs_with_key(cfg, "resume-pseudolabel-iterative")
+    assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
+    assert run.data.tags["toolkit.resumed"] == "True"
+    for metric in ("threshold", "pool_left", "diagnostic/pseudo_precision_round"):
+        steps = [s for s in steps_of(cfg, run.info.run_id, metric) if s]
+        # each round logs after it finishes; only a kill between logging and saving the state could repeat one
+        assert set(steps) == {1, 2, 3} and len(steps) <= 4, (metric, steps)
+    assert len(client_for(cfg).get_metric_history(run.info.run_id, "test_acc")) == 1
+
+
+def test_pretrain_interrupted_after_an_epoch_resumes_in_the_same_mlflow_run(data_root, tracking, tmp_path, make_cfg):
+    over = overrides(data_root, tracking, tmp_path / "runs", **{
+        "run.name": "ctrlc",
+        "pretrain.epochs": 3,
+        "data.train_subset": 3000,  # ~2 s epochs: the signal lands well before the third one ends
+    })
+    cfg = make_cfg(**over)
+    cmd, env = cli_command("pretrain", over), cli_env(data_root)
+    ckpts = Path(cfg.run.output_dir).resolve() / "local" / "ctrlc-pretrain"
+
+    def checkpointed() -> bool:
+        return any(re.fullmatch(r"checkpoint_\d{6}", p.name) for p in ckpts.glob("checkpoint_*"))
+
+    rc, out = interrupt_when(cmd, env, tmp_path / "first.log", checkpointed, "epoch checkpoint")
+    assert rc == 130, out[-3000:]
+    (killed,) = runs_with_key(cfg, "ctrlc-pretrain")
+    assert killed.info.status == "KILLED"
+    assert not (Path(cfg.run.output_dir).resolve() / "stages" / "ctrlc-pretrain" / "result.json").exists()
+
+    out = run_to_completion(cmd, env)
+    assert "resuming after epoch" in out, out[-3000:]
+    (run,) = runs_with_key(cfg, "ctrlc-pretrain")
+    assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
+    assert set(steps_of(cfg, run.info.run_id, "loss")) == {1, 2, 3}
+    model = Path(cfg.run.output_dir).resolve() / "stages" / "ctrlc-pretrain" / "model.pt"
+    assert checkpoints.load(model)["epoch"] == 3
+
+
+# ------------------------------------------------------------------ pipeline and report
+
+STAGES = ("probe", "supervised", "oneshot", "iterative", "simclr_iterative")
+EXPERIMENT = "pipeline-test"
+
+
+@pytest.fixture(scope="module")
+def study(data_root, tracking, tmp_path_factory):
+    """The whole pipeline, two seeds, every stage: (config, parent run id, printed output)."""
+    from toolkit.stages.pipeline import pipeline
+
+    out = tmp_path_factory.mktemp("pipeline") / "runs"
+    cfg = Config().replace(**overrides(data_root, tracking, out, **{
+        "run.name": "study",
+        "tracking.experiment": EXPERIMENT,
+        "pipeline.seeds": [0, 1],
+        "pretrain.max_images": 512,
+        "probe.all_labels": False,
+        "classifier.steps": 20,
+        "classifier.eval_every": 10,
+        "pseudolabel.rounds": 2,
+    }))
+    results = pipeline(cfg)
+    assert sorted(results) == [0, 1]
+    (parent,) = runs_with_key(cfg, "study-pipeline")
+    return cfg, parent.info.run_id
+
+
+def children(cfg: Config, parent_id: str) -> list:
+    client = client_for(cfg)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    return client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+@pytest.mark.slow
+def test_pipeline_nests_a_run_per_stage_and_seed_and_reports(study):
+    cfg, parent_id = study
+    client = client_for(cfg)
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    kids = children(cfg, parent_id)
+    tagged = sorted((r.data.tags["toolkit.stage"], int(r.data.tags["toolkit.seed"])) for r in kids)
+    # one encoder for all seeds (pretrained once, tagged with the first seed), every other stage per seed
+    assert tagged == sorted([("pretrain", 0)] + [(s, seed) for s in STAGES for seed in (0, 1)])
+    assert all(r.info.status == "FINISHED" for r in kids)
+
+    assert {"report/results.md", "report/results.csv", "report/accuracy_by_stage.png"} <= artifact_paths(cfg, parent_id, "report")
+    md = Path(client.download_artifacts(parent_id, "report/results.md")).read_text()
+    for row in ("SimCLR linear probe, 100 labels", "CNN + augmentation, 100 labels", "one-shot pseudo-labeling",
+                "| iterative pseudo-labeling", "SimCLR-initialised iterative pseudo-labeling"):
+        assert row in md, row
+    assert "±" in md
+    assert "summary/supervised/test_acc/mean" in parent.data.metrics
+
+
+@pytest.mark.slow
+def test_report_command_prints_and_logs_the_table_of_the_newest_pipeline(study, tmp_path, capsys):
+    from toolkit.cli import main
+
+    cfg, parent_id = study
+    capsys.readouterr()
+    args = [f"tracking.uri={cfg.tracking.uri}", f"tracking.experiment={EXPERIMENT}", f"run.output_dir={tmp_path / 'runs'}"]
+    assert main(["report", *args]) == 0
+    out = capsys.readouterr().out
+    assert "| CNN + augmentation, 100 labels |" in out and "±" in out
+    assert (tmp_path / "runs" / "stages" / f"report-{parent_id}" / "results.md").read_text() in out
+
+
+@pytest.mark.slow
+def test_rerunning_the_pipeline_skips_every_finished_stage(study, capsys):
+    from toolkit.stages.pipeline import pipeline
+
+    cfg, first_id = study
+    client = client_for(cfg)
+    exp = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    stage_runs = client.search_runs([exp], filter_string="tags.`toolkit.command` != 'pipeline'")
+    capsys.readouterr()
+    results = pipeline(cfg)
+    out = capsys.readouterr().out
+    assert all(r.skipped for by_stage in results.values() for r in by_stage.values())
+    assert out.count("already finished") == 1 + len(STAGES) * 2, out
+    assert len(client.search_runs([exp], filter_string="tags.`toolkit.command` != 'pipeline'")) == len(stage_runs)
+    assert len(children(cfg, first_id)) == 1 + len(STAGES) * 2
+    # the re-run's summary still holds every row, from the saved results
+    newest = client.search_runs([exp], "tags.`toolkit.command` = 'pipeline'", order_by=["attributes.start_time DESC"])[0]
+    assert newest.info.status == "FINISHED"
+    md = Path(client.download_artifacts(newest.info.run_id, "report/results.md")).read_text()
+    assert "| CNN + augmentation, 100 labels |" in md and "±" in md
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="a re-run of a finished pipeline opens a new parent run without children, "
+                                       "and `toolkit report` reads only the newest parent's children")
+def test_report_after_a_rerun_still_has_every_stage(study, tmp_path, capsys):
+    from toolkit.cli import main
+    from toolkit.stages.pipeline import pipeline
+
+    cfg, _ = study
+    pipeline(cfg)  # a no-op re-run (all stages finished); a no-op again if the test above ran first
+    capsys.readouterr()
+    args = [f"tracking.uri={cfg.tracking.uri}", f"tracking.experiment={EXPERIMENT}", f"run.output_dir={tmp_path / 'runs'}"]
+    assert main(["report", *args]) == 0
+    assert "| CNN + augmentation, 100 labels |" in capsys.readouterr().out
