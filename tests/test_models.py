@@ -43,19 +43,26 @@ def test_shapes(width, depth, convs):
     assert n_conv == 1 + (depth - 1) * convs
     assert sum(isinstance(m, nn.MaxPool2d) for m in enc.modules()) == depth - 1
     widths = [m.out_channels for m in enc.modules() if isinstance(m, nn.Conv2d)]
-    assert widths[0] == width and widths[-1] == enc.feature_dim
+    assert widths[0] == width and widths[-1] * enc.pool.output_size**2 == enc.feature_dim
 
 
 def test_default_feature_dim():
-    assert Encoder().feature_dim == 128
-    assert SimCLRModel(ModelConfig()).encoder.feature_dim == 128
+    assert Encoder().feature_dim == 128  # global pooling
+    # the config default pools the last stage to 2 x 2 cells: 128 channels x 4
+    assert SimCLRModel(ModelConfig()).encoder.feature_dim == 512
+
+
+@pytest.mark.parametrize("pool", [1, 2, 3])
+def test_pooled_layout_features(pool):
+    enc = Encoder(8, 3, 1, pool)
+    assert enc(_x(2)).shape == (2, 32 * pool * pool)
 
 
 def test_projection_head_and_classifier_parts():
     mc = ModelConfig(width=8, proj_dim=5, proj_hidden=7)
     m = SimCLRModel(mc)
     assert isinstance(m.projector, ProjectionHead)
-    assert m.projector(torch.randn(4, 32)).shape == (4, 5)
+    assert m.projector(torch.randn(4, m.encoder.feature_dim)).shape == (4, 5)
     c = Classifier(mc, num_classes=3)
     assert c(_x(2)).shape == (2, 3)
     assert c.dropout.p == mc.dropout
@@ -76,7 +83,7 @@ def test_build_model_and_kinds():
 
 def test_architecture_holds_the_shape_fields():
     mc = ModelConfig(width=16, depth=2, convs_per_stage=2, proj_dim=8, proj_hidden=9, dropout=0.3)
-    assert architecture(mc) == {"width": 16, "depth": 2, "convs_per_stage": 2, "proj_dim": 8, "proj_hidden": 9}
+    assert architecture(mc) == {"width": 16, "depth": 2, "convs_per_stage": 2, "pool": 2, "proj_dim": 8, "proj_hidden": 9}
 
 
 def test_inputs_are_standardised_inside_the_model():

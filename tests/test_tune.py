@@ -30,7 +30,7 @@ pseudolabel.schedule: {choice: [linear, exponential, class-adaptive]}
 pseudolabel.threshold_start: {uniform: [0.8, 0.99]}
 pseudolabel.threshold_floor: {uniform: [0.5, 0.95]}
 pseudolabel.rounds: {randint: [2, 3]}
-classifier.lr: {loguniform: [0.00001, 0.01]}
+classifier.lr: {loguniform: [1e-5, 1e-2]}
 """
 SPACE_KEYS = set(yaml.safe_load(SPACE))
 MAX_ROUNDS = 3
@@ -204,6 +204,7 @@ def search(ray_session, tmp_path_factory, data_root):
     return cfg, result, Path(result.model_path).parent
 
 
+@pytest.mark.slow
 def test_search_result_and_files(search):
     cfg, result, folder = search
     assert result.stage == "tune" and not result.skipped
@@ -218,6 +219,7 @@ def test_search_result_and_files(search):
     assert (Path(cfg.run.output_dir).resolve() / "tune" / result.run_key).is_dir()
 
 
+@pytest.mark.slow
 def test_best_yaml_holds_only_the_tuned_keys_and_loads(search):
     cfg, result, folder = search
     best = tune_stage.best_config_path(result)
@@ -232,6 +234,7 @@ def test_best_yaml_holds_only_the_tuned_keys_and_loads(search):
     assert loaded.pseudolabel.threshold_floor <= loaded.pseudolabel.threshold_start
 
 
+@pytest.mark.slow
 def test_asha_stops_trials_early_and_rounds_stay_within_max_t(search):
     cfg, result, folder = search
     rows = read_rows(folder)
@@ -242,6 +245,7 @@ def test_asha_stops_trials_early_and_rounds_stay_within_max_t(search):
     assert result.metrics["trials_stopped_early"] == len(stopped) >= 1
 
 
+@pytest.mark.slow
 def test_one_nested_mlflow_run_per_trial_with_round_metrics(search):
     cfg, result, folder = search
     client, _ = client_for(cfg)
@@ -270,6 +274,7 @@ def test_one_nested_mlflow_run_per_trial_with_round_metrics(search):
     assert "plots/search.png" in {a.path for a in client.list_artifacts(result.run_id, "plots")}
 
 
+@pytest.mark.slow
 def test_rerun_of_a_finished_search_skips(search):
     cfg, result, folder = search
     again = tune_stage.tune(cfg)
@@ -278,6 +283,7 @@ def test_rerun_of_a_finished_search_skips(search):
     assert len(trial_runs(cfg)) == 4
 
 
+@pytest.mark.slow
 def test_interrupted_search_is_restored_without_redoing_finished_trials(ray_session, tmp_path, data_root, monkeypatch):
     """Ctrl-C a real `toolkit tune` while its second trial runs; the same search, re-run, restores Tune's state."""
     from ray import tune as ray_tune
@@ -318,6 +324,7 @@ def test_interrupted_search_is_restored_without_redoing_finished_trials(ray_sess
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
 
 
+@pytest.mark.slow
 def test_crashing_trials_are_recorded_as_failed_and_the_search_goes_on(ray_session, tmp_path, data_root):
     # each value is valid on the base config, but every pair is not (scale_min > scale_max):
     # each trial fails when it builds its config

@@ -73,7 +73,7 @@ def load_model_file(path: str | os.PathLike, kind: str, model_cfg: ModelConfig |
         raise CheckpointError(f"checkpoint {payload['path']} holds a '{payload['kind']}' model, expected '{kind}'")
     if model_cfg is not None:
         want, got = architecture(model_cfg), payload.get("architecture", {})
-        diff = {k: (got.get(k), v) for k, v in want.items() if k in ("width", "depth", "convs_per_stage") and got.get(k) != v}
+        diff = {k: (got.get(k), v) for k, v in want.items() if k in ("width", "depth", "convs_per_stage", "pool") and got.get(k) != v}
         if diff:
             desc = ", ".join(f"model.{k}={g} in the checkpoint but {w} here" for k, (g, w) in diff.items())
             raise CheckpointError(f"checkpoint {payload['path']} is from another model: {desc}")

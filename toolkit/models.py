@@ -23,10 +23,11 @@ class Encoder(nn.Module):
     Stage i has ``width * 2**i`` channels and ``convs_per_stage`` 3x3 convs; every
     stage but the last halves the resolution (28 -> 14 -> 7 -> 3), and global
     average pooling ends it. The first stage always has one conv: early
-    downsampling is what keeps it fast on a CPU.
+    downsampling is what keeps it fast on a CPU. Features are the last stage
+    average-pooled to ``pool x pool`` cells and flattened.
     """
 
-    def __init__(self, width: int = 32, depth: int = 3, convs_per_stage: int = 1):
+    def __init__(self, width: int = 32, depth: int = 3, convs_per_stage: int = 1, pool: int = 1):
         super().__init__()
         layers: list[nn.Module] = []
         cin = 1
@@ -39,8 +40,9 @@ class Encoder(nn.Module):
                 layers.append(nn.MaxPool2d(2))
             cin = cout
         self.body = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.feature_dim = cin
+        # pool > 1 keeps a coarse layout (pool x pool cells): where a stroke is matters for digits
+        self.pool = nn.AdaptiveAvgPool2d(pool)
+        self.feature_dim = cin * pool * pool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = (x - MNIST_MEAN) / MNIST_STD
@@ -67,7 +69,7 @@ class SimCLRModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.encoder = Encoder(cfg.width, cfg.depth, cfg.convs_per_stage)
+        self.encoder = Encoder(cfg.width, cfg.depth, cfg.convs_per_stage, cfg.pool)
         self.projector = ProjectionHead(self.encoder.feature_dim, cfg.proj_hidden, cfg.proj_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,7 +83,7 @@ class Classifier(nn.Module):
 
     def __init__(self, cfg: ModelConfig, num_classes: int = NUM_CLASSES):
         super().__init__()
-        self.encoder = Encoder(cfg.width, cfg.depth, cfg.convs_per_stage)
+        self.encoder = Encoder(cfg.width, cfg.depth, cfg.convs_per_stage, cfg.pool)
         self.dropout = nn.Dropout(cfg.dropout)
         self.head = nn.Linear(self.encoder.feature_dim, num_classes)
 
@@ -99,4 +101,4 @@ def build_model(kind: str, cfg: ModelConfig) -> nn.Module:
 
 def architecture(cfg: ModelConfig) -> dict:
     """The model-config fields that decide tensor shapes (a checkpoint must match them)."""
-    return {"width": cfg.width, "depth": cfg.depth, "convs_per_stage": cfg.convs_per_stage, "proj_dim": cfg.proj_dim, "proj_hidden": cfg.proj_hidden}
+    return {"width": cfg.width, "depth": cfg.depth, "convs_per_stage": cfg.convs_per_stage, "pool": cfg.pool, "proj_dim": cfg.proj_dim, "proj_hidden": cfg.proj_hidden}

@@ -142,6 +142,16 @@ def _number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def _as_number(x: Any) -> Any:
+    """YAML reads ``1e-3`` (no dot) as a string: take it as the number it means."""
+    if isinstance(x, str):
+        try:
+            return float(x)
+        except ValueError:
+            return x
+    return x
+
+
 def parse_space(text: str, source: str, base: Config, simclr: str | None = None,
                 base_model: str | None = None) -> SearchSpace:
     """Parse and validate a space file; every value and range end must give a valid trial config.
@@ -185,6 +195,7 @@ def parse_space(text: str, source: str, base: Config, simclr: str | None = None,
                 if not values or values == [base.model.init]:
                     continue
         else:
+            values = [_as_number(v) for v in values] if isinstance(values, list) else values
             if not (isinstance(values, list) and len(values) == 2 and all(_number(v) for v in values)):
                 raise ConfigError(f"{where} needs [lo, hi], two numbers; got {values!r}")
             lo, hi = values
