@@ -302,3 +302,19 @@ def test_run_probes_on_cuda_features():
         assert out[name]["test_acc"] >= 0.95
     cpu = train_linear_probe(xtr, ytr)
     assert torch.equal(predict(out["linear"]["probe"], xte), predict(cpu, xte))  # CPU query, CUDA probe
+
+
+def test_select_linear_C_picks_the_best_validation_score():
+    from toolkit.probes import select_linear_C
+
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(10, 16, generator=g) * 3
+    y = torch.arange(10).repeat(10)
+    x = centers[y] + torch.randn(100, 16, generator=g)
+    yv = torch.arange(10).repeat(30)
+    xv = centers[yv] + torch.randn(300, 16, generator=g)
+    best, scores = select_linear_C(x, y, xv, yv, grid=(1e-4, 1.0))
+    assert set(scores) == {1e-4, 1.0}
+    # a vanishing C shrinks the weights to ~0: worse on validation than C=1
+    assert scores[1.0] > scores[1e-4]
+    assert best == 1.0
