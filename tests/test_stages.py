@@ -108,7 +108,7 @@ def steps_of(cfg: Config, run_id: str, metric: str) -> list[int]:
 def round_history(cfg: Config, run_id: str, metric: str) -> list[float]:
     """Per-round values of ``metric`` (steps 1, 2, ...) in round order.
 
-    Step 0 is left out: the stage's final summary re-logs ``pool_left`` and ``val_acc`` there.
+    Round-level series live under ``round/`` (the final summary under ``final/``).
     """
     ms = sorted(client_for(cfg).get_metric_history(run_id, metric), key=lambda m: m.step)
     return [m.value for m in ms if m.step >= 1]
@@ -247,14 +247,13 @@ def test_iterative_pseudolabel_logs_each_round_and_the_final_model(make_cfg):
     client = client_for(cfg)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
-    for metric in ("threshold", "added", "train_size", "diagnostic/pseudo_precision_round"):
-        assert steps_of(cfg, result.run_id, metric) == [1, 2, 3], metric
-    # pool_left also carries the final summary at step 0
-    assert [s for s in steps_of(cfg, result.run_id, "pool_left") if s] == [1, 2, 3]
-    thresholds = round_history(cfg, result.run_id, "threshold")
+    for metric in ("threshold", "added", "train_size", "pool_left", "val_acc", "diagnostic/pseudo_precision_round"):
+        assert steps_of(cfg, result.run_id, f"round/{metric}") == [1, 2, 3], metric
+    assert steps_of(cfg, result.run_id, "final/pool_left") == [0]
+    thresholds = round_history(cfg, result.run_id, "round/threshold")
     assert thresholds[0] == pytest.approx(0.6) and thresholds[-1] == pytest.approx(0.3)
     assert all(a >= b for a, b in zip(thresholds, thresholds[1:]))
-    pool_left, added = round_history(cfg, result.run_id, "pool_left"), round_history(cfg, result.run_id, "added")
+    pool_left, added = round_history(cfg, result.run_id, "round/pool_left"), round_history(cfg, result.run_id, "round/added")
     assert all(a >= b for a, b in zip([POOL, *pool_left], pool_left))
     assert [POOL - p for p in pool_left] == [sum(added[: i + 1]) for i in range(3)]
     assert pool_left[-1] < POOL, "no round selected any pseudo-label: the thresholds are too high for this model"
@@ -283,8 +282,8 @@ def test_oneshot_trains_exactly_one_round_at_threshold_start(make_cfg):
     state = json.loads((folder / "rounds.json").read_text())
     assert state["rounds_done"] == 1 and len(state["history"]) == 1
     assert sorted(p.name for p in folder.glob("round*.pt")) == ["round0.pt", "round1.pt"]
-    assert steps_of(cfg, result.run_id, "threshold") == [1]
-    assert round_history(cfg, result.run_id, "threshold") == [pytest.approx(0.4)]
+    assert steps_of(cfg, result.run_id, "round/threshold") == [1]
+    assert round_history(cfg, result.run_id, "round/threshold") == [pytest.approx(0.4)]
     assert client_for(cfg).get_run(result.run_id).data.tags["toolkit.mode"] == "oneshot"
 
 
@@ -324,8 +323,8 @@ def test_pseudolabel_interrupted_in_round_2_resumes_after_round_1(data_root, tra
     (run,) = runs_with_key(cfg, "resume-pseudolabel-iterative")
     assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
     assert run.data.tags["toolkit.resumed"] == "True"
-    for metric in ("threshold", "pool_left", "diagnostic/pseudo_precision_round"):
-        steps = [s for s in steps_of(cfg, run.info.run_id, metric) if s]
+    for metric in ("round/threshold", "round/pool_left", "round/diagnostic/pseudo_precision_round"):
+        steps = steps_of(cfg, run.info.run_id, metric)
         # each round logs after it finishes; only a kill between logging and saving the state could repeat one
         assert set(steps) == {1, 2, 3} and len(steps) <= 4, (metric, steps)
     assert len(client_for(cfg).get_metric_history(run.info.run_id, "test_acc")) == 1
@@ -450,8 +449,6 @@ def test_rerunning_the_pipeline_skips_every_finished_stage(study, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="a re-run of a finished pipeline opens a new parent run without children, "
-                                       "and `toolkit report` reads only the newest parent's children")
 def test_report_after_a_rerun_still_has_every_stage(study, tmp_path, capsys):
     from toolkit.cli import main
     from toolkit.stages.pipeline import pipeline

@@ -73,6 +73,8 @@ def load_model_file(path: str | os.PathLike, kind: str, model_cfg: ModelConfig |
         raise CheckpointError(f"checkpoint {payload['path']} holds a '{payload['kind']}' model, expected '{kind}'")
     if model_cfg is not None:
         want, got = architecture(model_cfg), payload.get("architecture", {})
+        # files written before `pool` existed used global pooling
+        got = {"pool": 1, **got}
         diff = {k: (got.get(k), v) for k, v in want.items() if k in ("width", "depth", "convs_per_stage", "pool") and got.get(k) != v}
         if diff:
             desc = ", ".join(f"model.{k}={g} in the checkpoint but {w} here" for k, (g, w) in diff.items())

@@ -81,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.backend:
             overrides.append(f"run.backend={args.backend}")
         cfg = load_config(args.config, overrides)
+        if cfg.run.threads:
+            import torch
+
+            torch.set_num_threads(cfg.run.threads)  # the driver's own work: probes, inference, evaluation
         if cfg.run.backend == "local":
             # fail before any folder or MLflow run exists (the Ray path checks after connecting)
             from .backends import check_gpu_request

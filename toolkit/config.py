@@ -133,7 +133,7 @@ class PretrainConfig:
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    checkpoint: str = _opt("", "encoder: checkpoint path, or MLflow run id of a pretrain run (empty: latest pretrain of this run name)")
+    checkpoint: str = _opt("", "encoder (required): SimCLR checkpoint path, or the MLflow run id of a pretrain run")
     all_labels: bool = _opt(True, "also train the probes with all training labels (second protocol)")
     knn_k: int = _opt(20, "neighbours of the kNN probe")
     tsne_points: int = _opt(2000, "test points in the t-SNE plot (0: no plot)")

@@ -17,10 +17,20 @@ from .common import StageResult, run_key
 PIPELINE_SECTIONS = ("data", "split", "model", "augment", "pretrain", "probe", "classifier", "pseudolabel", "tune", "pipeline")
 
 
-def _tag(cfg: Config, result: StageResult, stage: str, seed: int) -> None:
-    """Mark a stage's run so `toolkit report` can find it by stage and seed."""
+STAGE_RUN_TAG = "toolkit.stage_run"
+
+
+def _tag(cfg: Config, parent_id: str | None, result: StageResult, stage: str, seed: int) -> None:
+    """Mark a stage's run by stage and seed, and record it on the parent run.
+
+    The parent keeps the run id of every stage, skipped ones included, so `toolkit report`
+    on a re-run pipeline (a new parent whose stages were all finished) still has every row.
+    """
     if result.run_id and cfg.tracking.enabled:
-        Tracker(tracking_uri(cfg), result.run_id).set_tags({"toolkit.stage": stage, "toolkit.seed": seed})
+        uri = tracking_uri(cfg)
+        Tracker(uri, result.run_id).set_tags({"toolkit.stage": stage, "toolkit.seed": seed})
+        if parent_id:
+            Tracker(uri, parent_id).set_tags({f"{STAGE_RUN_TAG}.{seed}.{stage}": result.run_id})
 
 
 def run_seed(cfg: Config, parent_id: str | None, prefix: str, seed: int, simclr_path: str | None) -> dict[str, StageResult]:
@@ -35,7 +45,7 @@ def run_seed(cfg: Config, parent_id: str | None, prefix: str, seed: int, simclr_
 
     def record(stage: str, result: StageResult) -> None:
         out[stage] = result
-        _tag(cfg, result, stage, seed)
+        _tag(cfg, parent_id, result, stage, seed)
 
     if "probe" in stages and simclr_path:
         record("probe", probe(scfg, parent_id, f"{prefix}-probe", checkpoint=simclr_path))
@@ -56,7 +66,7 @@ def run_seed(cfg: Config, parent_id: str | None, prefix: str, seed: int, simclr_
             from .tune import best_config_path, tune
 
             tuned = tune(c, parent_id, f"{prefix}-tune")
-            _tag(cfg, tuned, "tune", seed)
+            _tag(cfg, parent_id, tuned, "tune", seed)
             c = load_config(best_config_path(tuned), base=c)
         record("simclr_iterative", pseudolabel(c, parent_id, f"{prefix}-simclr_iterative"))
     return out
@@ -80,7 +90,7 @@ def pipeline(cfg: Config) -> dict:
             first = cfg.pipeline.seeds[0]
             pcfg = cfg.replace(**{"split.seed": first, "run.seed": first, "run.name": ""})
             pre = pretrain(pcfg, parent.run_id, f"{key}-pretrain")
-            _tag(cfg, pre, "pretrain", first)
+            _tag(cfg, parent.run_id, pre, "pretrain", first)
             simclr_path = pre.model_path
         for seed in cfg.pipeline.seeds:
             print(f"[pipeline] seed {seed}", flush=True)

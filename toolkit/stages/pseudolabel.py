@@ -62,13 +62,19 @@ def run_rounds(cfg: Config, tracker: Tracker, key: str, folder: Path, base_model
     rounds = 1 if pc.mode == "oneshot" else pc.rounds
     init = init_params(cfg, folder)
     state = _load_state(folder)
+    digest = cfg.digest(*SECTIONS)
+    if state and state.get("config_digest", digest) != digest:
+        from ..config import ConfigError
+
+        raise ConfigError(f"run.name={cfg.run.name!r}: {folder} holds pseudo-labeling rounds of another config; "
+                          "choose another run.name (or delete that folder to start over)")
     if not state:
         if base_model:
             start_model = base_model
         else:  # round 0: the labeled images alone
             path, _ = train_classifier(cfg, tracker, f"{key}-round0", folder, "round0.pt", init=init, label="round 0")
             start_model = str(path)
-        state = {"rounds_done": 0, "model": start_model, "pool": split.pool.tolist(),
+        state = {"config_digest": digest, "rounds_done": 0, "model": start_model, "pool": split.pool.tolist(),
                  "pseudo_indices": [], "pseudo_labels": [], "history": []}
         _save_state(folder, state)
     elif state["rounds_done"]:
@@ -108,7 +114,8 @@ def run_rounds(cfg: Config, tracker: Tracker, key: str, folder: Path, base_model
             "diagnostic/pseudo_precision_total": precision_total,
             **{f"added_digit{c}": n for c, n in enumerate(counts)},
         }
-        tracker.log_metrics(metrics, step=r + 1)
+        # round-level series under round/ (the classifier's own val_acc is logged per step)
+        tracker.log_metrics({f"round/{k}": v for k, v in metrics.items()}, step=r + 1)
         state.update({
             "rounds_done": r + 1, "model": str(model_path), "pool": pool[keep].tolist(),
             "pseudo_indices": pseudo_idx, "pseudo_labels": pseudo_lab,
@@ -170,7 +177,7 @@ def pseudolabel(cfg: Config, parent_run_id: str | None = None, key: str | None =
             "diagnostic/pseudo_precision_total": float(last.get("diagnostic/pseudo_precision_total", float("nan"))),
             "stage_seconds": seconds,
         })
-        tracker.log_metrics({k: v for k, v in metrics.items() if not k.startswith("test_")})
+        tracker.log_metrics({f"final/{k}": v for k, v in metrics.items() if not k.startswith("test_")})
         result = StageResult(f"pseudolabel-{cfg.pseudolabel.mode}", key, tracker.run_id, str(final), metrics, seconds, config_digest=cfg.digest())
         result.save(folder)
         print(f"[pseudolabel] done in {seconds:.0f}s: {metrics['pseudo_labels']} pseudo-labels, pool left "

@@ -108,14 +108,22 @@ def report(cfg: Config) -> str:
         if not runs:
             raise ConfigError(f"no pipeline run in {uri}: run `toolkit pipeline` first or set report.run_id")
         parent_id = runs[0].info.run_id
-    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=1000)
+    from .pipeline import STAGE_RUN_TAG
+
     results: dict[int, dict[str, StageResult]] = {}
-    for run in children:
+    parent_tags = client.get_run(parent_id).data.tags
+    # the parent records every stage's run (also stages skipped because an earlier run finished them)
+    recorded = {k[len(STAGE_RUN_TAG) + 1:]: v for k, v in parent_tags.items() if k.startswith(STAGE_RUN_TAG + ".")}
+    runs = [client.get_run(run_id) for run_id in recorded.values()] or client.search_runs(
+        [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=1000)
+    for run in runs:
         stage, seed = run.data.tags.get("toolkit.stage"), run.data.tags.get("toolkit.seed")
         if stage is None or seed is None:
             continue
         results.setdefault(int(seed), {})[stage] = StageResult(stage, run.info.run_name, run.info.run_id, None,
                                                                dict(run.data.metrics))
+    if not results:
+        raise ConfigError(f"pipeline run {parent_id} has no finished stage to report yet")
     md = summarise(cfg, Tracker(uri, parent_id), dict(sorted(results.items())))
     print(md, flush=True)
     return md
