@@ -84,6 +84,18 @@ def _maybe_sync_bn(cfg: Config, model: torch.nn.Module, world: int) -> torch.nn.
     return model
 
 
+def _restore(session, model, optimizer, scheduler) -> dict | None:
+    """Load the session's newest checkpoint into model / optimizer / scheduler; return it (or None)."""
+    resume = session.latest_checkpoint()
+    if resume is None:
+        return None
+    state = checkpoints.load(resume)
+    model.load_state_dict(state["state_dict"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state
+
+
 def _write_checkpoint(payload: dict) -> Path:
     d = Path(tempfile.mkdtemp(prefix="toolkit-ckpt-"))
     checkpoints.save(d / checkpoints.CHECKPOINT_FILE, payload)
@@ -120,15 +132,11 @@ def simclr_worker(params: dict, session) -> None:
         optimizer, warmup_cosine_lambda(total_steps, int(pc.warmup_epochs * steps_per_epoch), 0.0)
     )
     start_epoch = 0
-    resume = session.latest_checkpoint()
-    if resume is not None:
-        state = checkpoints.load(resume)
-        model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+    state = _restore(session, model, optimizer, scheduler)
+    if state is not None:
         start_epoch = int(state["epoch"])
         if rank == 0:
-            print(f"[pretrain] resuming after epoch {start_epoch} from {resume}", flush=True)
+            print(f"[pretrain] resuming after epoch {start_epoch} from {state['path']}", flush=True)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     tracker = _tracker(params, rank)
@@ -217,16 +225,12 @@ def classifier_worker(params: dict, session) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine_lambda(steps, min(cc.warmup_steps, steps // 2), 0.0))
 
     done, best_acc, best_state, best_step = 0, -1.0, None, 0
-    resume = session.latest_checkpoint()
-    if resume is not None:
-        state = checkpoints.load(resume)
-        model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+    state = _restore(session, model, optimizer, scheduler)
+    if state is not None:
         done, best_acc, best_step = int(state["step"]), float(state["best_val_acc"]), int(state["best_step"])
         best_state = state["best_state_dict"]
         if rank == 0:
-            print(f"[{label}] resuming at step {done} from {resume}", flush=True)
+            print(f"[{label}] resuming at step {done} from {state['path']}", flush=True)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     local_batch = max(1, cc.batch_size // world)
