@@ -152,7 +152,8 @@ class ClassifierConfig:
     encoder_lr_scale: float = _opt(0.3, "lr multiplier of a SimCLR-initialised encoder")
     weight_decay: float = _opt(5e-4, "AdamW weight decay")
     warmup_steps: int = _opt(100, "linear warmup steps")
-    label_smoothing: float = _opt(0.1, "cross-entropy label smoothing")
+    label_smoothing: float = _opt(0.0, "cross-entropy label smoothing (caps confidence near 1 - smoothing: keep it "
+                                       "below 1 - pseudolabel.threshold_start)")
 
     def validate(self) -> None:
         _check(self.steps >= 1, "classifier.steps", "must be >= 1", self.steps)

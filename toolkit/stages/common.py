@@ -55,7 +55,7 @@ def stage_dir(cfg: Config, key: str) -> Path:
     return d
 
 
-def finished_result(folder: Path, cfg: Config | None = None) -> StageResult | None:
+def finished_result(folder: Path, digest: str | None = None) -> StageResult | None:
     """The saved result of a finished stage with this config, or None (then the stage runs, resuming what it can).
 
     A stage re-run under the same key with another config (say more epochs) is not
@@ -67,7 +67,7 @@ def finished_result(folder: Path, cfg: Config | None = None) -> StageResult | No
     d = json.loads(p.read_text())
     if d.get("model_path") and not Path(d["model_path"]).is_file():
         return None
-    if cfg is not None and d.get("config_digest") and d["config_digest"] != cfg.digest():
+    if digest is not None and d.get("config_digest") and d["config_digest"] != digest:
         return None
     return StageResult(**d, skipped=True)
 

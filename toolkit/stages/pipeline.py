@@ -47,28 +47,30 @@ def run_seed(cfg: Config, parent_id: str | None, prefix: str, seed: int, simclr_
         out[stage] = result
         _tag(cfg, parent_id, result, stage, seed)
 
+    # stage keys come from each stage's own config sections (and inputs), not from the pipeline's:
+    # changing, say, the pseudo-labeling schedule re-runs only the stages it affects
     if "probe" in stages and simclr_path:
-        record("probe", probe(scfg, parent_id, f"{prefix}-probe", checkpoint=simclr_path))
+        record("probe", probe(scfg, parent_id, checkpoint=simclr_path))
     base = None
     if "supervised" in stages:
-        record("supervised", supervised(scfg.replace(**{"model.init": "scratch"}), parent_id, f"{prefix}-supervised"))
+        record("supervised", supervised(scfg.replace(**{"model.init": "scratch"}), parent_id))
         base = out["supervised"].model_path
     if "oneshot" in stages:
         c = scfg.replace(**{"model.init": "scratch", "pseudolabel.mode": "oneshot"})
-        record("oneshot", pseudolabel(c, parent_id, f"{prefix}-oneshot", base_model=base))
+        record("oneshot", pseudolabel(c, parent_id, base_model=base))
     if "iterative" in stages:
         c = scfg.replace(**{"model.init": "scratch", "pseudolabel.mode": "iterative"})
-        record("iterative", pseudolabel(c, parent_id, f"{prefix}-iterative", base_model=base))
+        record("iterative", pseudolabel(c, parent_id, base_model=base))
     if "simclr_iterative" in stages and simclr_path:
         c = scfg.replace(**{"model.init": f"simclr:{simclr_path}", "pseudolabel.mode": "iterative"})
         if cfg.pipeline.tune:
             from ..config import load_config
             from .tune import best_config_path, tune
 
-            tuned = tune(c, parent_id, f"{prefix}-tune")
+            tuned = tune(c, parent_id)
             _tag(cfg, parent_id, tuned, "tune", seed)
             c = load_config(best_config_path(tuned), base=c)
-        record("simclr_iterative", pseudolabel(c, parent_id, f"{prefix}-simclr_iterative"))
+        record("simclr_iterative", pseudolabel(c, parent_id))
     return out
 
 
@@ -89,7 +91,7 @@ def pipeline(cfg: Config) -> dict:
             # validation images are held out of it
             first = cfg.pipeline.seeds[0]
             pcfg = cfg.replace(**{"split.seed": first, "run.seed": first, "run.name": ""})
-            pre = pretrain(pcfg, parent.run_id, f"{key}-pretrain")
+            pre = pretrain(pcfg, parent.run_id)
             _tag(cfg, parent.run_id, pre, "pretrain", first)
             simclr_path = pre.model_path
         for seed in cfg.pipeline.seeds:

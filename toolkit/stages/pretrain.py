@@ -17,7 +17,7 @@ def pretrain(cfg: Config, parent_run_id: str | None = None, key: str | None = No
     """Train SimCLR; write ``model.pt`` (kind 'simclr') into the stage folder and the MLflow run."""
     key = key or run_key(cfg, "pretrain", *SECTIONS)
     folder = stage_dir(cfg, key)
-    done = finished_result(folder, cfg)
+    done = finished_result(folder, cfg.digest(*SECTIONS))
     if done:
         print(f"[pretrain] {key} already finished: {done.model_path}", flush=True)
         return done
@@ -37,7 +37,7 @@ def pretrain(cfg: Config, parent_run_id: str | None = None, key: str | None = No
         seconds = time.perf_counter() - t0
         final = {"final_loss": float(metrics.get("loss", float("nan"))), "stage_seconds": seconds}
         tracker.log_metrics(final)
-        result = StageResult("pretrain", key, tracker.run_id, str(model_path), final, seconds, config_digest=cfg.digest())
+        result = StageResult("pretrain", key, tracker.run_id, str(model_path), final, seconds, config_digest=cfg.digest(*SECTIONS))
         result.save(folder)
         print(f"[pretrain] done in {seconds:.0f}s: {model_path}  {run_url(cfg, tracker)}", flush=True)
         return result

@@ -23,6 +23,7 @@ from ..probes import run_probes, select_linear_C
 from ..tracking import mlflow_run, run_url
 from .common import StageResult, eval_device, finished_result, load_data_and_split, log_config_and_split, stage_dir
 
+PROBE_SECTIONS = ("data", "split", "probe")
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -58,9 +59,9 @@ def probe(cfg: Config, parent_run_id: str | None = None, key: str | None = None,
     if not ref:
         raise ConfigError("probe.checkpoint is empty: give a SimCLR checkpoint path or the MLflow run id of a pretrain run")
     ref_hash = hashlib.sha256(str(ref).encode()).hexdigest()[:6]
-    key = key or (f"{cfg.run.name}-probe" if cfg.run.name else f"probe-{cfg.digest('data', 'split', 'probe')}-{ref_hash}")
+    key = key or (f"{cfg.run.name}-probe" if cfg.run.name else f"probe-{cfg.digest(*PROBE_SECTIONS)}-{ref_hash}")
     folder = stage_dir(cfg, key)
-    done = finished_result(folder, cfg)
+    done = finished_result(folder, cfg.digest(*PROBE_SECTIONS))
     if done:
         print(f"[probe] {key} already finished", flush=True)
         return done
@@ -107,7 +108,7 @@ def probe(cfg: Config, parent_run_id: str | None = None, key: str | None = None,
         seconds = time.perf_counter() - t0
         metrics["stage_seconds"] = seconds
         tracker.log_metrics(metrics)
-        result = StageResult("probe", key, tracker.run_id, None, metrics, seconds, config_digest=cfg.digest())
+        result = StageResult("probe", key, tracker.run_id, None, metrics, seconds, config_digest=cfg.digest(*PROBE_SECTIONS))
         result.save(folder)
         print(f"[probe] done in {seconds:.0f}s  {run_url(cfg, tracker)}", flush=True)
         return result

@@ -153,8 +153,12 @@ def pseudolabel(cfg: Config, parent_run_id: str | None = None, key: str | None =
                 base_model: str | None = None) -> StageResult:
     """Run the rounds; log per-round metrics, plots, the final model and its test accuracy (once)."""
     key = key or run_key(cfg, f"pseudolabel-{cfg.pseudolabel.mode}", *SECTIONS)
+    if base_model and not cfg.run.name and key.startswith("pseudolabel-"):
+        import hashlib
+
+        key += "-from-" + hashlib.sha256(str(base_model).encode()).hexdigest()[:6]
     folder = stage_dir(cfg, key)
-    done = finished_result(folder, cfg)
+    done = finished_result(folder, cfg.digest(*SECTIONS))
     if done:
         print(f"[pseudolabel] {key} already finished: test acc {done.metrics.get('test_acc', float('nan')):.4f}", flush=True)
         return done
@@ -178,7 +182,7 @@ def pseudolabel(cfg: Config, parent_run_id: str | None = None, key: str | None =
             "stage_seconds": seconds,
         })
         tracker.log_metrics({f"final/{k}": v for k, v in metrics.items() if not k.startswith("test_")})
-        result = StageResult(f"pseudolabel-{cfg.pseudolabel.mode}", key, tracker.run_id, str(final), metrics, seconds, config_digest=cfg.digest())
+        result = StageResult(f"pseudolabel-{cfg.pseudolabel.mode}", key, tracker.run_id, str(final), metrics, seconds, config_digest=cfg.digest(*SECTIONS))
         result.save(folder)
         print(f"[pseudolabel] done in {seconds:.0f}s: {metrics['pseudo_labels']} pseudo-labels, pool left "
               f"{metrics['pool_left']}, test acc {metrics['test_acc']:.4f}  {run_url(cfg, tracker)}", flush=True)

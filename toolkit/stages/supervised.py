@@ -69,7 +69,7 @@ def log_test_report(tracker: Tracker, cfg: Config, model_path: Path, data, folde
 def supervised(cfg: Config, parent_run_id: str | None = None, key: str | None = None) -> StageResult:
     key = key or run_key(cfg, "supervised", *SECTIONS)
     folder = stage_dir(cfg, key)
-    done = finished_result(folder, cfg)
+    done = finished_result(folder, cfg.digest(*SECTIONS))
     if done:
         print(f"[supervised] {key} already finished: test acc {done.metrics.get('test_acc', float('nan')):.4f}", flush=True)
         return done
@@ -83,7 +83,7 @@ def supervised(cfg: Config, parent_run_id: str | None = None, key: str | None = 
         seconds = time.perf_counter() - t0
         metrics.update({"val_acc": best["best_val_acc"], "stage_seconds": seconds})
         tracker.log_metrics({"val_acc_selected": best["best_val_acc"], "stage_seconds": seconds})
-        result = StageResult("supervised", key, tracker.run_id, str(model_path), metrics, seconds, config_digest=cfg.digest())
+        result = StageResult("supervised", key, tracker.run_id, str(model_path), metrics, seconds, config_digest=cfg.digest(*SECTIONS))
         result.save(folder)
         print(f"[supervised] done in {seconds:.0f}s: val acc {best['best_val_acc']:.4f}, "
               f"test acc {metrics['test_acc']:.4f}  {run_url(cfg, tracker)}", flush=True)

@@ -580,7 +580,7 @@ def tune(cfg: Config, parent_run_id: str | None = None, key: str | None = None,
     text, source = read_space(cfg)
     key = key or search_key(cfg, text, base_model)
     folder = stage_dir(cfg, key)
-    done = finished_result(folder, cfg)
+    done = finished_result(folder, cfg.digest())
     if done:
         print(f"[tune] {key} already finished: best val acc {done.metrics.get('best_val_acc', float('nan')):.4f}, "
               f"best config {best_config_path(done)}", flush=True)
