@@ -328,12 +328,14 @@ def _trial_dirname(trial) -> str:
 # --------------------------------------------------------------------------- the search
 
 
+def search_digest(cfg: Config, space_text: str, base_model: str | None = None) -> str:
+    """Hash of what decides a search: its config sections, the space and the base model."""
+    return hashlib.sha256((cfg.digest(*SECTIONS) + space_text + (base_model or "")).encode()).hexdigest()[:10]
+
+
 def search_key(cfg: Config, space_text: str, base_model: str | None = None) -> str:
-    """``<run.name>-tune``, else ``tune-<hash of the config sections, the space and the base model>``."""
-    if cfg.run.name:
-        return f"{cfg.run.name}-tune"
-    h = hashlib.sha256((cfg.digest(*SECTIONS) + space_text + (base_model or "")).encode()).hexdigest()[:10]
-    return f"tune-{h}"
+    """``<run.name>-tune``, else ``tune-<search_digest>``."""
+    return f"{cfg.run.name}-tune" if cfg.run.name else f"tune-{search_digest(cfg, space_text, base_model)}"
 
 
 def _require_optuna() -> None:
@@ -579,8 +581,9 @@ def tune(cfg: Config, parent_run_id: str | None = None, key: str | None = None,
         _require_optuna()
     text, source = read_space(cfg)
     key = key or search_key(cfg, text, base_model)
+    digest = search_digest(cfg, text, base_model)
     folder = stage_dir(cfg, key)
-    done = finished_result(folder, cfg.digest())
+    done = finished_result(folder, digest)
     if done:
         print(f"[tune] {key} already finished: best val acc {done.metrics.get('best_val_acc', float('nan')):.4f}, "
               f"best config {best_config_path(done)}", flush=True)
@@ -668,7 +671,7 @@ def tune(cfg: Config, parent_run_id: str | None = None, key: str | None = None,
             "stage_seconds": seconds,
         })
         tracker.log_metrics({k: v for k, v in metrics.items() if not k.startswith("test_")})
-        result = StageResult("tune", key, tracker.run_id, str(final), metrics, seconds, config_digest=cfg.digest())
+        result = StageResult("tune", key, tracker.run_id, str(final), metrics, seconds, config_digest=digest)
         result.save(folder)
         print(f"[tune] done in {seconds:.0f}s: best trial {best.trial_id} ({best.kind}) val acc {best.val_acc:.4f}, "
               f"test acc {metrics['test_acc']:.4f}\n[tune] best config: {best_path}  {run_url(cfg, tracker)}", flush=True)
