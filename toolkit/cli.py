@@ -67,7 +67,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt_on_signals() -> None:
+    """Ctrl-C and SIGTERM raise KeyboardInterrupt: runs are marked KILLED and checkpoints kept.
+
+    Installed explicitly because a process started in the background inherits SIGINT as
+    ignored (POSIX shells do that), and Python then never raises KeyboardInterrupt.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def _raise(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _raise)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _interrupt_on_signals()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:
