@@ -402,6 +402,18 @@ def test_cli_labels_per_class_larger_than_a_class(tmp_path, data_root, capsys):
     assert "split.labels_per_class=1000" in line and "training images" in line
 
 
+def test_cli_missing_data_on_the_ray_backend_is_one_line_before_ray_starts(tmp_path, capsys, monkeypatch):
+    import toolkit.backends as backends
+
+    def no_ray(cfg):
+        raise RuntimeError("Ray was started before the data was checked")
+
+    monkeypatch.setattr(backends, "init_ray", no_ray)
+    assert main(["pretrain", f"data.root={tmp_path / 'nodata'}", *_safe_args(tmp_path)]) == 2
+    line = _one_error_line(capsys)
+    assert "MNIST file missing" in line and str(tmp_path / "nodata") in line
+
+
 def test_cli_use_gpu_without_gpu(tmp_path, data_root, capsys, monkeypatch):
     import torch
 

@@ -7,6 +7,7 @@ gradient), that the stages checkpoint into Ray storage, resume from it, and log 
 from __future__ import annotations
 
 import copy
+import os
 import sys
 from pathlib import Path
 
@@ -161,10 +162,13 @@ def test_pretrain_on_ray_checkpoints_logs_and_resumes(tiny_config):
     assert checkpoints.load(second.model_path)["epoch"] == 2
 
 
-def test_supervised_on_ray_selects_on_validation(tiny_config):
+def test_supervised_on_ray_selects_on_validation(tiny_config, data_root, tmp_path, monkeypatch):
     from toolkit.stages.supervised import supervised
 
-    cfg = _ray_cfg(tiny_config, **{"classifier.steps": 40, "classifier.eval_every": 20, "classifier.batch_size": 64})
+    # a data root relative to the driver's folder, as the README writes it (Ray workers start elsewhere)
+    monkeypatch.chdir(tmp_path)
+    cfg = _ray_cfg(tiny_config, **{"classifier.steps": 40, "classifier.eval_every": 20, "classifier.batch_size": 64,
+                                   "data.root": os.path.relpath(data_root, tmp_path)})
     result = supervised(cfg)
     client = _client(cfg)
     run = client.get_run(result.run_id)

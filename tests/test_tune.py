@@ -145,16 +145,30 @@ def test_sampled_combinations_are_repaired_into_valid_configs():
         tune_stage.trial_config(base, {"model.init": "simclr"})
 
 
-def test_best_overrides_load_on_the_defaults(tmp_path):
+def test_best_overrides_carry_what_decides_the_result_and_load_on_the_defaults(tmp_path):
     # the base config's floor (0.5) is non-default and the tuned start (0.7) is below the default floor (0.9)
-    base = Config().replace(**{"pseudolabel.threshold_floor": 0.5, "classifier.steps": 30})
+    base = Config().replace(**{"pseudolabel.threshold_floor": 0.5, "classifier.steps": 30, "model.width": 8,
+                               "data.train_subset": 3000, "run.output_dir": "/elsewhere", "run.seed": 3,
+                               "pseudolabel.inference_actors": 4})
     tuned = tune_stage.trial_config(base, {"pseudolabel.threshold_start": 0.7, "pseudolabel.schedule": "linear"})
     ov = tune_stage.best_overrides(base, tuned, ["pseudolabel.threshold_start", "pseudolabel.schedule"])
-    assert ov["pseudolabel.threshold_floor"] == 0.5 and "classifier.steps" not in ov
+    # the trial's model and training, not the default ones
+    assert ov["pseudolabel.threshold_floor"] == 0.5 and ov["classifier.steps"] == 30 and ov["model.width"] == 8
+    assert ov["run.seed"] == 3 and ov["pseudolabel.mode"] == "iterative"
+    # never where or how it ran
+    assert not {"data.train_subset", "run.output_dir", "pseudolabel.inference_actors"} & set(ov)
     p = tmp_path / "best.yaml"
     p.write_text(yaml.safe_dump(tune_stage._nested(ov)))
     loaded = load_config(p)
     assert loaded.pseudolabel.threshold_start == 0.7 and loaded.pseudolabel.threshold_floor == 0.5
+    assert loaded.model == tuned.model and loaded.classifier == tuned.classifier and loaded.split == tuned.split
+
+
+def test_reproduce_args_name_how_the_trial_ran():
+    ov = tune_stage._execution_overrides(Config().replace(**{"data.root": "/d"}), train_subset=1800)
+    assert tune_stage.reproduce_args(ov) == "data.train_subset=1800 run.backend=local pseudolabel.inference=local run.threads=1"
+    ov = tune_stage._execution_overrides(Config().replace(**{"data.root": "/d", "run.threads": 4}), train_subset=0)
+    assert tune_stage.reproduce_args(ov) == "run.backend=local pseudolabel.inference=local"
 
 
 def test_pool_subset_shrinks_the_images_the_split_is_drawn_from(mnist_small):
@@ -220,12 +234,15 @@ def test_search_result_and_files(search):
 
 
 @pytest.mark.slow
-def test_best_yaml_holds_only_the_tuned_keys_and_loads(search):
+def test_best_yaml_reproduces_the_best_trial_config(search):
     cfg, result, folder = search
     best = tune_stage.best_config_path(result)
-    keys = set(flatten_yaml(yaml.safe_load(best.read_text())))
-    assert SPACE_KEYS <= keys <= SPACE_KEYS | {"pseudolabel.class_adaptive"}
+    text = best.read_text()
+    keys = set(flatten_yaml(yaml.safe_load(text)))
+    assert SPACE_KEYS <= keys and "data.train_subset" not in keys and "data.root" not in keys
+    assert f"data.train_subset={100 + 200 + POOL_SUBSET}" in text  # the header's command for the trial as it ran
     loaded = load_config(best)  # what `toolkit pseudolabel --config best.yaml` does
+    assert loaded.model.width == 8 and loaded.classifier.steps == 30 and loaded.split.val_size == 200
     rows = {r["trial_id"]: r for r in read_rows(folder)}
     best_row = max((r for r in rows.values() if r["status"] == "completed"), key=lambda r: float(r["val_acc"]))
     assert math.isclose(float(best_row["val_acc"]), result.metrics["best_val_acc"])

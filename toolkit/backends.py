@@ -166,6 +166,20 @@ def local_checkpoint_root(cfg: Config, run_name: str) -> Path:
     return (Path(cfg.run.output_dir).expanduser() / "local" / run_name).resolve()
 
 
+def params_for_workers(params: dict) -> dict:
+    """``params`` with the driver's relative data root made absolute.
+
+    Ray workers do not run in the driver's folder (a local worker starts in Ray's session
+    folder), so ``data.root=../shared/data`` would name another place there. An empty root
+    is resolved too: ``$TOOLKIT_DATA_DIR`` is the driver's, not the worker's.
+    """
+    from .data import resolve_root
+
+    config = {**params["config"]}
+    config["data"] = {**config["data"], "root": str(resolve_root(config["data"]["root"]))}
+    return {**params, "config": config}
+
+
 def run_training(cfg: Config, loop: str, params: dict, run_name: str) -> tuple[Path, dict]:
     """Run ``loop`` ('simclr' | 'classifier') under ``cfg.run.backend``; return (final checkpoint dir, last metrics).
 
@@ -180,6 +194,9 @@ def run_training(cfg: Config, loop: str, params: dict, run_name: str) -> tuple[P
             raise RuntimeError(f"training '{run_name}' reported no checkpoint")
         return final, session.last_metrics
 
+    from .data import check_mnist
+
+    check_mnist(cfg.data.root, cfg.data.download)  # in the driver: one line, not a traceback from each worker
     init_ray(cfg)
     check_gpu_request(cfg)
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -190,7 +207,7 @@ def run_training(cfg: Config, loop: str, params: dict, run_name: str) -> tuple[P
         resources["GPU"] = 1
     trainer = TorchTrainer(
         train_loop_per_worker=_ray_entry,
-        train_loop_config={"loop": loop, "params": params},
+        train_loop_config={"loop": loop, "params": params_for_workers(params)},
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=run_name,

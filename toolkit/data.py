@@ -80,8 +80,12 @@ class Mnist:
         return Mnist(*(t.to(device) for t in (self.train_images, self.train_labels, self.test_images, self.test_labels)))
 
 
-def load_mnist(root: str = "", download: bool = False, train_subset: int = 0, test_subset: int = 0) -> Mnist:
-    """Load MNIST from ``<root>/MNIST/raw`` (torchvision's layout), checking every file first."""
+def check_mnist(root: str = "", download: bool = False) -> Path:
+    """``<root>/MNIST/raw`` after checking every file's header and size (downloading first if allowed).
+
+    Cheap (headers and sizes only): the driver calls it before it starts Ray workers, so
+    that a missing file is one line from the driver rather than a worker's traceback.
+    """
     base = resolve_root(root)
     raw = base / "MNIST" / "raw"
     missing = [n for n in _FILES if not (raw / n).is_file()]
@@ -92,6 +96,12 @@ def load_mnist(root: str = "", download: bool = False, train_subset: int = 0, te
         torchvision.datasets.MNIST(root=str(base), train=False, download=True)
     for name, (magic, shape) in _FILES.items():
         check_idx_file(raw / name, magic, shape)
+    return raw
+
+
+def load_mnist(root: str = "", download: bool = False, train_subset: int = 0, test_subset: int = 0) -> Mnist:
+    """Load MNIST from ``<root>/MNIST/raw`` (torchvision's layout), checking every file first."""
+    raw = check_mnist(root, download)
 
     # torchvision's layout, read directly: the files were just checked, and skipping the
     # torchvision import saves seconds in every Ray worker and inference actor

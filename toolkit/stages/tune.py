@@ -234,26 +234,30 @@ def parse_space(text: str, source: str, base: Config, simclr: str | None = None,
     return SearchSpace(entries, max_rounds, source, tuple(notes))
 
 
-def best_overrides(base: Config, tuned: Config, keys: Iterable[str]) -> dict[str, Any]:
-    """What ``best.yaml`` holds: the searched keys, plus any key the repairs changed.
+# what best.yaml carries besides the tuned keys: everything else that decided the trial's
+# result (the split, the model, the augmentation, the training), not where it ran
+REPRODUCE_SECTIONS = ("split", "model", "augment", "classifier", "pseudolabel")
 
-    Checked to load on the defaults; when a cross-key rule fails there (the base config
-    relied on other non-default values, say a lower floor), the non-default values of
-    the same sections are added.
+
+def best_overrides(base: Config, tuned: Config, keys: Iterable[str]) -> dict[str, Any]:
+    """What ``best.yaml`` holds: the tuned config's non-default keys that decide its result.
+
+    The searched keys (always, even at their defaults), any key the repairs changed, and
+    every other non-default key of the split, model, augmentation, classifier and
+    pseudo-labeling sections of the base config (a CPU profile's narrow model, say): so
+    that ``toolkit pseudolabel --config best.yaml`` trains the trial's model and not the
+    default one. Never the data root, the pool subset or the infrastructure (run, ray,
+    tracking): those belong to the machine, and the command line adds them.
     """
-    b, t = base.flat(), tuned.flat()
+    b, t, d = base.flat(), tuned.flat(), Config().flat()
     chosen = set(keys) | {k for k in t if t[k] != b[k]}
     if "pseudolabel.schedule" in chosen:
         chosen.add("pseudolabel.class_adaptive")  # a kind is (schedule, class_adaptive): write both
-    ov = {k: t[k] for k in all_keys() if k in chosen}
-    try:
-        Config().replace(**ov)
-    except ConfigError:
-        d = Config().flat()
-        sections = {k.split(".")[0] for k in chosen}
-        ov = {k: t[k] for k in all_keys()
-              if k in chosen or (k.split(".")[0] in sections and k not in FIXED_KEYS and t[k] != d[k])}
-    return ov
+    chosen |= {k for k in t if k.split(".")[0] in REPRODUCE_SECTIONS and k not in FIXED_KEYS and t[k] != d[k]}
+    chosen.add("pseudolabel.mode")  # always iterative, whatever the default
+    if t["run.seed"] != d["run.seed"]:
+        chosen.add("run.seed")  # the training seed decides the result too
+    return {k: t[k] for k in all_keys() if k in chosen}
 
 
 def _nested(overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -283,6 +287,12 @@ def _execution_overrides(cfg: Config, train_subset: int) -> dict[str, Any]:
     if not cfg.run.threads:
         ov["run.threads"] = max(1, int(cfg.tune.cpus_per_trial))  # no oversubscription of the trial's CPUs
     return ov
+
+
+def reproduce_args(execution: dict[str, Any]) -> str:
+    """The command-line overrides that run ``toolkit pseudolabel`` the way a trial ran (in-process, same pool)."""
+    keys = ("data.train_subset", "run.backend", "pseudolabel.inference", "run.threads")
+    return " ".join(f"{k}={execution[k]}" for k in keys if k in execution)
 
 
 def _trial(sample: dict, ctx: dict) -> None:
@@ -651,7 +661,8 @@ def tune(cfg: Config, parent_run_id: str | None = None, key: str | None = None,
         best_path = folder / BEST_FILE
         best_path.write_text(
             f"# best of `toolkit tune` {key}: trial {best.trial_id}, val acc {best.val_acc:.4f} ({best.kind})\n"
-            f"# use: toolkit pseudolabel --config {best_path}\n"
+            f"# on the full pool:     toolkit pseudolabel --config {best_path}\n"
+            f"# this trial, as it ran: toolkit pseudolabel --config {best_path} {reproduce_args(ctx['execution'])}\n"
             + yaml.safe_dump(_nested(overrides), sort_keys=False)
         )
         tracker.log_artifact(best_path)
