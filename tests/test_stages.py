@@ -287,6 +287,31 @@ def test_oneshot_trains_exactly_one_round_at_threshold_start(make_cfg):
     assert client_for(cfg).get_run(result.run_id).data.tags["toolkit.mode"] == "oneshot"
 
 
+def test_iterative_takes_round_1_from_a_matching_oneshot_run(make_cfg):
+    from toolkit.stages.pseudolabel import pseudolabel
+    from toolkit.stages.supervised import supervised
+
+    base = supervised(make_cfg(**{"run.name": "base"})).model_path
+    once = pseudolabel(make_cfg(**{"run.name": "r1", "pseudolabel.mode": "oneshot"}), base_model=base)
+    cfg = make_cfg(**{"run.name": "r1it"})
+    it = pseudolabel(cfg, base_model=base, first_round_from=once)
+    stages = Path(cfg.run.output_dir).resolve() / "stages"
+    once_state = json.loads((stages / "r1-pseudolabel-oneshot" / "rounds.json").read_text())
+    it_state = json.loads((stages / "r1it-pseudolabel-iterative" / "rounds.json").read_text())
+    assert it_state["rounds_done"] == 3 and it_state["history"][0] == once_state["history"][0]
+    assert (stages / "r1it-pseudolabel-iterative" / "round1.pt").read_bytes() == \
+        (stages / "r1-pseudolabel-oneshot" / "round1.pt").read_bytes()
+    assert steps_of(cfg, it.run_id, "round/val_acc") == [1, 2, 3]  # round 1 logged in this run too
+    assert client_for(cfg).get_run(it.run_id).data.tags["toolkit.round1_from"] == str(stages / "r1-pseudolabel-oneshot")
+
+    # another training config, or another start model: round 1 is trained, not taken
+    for name, over, start in (("r1steps", {"pseudolabel.steps_per_round": 10}, base), ("r1start", {}, None)):
+        other = make_cfg(**{"run.name": name, **over})
+        pseudolabel(other, base_model=start, first_round_from=once)
+        state = json.loads((stages / f"{name}-pseudolabel-iterative" / "rounds.json").read_text())
+        assert "adopted_from" not in state and state["rounds_done"] == 3, name
+
+
 # ------------------------------------------------------------------ Ctrl-C and resume (subprocesses)
 
 
@@ -411,6 +436,9 @@ def test_pipeline_nests_a_run_per_stage_and_seed_and_reports(study):
         assert row in md, row
     assert "±" in md
     assert "summary/supervised/test_acc/mean" in parent.data.metrics
+    # the iterative stage took its round 1 from the one-shot stage (same config and start model)
+    iterative = [r for r in kids if r.data.tags["toolkit.stage"] == "iterative"]
+    assert len(iterative) == 2 and all("toolkit.round1_from" in r.data.tags for r in iterative)
 
 
 @pytest.mark.slow

@@ -48,16 +48,15 @@ def make_accelerator(cfg: Config):
 class Progress:
     """One line per report on rank 0: what, where, how fast, time left."""
 
-    def __init__(self, label: str, total: int, unit: str, rank: int):
+    def __init__(self, label: str, total: int, unit: str, rank: int, start: int = 0):
+        """``start``: units already done when timing begins (a resumed run), so the rate counts only new ones."""
         self.label, self.total, self.unit, self.rank = label, total, unit, rank
         self.t0 = time.perf_counter()
-        self.start_done: int | None = None
+        self.start_done = start
 
     def __call__(self, done: int, metrics: dict[str, Any]) -> None:
         if self.rank != 0:
             return
-        if self.start_done is None:
-            self.start_done = done - 1
         elapsed = time.perf_counter() - self.t0
         rate = (done - self.start_done) / elapsed if elapsed > 0 else 0
         eta = (self.total - done) / rate if rate > 0 else 0
@@ -140,7 +139,7 @@ def simclr_worker(params: dict, session) -> None:
     model, optimizer = accelerator.prepare(model, optimizer)
 
     tracker = _tracker(params, rank)
-    progress = Progress("pretrain", pc.epochs, "epoch", rank)
+    progress = Progress("pretrain", pc.epochs, "epoch", rank, start_epoch)
     for epoch in range(start_epoch, pc.epochs):
         gen = make_generator(cfg.run.seed * 1000 + epoch * 16 + rank, device)
         stats = simclr_epoch(
@@ -236,7 +235,7 @@ def classifier_worker(params: dict, session) -> None:
     local_batch = max(1, cc.batch_size // world)
     tracker = _tracker(params, rank)
     offset = int(params.get("step_offset", 0))
-    progress = Progress(label, steps, "step", rank)
+    progress = Progress(label, steps, "step", rank, done)
     while done < steps:
         chunk = min(cc.eval_every, steps - done)
         gen = make_generator(cfg.run.seed * 1_000_003 + done * 16 + rank, device)

@@ -60,7 +60,8 @@ def run_seed(cfg: Config, parent_id: str | None, prefix: str, seed: int, simclr_
         record("oneshot", pseudolabel(c, parent_id, base_model=base))
     if "iterative" in stages:
         c = scfg.replace(**{"model.init": "scratch", "pseudolabel.mode": "iterative"})
-        record("iterative", pseudolabel(c, parent_id, base_model=base))
+        # the one-shot run is this run's round 1 when their configs agree: not trained twice
+        record("iterative", pseudolabel(c, parent_id, base_model=base, first_round_from=out.get("oneshot")))
     if "simclr_iterative" in stages and simclr_path:
         c = scfg.replace(**{"model.init": f"simclr:{simclr_path}", "pseudolabel.mode": "iterative"})
         if cfg.pipeline.tune:

@@ -49,11 +49,40 @@ def _save_state(folder: Path, state: dict) -> None:
     tmp.replace(folder / STATE_FILE)  # atomic: a kill mid-write keeps the previous round
 
 
+def _adopt_first_round(cfg: Config, source: Path, folder: Path, base_model: str | None, digest: str,
+                       tracker: Tracker) -> dict:
+    """The first round of a finished one-shot run, as this iterative run's round 1 ({} when it does not match).
+
+    A one-shot run is round 1 of an iterative run with the same config (same start model,
+    same threshold for round 1, same training): the pipeline runs both, and retraining the
+    same round twice would cost minutes for nothing. The round's model is copied into this
+    run's folder and its metrics logged here, so the run stands on its own.
+    """
+    other = _load_state(source)
+    oneshot = cfg.replace(**{"pseudolabel.mode": "oneshot"})
+    if (not other or other.get("rounds_done") != 1 or other.get("config_digest") != oneshot.digest(*SECTIONS)
+            or not base_model or other.get("start_model") != base_model
+            or abs(round_threshold(cfg, 0) - round_threshold(oneshot, 0)) > 1e-12):
+        return {}
+    model = folder / "round1.pt"
+    model.write_bytes(Path(other["model"]).read_bytes())
+    state = {**other, "config_digest": digest, "model": str(model), "adopted_from": str(source)}
+    first = state["history"][0]
+    tracker.log_metrics({f"round/{k}": v for k, v in first.items() if k not in ("round", "counts")}, step=1)
+    tracker.set_tags({"toolkit.round1_from": str(source)})
+    _save_state(folder, state)
+    print(f"[pseudolabel] round 1/{cfg.pseudolabel.rounds}: taken from the one-shot run in {source} "
+          f"(same config and start model), val acc {first['val_acc']:.4f}", flush=True)
+    return state
+
+
 def run_rounds(cfg: Config, tracker: Tracker, key: str, folder: Path, base_model: str | None = None,
-               on_round=None) -> dict:
+               on_round=None, first_round_from: Path | None = None) -> dict:
     """The round loop (also the body of a Tune trial). Returns the final state dict.
 
     ``on_round(round_index, metrics)`` is called after each round (Tune reports there).
+    ``first_round_from``: the folder of a finished one-shot run whose round may stand as
+    round 1 here (see ``_adopt_first_round``).
     """
     pc = cfg.pseudolabel
     data, split = load_data_and_split(cfg)
@@ -68,14 +97,16 @@ def run_rounds(cfg: Config, tracker: Tracker, key: str, folder: Path, base_model
 
         raise ConfigError(f"run.name={cfg.run.name!r}: {folder} holds pseudo-labeling rounds of another config; "
                           "choose another run.name (or delete that folder to start over)")
+    if not state and first_round_from is not None:
+        state = _adopt_first_round(cfg, first_round_from, folder, base_model, digest, tracker)
     if not state:
         if base_model:
             start_model = base_model
         else:  # round 0: the labeled images alone
             path, _ = train_classifier(cfg, tracker, f"{key}-round0", folder, "round0.pt", init=init, label="round 0")
             start_model = str(path)
-        state = {"config_digest": digest, "rounds_done": 0, "model": start_model, "pool": split.pool.tolist(),
-                 "pseudo_indices": [], "pseudo_labels": [], "history": []}
+        state = {"config_digest": digest, "rounds_done": 0, "model": start_model, "start_model": start_model,
+                 "pool": split.pool.tolist(), "pseudo_indices": [], "pseudo_labels": [], "history": []}
         _save_state(folder, state)
     elif state["rounds_done"]:
         print(f"[pseudolabel] resuming after round {state['rounds_done']}", flush=True)
@@ -150,7 +181,7 @@ def _round_plots(tracker: Tracker, state: dict, folder: Path, title: str) -> Non
 
 
 def pseudolabel(cfg: Config, parent_run_id: str | None = None, key: str | None = None,
-                base_model: str | None = None) -> StageResult:
+                base_model: str | None = None, first_round_from: StageResult | None = None) -> StageResult:
     """Run the rounds; log per-round metrics, plots, the final model and its test accuracy (once)."""
     key = key or run_key(cfg, f"pseudolabel-{cfg.pseudolabel.mode}", *SECTIONS)
     if base_model and not cfg.run.name and key.startswith("pseudolabel-"):
@@ -165,7 +196,8 @@ def pseudolabel(cfg: Config, parent_run_id: str | None = None, key: str | None =
     t0 = time.perf_counter()
     with mlflow_run(cfg, "pseudolabel", key, parent_run_id, {"toolkit.mode": cfg.pseudolabel.mode,
                                                              "toolkit.init": cfg.model.init}) as tracker:
-        state = run_rounds(cfg, tracker, key, folder, base_model)
+        source = Path(first_round_from.model_path).parent if first_round_from and first_round_from.model_path else None
+        state = run_rounds(cfg, tracker, key, folder, base_model, first_round_from=source)
         final = folder / checkpoints.MODEL_FILE
         final.write_bytes(Path(state["model"]).read_bytes())
         tracker.log_artifact(final, "model")
