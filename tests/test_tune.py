@@ -164,11 +164,30 @@ def test_best_overrides_carry_what_decides_the_result_and_load_on_the_defaults(t
     assert loaded.model == tuned.model and loaded.classifier == tuned.classifier and loaded.split == tuned.split
 
 
+def test_base_point_is_the_hand_picked_schedule_when_it_lies_in_the_space():
+    space_text = """
+pseudolabel.schedule: {choice: [linear, cosine, class-adaptive]}
+pseudolabel.threshold_start: {uniform: [0.9, 0.999]}
+pseudolabel.rounds: {randint: [2, 4]}
+pseudolabel.warm_start: {choice: [true, false]}
+"""
+    base = Config().replace(**{"pseudolabel.rounds": 3})
+    space = tune_stage.parse_space(space_text, "test", base)
+    assert tune_stage.base_point(base, space) == {"pseudolabel.schedule": "linear", "pseudolabel.threshold_start": 0.99,
+                                                  "pseudolabel.rounds": 3, "pseudolabel.warm_start": True}
+    adaptive = base.replace(**{"pseudolabel.schedule": "constant", "pseudolabel.class_adaptive": True})
+    assert tune_stage.base_point(adaptive, space)["pseudolabel.schedule"] == "class-adaptive"
+    # a base value outside the space: no base trial (the sampled trials alone)
+    assert tune_stage.base_point(base.replace(**{"pseudolabel.rounds": 5}), space) is None
+    assert tune_stage.base_point(base.replace(**{"pseudolabel.schedule": "step"}), space) is None
+
+
 def test_reproduce_args_name_how_the_trial_ran():
     ov = tune_stage._execution_overrides(Config().replace(**{"data.root": "/d"}), train_subset=1800)
-    assert tune_stage.reproduce_args(ov) == "data.train_subset=1800 run.backend=local pseudolabel.inference=local run.threads=1"
+    assert tune_stage.reproduce_args(ov) == ("data.root=/d data.train_subset=1800 run.backend=local "
+                                             "pseudolabel.inference=local run.threads=1")
     ov = tune_stage._execution_overrides(Config().replace(**{"data.root": "/d", "run.threads": 4}), train_subset=0)
-    assert tune_stage.reproduce_args(ov) == "run.backend=local pseudolabel.inference=local"
+    assert tune_stage.reproduce_args(ov) == "data.root=/d run.backend=local pseudolabel.inference=local"
 
 
 def test_pool_subset_shrinks_the_images_the_split_is_drawn_from(mnist_small):

@@ -220,6 +220,8 @@ class TuneConfig:
     gpus_per_trial: float = _opt(0.0, "GPUs per trial (fractions share a GPU)")
     max_failures: int = _opt(1, "retries of a crashed trial")
     pool_subset: int = _opt(0, "use only N pool images per trial (0: the whole pool)")
+    include_base: bool = _opt(True, "the first trial runs the base config's own values of the searched keys (the "
+                                    "hand-picked schedule), when they lie in the space: the search starts from it")
 
     def validate(self) -> None:
         _check(self.num_samples >= 1, "tune.num_samples", "must be >= 1", self.num_samples)

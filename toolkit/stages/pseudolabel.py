@@ -91,6 +91,7 @@ def run_rounds(cfg: Config, tracker: Tracker, key: str, folder: Path, base_model
     rounds = 1 if pc.mode == "oneshot" else pc.rounds
     init = init_params(cfg, folder)
     state = _load_state(folder)
+    resumed = bool(state.get("rounds_done"))
     digest = cfg.digest(*SECTIONS)
     if state and state.get("config_digest", digest) != digest:
         from ..config import ConfigError
@@ -108,7 +109,7 @@ def run_rounds(cfg: Config, tracker: Tracker, key: str, folder: Path, base_model
         state = {"config_digest": digest, "rounds_done": 0, "model": start_model, "start_model": start_model,
                  "pool": split.pool.tolist(), "pseudo_indices": [], "pseudo_labels": [], "history": []}
         _save_state(folder, state)
-    elif state["rounds_done"]:
+    elif resumed:
         print(f"[pseudolabel] resuming after round {state['rounds_done']}", flush=True)
 
     for r in range(state["rounds_done"], rounds):

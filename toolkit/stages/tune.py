@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import shutil
 import time
 from dataclasses import dataclass
@@ -291,8 +292,8 @@ def _execution_overrides(cfg: Config, train_subset: int) -> dict[str, Any]:
 
 def reproduce_args(execution: dict[str, Any]) -> str:
     """The command-line overrides that run ``toolkit pseudolabel`` the way a trial ran (in-process, same pool)."""
-    keys = ("data.train_subset", "run.backend", "pseudolabel.inference", "run.threads")
-    return " ".join(f"{k}={execution[k]}" for k in keys if k in execution)
+    keys = ("data.root", "data.train_subset", "run.backend", "pseudolabel.inference", "run.threads")
+    return " ".join(shlex.quote(f"{k}={execution[k]}") for k in keys if k in execution)
 
 
 def _trial(sample: dict, ctx: dict) -> None:
@@ -356,17 +357,45 @@ def _require_optuna() -> None:
                           "(pip install 'toolkit[optuna]'), or use tune.search=random") from None
 
 
-def _searcher(cfg: Config):
-    """Random search (seeded by run.seed) or Optuna TPE; both capped at tune.max_concurrent running trials."""
+def base_point(base: Config, space: SearchSpace) -> dict[str, Any] | None:
+    """The base config's own values of the searched keys, as a point of the space (None if one lies outside it).
+
+    Evaluated as the first trial (``tune.include_base``): the search then starts from the
+    hand-picked schedule, and its best trial is never worse than it on validation.
+    """
+    flat = base.flat()
+    point: dict[str, Any] = {}
+    for key, (domain, values) in space.entries.items():
+        v = flat[key]
+        if key == "pseudolabel.schedule" and base.pseudolabel.class_adaptive:
+            if v != "constant":
+                return None  # class-adaptive thresholds on another schedule: not a point of the space
+            v = CLASS_ADAPTIVE
+        if key == "model.init" and v != "scratch" and SIMCLR in values:
+            v = SIMCLR
+        if domain == "choice":
+            if v not in values:
+                return None
+        elif not values[0] <= v <= values[1]:
+            return None
+        point[key] = v
+    return point
+
+
+def _searcher(cfg: Config, start: dict[str, Any] | None = None):
+    """Random search (seeded by run.seed) or Optuna TPE, from ``start`` if given; capped at tune.max_concurrent."""
+    points = [start] if start else None
     if cfg.tune.search == "optuna":
         _require_optuna()
         from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
 
-        return ConcurrencyLimiter(OptunaSearch(seed=cfg.run.seed), max_concurrent=cfg.tune.max_concurrent)
+        return ConcurrencyLimiter(OptunaSearch(seed=cfg.run.seed, points_to_evaluate=points),
+                                  max_concurrent=cfg.tune.max_concurrent)
     from ray.tune.search import BasicVariantGenerator
 
-    return BasicVariantGenerator(max_concurrent=cfg.tune.max_concurrent, random_state=cfg.run.seed)
+    return BasicVariantGenerator(points_to_evaluate=points, max_concurrent=cfg.tune.max_concurrent,
+                                 random_state=cfg.run.seed)
 
 
 def _pool_train_subset(cfg: Config, data: Mnist) -> int:
@@ -417,7 +446,7 @@ def tune_storage(cfg: Config) -> Path:
     return (Path(cfg.run.output_dir).expanduser() / "tune").resolve()
 
 
-def _fit(cfg: Config, key: str, space: SearchSpace, ctx: dict):
+def _fit(cfg: Config, key: str, space: SearchSpace, ctx: dict, start: dict[str, Any] | None = None):
     """Run (or restore and finish) the Tune experiment ``key``; return (ResultGrid, trials it was started with)."""
     from ray import tune as ray_tune
     from ray.tune.schedulers import ASHAScheduler
@@ -439,7 +468,7 @@ def _fit(cfg: Config, key: str, space: SearchSpace, ctx: dict):
         tuner = ray_tune.Tuner(
             trainable,
             param_space=space.param_space(),
-            tune_config=ray_tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler, search_alg=_searcher(cfg),
+            tune_config=ray_tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler, search_alg=_searcher(cfg, start),
                                             num_samples=cfg.tune.num_samples, trial_dirname_creator=_trial_dirname),
             run_config=ray_tune.RunConfig(name=key, storage_path=str(storage), verbose=1,
                                           failure_config=ray_tune.FailureConfig(max_failures=cfg.tune.max_failures)),
@@ -630,7 +659,14 @@ def tune(cfg: Config, parent_run_id: str | None = None, key: str | None = None,
         ctx = {"base": base.to_dict(), "simclr": simclr, "base_model": base_model, "key": key,
                "folder": str(folder), "parent_run_id": tracker.run_id,
                "execution": _execution_overrides(cfg, train_subset)}
-        grid, num_samples = _fit(cfg, key, space, ctx)
+        start = base_point(base, space) if cfg.tune.include_base else None
+        if start:
+            print(f"[tune] the first trial runs the base config's values of the searched keys: {start}", flush=True)
+            tracker.log_dict({"base_point": start}, "base_point.json")
+        elif cfg.tune.include_base:
+            print("[tune] tune.include_base: the base config's values lie outside the space; "
+                  "every trial is sampled", flush=True)
+        grid, num_samples = _fit(cfg, key, space, ctx, start)
         ended = _ended_trials(tune_storage(cfg) / key)
         if ended < num_samples:
             # Ctrl-C: Tune stopped gracefully and saved its state; the same command restores it
