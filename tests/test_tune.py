@@ -201,13 +201,18 @@ def test_pool_subset_shrinks_the_images_the_split_is_drawn_from(mnist_small):
         tune_stage._pool_train_subset(cfg, mnist_small)
 
 
-def test_optuna_searcher_and_missing_optuna(monkeypatch):
+def test_optuna_searcher():
+    pytest.importorskip("optuna")  # the dev extra installs it; a bare install may not have it
     from ray.tune.search import ConcurrencyLimiter
 
     cfg = Config().replace(**{"tune.search": "optuna", "tune.max_concurrent": 3})
-    searcher = tune_stage._searcher(cfg)
+    searcher = tune_stage._searcher(cfg, {"pseudolabel.rounds": 3})
     assert isinstance(searcher, ConcurrencyLimiter) and searcher.max_concurrent == 3
     assert type(searcher.searcher).__name__ == "OptunaSearch"
+
+
+def test_missing_optuna_is_one_config_error(monkeypatch):
+    cfg = Config().replace(**{"tune.search": "optuna"})
     monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna -> ImportError
     with pytest.raises(ConfigError, match="optuna is not installed"):
         tune_stage.tune(cfg)
