@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import pytest
 import torch
 
 from toolkit import checkpoints
+from toolkit.backends import local_checkpoint_root
 from toolkit.checkpoints import CheckpointError
 from toolkit.config import Config, ConfigError
 from toolkit.tracking import RUN_KEY_TAG
@@ -303,13 +305,20 @@ def test_iterative_takes_round_1_from_a_matching_oneshot_run(make_cfg):
         (stages / "r1-pseudolabel-oneshot" / "round1.pt").read_bytes()
     assert steps_of(cfg, it.run_id, "round/val_acc") == [1, 2, 3]  # round 1 logged in this run too
     assert client_for(cfg).get_run(it.run_id).data.tags["toolkit.round1_from"] == str(stages / "r1-pseudolabel-oneshot")
+    # round 1 was not trained again (local training leaves a checkpoint folder per trained round)
+    assert not local_checkpoint_root(cfg, "r1it-pseudolabel-iterative-round1").exists()
+    assert local_checkpoint_root(cfg, "r1it-pseudolabel-iterative-round2").is_dir()
 
-    # another training config, or another start model: round 1 is trained, not taken
-    for name, over, start in (("r1steps", {"pseudolabel.steps_per_round": 10}, base), ("r1start", {}, None)):
+    # another training config, another start model, or none: round 1 is trained, not taken
+    other_base = Path(cfg.run.output_dir) / "other-base.pt"
+    shutil.copyfile(base, other_base)
+    for name, over, start in (("r1steps", {"pseudolabel.steps_per_round": 10}, base),
+                              ("r1other", {}, str(other_base)), ("r1none", {}, None)):
         other = make_cfg(**{"run.name": name, **over})
         pseudolabel(other, base_model=start, first_round_from=once)
         state = json.loads((stages / f"{name}-pseudolabel-iterative" / "rounds.json").read_text())
         assert "adopted_from" not in state and state["rounds_done"] == 3, name
+        assert local_checkpoint_root(other, f"{name}-pseudolabel-iterative-round1").is_dir(), name
 
 
 # ------------------------------------------------------------------ Ctrl-C and resume (subprocesses)

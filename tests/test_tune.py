@@ -182,6 +182,26 @@ pseudolabel.warm_start: {choice: [true, false]}
     assert tune_stage.base_point(base.replace(**{"pseudolabel.schedule": "step"}), space) is None
 
 
+@pytest.mark.parametrize("search", ["random", "optuna"])
+def test_the_first_trial_of_either_searcher_is_the_base_point(search):
+    if search == "optuna":
+        pytest.importorskip("optuna")
+    base = Config().replace(**{"pseudolabel.rounds": 3, "tune.search": search})
+    space = tune_stage.parse_space("pseudolabel.schedule: {choice: [linear, cosine]}\n"
+                                   "pseudolabel.threshold_start: {uniform: [0.9, 0.999]}\n"
+                                   "pseudolabel.rounds: {randint: [2, 4]}\n", "test", base)
+    start = tune_stage.base_point(base, space)
+    searcher = tune_stage._searcher(base, start)
+    if search == "optuna":
+        searcher.set_search_properties(tune_stage.METRIC, "max", space.param_space())
+        first, second = searcher.suggest("a"), searcher.suggest("b")
+    else:
+        searcher.add_configurations({"x": {"run": lambda config: None, "config": space.param_space(), "num_samples": 2}})
+        first, second = searcher.next_trial().config, searcher.next_trial().config
+    assert first == start == {"pseudolabel.schedule": "linear", "pseudolabel.threshold_start": 0.99, "pseudolabel.rounds": 3}
+    assert second != start  # then the search samples
+
+
 def test_reproduce_args_name_how_the_trial_ran():
     ov = tune_stage._execution_overrides(Config().replace(**{"data.root": "/d"}), train_subset=1800)
     assert tune_stage.reproduce_args(ov) == ("data.root=/d data.train_subset=1800 run.backend=local "

@@ -11,6 +11,7 @@ the pool's hidden true labels: it is logged as a diagnostic and never decides an
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -49,6 +50,11 @@ def _save_state(folder: Path, state: dict) -> None:
     tmp.replace(folder / STATE_FILE)  # atomic: a kill mid-write keeps the previous round
 
 
+def _log_round(tracker: Tracker, entry: dict) -> None:
+    """A round's history entry as round-level series under round/ (the classifier logs its own val_acc per step)."""
+    tracker.log_metrics({f"round/{k}": v for k, v in entry.items() if k not in ("round", "counts")}, step=entry["round"])
+
+
 def _adopt_first_round(cfg: Config, source: Path, folder: Path, base_model: str | None, digest: str,
                        tracker: Tracker) -> dict:
     """The first round of a finished one-shot run, as this iterative run's round 1 ({} when it does not match).
@@ -65,10 +71,10 @@ def _adopt_first_round(cfg: Config, source: Path, folder: Path, base_model: str 
             or abs(round_threshold(cfg, 0) - round_threshold(oneshot, 0)) > 1e-12):
         return {}
     model = folder / "round1.pt"
-    model.write_bytes(Path(other["model"]).read_bytes())
+    shutil.copyfile(other["model"], model)
     state = {**other, "config_digest": digest, "model": str(model), "adopted_from": str(source)}
     first = state["history"][0]
-    tracker.log_metrics({f"round/{k}": v for k, v in first.items() if k not in ("round", "counts")}, step=1)
+    _log_round(tracker, first)
     tracker.set_tags({"toolkit.round1_from": str(source)})
     _save_state(folder, state)
     print(f"[pseudolabel] round 1/{cfg.pseudolabel.rounds}: taken from the one-shot run in {source} "
@@ -146,13 +152,13 @@ def run_rounds(cfg: Config, tracker: Tracker, key: str, folder: Path, base_model
             "diagnostic/pseudo_precision_total": precision_total,
             **{f"added_digit{c}": n for c, n in enumerate(counts)},
         }
-        # round-level series under round/ (the classifier's own val_acc is logged per step)
-        tracker.log_metrics({f"round/{k}": v for k, v in metrics.items()}, step=r + 1)
+        entry = {"round": r + 1, "counts": counts, **metrics}
+        _log_round(tracker, entry)
         state.update({
             "rounds_done": r + 1, "model": str(model_path), "pool": pool[keep].tolist(),
             "pseudo_indices": pseudo_idx, "pseudo_labels": pseudo_lab,
         })
-        state["history"].append({"round": r + 1, "counts": counts, **metrics})
+        state["history"].append(entry)
         _save_state(folder, state)
         print(f"[pseudolabel] round {r + 1}/{rounds}: threshold {threshold:.4f}, +{len(new_idx)} "
               f"(precision {precision_round:.4f}, diagnostic), pool left {int(keep.sum())}, val acc {best['best_val_acc']:.4f}",
