@@ -1,8 +1,11 @@
-"""Run a per-worker training function on Ray Train (``TorchTrainer``) or in-process (``local``).
+"""Run a ``TrainJob`` on Ray Train (``TorchTrainer``) or in-process (``local``); return the final checkpoint's payload.
 
-The worker function has the signature ``fn(params: dict, session: Session)``; the
-session is the only thing that differs between backends: where checkpoints come
-from and go to, and the rank / world size.
+The worker function has the signature ``fn(job: TrainJob, session: Session)``; the
+session is the only thing that differs between backends: where checkpoints go and
+come back from, and the rank / world size. What a job produces comes back through
+Ray (checkpoints in ``ray.storage_path``), and metrics reach MLflow from the driver's
+node only (a Ray Train callback on the controller, which Ray places on the driver's
+node): no worker opens the tracking store or a path on the driver's disk.
 """
 
 from __future__ import annotations
@@ -10,56 +13,69 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from . import checkpoints
 from .config import Config, ConfigError
+from .jobs import TrainJob
+from .storage import check_shared, resolve_output_dir, storage_path
+
+MetricsSink = Callable[[dict[str, Any]], None]
 
 
 class Session(Protocol):
     rank: int
     world: int
 
-    def latest_checkpoint(self) -> Path | None: ...
+    def restore(self) -> dict | None: ...
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None: ...
+    def report(self, metrics: dict[str, Any], payload: dict | None) -> None: ...
 
 
 class LocalSession:
-    """In-process session: checkpoints are folders ``<root>/checkpoint_000001`` (the newest kept two)."""
+    """In-process session: checkpoints are folders ``<root>/checkpoint_000001`` (the newest two kept)."""
 
     rank = 0
     world = 1
 
-    def __init__(self, root: Path, keep: int = 2):
+    def __init__(self, root: Path, sink: MetricsSink | None = None, keep: int = 2):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.keep = keep
+        self.keep, self.sink = keep, sink
         self.last_metrics: dict[str, Any] = {}
 
-    def _checkpoints(self) -> list[Path]:
+    def checkpoints(self) -> list[Path]:
         return sorted(p for p in self.root.glob("checkpoint_*") if p.is_dir() and not p.name.endswith(".tmp"))
 
-    def latest_checkpoint(self) -> Path | None:
-        ckpts = self._checkpoints()
-        return ckpts[-1] if ckpts else None
+    def restore(self) -> dict | None:
+        """The newest readable checkpoint; a damaged newest one falls back to the one before, with a warning."""
+        for ckpt in reversed(self.checkpoints()):
+            try:
+                return checkpoints.load(ckpt)
+            except checkpoints.CheckpointError as e:
+                print(f"[warning] {e}; falling back to the previous checkpoint", flush=True)
+        return None
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+    def report(self, metrics: dict[str, Any], payload: dict | None) -> None:
         self.last_metrics = dict(metrics)
-        if checkpoint_dir is None:
+        if self.sink:
+            self.sink(metrics)
+        if payload is None:
             return
-        n = len(self._checkpoints()) and int(self._checkpoints()[-1].name.split("_")[1]) + 1
-        final = self.root / f"checkpoint_{n:06d}"
-        tmp = self.root / f"checkpoint_{n:06d}.tmp"
+        ckpts = self.checkpoints()
+        n = int(ckpts[-1].name.split("_")[1]) + 1 if ckpts else 0
+        final, tmp = self.root / f"checkpoint_{n:06d}", self.root / f"checkpoint_{n:06d}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(checkpoint_dir, tmp)
+        checkpoints.save(tmp / checkpoints.CHECKPOINT_FILE, payload)
         os.replace(tmp, final)  # atomic: a crash never leaves a half-written "latest"
-        for old in self._checkpoints()[: -self.keep]:
+        for old in self.checkpoints()[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
 
 
 class RaySession:
-    """Session inside a Ray Train worker."""
+    """Session inside a Ray Train worker: checkpoints travel through Ray's storage, never a local folder."""
 
     def __init__(self):
         import ray.train
@@ -67,71 +83,79 @@ class RaySession:
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         self.world = ctx.get_world_size()
-        self._restored: Path | None = None
 
-    def latest_checkpoint(self) -> Path | None:
+    def restore(self) -> dict | None:
         import ray.train
 
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
             return None
-        if self._restored is None:
-            # to_directory copies (or downloads, on cloud storage) into a local temp folder
-            self._restored = Path(ckpt.to_directory())
-        return self._restored
+        with ckpt.as_directory() as d:  # downloads from cloud storage when needed, and cleans up
+            return checkpoints.load(d)
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+    def report(self, metrics: dict[str, Any], payload: dict | None) -> None:
         import ray.train
 
-        # every rank must report; only rank 0 hands over the checkpoint
-        ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if (checkpoint_dir and self.rank == 0) else None
-        ray.train.report(metrics, checkpoint=ckpt)
+        # every rank must report; only rank 0 hands over a checkpoint
+        if payload is None or self.rank != 0:
+            ray.train.report(metrics)
+            return
+        d = Path(tempfile.mkdtemp(prefix="toolkit-ckpt-"))
+        try:
+            checkpoints.save(d / checkpoints.CHECKPOINT_FILE, payload)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(d)),
+                             delete_local_checkpoint_after_upload=True)
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- drivers
 
 
-def _worker_registry() -> dict[str, Callable]:
+def _worker(loop: str) -> Callable:
     from . import train_loops
 
-    return {"simclr": train_loops.simclr_worker, "classifier": train_loops.classifier_worker}
+    return {"simclr": train_loops.simclr_worker, "classifier": train_loops.classifier_worker}[loop]
 
 
 def _ray_entry(train_loop_config: dict) -> None:
-    """What each Ray Train worker runs: look the loop up by name (functions stay importable, not pickled)."""
-    fn = _worker_registry()[train_loop_config["loop"]]
-    fn(train_loop_config["params"], RaySession())
+    """What each Ray Train worker runs: the job arrives by value through Ray."""
+    job: TrainJob = train_loop_config["job"]
+    _worker(job.loop)(job, RaySession())
 
 
-def check_gpu_request(cfg: Config) -> None:
-    """``ray.use_gpu=true`` with no GPU to use is a config error, not a hang."""
-    if not cfg.ray.use_gpu:
-        return
-    if cfg.run.backend == "local":
-        import torch
+def _sink_callback(sink: MetricsSink):
+    """A Ray Train callback that feeds rank 0's reported metrics to ``sink`` on the controller (the driver's node)."""
+    from ray.train import UserCallback
 
-        if not torch.cuda.is_available():
-            raise ConfigError("ray.use_gpu=true is not allowed: no CUDA GPU is visible to this process")
-        return
-    import ray
+    class _Sink(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics:
+                sink(metrics[0])
 
-    if ray.cluster_resources().get("GPU", 0) < 1:
-        raise ConfigError("ray.use_gpu=true is not allowed: the Ray cluster has no GPU")
+    return _Sink()
+
+
+def embedded(cfg: Config) -> bool:
+    """True when this process starts its own local Ray (no ``ray.address`` / ``$RAY_ADDRESS``)."""
+    return not (cfg.ray.address or os.environ.get("RAY_ADDRESS", ""))
 
 
 def init_ray(cfg: Config) -> None:
-    """Connect to ``ray.address`` / ``$RAY_ADDRESS``, or start an embedded local Ray (dashboard off)."""
+    """Connect to ``ray.address`` / ``$RAY_ADDRESS``, or start an embedded local Ray (dashboard off).
+
+    Ray's token authentication stays on (Ray 2.60 enables it for a new local cluster):
+    the embedded cluster's ports are then useless to anyone without the session's token.
+    """
     import ray
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
-    if address:
-        ray.init(address=address, log_to_driver=True)
+    if not embedded(cfg):
+        ray.init(address=cfg.ray.address or None, log_to_driver=True)
         return
-    # logical CPUs may exceed cores: a Tune trial plus its 2 training workers must fit (see NOTES)
+    # logical CPUs may exceed cores: a Tune trial plus its 2 training workers must fit
     num_cpus = cfg.ray.num_cpus or max(4, os.cpu_count() or 1)
     ray.init(
         num_cpus=num_cpus,
@@ -146,59 +170,92 @@ def init_ray(cfg: Config) -> None:
 def quiet_worker_logs() -> None:
     """Runs in every Ray worker process of an embedded Ray.
 
-    Without the dashboard (it needs ray[default]) the State API is absent, and Ray
-    Train's placement-group cleaner warns about it every second; the cleanup itself
-    still happens when the driver ends.
+    Without the dashboard the State API is absent, and Ray Train's placement-group
+    cleaner warns about it every second; the cleanup itself still happens.
     """
     import logging
 
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
-def storage_path(cfg: Config) -> str:
-    if cfg.ray.storage_path:
-        sp = cfg.ray.storage_path
-        return sp if "://" in sp else str(Path(sp).expanduser().resolve())
-    return str((Path(cfg.run.output_dir).expanduser() / "ray").resolve())
+def check_gpu_visible(cfg: Config) -> None:
+    """The local backend: ``ray.use_gpu`` or ``run.device=cuda`` need a GPU in this process."""
+    wants = cfg.ray.use_gpu or cfg.run.device == "cuda"
+    if wants and cfg.run.backend == "local":
+        import torch
+
+        if not torch.cuda.is_available():
+            key = "ray.use_gpu=true" if cfg.ray.use_gpu else "run.device='cuda'"
+            raise ConfigError(f"{key} is not allowed: no CUDA GPU is visible to this process")
+
+
+def require_resources(cfg: Config, need: dict[str, float], what: str) -> None:
+    """Make sure the Ray cluster can ever give ``need`` ({"CPU": n, "GPU": m}) at once.
+
+    An embedded Ray cannot grow: a request larger than it fails now with one line
+    (Ray would otherwise wait forever). On a cluster the autoscaler may add nodes: ask
+    it for them and wait up to ``ray.resource_wait_s``, with a progress line, then fail.
+    """
+    import ray
+
+    def missing() -> dict[str, float]:
+        have = ray.cluster_resources()
+        return {k: v for k, v in need.items() if v > 0 and have.get(k, 0) < v}
+
+    short = missing()
+    if not short:
+        return
+    have = ray.cluster_resources()
+    desc = ", ".join(f"{v:g} {k}" for k, v in short.items())
+    has = ", ".join(f"{have.get(k, 0):g} {k}" for k in short)
+    if embedded(cfg) or cfg.ray.resource_wait_s <= 0:
+        raise ConfigError(f"{what} is not allowed: it needs {desc} and the Ray cluster has {has}")
+    from ray.autoscaler.sdk import request_resources
+
+    bundles = [{"GPU": 1}] * int(need.get("GPU", 0)) or [{"CPU": 1}] * int(need.get("CPU", 0))
+    request_resources(bundles=bundles)
+    t0, last = time.monotonic(), 0.0
+    while short:
+        waited = time.monotonic() - t0
+        if waited > cfg.ray.resource_wait_s:
+            raise ConfigError(f"{what}: the Ray cluster still has {has} after waiting {waited:.0f}s for the autoscaler "
+                              f"to add {desc} (ray.resource_wait_s={cfg.ray.resource_wait_s:g})")
+        if waited - last >= 30 or last == 0:
+            print(f"[ray] waiting for the autoscaler: {what} needs {desc}, the cluster has {has} "
+                  f"({waited:.0f}s of {cfg.ray.resource_wait_s:g}s)", flush=True)
+            last = waited or 1e-9
+        time.sleep(5)
+        short = missing()
+        have = ray.cluster_resources()
+        has = ", ".join(f"{have.get(k, 0):g} {k}" for k in short)
 
 
 def local_checkpoint_root(cfg: Config, run_name: str) -> Path:
-    return (Path(cfg.run.output_dir).expanduser() / "local" / run_name).resolve()
+    return resolve_output_dir(cfg.run.output_dir) / "local" / run_name
 
 
-def params_for_workers(params: dict) -> dict:
-    """``params`` with the driver's relative data root made absolute.
+def run_training(cfg: Config, job: TrainJob, run_name: str, sink: MetricsSink | None = None) -> tuple[dict, dict]:
+    """Run ``job`` under ``cfg.run.backend``; return (final checkpoint payload, last metrics of rank 0).
 
-    Ray workers do not run in the driver's folder (a local worker starts in Ray's session
-    folder), so ``data.root=../shared/data`` would name another place there. An empty root
-    is resolved too: ``$TOOLKIT_DATA_DIR`` is the driver's, not the worker's.
-    """
-    from .data import resolve_root
-
-    config = {**params["config"]}
-    config["data"] = {**config["data"], "root": str(resolve_root(config["data"]["root"]))}
-    return {**params, "config": config}
-
-
-def run_training(cfg: Config, loop: str, params: dict, run_name: str) -> tuple[Path, dict]:
-    """Run ``loop`` ('simclr' | 'classifier') under ``cfg.run.backend``; return (final checkpoint dir, last metrics).
-
-    Re-running with the same ``run_name`` resumes from the newest checkpoint.
+    ``sink`` receives rank 0's metrics after every report, on the driver's node.
+    Re-running with the same ``run_name`` resumes from the newest checkpoint; on Ray,
+    a lost worker or node restarts the job from it (``ray.max_failures``).
     """
     if cfg.run.backend == "local":
-        check_gpu_request(cfg)
-        session = LocalSession(local_checkpoint_root(cfg, run_name))
-        _worker_registry()[loop](params, session)
-        final = session.latest_checkpoint()
+        check_gpu_visible(cfg)
+        session = LocalSession(local_checkpoint_root(cfg, run_name), sink)
+        _worker(job.loop)(job, session)
+        final = session.restore()
         if final is None:
             raise RuntimeError(f"training '{run_name}' reported no checkpoint")
         return final, session.last_metrics
 
-    from .data import check_mnist
-
-    check_mnist(cfg.data.root, cfg.data.download)  # in the driver: one line, not a traceback from each worker
     init_ray(cfg)
-    check_gpu_request(cfg)
+    need = {"CPU": cfg.ray.num_workers * cfg.ray.cpus_per_worker, "GPU": cfg.ray.num_workers if cfg.ray.use_gpu else 0}
+    require_resources(cfg, need, f"ray.num_workers={cfg.ray.num_workers} (x {cfg.ray.cpus_per_worker:g} CPU"
+                                 f"{', 1 GPU' if cfg.ray.use_gpu else ''} each)")
+    storage = storage_path(cfg)
+    check_shared(cfg, storage)
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -207,13 +264,14 @@ def run_training(cfg: Config, loop: str, params: dict, run_name: str) -> tuple[P
         resources["GPU"] = 1
     trainer = TorchTrainer(
         train_loop_per_worker=_ray_entry,
-        train_loop_config={"loop": loop, "params": params_for_workers(params)},
+        train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=run_name,
-            storage_path=storage_path(cfg),
+            storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=0),
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            callbacks=[_sink_callback(sink)] if sink else None,
         ),
     )
     result = trainer.fit()
@@ -221,7 +279,6 @@ def run_training(cfg: Config, loop: str, params: dict, run_name: str) -> tuple[P
         raise result.error
     if result.checkpoint is None:
         raise RuntimeError(f"training '{run_name}' reported no checkpoint")
-    path = result.checkpoint.path
-    if result.checkpoint.filesystem.type_name != "local":
-        path = result.checkpoint.to_directory(tempfile.mkdtemp(prefix="toolkit-ckpt-"))
-    return Path(path), dict(result.metrics or {})
+    with result.checkpoint.as_directory() as d:  # a cloud checkpoint is downloaded, then removed
+        payload = checkpoints.load(d)
+    return payload, dict(result.metrics or {})

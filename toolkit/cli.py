@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Callable
 
-from .config import ConfigError, Config, help_text, load_config
+from .config import ConfigError, Config, check_command_config, help_text, load_config
 
 COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "pretrain": ("SimCLR pretraining of the encoder (Ray Train DDP + Accelerate)",
@@ -53,8 +53,15 @@ def _dispatch(command: str) -> Callable[[Config], object]:
     raise ConfigError(f"unknown command {command!r}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (and exit 2), like every other bad input."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="toolkit", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="toolkit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (desc, sections) in COMMANDS.items():
         p = sub.add_parser(
@@ -89,34 +96,56 @@ def _interrupt_on_signals() -> None:
 def main(argv: list[str] | None = None) -> int:
     _interrupt_on_signals()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        # key=value arguments may come before and after options (`a=1 --backend local b=2`): argparse
+        # hands those after an option back as extras; they keep their order, so a later one still wins
+        args, extras = parser.parse_known_args(argv)
+        stray = [a for a in extras if a.startswith("-")]
+        if stray:
+            subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+            (subs[0].choices.get(args.command) if subs and args.command else parser).error(
+                f"unrecognized arguments: {' '.join(stray)}")
+    except SystemExit as e:  # --help (0) or a usage error (2), already printed
+        return e.code if isinstance(e.code, int) else 2
     if not args.command:
         parser.print_help()
         return 2
-    from .checkpoints import CheckpointError
-    from .data import DataError
+    from .errors import describe_error
 
     try:
-        overrides = list(args.overrides)
+        overrides = list(args.overrides) + list(extras)
         if args.backend:
             overrides.append(f"run.backend={args.backend}")
         cfg = load_config(args.config, overrides)
+        sections = COMMANDS[args.command][1]
+        check_command_config(cfg, sections)  # what the config alone shows impossible for this command
+        if sections is None or "ray" in sections:
+            from .preflight import check_ray_address_reachable
+
+            check_ray_address_reachable(cfg)  # seconds, not minutes of ray.init retries
+        # one absolute output folder for the whole command (inside a Ray job, not its temporary working folder)
+        from .storage import resolve_output_dir
+
+        cfg = cfg.replace(**{"run.output_dir": str(resolve_output_dir(cfg.run.output_dir))})
         if cfg.run.threads:
             import torch
 
             torch.set_num_threads(cfg.run.threads)  # the driver's own work: probes, inference, evaluation
         if cfg.run.backend == "local":
             # fail before any folder or MLflow run exists (the Ray path checks after connecting)
-            from .backends import check_gpu_request
+            from .backends import check_gpu_visible
 
-            check_gpu_request(cfg)
+            check_gpu_visible(cfg)
         _dispatch(args.command)(cfg)
-    except (ConfigError, DataError, CheckpointError) as e:
-        print(f"toolkit {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"toolkit {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - the known kinds become one line; anything else is a bug (traceback)
+        line = describe_error(e)
+        if line is None:
+            raise
+        print(f"toolkit {args.command}: error: {line}", file=sys.stderr)
+        return 2
     return 0
 
 

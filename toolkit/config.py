@@ -12,7 +12,9 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +39,60 @@ def _check(cond: bool, key: str, allowed: str, value: Any) -> None:
         raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
 
 
+RUN_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")  # MLflow run ids: uuid4 hex
+RUN_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+MAX_SEED = 2**32 - 1  # numpy and sklearn take seeds below 2**32
+_SECRET_QUERY_WORDS = ("password", "passwd", "secret", "token", "key", "auth", "credential", "signature")
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` with any user:password@ part and query string masked (safe to print or log)."""
+    out = re.sub(r"(://)[^/@\s]*@", r"\1***@", uri)
+    return re.sub(r"\?.*$", "?***", out) if "?" in out else out
+
+
+def uri_credentials_problem(uri: str) -> str | None:
+    """Why ``uri`` must not be used (it carries a password, a user or a token), or None."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(uri)
+        password, user = parts.password, parts.username
+    except ValueError:
+        return None
+    http = parts.scheme.lower() in ("http", "https")
+    query = parts.query.lower()
+    if password is None and not (http and user) and not any(w in query for w in _SECRET_QUERY_WORDS):
+        return None
+    if http:
+        return ("it holds credentials, which would end up in config.yaml, checkpoints and MLflow params; "
+                "set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) instead")
+    return ("it holds a password, which would end up in config.yaml, checkpoints and MLflow params; keep it out "
+            "of the URI (e.g. ~/.pgpass for PostgreSQL) or use an MLflow server with MLFLOW_TRACKING_USERNAME / "
+            "MLFLOW_TRACKING_PASSWORD")
+
+
+def read_text_file(path: str | os.PathLike, what: str) -> str:
+    """The UTF-8 text of a file the user named; ConfigError (one line naming ``what`` and the path) otherwise.
+
+    Missing, a folder, unreadable (permissions) or not UTF-8: each is one line, never a traceback.
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ConfigError(f"{what} {str(p)!r} does not exist")
+    if not p.is_file():
+        raise ConfigError(f"{what} {str(p)!r} is not a file")
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{what} {str(p)!r} cannot be read: {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {str(p)!r} is not UTF-8 text: byte 0x{data[e.start]:02x} at offset {e.start} "
+                          f"({e.reason})") from None
+
+
 @dataclass(frozen=True)
 class DataConfig:
     root: str = _opt("", "MNIST root (holds MNIST/raw); empty: $TOOLKIT_DATA_DIR, else ./data")
@@ -56,6 +112,7 @@ class SplitConfig:
     val_size: int = _opt(1000, "validation images (labels used for model selection only)")
 
     def validate(self) -> None:
+        _check(0 <= self.seed <= MAX_SEED, "split.seed", f"must be in [0, {MAX_SEED}]", self.seed)
         _check(self.labels_per_class >= 1, "split.labels_per_class", "must be >= 1", self.labels_per_class)
         _check(self.val_size >= 1, "split.val_size", "must be >= 1", self.val_size)
 
@@ -245,8 +302,11 @@ class PipelineConfig:
     tune: bool = _opt(False, "run the Tune search before the final iterative stage and use its best schedule")
 
     def validate(self) -> None:
-        _check(len(self.seeds) >= 1 and all(isinstance(s, int) for s in self.seeds),
+        _check(len(self.seeds) >= 1 and all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds),
                "pipeline.seeds", "a non-empty list of integers", self.seeds)
+        _check(all(0 <= s <= MAX_SEED for s in self.seeds), "pipeline.seeds", f"seeds in [0, {MAX_SEED}]", self.seeds)
+        _check(len(set(self.seeds)) == len(self.seeds), "pipeline.seeds", "each seed once", self.seeds)
+        _check(all(isinstance(s, str) for s in self.stages), "pipeline.stages", "a list of stage names", self.stages)
         known = ("pretrain", "probe", "supervised", "oneshot", "iterative", "simclr_iterative")
         bad = [s for s in self.stages if s not in known]
         _check(not bad, "pipeline.stages", f"stages among {', '.join(known)}", self.stages)
@@ -256,6 +316,10 @@ class PipelineConfig:
 class ReportConfig:
     run_id: str = _opt("", "MLflow run id of the pipeline to report (empty: the newest pipeline run)")
 
+    def validate(self) -> None:
+        _check(not self.run_id or bool(RUN_ID_PATTERN.match(self.run_id)), "report.run_id",
+               "an MLflow run id (32 hexadecimal digits) or empty", self.run_id)
+
 
 @dataclass(frozen=True)
 class RayConfig:
@@ -264,12 +328,18 @@ class RayConfig:
     use_gpu: bool = _opt(False, "one GPU per worker / inference actor")
     cpus_per_worker: float = _opt(1.0, "CPUs reserved per training worker")
     num_cpus: int = _opt(0, "logical CPUs of an embedded local Ray (0: max(4, cores))")
-    storage_path: str = _opt("", "where Ray Train keeps checkpoints (empty: <run.output_dir>/ray); shared or cloud path on a cluster")
+    storage_path: str = _opt("", "where Ray Train and Tune keep checkpoints (empty: <run.output_dir>/ray): on a multi-node "
+                                 "cluster a mount every node shares, or a cloud URI (s3://bucket/path, gs://...)")
+    max_failures: int = _opt(3, "Ray Train / Tune restarts from the last checkpoint after a worker or node is lost")
+    resource_wait_s: float = _opt(600.0, "on a cluster: seconds to wait for the autoscaler to add the CPUs/GPUs a job "
+                                         "asks for (an embedded Ray cannot grow: it fails at once)")
 
     def validate(self) -> None:
         _check(self.num_workers >= 1, "ray.num_workers", "must be >= 1", self.num_workers)
         _check(self.cpus_per_worker > 0, "ray.cpus_per_worker", "must be > 0", self.cpus_per_worker)
         _check(self.num_cpus >= 0, "ray.num_cpus", "must be >= 0", self.num_cpus)
+        _check(self.max_failures >= 0, "ray.max_failures", "must be >= 0", self.max_failures)
+        _check(self.resource_wait_s >= 0, "ray.resource_wait_s", "must be >= 0", self.resource_wait_s)
 
 
 @dataclass(frozen=True)
@@ -277,6 +347,12 @@ class TrackingConfig:
     uri: str = _opt("", "MLflow tracking URI (empty: $MLFLOW_TRACKING_URI, else sqlite under run.output_dir)")
     experiment: str = _opt("toolkit", "MLflow experiment name")
     enabled: bool = _opt(True, "log to MLflow")
+
+    def validate(self) -> None:
+        problem = uri_credentials_problem(self.uri)
+        if problem:  # never echo the secret itself
+            raise ConfigError(f"tracking.uri={redact_uri(self.uri)!r} is not allowed: {problem}")
+        _check(bool(self.experiment.strip()), "tracking.experiment", "a non-empty name", self.experiment)
 
 
 @dataclass(frozen=True)
@@ -292,6 +368,12 @@ class RunConfig:
         _check(self.backend in ("ray", "local"), "run.backend", "'ray' or 'local'", self.backend)
         _check(self.device in ("auto", "cpu", "cuda"), "run.device", "'auto', 'cpu' or 'cuda'", self.device)
         _check(self.threads >= 0, "run.threads", "must be >= 0", self.threads)
+        _check(0 <= self.seed <= MAX_SEED, "run.seed", f"must be in [0, {MAX_SEED}]", self.seed)
+        # the name becomes folder names and MLflow filter values: no path separators, '..', quotes or spaces
+        _check(not self.name or (bool(RUN_NAME_PATTERN.match(self.name)) and ".." not in self.name), "run.name",
+               "up to 100 letters, digits, '.', '_' or '-', starting with a letter or digit, without '..' "
+               "(it names folders under run.output_dir)", self.name)
+        _check(bool(self.output_dir.strip()), "run.output_dir", "a folder", self.output_dir)
 
 
 @dataclass(frozen=True)
@@ -312,6 +394,12 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> "Config":
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            for sf in dataclasses.fields(section):
+                v = getattr(section, sf.name)
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ConfigError(f"{f.name}.{sf.name}={v!r} is not allowed: must be a finite number")
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
             if hasattr(section, "validate"):
@@ -337,6 +425,52 @@ class Config:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
 
+# --- what decides a stage's result -------------------------------------------
+
+# The config sections each stage depends on, written once. A stage's key (the folder,
+# the Ray storage name and the MLflow run it resumes) is a hash of the keys of its
+# sections less the infrastructure keys below; the CLI help, Tune's tunable keys and
+# best.yaml derive from the same map.
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "pretrain": ("data", "split", "model", "augment", "pretrain", "run"),
+    "probe": ("data", "split", "model", "probe", "run"),
+    "supervised": ("data", "split", "model", "augment", "classifier", "run"),
+    "pseudolabel": ("data", "split", "model", "augment", "classifier", "pseudolabel", "run"),
+    "tune": ("data", "split", "model", "augment", "classifier", "pseudolabel", "tune", "run"),
+    "pipeline": ("data", "split", "model", "augment", "pretrain", "probe", "classifier", "pseudolabel", "tune",
+                 "pipeline", "run"),
+    "report": ("report",),
+}
+
+# Where and how a run executes, never what it computes: changing one of these never
+# changes a stage key (whole sections: ray, tracking; plus the keys listed).
+INFRASTRUCTURE_SECTIONS = ("ray", "tracking", "report")
+INFRASTRUCTURE_KEYS = frozenset({
+    "data.root", "data.download",
+    "run.name", "run.output_dir", "run.backend", "run.device", "run.threads",
+    "pseudolabel.inference", "pseudolabel.inference_actors", "pseudolabel.inference_batch_size",
+    "tune.max_concurrent", "tune.cpus_per_trial", "tune.gpus_per_trial", "tune.max_failures",
+    "probe.tsne_points",
+})
+
+
+def is_infrastructure(key: str) -> bool:
+    return key.split(".")[0] in INFRASTRUCTURE_SECTIONS or key in INFRASTRUCTURE_KEYS
+
+
+def result_keys(stage: str) -> list[str]:
+    """The dotted keys that decide ``stage``'s result (its sections less infrastructure)."""
+    sections = STAGE_SECTIONS[stage]
+    return [k for k in all_keys() if k.split(".")[0] in sections and not is_infrastructure(k)]
+
+
+def stage_digest(cfg: Config, stage: str) -> str:
+    """Short stable hash of the keys that decide ``stage``'s result."""
+    flat = cfg.flat()
+    d = {k: flat[k] for k in result_keys(stage)}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+
+
 # --- parsing -----------------------------------------------------------------
 
 
@@ -354,13 +488,25 @@ def all_keys() -> dict[str, dataclasses.Field]:
     return out
 
 
+def _yaml_problem(e: Exception) -> str:
+    """A YAML error as one line: what is wrong and where (line, column)."""
+    problem = getattr(e, "problem", None) or getattr(e, "context", None)
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    text = problem or (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if mark is not None:
+        text += f" (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(text.split())
+
+
 def _coerce(key: str, value: Any, default: Any) -> Any:
     """Convert a YAML / command-line value to the type of the field's default."""
     if isinstance(value, str) and not isinstance(default, str):
         try:
             value = yaml.safe_load(value)
         except yaml.YAMLError as e:
-            raise ConfigError(f"{key}: cannot parse {value!r}: {e}") from None
+            raise ConfigError(f"{key}: cannot parse {value!r}: {_yaml_problem(e)}") from None
+        except RecursionError:
+            raise ConfigError(f"{key}: cannot parse {value[:40]!r}...: nested too deeply") from None
     if isinstance(value, str) and isinstance(default, (int, float)) and not isinstance(default, bool):
         try:
             value = float(value)  # YAML 1.1 reads 1e-3 and 3e-4 as strings
@@ -373,13 +519,22 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     if isinstance(default, int):
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"{key}={value!r} is not allowed: expected an integer")
+                value = int(value)
+            else:
+                raise ConfigError(f"{key}={value!r} is not allowed: expected an integer")
+        if abs(value) >= 2**63:
+            raise ConfigError(f"{key}={value!r} is not allowed: out of range")
         return value
     if isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}={value!r} is not allowed: expected a number")
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond the float range
+            raise ConfigError(f"{key}={value!r} is not allowed: out of range") from None
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}={value!r} is not allowed: must be a finite number")
+        return value
     if isinstance(default, str):
         if value is None:
             return ""
@@ -444,15 +599,59 @@ def load_config(path: str | os.PathLike | None = None, assignments: list[str] | 
     overrides: dict[str, Any] = {}
     if path:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
+        text = read_text_file(p, "config file")
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
+            tree = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}".splitlines()[0]) from None
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {_yaml_problem(e)}") from None
+        except RecursionError:
+            raise ConfigError(f"config file {str(p)!r} is not allowed: nested too deeply") from None
         overrides.update(flatten_yaml(tree))
     overrides.update(parse_assignments(assignments or []))
     return apply_overrides(cfg, overrides)
+
+
+MNIST_TRAIN_IMAGES = 60_000
+
+
+def embedded_ray_cpus(cfg: Config) -> int | None:
+    """Logical CPUs of the embedded local Ray this config starts, or None when it joins a cluster."""
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        return None
+    return cfg.ray.num_cpus or max(4, os.cpu_count() or 1)
+
+
+def check_command_config(cfg: Config, sections: tuple[str, ...] | None = None) -> Config:
+    """Checks across sections that the config alone can decide, for a command that uses ``sections`` (None: all).
+
+    Kept out of ``Config.validate`` because they concern only the commands that use the
+    sections: ``pretrain.batch_size`` does not matter to ``toolkit supervised`` on 500 images.
+    """
+    uses = (lambda s: True) if sections is None else (lambda s: s in sections)
+    n_train = min(cfg.data.train_subset or MNIST_TRAIN_IMAGES, MNIST_TRAIN_IMAGES)
+    if uses("split"):
+        _check(cfg.split.val_size < n_train, "split.val_size",
+               f"must be smaller than the {n_train} training images (data.train_subset)", cfg.split.val_size)
+    if uses("pretrain"):
+        # SimCLR sees the training images outside the validation split (at most pretrain.max_images)
+        images = n_train - cfg.split.val_size
+        if cfg.pretrain.max_images:
+            images = min(images, cfg.pretrain.max_images)
+        _check(cfg.pretrain.batch_size <= images, "pretrain.batch_size",
+               f"must be at most the {images} images SimCLR trains on (data.train_subset, split.val_size, "
+               "pretrain.max_images)", cfg.pretrain.batch_size)
+    cpus = embedded_ray_cpus(cfg)
+    if cpus is not None and uses("ray") and cfg.run.backend == "ray":
+        need = cfg.ray.num_workers * cfg.ray.cpus_per_worker
+        if need > cpus:
+            raise ConfigError(
+                f"ray.num_workers={cfg.ray.num_workers} is not allowed: {cfg.ray.num_workers} workers x "
+                f"{cfg.ray.cpus_per_worker:g} CPUs (ray.cpus_per_worker) need {need:g} CPUs but the embedded Ray has "
+                f"{cpus} (ray.num_cpus); lower them or raise ray.num_cpus")
+    if cpus is not None and uses("tune"):
+        _check(cfg.tune.cpus_per_trial <= cpus, "tune.cpus_per_trial",
+               f"must be at most the {cpus} CPUs of the embedded Ray (ray.num_cpus)", cfg.tune.cpus_per_trial)
+    return cfg
 
 
 def config_from_dict(d: dict) -> Config:

@@ -1,9 +1,11 @@
 """Batch inference over the unlabeled pool: class probabilities for each pseudo-labeling round.
 
 Two drivers around one function (``pool_probs``): in-process (``predict_pool_local``)
-and a Ray Data actor pool (``predict_pool_ray``), where each actor loads the model
-and the MNIST training images once and then maps batches of pool indices to
-probabilities. Only indices travel through Ray's object store, never images.
+and a Ray Data actor pool (``predict_pool_ray``), where each actor builds the model
+from weights it receives through Ray's object store (``ray.put`` once per round, so an
+actor on another node needs no file of the driver's), loads its node's own copy of
+the MNIST training images once, and then maps batches of pool indices to
+probabilities. Only weights and indices travel, never images.
 
 Ray Data actors carry seconds of start-up overhead (ray#44905): on MNIST-sized
 pools the in-process path is faster on one machine; the actor pool pays off
@@ -14,7 +16,6 @@ on the Ray path, so a GPU box without Ray can still run ``inference=local``.
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import numpy as np
@@ -22,9 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoints
-from .config import Config, ConfigError
+from .config import Config, ConfigError, config_from_dict
 from .data import NUM_CLASSES, load_mnist, resolve_root
 from .engine import predict_logits
+from .jobs import ModelWeights
 from .models import Classifier
 
 # CPUs each inference actor reserves: a fraction, so an actor pool never takes every
@@ -56,16 +58,21 @@ def _default_device(cfg: Config | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_classifier(model_path: str, device: torch.device | str) -> torch.nn.Module:
-    """A classifier from a model file (kind "classifier"), in eval mode and channels_last on ``device``.
+def build_classifier(weights: ModelWeights, device: torch.device | str) -> torch.nn.Module:
+    """A classifier from weights passed by value, in eval mode and channels_last on ``device``.
 
-    The architecture comes from the file's own config, so the caller's config need not match it.
-    Raises ``CheckpointError`` for a missing file or a model of another kind.
+    The architecture comes from the weights' own config, so the caller's config need not match it.
     """
-    payload = checkpoints.load_model_file(model_path, "classifier")
-    model = Classifier(checkpoints.config_of(payload).model)
-    model.load_state_dict(payload["state_dict"])
+    if weights.kind != "classifier":
+        raise checkpoints.CheckpointError(f"pool inference needs a classifier, got a '{weights.kind}' model")
+    model = Classifier(config_from_dict(weights.config).model)
+    model.load_state_dict(weights.state_dict)
     return model.to(device=device, memory_format=torch.channels_last).eval()
+
+
+def weights_from_file(model_path: str) -> ModelWeights:
+    """A classifier model file as ``ModelWeights`` (``CheckpointError`` if missing or of another kind)."""
+    return ModelWeights.from_payload(checkpoints.load_model_file(model_path, "classifier"))
 
 
 def pool_probs(model: torch.nn.Module, images_u8: torch.Tensor, batch_size: int = 2048) -> torch.Tensor:
@@ -78,7 +85,7 @@ def pool_probs(model: torch.nn.Module, images_u8: torch.Tensor, batch_size: int 
 
 
 def predict_pool_local(
-    model_path: str, cfg: Config, indices: Any, batch_size: int = 2048, device: torch.device | str | None = None
+    weights: ModelWeights, cfg: Config, indices: Any, batch_size: int = 2048, device: torch.device | str | None = None
 ) -> np.ndarray:
     """Probabilities (len(indices), 10) float32 for the training images at ``indices``, in their order, in-process.
 
@@ -88,7 +95,7 @@ def predict_pool_local(
     if idx.size == 0:
         return np.zeros((0, NUM_CLASSES), dtype=np.float32)
     device = torch.device(device) if device is not None else _default_device(cfg)
-    model = load_classifier(model_path, device)
+    model = build_classifier(weights, device)
     images = load_mnist(cfg.data.root, cfg.data.download, cfg.data.train_subset).train_images
     _check_in_range(idx, images.shape[0], "predict_pool_local")
     # index on the CPU, then move only the pool images (N, 28, 28) uint8
@@ -104,10 +111,14 @@ class PoolPredictor:
     one forward pass.
     """
 
-    def __init__(self, model_path: str, data_root: str, train_subset: int, use_gpu: bool):
+    def __init__(self, weights: Any, data_root: str, train_subset: int, use_gpu: bool):
+        import ray
+
         # Ray sets CUDA_VISIBLE_DEVICES to the actor's GPU, so "cuda" is that GPU
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        self.model = load_classifier(model_path, self.device)
+        if isinstance(weights, ray.ObjectRef):
+            weights = ray.get(weights)
+        self.model = build_classifier(weights, self.device)
         # download=False: concurrent actors must not race to download; the data must be there
         self.images = load_mnist(data_root, download=False, train_subset=train_subset).train_images.to(self.device)
 
@@ -124,17 +135,12 @@ def _check_ray_resources(cfg: Config, num_actors: int) -> None:
     """Fail fast where Ray would otherwise wait forever for resources that do not exist."""
     import ray
 
-    res = ray.cluster_resources()
-    if cfg.ray.use_gpu:
-        gpus = res.get("GPU", 0)
-        if gpus < 1:
-            raise ConfigError("ray.use_gpu=true is not allowed: the Ray cluster has no GPU for the inference actors")
-        if gpus < num_actors:
-            raise ConfigError(
-                f"pseudolabel.inference_actors={num_actors} is not allowed: each actor needs a GPU "
-                f"and the Ray cluster has {gpus:g}"
-            )
-    cpus = res.get("CPU", 0)
+    from .backends import require_resources
+
+    if cfg.ray.use_gpu:  # on a cluster: wait for the autoscaler to add GPU nodes, within ray.resource_wait_s
+        require_resources(cfg, {"GPU": num_actors}, f"pseudolabel.inference_actors={num_actors} with ray.use_gpu=true "
+                                                    "(one GPU per actor)")
+    cpus = ray.cluster_resources().get("CPU", 0)
     if num_actors * ACTOR_NUM_CPUS >= cpus:
         raise ConfigError(
             f"pseudolabel.inference_actors={num_actors} is not allowed: {num_actors} actors x {ACTOR_NUM_CPUS} CPU "
@@ -158,12 +164,12 @@ def _reorder(indices: np.ndarray, got_index: np.ndarray, got_probs: np.ndarray) 
     return np.ascontiguousarray(got_probs[order[pos]], dtype=np.float32)
 
 
-def predict_pool_ray(cfg: Config, model_path: str, indices: Any, num_actors: int, batch_size: int) -> np.ndarray:
+def predict_pool_ray(cfg: Config, weights: ModelWeights, indices: Any, num_actors: int, batch_size: int) -> np.ndarray:
     """Probabilities (len(indices), 10) float32 in the order of ``indices``, from a Ray Data actor pool.
 
-    ``num_actors`` actors (one GPU each when ``ray.use_gpu``) each load the model and
-    the training images once; on a multi-node cluster ``model_path`` and ``data.root``
-    must be readable on every node (shared storage). Raises ``ConfigError`` when the cluster cannot host
+    ``num_actors`` actors (one GPU each when ``ray.use_gpu``) each get the weights from
+    the object store and load their node's MNIST once (``data.root``: the same path on
+    every node). Raises ``ConfigError`` when the cluster cannot host
     the pool, RuntimeError unless every pool index got exactly one prediction.
     """
     idx = _as_index_array(indices)
@@ -193,7 +199,7 @@ def predict_pool_ray(cfg: Config, model_path: str, indices: Any, num_actors: int
     ds = ds.map_batches(
         PoolPredictor,
         fn_constructor_kwargs={
-            "model_path": os.path.abspath(model_path),  # actors run in another working directory
+            "weights": ray.put(weights),  # once per round, whatever the number of actors
             "data_root": str(resolve_root(cfg.data.root)),
             "train_subset": cfg.data.train_subset,
             "use_gpu": cfg.ray.use_gpu,
@@ -213,12 +219,12 @@ def predict_pool_ray(cfg: Config, model_path: str, indices: Any, num_actors: int
     return _reorder(idx, got_i, got_p)
 
 
-def predict_pool(cfg: Config, model_path: str, indices: Any) -> np.ndarray:
+def predict_pool(cfg: Config, weights: ModelWeights, indices: Any) -> np.ndarray:
     """Pool probabilities (len(indices), 10) float32 via ``pseudolabel.inference`` ("ray" | "local").
 
     Always in-process when ``run.backend=local``: that backend must work without Ray.
     """
     pl = cfg.pseudolabel
     if pl.inference == "local" or cfg.run.backend == "local":
-        return predict_pool_local(model_path, cfg, indices, batch_size=pl.inference_batch_size)
-    return predict_pool_ray(cfg, model_path, indices, pl.inference_actors, pl.inference_batch_size)
+        return predict_pool_local(weights, cfg, indices, batch_size=pl.inference_batch_size)
+    return predict_pool_ray(cfg, weights, indices, pl.inference_actors, pl.inference_batch_size)

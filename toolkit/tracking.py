@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from .config import Config
+from .config import RUN_ID_PATTERN, Config, ConfigError, redact_uri, uri_credentials_problem
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -130,6 +130,119 @@ def _experiment_id(client, name: str, uri: str) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
+def check_run_id(run_id: str, what: str = "run id") -> str:
+    """``run_id`` if it has MLflow's run id form (32 hexadecimal digits), else ConfigError."""
+    if not isinstance(run_id, str) or not RUN_ID_PATTERN.match(run_id):
+        raise ConfigError(f"{what} {run_id!r} is not an MLflow run id (32 hexadecimal digits)")
+    return run_id
+
+
+def filter_value(value: Any) -> str:
+    """``value`` as a quoted string literal of an MLflow filter string.
+
+    MLflow's parser has no escape sequences: a value is quoted with the quote it does not
+    contain; one holding both kinds (or a backslash, or a line break) cannot be searched for
+    safely and is refused rather than pasted in.
+    """
+    s = str(value)
+    if "\\" not in s and "\n" not in s and "\r" not in s:
+        if "'" not in s:
+            return f"'{s}'"
+        if '"' not in s:
+            return f'"{s}"'
+    raise ConfigError(f"{s!r} cannot be used in an MLflow search: it holds both kinds of quotes, a backslash or a line break")
+
+
+def _lock_exclusive(fd: int, timeout_s: float) -> bool:
+    """``flock(fd, LOCK_EX)``, waiting at most ``timeout_s``; whether it was taken."""
+    import fcntl
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+
+
+def prepare_sqlite_store(uri: str, timeout_s: float = 120.0) -> None:
+    """Create (or migrate) the sqlite store of ``uri`` under an exclusive lock on ``<db>.lock``.
+
+    Two processes that open a fresh sqlite store at once both run MLflow's alembic migration
+    and one of them fails (``table _alembic_tmp_... already exists``), which can leave the
+    store broken. Under the lock the first creates the tables and the others find them.
+    """
+    path = uri[len("sqlite:///"):].split("?", 1)[0] if uri.startswith("sqlite:///") else ""
+    if not path or path == ":memory:":
+        return
+    db = Path(path)
+    label = f"tracking.uri={redact_uri(uri)!r}"
+    if not db.parent.is_dir():
+        raise ConfigError(f"{label} is not usable: the folder {str(db.parent)!r} does not exist")
+    lock = db.with_name(db.name + ".lock")
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        if db.is_file():  # an existing store in a folder we may not write: reading it needs no lock
+            fd = None
+        else:
+            raise ConfigError(f"{label} is not usable: cannot create {str(lock)!r}: {e.strerror}") from None
+    try:
+        if fd is not None and not _lock_exclusive(fd, timeout_s):
+            raise ConfigError(f"{label} is not usable: another process has been creating the store for "
+                              f"{timeout_s:g} s (lock {str(lock)!r})")
+        from mlflow.tracking import MlflowClient
+
+        try:
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)  # creates / checks the tables
+        except Exception as e:  # noqa: BLE001 - a store that cannot be opened is one line, whatever the cause
+            from .errors import one_line
+
+            msg = one_line(getattr(e, "message", None) or e) or type(e).__name__
+            raise ConfigError(f"{label} cannot be opened: {type(e).__name__}: {msg}") from None
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
+def check_tracking_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, in one line, when the tracking store of ``uri`` cannot be used.
+
+    http(s): one GET of ``<uri>/health`` within ``timeout_s`` (any HTTP answer, even 401 or
+    404, means a server is there; no answer means MLflow would retry for minutes).
+    sqlite: the store is created under a file lock (``prepare_sqlite_store``). A URI with
+    credentials is refused: they would be copied into configs and artifacts.
+    """
+    label = f"tracking.uri={redact_uri(uri)!r}"
+    if os.environ.get("MLFLOW_TRACKING_URI") == uri:
+        label += " (from $MLFLOW_TRACKING_URI)"
+    problem = uri_credentials_problem(uri)
+    if problem:
+        raise ConfigError(f"{label} is not allowed: {problem}")
+    scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""
+    if scheme in ("http", "https"):
+        import urllib.error
+        import urllib.request
+
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, method="GET"), timeout=timeout_s):
+                pass
+        except urllib.error.HTTPError:
+            return  # a server answered
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            reason = getattr(e, "reason", e)
+            if isinstance(reason, (TimeoutError, socket.timeout)):
+                reason = f"no answer within {timeout_s:g} s"
+            text = str(getattr(reason, "strerror", None) or reason).strip().splitlines()
+            raise ConfigError(f"{label} is not reachable: {text[0] if text else type(e).__name__}") from None
+    elif scheme == "sqlite":
+        prepare_sqlite_store(uri)
+
+
 def find_run(cfg: Config, run_key: str, parent_run_id: str | None = None):
     """The newest run tagged with ``run_key`` (and this parent), or None."""
     if not cfg.tracking.enabled:
@@ -139,9 +252,9 @@ def find_run(cfg: Config, run_key: str, parent_run_id: str | None = None):
     uri = tracking_uri(cfg)
     client = MlflowClient(tracking_uri=uri)
     exp_id = _experiment_id(client, cfg.tracking.experiment, uri)
-    flt = f"tags.`{RUN_KEY_TAG}` = '{run_key}'"
+    flt = f"tags.`{RUN_KEY_TAG}` = {filter_value(run_key)}"
     if parent_run_id:
-        flt += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
+        flt += f" and tags.`mlflow.parentRunId` = {filter_value(check_run_id(parent_run_id, 'parent run id'))}"
     runs = client.search_runs([exp_id], filter_string=flt, order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0] if runs else None
 
@@ -160,6 +273,7 @@ def mlflow_run(cfg: Config, command: str, run_key: str, parent_run_id: str | Non
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri(cfg)
+    check_tracking_reachable(uri)  # one line within seconds, not minutes of retries and a traceback
     client = MlflowClient(tracking_uri=uri)
     exp_id = _experiment_id(client, cfg.tracking.experiment, uri)
     previous = find_run(cfg, run_key, parent_run_id)
@@ -202,3 +316,30 @@ def run_url(cfg: Config, tracker: Tracker) -> str:
 
     exp_id = MlflowClient(tracking_uri=tracker.uri).get_run(tracker.run_id).info.experiment_id
     return f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs/{tracker.run_id}"
+
+
+class MetricsLogger:
+    """Logs reported training metrics to one MLflow run: the sink of ``backends.run_training``.
+
+    Picklable (a URI and a run id, the client made on first use), because on Ray it runs
+    in Ray Train's controller, which Ray places on the driver's node: the only process
+    that logs is one that can reach the driver's tracking store. ``step_key`` names the
+    metric that is the MLflow step (epoch or step), shifted by ``step_offset`` (rounds
+    of pseudo-labeling log into one run, a million steps apart).
+    """
+
+    def __init__(self, tracker: Tracker, step_key: str, step_offset: int = 0):
+        self.uri, self.run_id = tracker.uri, tracker.run_id
+        self.step_key, self.step_offset = step_key, step_offset
+        self._tracker: Tracker | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_tracker": None}
+
+    def __call__(self, metrics: dict[str, Any]) -> None:
+        if not (self.uri and self.run_id):
+            return
+        if self._tracker is None:
+            self._tracker = Tracker(self.uri, self.run_id)
+        step = int(metrics.get(self.step_key, 0)) + self.step_offset
+        self._tracker.log_metrics({k: v for k, v in metrics.items() if k != self.step_key}, step=step)

@@ -1,29 +1,29 @@
 """The per-worker training functions: SimCLR pretraining and classifier training.
 
 Each runs unchanged on a Ray Train worker or in-process; the ``Session`` hides the
-difference. Accelerate owns device placement, DDP wrapping and bf16 autocast.
-Rank 0 alone writes checkpoints, logs to MLflow and prints progress.
+difference. Everything a worker needs arrives in its ``TrainJob`` (config, split,
+start weights); it reads no path but the MNIST root every node has. Accelerate owns
+device placement, DDP wrapping and bf16 autocast. Rank 0 alone hands checkpoints
+back and prints progress; metrics reach MLflow from the driver's node (backends).
 """
 
 from __future__ import annotations
 
 import math
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import checkpoints
 from .augment import make_generator
-from .config import Config, config_from_dict
-from .data import load_mnist, make_split
+from .config import Config
+from .data import DataError, load_mnist
 from .engine import classifier_steps, evaluate, simclr_epoch
+from .jobs import TrainJob
 from .models import Classifier, SimCLRModel
 from .schedules import warmup_cosine_lambda
-from .tracking import Tracker
 
 
 def make_accelerator(cfg: Config):
@@ -66,15 +66,15 @@ class Progress:
         sys.stdout.flush()
 
 
-def _tracker(params: dict, rank: int) -> Tracker:
-    t = params.get("tracking") or {}
-    if rank != 0 or not t.get("run_id"):
-        return Tracker.disabled()
-    return Tracker(t["uri"], t["run_id"])
+def _load_images(job: TrainJob, cfg: Config):
+    """MNIST from this node's own copy (the same absolute path on every node of a cluster)."""
+    import socket
 
-
-def _unwrap(accelerator, model):
-    return accelerator.unwrap_model(model)
+    try:
+        return load_mnist(job.data_root, False, cfg.data.train_subset, cfg.data.test_subset)
+    except DataError as e:
+        raise DataError(f"on node {socket.gethostname()}: {e} (every node needs its own copy of MNIST at the "
+                        "driver's data root: see ray_cluster.yaml's setup)") from None
 
 
 def _maybe_sync_bn(cfg: Config, model: torch.nn.Module, world: int) -> torch.nn.Module:
@@ -85,34 +85,26 @@ def _maybe_sync_bn(cfg: Config, model: torch.nn.Module, world: int) -> torch.nn.
 
 def _restore(session, model, optimizer, scheduler) -> dict | None:
     """Load the session's newest checkpoint into model / optimizer / scheduler; return it (or None)."""
-    resume = session.latest_checkpoint()
-    if resume is None:
+    state = session.restore()
+    if state is None:
         return None
-    state = checkpoints.load(resume)
     model.load_state_dict(state["state_dict"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return state
 
 
-def _write_checkpoint(payload: dict) -> Path:
-    d = Path(tempfile.mkdtemp(prefix="toolkit-ckpt-"))
-    checkpoints.save(d / checkpoints.CHECKPOINT_FILE, payload)
-    return d
-
-
-def simclr_worker(params: dict, session) -> None:
+def simclr_worker(job: TrainJob, session) -> None:
     """SimCLR pretraining: NT-Xent over two on-device views, negatives gathered across ranks."""
-    cfg = config_from_dict(params["config"])
+    cfg = job.cfg()
     accelerator = make_accelerator(cfg)
     device = accelerator.device
     rank, world = session.rank, session.world
     pc = cfg.pretrain
 
-    data = load_mnist(cfg.data.root, cfg.data.download, cfg.data.train_subset, cfg.data.test_subset)
-    split = make_split(data.train_labels, cfg.split.labels_per_class, cfg.split.val_size, cfg.split.seed)
+    data = _load_images(job, cfg)
     # SimCLR sees the labeled and pool images without labels; the validation images stay untouched
-    train_idx = torch.cat([split.labeled, split.pool])
+    train_idx = torch.cat([job.split.labeled, job.split.pool])
     if pc.max_images:
         train_idx = train_idx[torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(cfg.run.seed))[: pc.max_images]]
     images = data.train_images[train_idx].to(device)
@@ -135,10 +127,9 @@ def simclr_worker(params: dict, session) -> None:
     if state is not None:
         start_epoch = int(state["epoch"])
         if rank == 0:
-            print(f"[pretrain] resuming after epoch {start_epoch} from {state['path']}", flush=True)
+            sys.stdout.write(f"[pretrain] resuming after epoch {start_epoch}\n")
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    tracker = _tracker(params, rank)
     progress = Progress("pretrain", pc.epochs, "epoch", rank, start_epoch)
     for epoch in range(start_epoch, pc.epochs):
         gen = make_generator(cfg.run.seed * 1000 + epoch * 16 + rank, device)
@@ -157,62 +148,51 @@ def simclr_worker(params: dict, session) -> None:
             "world_size": world,
             "global_batch": global_batch,
         }
-        ckpt_dir = None
+        payload = None
         if rank == 0:
-            ckpt_dir = _write_checkpoint(checkpoints.model_payload(
-                "simclr", cfg, _unwrap(accelerator, model).state_dict(),
+            payload = checkpoints.model_payload(
+                "simclr", cfg, accelerator.unwrap_model(model).state_dict(),
                 optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), epoch=epoch + 1,
-            ))
-            tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch + 1)
-        session.report(metrics, ckpt_dir)
+            )
+        session.report(metrics, payload)
         progress(epoch + 1, {k: metrics[k] for k in ("loss", "lr", "views_per_s")})
 
 
-def _classifier_init(cfg: Config, model: Classifier, params: dict, rank: int) -> bool:
-    """Warm start from a classifier, or the encoder of a SimCLR checkpoint. Returns True if the encoder is pretrained."""
-    init = params.get("init") or {}
-    if init.get("classifier"):
-        payload = checkpoints.load_model_file(init["classifier"], "classifier", cfg.model)
-        model.load_state_dict(payload["state_dict"])
-        return bool(init.get("encoder_pretrained"))
-    if init.get("simclr"):
-        payload = checkpoints.load_model_file(init["simclr"], "simclr", cfg.model)
-        enc = {k[len("encoder."):]: v for k, v in payload["state_dict"].items() if k.startswith("encoder.")}
+def _classifier_init(job: TrainJob, model: Classifier) -> bool:
+    """Warm start from a classifier, or the encoder of a SimCLR model. Returns True if the encoder is pretrained."""
+    if job.init_kind == "classifier":
+        model.load_state_dict(job.init_state)
+        return job.encoder_pretrained
+    if job.init_kind == "simclr":
+        enc = {k[len("encoder."):]: v for k, v in job.init_state.items() if k.startswith("encoder.")}
         model.encoder.load_state_dict(enc)
         return True
     return False
 
 
-def classifier_worker(params: dict, session) -> None:
-    """Classifier on the true labels (+ pseudo-labels), model selection on the validation split.
-
-    params: config, optional ``pseudo`` {"indices", "labels"} into the training images,
-    optional ``init`` {"classifier" | "simclr": path}, ``tracking``, ``label`` and ``step_offset``
-    (where this run's steps sit in the MLflow history, for pseudo-labeling rounds).
-    """
-    cfg = config_from_dict(params["config"])
+def classifier_worker(job: TrainJob, session) -> None:
+    """Classifier on the true labels (+ the job's pseudo-labels), model selection on the validation split."""
+    cfg = job.cfg()
     accelerator = make_accelerator(cfg)
     device = accelerator.device
     rank, world = session.rank, session.world
     cc = cfg.classifier
-    steps = int(params.get("steps") or cc.steps)
-    label = params.get("label", "classifier")
+    steps = job.steps or cc.steps
+    label = job.label or "classifier"
 
-    data = load_mnist(cfg.data.root, cfg.data.download, cfg.data.train_subset, cfg.data.test_subset).to(device)
-    split = make_split(data.train_labels.cpu(), cfg.split.labels_per_class, cfg.split.val_size, cfg.split.seed)
-    lab = split.labeled.to(device)
+    data = _load_images(job, cfg).to(device)
+    lab = job.split.labeled.to(device)
     labeled_x, labeled_y = data.train_images[lab], data.train_labels[lab]
-    val = split.val.to(device)
+    val = job.split.val.to(device)
     val_x, val_y = data.train_images[val], data.train_labels[val]
     pseudo_x = pseudo_y = None
-    if params.get("pseudo") and len(params["pseudo"]["indices"]):
-        pi = torch.as_tensor(params["pseudo"]["indices"], dtype=torch.long, device=device)
-        pseudo_x = data.train_images[pi]
-        pseudo_y = torch.as_tensor(params["pseudo"]["labels"], dtype=torch.long, device=device)
+    if len(job.pseudo_indices):
+        pseudo_x = data.train_images[job.pseudo_indices.to(device)]
+        pseudo_y = job.pseudo_labels.to(device)
 
     torch.manual_seed(cfg.run.seed)
     model = Classifier(cfg.model)
-    pretrained = _classifier_init(cfg, model, params, rank)
+    pretrained = _classifier_init(job, model)
     model = _maybe_sync_bn(cfg, model, world).to(memory_format=torch.channels_last)
     enc_params = list(model.encoder.parameters())
     enc_ids = {id(p) for p in enc_params}
@@ -229,12 +209,10 @@ def classifier_worker(params: dict, session) -> None:
         done, best_acc, best_step = int(state["step"]), float(state["best_val_acc"]), int(state["best_step"])
         best_state = state["best_state_dict"]
         if rank == 0:
-            print(f"[{label}] resuming at step {done} from {state['path']}", flush=True)
+            sys.stdout.write(f"[{label}] resuming at step {done}\n")
     model, optimizer = accelerator.prepare(model, optimizer)
 
     local_batch = max(1, cc.batch_size // world)
-    tracker = _tracker(params, rank)
-    offset = int(params.get("step_offset", 0))
     progress = Progress(label, steps, "step", rank, done)
     while done < steps:
         chunk = min(cc.eval_every, steps - done)
@@ -244,7 +222,7 @@ def classifier_worker(params: dict, session) -> None:
             cfg.pseudolabel.labeled_fraction, cfg.augment, gen, accelerator, cc.label_smoothing,
         )
         done += chunk
-        plain = _unwrap(accelerator, model)
+        plain = accelerator.unwrap_model(model)
         val_stats = evaluate(plain, val_x, val_y)
         if val_stats["acc"] > best_acc:
             best_acc, best_step = val_stats["acc"], done
@@ -259,22 +237,20 @@ def classifier_worker(params: dict, session) -> None:
             "lr": scheduler.get_last_lr()[-1],
             "images_per_s": stats["images_per_s"] * world,
         }
-        ckpt_dir = None
+        payload = None
         if rank == 0:
-            ckpt_dir = _write_checkpoint(checkpoints.model_payload(
+            payload = checkpoints.model_payload(
                 "classifier", cfg, plain.state_dict(),
                 optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), step=done,
                 best_state_dict=best_state, best_val_acc=best_acc, best_step=best_step,
                 encoder_pretrained=pretrained, val_size=int(val_y.numel()),
-            ))
-            tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=offset + done)
-        session.report(metrics, ckpt_dir)
+            )
+        session.report(metrics, payload)
         progress(done, {k: metrics[k] for k in ("train_loss", "val_acc", "images_per_s")})
 
 
-def best_model_state(checkpoint_dir: Path) -> dict[str, Any]:
-    """From a classifier training checkpoint: the weights with the best validation accuracy."""
-    state = checkpoints.load(checkpoint_dir)
+def best_model_state(state: dict[str, Any]) -> dict[str, Any]:
+    """From a classifier training checkpoint payload: the weights with the best validation accuracy."""
     return {
         "state_dict": state.get("best_state_dict") or state["state_dict"],
         "best_val_acc": float(state.get("best_val_acc", float("nan"))),

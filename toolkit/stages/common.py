@@ -1,8 +1,11 @@
-"""What every stage shares: run keys, stage folders, the persisted result that lets a re-run skip finished work."""
+"""What every stage shares: run keys, stage folders, the persisted result that lets a re-run skip finished work,
+model references and loading, classifier training through a backend, and the test report."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,11 +13,13 @@ from typing import Any
 import torch
 
 from .. import checkpoints
-from ..config import Config, to_yaml
-from ..data import Mnist, Split, load_mnist, make_split
+from ..config import Config, ConfigError, stage_digest, to_yaml
+from ..data import Mnist, Split, check_mnist, load_mnist, make_split, resolve_root
 from ..engine import evaluate
+from ..jobs import ModelWeights, TrainJob
 from ..models import Classifier
-from ..tracking import Tracker
+from ..storage import resolve_output_dir
+from ..tracking import MetricsLogger, Tracker
 
 RESULT_FILE = "result.json"
 
@@ -35,22 +40,25 @@ class StageResult:
     def save(self, folder: Path) -> None:
         d = asdict(self)
         d.pop("skipped")
-        (folder / RESULT_FILE).write_text(json.dumps(d, indent=2))
+        tmp = folder / (RESULT_FILE + ".tmp")
+        tmp.write_text(json.dumps(d, indent=2))
+        os.replace(tmp, folder / RESULT_FILE)  # atomic: a kill mid-write never leaves a half result
 
 
-def run_key(cfg: Config, command: str, *sections: str) -> str:
-    """``<run.name>-<command>`` when a name is given, else ``<command>-<hash of the sections that matter>``.
+def run_key(cfg: Config, command: str, stage: str | None = None) -> str:
+    """``<run.name>-<command>`` when a name is given, else ``<command>-<hash of what decides the stage>``.
 
     The same command with the same config gets the same key, so re-running it resumes
     (Ray Train storage, local checkpoints, the MLflow run) instead of starting over.
+    ``stage`` names the entry of ``config.STAGE_SECTIONS`` (default: the command).
     """
     if cfg.run.name:
         return f"{cfg.run.name}-{command}"
-    return f"{command}-{cfg.digest(*sections)}"
+    return f"{command}-{stage_digest(cfg, stage or command)}"
 
 
 def stage_dir(cfg: Config, key: str) -> Path:
-    d = (Path(cfg.run.output_dir).expanduser() / "stages" / key).resolve()
+    d = resolve_output_dir(cfg.run.output_dir) / "stages" / key
     d.mkdir(parents=True, exist_ok=True)
     return d
 
@@ -64,9 +72,17 @@ def finished_result(folder: Path, digest: str | None = None) -> StageResult | No
     p = folder / RESULT_FILE
     if not p.is_file():
         return None
-    d = json.loads(p.read_text())
-    if d.get("model_path") and not Path(d["model_path"]).is_file():
+    try:
+        d = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        print(f"[warning] {p} is damaged: the stage runs again", flush=True)
         return None
+    if d.get("model_path"):
+        try:
+            checkpoints.load(d["model_path"])  # a truncated model file means the stage is not finished
+        except checkpoints.CheckpointError as e:
+            print(f"[warning] {e}: the stage runs again", flush=True)
+            return None
     if digest is not None and d.get("config_digest") and d["config_digest"] != digest:
         return None
     return StageResult(**d, skipped=True)
@@ -91,7 +107,12 @@ def log_config_and_split(tracker: Tracker, cfg: Config, split: Split, folder: Pa
     })
 
 
-def eval_device() -> torch.device:
+def eval_device(cfg: Config | None = None) -> torch.device:
+    """Where the driver evaluates: ``run.device`` when it names one, else cuda when visible."""
+    if cfg is not None and cfg.run.device != "auto":
+        if cfg.run.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("run.device='cuda' is not allowed: no CUDA GPU is visible to this process")
+        return torch.device(cfg.run.device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -100,6 +121,86 @@ def load_classifier_file(path: str | Path, device: torch.device | None = None) -
     model = Classifier(checkpoints.config_of(payload).model)
     model.load_state_dict(payload["state_dict"])
     return model.to(device or eval_device()).to(memory_format=torch.channels_last).eval()
+
+
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def resolve_model_ref(cfg: Config, ref: str, dest: Path) -> Path:
+    """A checkpoint path, or the MLflow run id of a stage that logged ``model/model.pt`` (fetched into ``dest``)."""
+    p = Path(ref).expanduser()
+    if p.exists():
+        return p.resolve()
+    if _RUN_ID.match(ref):
+        import mlflow
+
+        from ..tracking import tracking_uri
+
+        try:
+            local = mlflow.artifacts.download_artifacts(
+                run_id=ref, artifact_path=f"model/{checkpoints.MODEL_FILE}", dst_path=str(dest), tracking_uri=tracking_uri(cfg)
+            )
+        except Exception as e:  # noqa: BLE001 - any MLflow failure means the reference is unusable
+            raise ConfigError(f"cannot fetch model/{checkpoints.MODEL_FILE} of MLflow run {ref}: {e}".splitlines()[0]) from None
+        return Path(local)
+    raise ConfigError(f"model reference {ref!r} is neither an existing checkpoint file nor an MLflow run id")
+
+
+def init_weights(cfg: Config, folder: Path) -> ModelWeights | None:
+    """``model.init`` -> the SimCLR model's weights, read once by the driver (checked against the model now,
+    not inside a worker), or None for a start from scratch."""
+    if not cfg.model.init.startswith("simclr:"):
+        return None
+    path = resolve_model_ref(cfg, cfg.model.init[len("simclr:"):], folder)
+    return ModelWeights.from_payload(checkpoints.load_model_file(path, "simclr", cfg.model))
+
+
+def data_root_for_workers(cfg: Config) -> str:
+    """The MNIST root as an absolute path, checked here first: one line in the driver, not a traceback per worker."""
+    check_mnist(cfg.data.root, cfg.data.download)
+    return str(resolve_root(cfg.data.root))
+
+
+def train_classifier(cfg: Config, tracker: Tracker, run_name: str, folder: Path, out_file: str, split: Split, *,
+                     init: ModelWeights | None = None, encoder_pretrained: bool = False,
+                     pseudo_indices: torch.Tensor | None = None, pseudo_labels: torch.Tensor | None = None,
+                     steps: int = 0, step_offset: int = 0, label: str = "supervised") -> tuple[Path, dict]:
+    """Train on the labeled (+ pseudo-labeled) images; save the best-validation weights as a model file.
+
+    ``init``: a classifier to warm-start from, or a SimCLR model whose encoder starts the
+    classifier. Returns (model file, {"state_dict", "best_val_acc", "best_step", ...}).
+    """
+    from ..backends import run_training
+    from ..train_loops import best_model_state
+
+    job = TrainJob(
+        loop="classifier", config=cfg.to_dict(), data_root=data_root_for_workers(cfg), split=split,
+        steps=steps or cfg.classifier.steps, init_kind=init.kind if init else "",
+        init_state=init.state_dict if init else None, encoder_pretrained=encoder_pretrained,
+        label=label,
+        **({"pseudo_indices": torch.as_tensor(pseudo_indices, dtype=torch.long),
+            "pseudo_labels": torch.as_tensor(pseudo_labels, dtype=torch.long)} if pseudo_indices is not None else {}),
+    )
+    payload, _ = run_training(cfg, job, run_name, MetricsLogger(tracker, "step", step_offset))
+    best = best_model_state(payload)
+    path = save_model_file(folder / out_file, "classifier", cfg, best["state_dict"],
+                           best_val_acc=best["best_val_acc"], best_step=best["best_step"],
+                           encoder_pretrained=best["encoder_pretrained"])
+    return path, best
+
+
+def log_test_report(tracker: Tracker, cfg: Config, model_path: Path, data, folder: Path, title: str) -> dict[str, float]:
+    """Test accuracy of the final model (once), per-digit accuracy and a confusion matrix plot."""
+    from ..plots import plot_confusion_matrix
+    from ..probes import confusion_matrix
+
+    model = load_classifier_file(model_path, eval_device(cfg))
+    metrics, pred = report_test_metrics(model, data)
+    cm = confusion_matrix(pred, data.test_labels, 10)
+    png = plot_confusion_matrix(cm, folder / "confusion_test.png", f"{title}: test acc {metrics['test_acc']:.4f}")
+    tracker.log_artifact(png, "plots")
+    tracker.log_metrics(metrics)
+    return metrics
 
 
 def report_test_metrics(model: torch.nn.Module, data: Mnist, prefix: str = "test_") -> tuple[dict[str, float], torch.Tensor]:

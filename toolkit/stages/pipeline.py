@@ -14,9 +14,6 @@ from ..config import Config
 from ..tracking import Tracker, mlflow_run, run_url, tracking_uri
 from .common import StageResult, run_key
 
-PIPELINE_SECTIONS = ("data", "split", "model", "augment", "pretrain", "probe", "classifier", "pseudolabel", "tune", "pipeline")
-
-
 STAGE_RUN_TAG = "toolkit.stage_run"
 
 
@@ -80,7 +77,7 @@ def pipeline(cfg: Config) -> dict:
     from .pretrain import pretrain
     from .report import summarise
 
-    key = run_key(cfg, "pipeline", *PIPELINE_SECTIONS)
+    key = run_key(cfg, "pipeline")
     t0 = time.perf_counter()
     results: dict[int, dict[str, StageResult]] = {}
     with mlflow_run(cfg, "pipeline", key, None, {"toolkit.seeds": cfg.pipeline.seeds}) as parent:

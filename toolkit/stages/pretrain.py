@@ -6,18 +6,21 @@ import time
 
 from .. import checkpoints
 from ..backends import run_training
-from ..config import Config
-from ..tracking import mlflow_run, run_url, tracking_uri
-from .common import StageResult, finished_result, load_data_and_split, log_config_and_split, run_key, save_model_file, stage_dir
-
-SECTIONS = ("data", "split", "model", "augment", "pretrain")
+from ..config import Config, stage_digest
+from ..jobs import TrainJob
+from ..tracking import MetricsLogger, mlflow_run, run_url
+from .common import (
+    StageResult, data_root_for_workers, finished_result, load_data_and_split, log_config_and_split, run_key,
+    save_model_file, stage_dir,
+)
 
 
 def pretrain(cfg: Config, parent_run_id: str | None = None, key: str | None = None) -> StageResult:
     """Train SimCLR; write ``model.pt`` (kind 'simclr') into the stage folder and the MLflow run."""
-    key = key or run_key(cfg, "pretrain", *SECTIONS)
+    key = key or run_key(cfg, "pretrain")
+    digest = stage_digest(cfg, "pretrain")
     folder = stage_dir(cfg, key)
-    done = finished_result(folder, cfg.digest(*SECTIONS))
+    done = finished_result(folder, digest)
     if done:
         print(f"[pretrain] {key} already finished: {done.model_path}", flush=True)
         return done
@@ -29,15 +32,14 @@ def pretrain(cfg: Config, parent_run_id: str | None = None, key: str | None = No
         "toolkit.batchnorm": "sync" if cfg.model.sync_bn else "per-worker",
     }) as tracker:
         log_config_and_split(tracker, cfg, split, folder)
-        params = {"config": cfg.to_dict(), "tracking": {"uri": tracking_uri(cfg), "run_id": tracker.run_id}}
-        ckpt_dir, metrics = run_training(cfg, "simclr", params, key)
-        state = checkpoints.load(ckpt_dir)
+        job = TrainJob(loop="simclr", config=cfg.to_dict(), data_root=data_root_for_workers(cfg), split=split)
+        state, metrics = run_training(cfg, job, key, MetricsLogger(tracker, "epoch"))
         model_path = save_model_file(folder / checkpoints.MODEL_FILE, "simclr", cfg, state["state_dict"], epoch=state["epoch"])
         tracker.log_artifact(model_path, "model")
         seconds = time.perf_counter() - t0
         final = {"final_loss": float(metrics.get("loss", float("nan"))), "stage_seconds": seconds}
         tracker.log_metrics(final)
-        result = StageResult("pretrain", key, tracker.run_id, str(model_path), final, seconds, config_digest=cfg.digest(*SECTIONS))
+        result = StageResult("pretrain", key, tracker.run_id, str(model_path), final, seconds, config_digest=digest)
         result.save(folder)
         print(f"[pretrain] done in {seconds:.0f}s: {model_path}  {run_url(cfg, tracker)}", flush=True)
         return result

@@ -8,44 +8,21 @@ selection; test accuracy is reported once.
 from __future__ import annotations
 
 import hashlib
-import re
 import time
 from pathlib import Path
 
 import torch
 
 from .. import checkpoints
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, stage_digest
 from ..engine import extract_features
 from ..models import SimCLRModel
 from ..plots import plot_confusion_matrix, plot_embedding_2d
 from ..probes import run_probes, select_linear_C
 from ..tracking import mlflow_run, run_url
-from .common import StageResult, eval_device, finished_result, load_data_and_split, log_config_and_split, stage_dir
-
-PROBE_SECTIONS = ("data", "split", "probe")
-_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-
-
-def resolve_model_ref(cfg: Config, ref: str, dest: Path) -> Path:
-    """A checkpoint path, or the MLflow run id of a stage that logged ``model/model.pt``."""
-    p = Path(ref).expanduser()
-    if p.exists():
-        return p.resolve()
-    if _RUN_ID.match(ref):
-        import mlflow
-
-        from ..tracking import tracking_uri
-
-        try:
-            local = mlflow.artifacts.download_artifacts(
-                run_id=ref, artifact_path=f"model/{checkpoints.MODEL_FILE}", dst_path=str(dest), tracking_uri=tracking_uri(cfg)
-            )
-        except Exception as e:  # noqa: BLE001 - any MLflow failure means the reference is unusable
-            raise ConfigError(f"cannot fetch model/{checkpoints.MODEL_FILE} of MLflow run {ref}: {e}".splitlines()[0]) from None
-        return Path(local)
-    raise ConfigError(f"model reference {ref!r} is neither an existing checkpoint file nor an MLflow run id")
-
+from .common import (
+    StageResult, eval_device, finished_result, load_data_and_split, log_config_and_split, resolve_model_ref, stage_dir,
+)
 
 def load_encoder(path: Path, device: torch.device) -> torch.nn.Module:
     payload = checkpoints.load_model_file(path, "simclr")
@@ -59,15 +36,16 @@ def probe(cfg: Config, parent_run_id: str | None = None, key: str | None = None,
     if not ref:
         raise ConfigError("probe.checkpoint is empty: give a SimCLR checkpoint path or the MLflow run id of a pretrain run")
     ref_hash = hashlib.sha256(str(ref).encode()).hexdigest()[:6]
-    key = key or (f"{cfg.run.name}-probe" if cfg.run.name else f"probe-{cfg.digest(*PROBE_SECTIONS)}-{ref_hash}")
+    digest = stage_digest(cfg, "probe")
+    key = key or (f"{cfg.run.name}-probe" if cfg.run.name else f"probe-{digest}-{ref_hash}")
     folder = stage_dir(cfg, key)
-    done = finished_result(folder, cfg.digest(*PROBE_SECTIONS))
+    done = finished_result(folder, digest)
     if done:
         print(f"[probe] {key} already finished", flush=True)
         return done
     t0 = time.perf_counter()
     path = resolve_model_ref(cfg, ref, folder)
-    device = eval_device()
+    device = eval_device(cfg)
     encoder = load_encoder(path, device)
     data, split = load_data_and_split(cfg)
 
@@ -108,7 +86,7 @@ def probe(cfg: Config, parent_run_id: str | None = None, key: str | None = None,
         seconds = time.perf_counter() - t0
         metrics["stage_seconds"] = seconds
         tracker.log_metrics(metrics)
-        result = StageResult("probe", key, tracker.run_id, None, metrics, seconds, config_digest=cfg.digest(*PROBE_SECTIONS))
+        result = StageResult("probe", key, tracker.run_id, None, metrics, seconds, config_digest=digest)
         result.save(folder)
         print(f"[probe] done in {seconds:.0f}s  {run_url(cfg, tracker)}", flush=True)
         return result

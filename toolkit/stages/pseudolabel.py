@@ -10,25 +10,29 @@ the pool's hidden true labels: it is logged as a diagnostic and never decides an
 
 from __future__ import annotations
 
-import json
-import shutil
+import hashlib
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from .. import checkpoints
-from ..config import Config
+from ..config import Config, ConfigError, stage_digest
+from ..data import Split
 from ..inference import predict_pool
+from ..jobs import ModelWeights
 from ..plots import plot_class_counts, plot_curves
 from ..pseudo_labels import select_pseudo_labels
 from ..schedules import threshold_at
 from ..tracking import Tracker, mlflow_run, run_url
-from .common import StageResult, finished_result, load_data_and_split, log_config_and_split, run_key, stage_dir
-from .supervised import init_params, log_test_report, train_classifier
+from .common import (
+    StageResult, finished_result, init_weights, load_data_and_split, log_config_and_split, log_test_report, run_key,
+    save_model_file, stage_dir, train_classifier,
+)
 
-SECTIONS = ("data", "split", "model", "augment", "classifier", "pseudolabel")
-STATE_FILE = "rounds.json"
+STATE_FILE = "rounds.pt"
+STATE_KIND = "rounds"  # a checkpoint payload: the round state, with the current model's weights as state_dict
 
 
 def round_threshold(cfg: Config, r: int) -> float:
@@ -39,15 +43,23 @@ def round_threshold(cfg: Config, r: int) -> float:
     return threshold_at(r, pc.schedule, pc.threshold_start, pc.threshold_floor, pc.rounds, rate, pc.step_every)
 
 
-def _load_state(folder: Path) -> dict:
-    p = folder / STATE_FILE
-    return json.loads(p.read_text()) if p.is_file() else {}
+def load_state(path: Path) -> dict | None:
+    """The round state saved at ``path`` (None when there is none); a damaged file is an error, not a fresh start."""
+    if not path.is_file():
+        return None
+    state = checkpoints.load(path)
+    if state.get("kind") != STATE_KIND:
+        raise checkpoints.CheckpointError(f"{path} is not a pseudo-labeling round state")
+    return state
 
 
-def _save_state(folder: Path, state: dict) -> None:
-    tmp = folder / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps(state))
-    tmp.replace(folder / STATE_FILE)  # atomic: a kill mid-write keeps the previous round
+def save_state(path: Path, state: dict) -> None:
+    checkpoints.save(path, {k: v for k, v in state.items() if k != "path"})  # atomic: a kill keeps the previous round
+
+
+def state_weights(state: dict) -> ModelWeights:
+    """The state's current model (a classifier), as weights to pass by value."""
+    return ModelWeights("classifier", state["model_config"], state["state_dict"])
 
 
 def _log_round(tracker: Tracker, entry: dict) -> None:
@@ -55,74 +67,74 @@ def _log_round(tracker: Tracker, entry: dict) -> None:
     tracker.log_metrics({f"round/{k}": v for k, v in entry.items() if k not in ("round", "counts")}, step=entry["round"])
 
 
-def _adopt_first_round(cfg: Config, source: Path, folder: Path, base_model: str | None, digest: str,
-                       tracker: Tracker) -> dict:
-    """The first round of a finished one-shot run, as this iterative run's round 1 ({} when it does not match).
+def _adopt_first_round(cfg: Config, source: Path, digest: str, start_id: str, tracker: Tracker) -> dict | None:
+    """The first round of a finished one-shot run, as this iterative run's round 1 (None when it does not match).
 
     A one-shot run is round 1 of an iterative run with the same config (same start model,
     same threshold for round 1, same training): the pipeline runs both, and retraining the
-    same round twice would cost minutes for nothing. The round's model is copied into this
-    run's folder and its metrics logged here, so the run stands on its own.
+    same round twice would cost minutes for nothing.
     """
-    other = _load_state(source)
+    try:
+        other = load_state(source / STATE_FILE)
+    except checkpoints.CheckpointError:
+        return None
     oneshot = cfg.replace(**{"pseudolabel.mode": "oneshot"})
-    if (not other or other.get("rounds_done") != 1 or other.get("config_digest") != oneshot.digest(*SECTIONS)
-            or not base_model or other.get("start_model") != base_model
+    if (not other or other.get("rounds_done") != 1 or other.get("config_digest") != stage_digest(oneshot, "pseudolabel")
+            or other.get("start_id") != start_id
             or abs(round_threshold(cfg, 0) - round_threshold(oneshot, 0)) > 1e-12):
-        return {}
-    model = folder / "round1.pt"
-    shutil.copyfile(other["model"], model)
-    state = {**other, "config_digest": digest, "model": str(model), "adopted_from": str(source)}
+        return None
+    state = {**other, "config_digest": digest, "adopted_from": str(source)}
     first = state["history"][0]
     _log_round(tracker, first)
     tracker.set_tags({"toolkit.round1_from": str(source)})
-    _save_state(folder, state)
     print(f"[pseudolabel] round 1/{cfg.pseudolabel.rounds}: taken from the one-shot run in {source} "
           f"(same config and start model), val acc {first['val_acc']:.4f}", flush=True)
     return state
 
 
-def run_rounds(cfg: Config, tracker: Tracker, key: str, folder: Path, base_model: str | None = None,
-               on_round=None, first_round_from: Path | None = None) -> dict:
-    """The round loop (also the body of a Tune trial). Returns the final state dict.
+def new_state(digest: str, start_id: str, start: ModelWeights, encoder_pretrained: bool, split: Split) -> dict:
+    return {"kind": STATE_KIND, "config_digest": digest, "rounds_done": 0, "start_id": start_id,
+            "model_config": start.config, "state_dict": start.state_dict, "encoder_pretrained": encoder_pretrained,
+            "pool": split.pool.tolist(), "pseudo_indices": [], "pseudo_labels": [], "history": []}
 
-    ``on_round(round_index, metrics)`` is called after each round (Tune reports there).
-    ``first_round_from``: the folder of a finished one-shot run whose round may stand as
-    round 1 here (see ``_adopt_first_round``).
+
+def run_rounds(cfg: Config, tracker: Tracker, key: str, scratch: Path, state: dict | None,
+               after_round: Callable[[dict, dict], None], start: ModelWeights | None = None, start_id: str = "round0",
+               init: ModelWeights | None = None, adopt_from: Path | None = None) -> dict:
+    """The round loop, in the driver (a stage) or inside a Tune trial. Returns the final state.
+
+    ``state``: a saved state to resume from (None: start). ``after_round(state, metrics)``
+    persists each finished round (a file in the stage folder, or a Tune checkpoint).
+    ``start``: the model of round 0 (None: train it on the labeled images, from ``init``,
+    the SimCLR weights, if any). ``scratch``: where training checkpoints of this process
+    go (never read by another node). The pool's true labels are read for diagnostics only.
     """
     pc = cfg.pseudolabel
     data, split = load_data_and_split(cfg)
-    log_config_and_split(tracker, cfg, split, folder)
     train_labels = data.train_labels
     rounds = 1 if pc.mode == "oneshot" else pc.rounds
-    init = init_params(cfg, folder)
-    state = _load_state(folder)
-    resumed = bool(state.get("rounds_done"))
-    digest = cfg.digest(*SECTIONS)
-    if state and state.get("config_digest", digest) != digest:
-        from ..config import ConfigError
-
-        raise ConfigError(f"run.name={cfg.run.name!r}: {folder} holds pseudo-labeling rounds of another config; "
+    digest = stage_digest(cfg, "pseudolabel")
+    if state and state.get("config_digest") != digest:
+        raise ConfigError(f"run.name={cfg.run.name!r}: {scratch} holds pseudo-labeling rounds of another config; "
                           "choose another run.name (or delete that folder to start over)")
-    if not state and first_round_from is not None:
-        state = _adopt_first_round(cfg, first_round_from, folder, base_model, digest, tracker)
-    if not state:
-        if base_model:
-            start_model = base_model
-        else:  # round 0: the labeled images alone
-            path, _ = train_classifier(cfg, tracker, f"{key}-round0", folder, "round0.pt", init=init, label="round 0")
-            start_model = str(path)
-        state = {"config_digest": digest, "rounds_done": 0, "model": start_model, "start_model": start_model,
-                 "pool": split.pool.tolist(), "pseudo_indices": [], "pseudo_labels": [], "history": []}
-        _save_state(folder, state)
-    elif resumed:
+    if state:
         print(f"[pseudolabel] resuming after round {state['rounds_done']}", flush=True)
+    if not state and adopt_from is not None:
+        state = _adopt_first_round(cfg, adopt_from, digest, start_id, tracker)
+        if state:
+            after_round(state, {})
+    if not state:
+        if start is None:  # round 0: the labeled images alone
+            _, best = train_classifier(cfg, tracker, f"{key}-round0", scratch, "round0.pt", split, init=init,
+                                       label="round 0")
+            start = ModelWeights("classifier", cfg.to_dict(), best["state_dict"])
+        state = new_state(digest, start_id, start, init is not None, split)
 
     for r in range(state["rounds_done"], rounds):
         t0 = time.perf_counter()
         threshold = round_threshold(cfg, r)
         pool = torch.tensor(state["pool"], dtype=torch.long)
-        probs = torch.from_numpy(predict_pool(cfg, state["model"], pool))
+        probs = torch.from_numpy(predict_pool(cfg, state_weights(state), pool))
         sel = select_pseudo_labels(probs, threshold, pc.per_class_cap or None, pc.class_adaptive)
         new_idx = pool[sel.positions]
         keep = torch.ones(len(pool), dtype=torch.bool)
@@ -134,11 +146,12 @@ def run_rounds(cfg: Config, tracker: Tracker, key: str, folder: Path, base_model
         all_idx = torch.tensor(pseudo_idx, dtype=torch.long)
         precision_total = (float((train_labels[all_idx] == torch.tensor(pseudo_lab)).float().mean())
                            if len(pseudo_idx) else float("nan"))
-        init_r = {"classifier": state["model"], "encoder_pretrained": bool(init)} if pc.warm_start else init
-        model_path, best = train_classifier(
-            cfg, tracker, f"{key}-round{r + 1}", folder, f"round{r + 1}.pt", init=init_r,
-            pseudo={"indices": pseudo_idx, "labels": pseudo_lab}, steps=pc.steps_per_round,
-            step_offset=(r + 1) * 1_000_000, label=f"round {r + 1}/{rounds}",
+        warm = ModelWeights("classifier", state["model_config"], state["state_dict"])
+        _, best = train_classifier(
+            cfg, tracker, f"{key}-round{r + 1}", scratch, f"round{r + 1}.pt", split,
+            init=warm if pc.warm_start else init, encoder_pretrained=bool(state["encoder_pretrained"]),
+            pseudo_indices=torch.tensor(pseudo_idx, dtype=torch.long), pseudo_labels=torch.tensor(pseudo_lab, dtype=torch.long),
+            steps=pc.steps_per_round, step_offset=(r + 1) * 1_000_000, label=f"round {r + 1}/{rounds}",
         )
         counts = sel.counts_per_class(10).tolist()
         metrics = {
@@ -155,16 +168,14 @@ def run_rounds(cfg: Config, tracker: Tracker, key: str, folder: Path, base_model
         entry = {"round": r + 1, "counts": counts, **metrics}
         _log_round(tracker, entry)
         state.update({
-            "rounds_done": r + 1, "model": str(model_path), "pool": pool[keep].tolist(),
-            "pseudo_indices": pseudo_idx, "pseudo_labels": pseudo_lab,
+            "rounds_done": r + 1, "model_config": cfg.to_dict(), "state_dict": best["state_dict"],
+            "pool": pool[keep].tolist(), "pseudo_indices": pseudo_idx, "pseudo_labels": pseudo_lab,
+            "history": state["history"] + [entry],
         })
-        state["history"].append(entry)
-        _save_state(folder, state)
         print(f"[pseudolabel] round {r + 1}/{rounds}: threshold {threshold:.4f}, +{len(new_idx)} "
               f"(precision {precision_round:.4f}, diagnostic), pool left {int(keep.sum())}, val acc {best['best_val_acc']:.4f}",
               flush=True)
-        if on_round:
-            on_round(r, metrics)
+        after_round(state, metrics)
     return state
 
 
@@ -189,27 +200,36 @@ def _round_plots(tracker: Tracker, state: dict, folder: Path, title: str) -> Non
 
 def pseudolabel(cfg: Config, parent_run_id: str | None = None, key: str | None = None,
                 base_model: str | None = None, first_round_from: StageResult | None = None) -> StageResult:
-    """Run the rounds; log per-round metrics, plots, the final model and its test accuracy (once)."""
-    key = key or run_key(cfg, f"pseudolabel-{cfg.pseudolabel.mode}", *SECTIONS)
-    if base_model and not cfg.run.name and key.startswith("pseudolabel-"):
-        import hashlib
+    """Run the rounds; log per-round metrics, plots, the final model and its test accuracy (once).
 
+    ``base_model``: a classifier file (the driver's) every round-0 starts from instead of training one.
+    """
+    key = key or run_key(cfg, f"pseudolabel-{cfg.pseudolabel.mode}", "pseudolabel")
+    if base_model and not cfg.run.name and key.startswith("pseudolabel-"):
         key += "-from-" + hashlib.sha256(str(base_model).encode()).hexdigest()[:6]
+    digest = stage_digest(cfg, "pseudolabel")
     folder = stage_dir(cfg, key)
-    done = finished_result(folder, cfg.digest(*SECTIONS))
+    done = finished_result(folder, digest)
     if done:
         print(f"[pseudolabel] {key} already finished: test acc {done.metrics.get('test_acc', float('nan')):.4f}", flush=True)
         return done
     t0 = time.perf_counter()
+    init = init_weights(cfg, folder)
+    start = None
+    if base_model:
+        start = ModelWeights.from_payload(checkpoints.load_model_file(base_model, "classifier", cfg.model))
+    state_path = folder / STATE_FILE
     with mlflow_run(cfg, "pseudolabel", key, parent_run_id, {"toolkit.mode": cfg.pseudolabel.mode,
                                                              "toolkit.init": cfg.model.init}) as tracker:
+        data, split = load_data_and_split(cfg)
+        log_config_and_split(tracker, cfg, split, folder)
         source = Path(first_round_from.model_path).parent if first_round_from and first_round_from.model_path else None
-        state = run_rounds(cfg, tracker, key, folder, base_model, first_round_from=source)
-        final = folder / checkpoints.MODEL_FILE
-        final.write_bytes(Path(state["model"]).read_bytes())
+        state = run_rounds(cfg, tracker, key, folder, load_state(state_path), lambda st, m: save_state(state_path, st),
+                           start=start, start_id=str(base_model or "round0"), init=init, adopt_from=source)
+        final = save_model_file(folder / checkpoints.MODEL_FILE, "classifier", cfg, state["state_dict"],
+                                encoder_pretrained=bool(state["encoder_pretrained"]))
         tracker.log_artifact(final, "model")
         _round_plots(tracker, state, folder, f"pseudo-labeling ({cfg.pseudolabel.mode})")
-        data, _ = load_data_and_split(cfg)
         metrics = log_test_report(tracker, cfg, final, data, folder, f"pseudo-labeling ({cfg.pseudolabel.mode})")
         last = state["history"][-1] if state["history"] else {}
         seconds = time.perf_counter() - t0
@@ -221,7 +241,8 @@ def pseudolabel(cfg: Config, parent_run_id: str | None = None, key: str | None =
             "stage_seconds": seconds,
         })
         tracker.log_metrics({f"final/{k}": v for k, v in metrics.items() if not k.startswith("test_")})
-        result = StageResult(f"pseudolabel-{cfg.pseudolabel.mode}", key, tracker.run_id, str(final), metrics, seconds, config_digest=cfg.digest(*SECTIONS))
+        result = StageResult(f"pseudolabel-{cfg.pseudolabel.mode}", key, tracker.run_id, str(final), metrics, seconds,
+                             config_digest=digest)
         result.save(folder)
         print(f"[pseudolabel] done in {seconds:.0f}s: {metrics['pseudo_labels']} pseudo-labels, pool left "
               f"{metrics['pool_left']}, test acc {metrics['test_acc']:.4f}  {run_url(cfg, tracker)}", flush=True)

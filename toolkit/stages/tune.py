@@ -12,9 +12,15 @@ best trial, a file ``toolkit pseudolabel --config best.yaml`` accepts), ``trials
 (every trial), ``search.png`` (val acc against the thresholds, coloured by schedule),
 the best trial's ``model.pt`` and its test report. One nested MLflow run per trial.
 
-The search is resumable: Tune keeps its state under ``<run.output_dir>/tune/<key>``
-and re-running the same command restores it (finished trials are not run again; a
-trial cut off mid-way resumes at its last finished round from its own folder).
+Nothing a trial needs is a path on the driver's disk: the base config, the SimCLR
+weights and the base model travel through Ray's object store (``tune.with_parameters``);
+each finished round is a Tune checkpoint in ``ray.storage_path`` (a shared mount or a
+cloud URI on a multi-node cluster), which is how the driver gets the best trial's
+model back and how a trial whose node died resumes at its last finished round. Only
+the driver logs to MLflow (a Tune callback opens one nested run per trial).
+
+The search is resumable: Tune keeps its state under ``<ray.storage_path>/tune/<key>``
+and re-running the same command restores it (finished trials are not run again).
 """
 
 from __future__ import annotations
@@ -27,7 +33,6 @@ import json
 import math
 import os
 import shlex
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,14 +41,17 @@ from typing import Any, Iterable
 import yaml
 
 from .. import checkpoints
-from ..config import Config, ConfigError, all_keys, config_from_dict
+from ..config import Config, ConfigError, all_keys, config_from_dict, stage_digest
 from ..data import Mnist, make_split, resolve_root
-from ..tracking import find_run, mlflow_run, run_url, tracking_uri
-from .common import StageResult, finished_result, load_data_and_split, stage_dir
-from .pseudolabel import STATE_FILE, run_rounds
-from .supervised import init_params, log_test_report
+from ..jobs import ModelWeights
+from ..storage import check_shared, storage_path
+from ..tracking import RUN_KEY_TAG, Tracker, find_run, mlflow_run, run_url, safe_params, tracking_uri
+from .common import (
+    StageResult, finished_result, init_weights, load_data_and_split, log_test_report, resolve_model_ref,
+    save_model_file, stage_dir,
+)
+from .pseudolabel import STATE_FILE, load_state, run_rounds, save_state
 
-SECTIONS = ("data", "split", "model", "augment", "classifier", "pseudolabel", "tune")
 TUNABLE_SECTIONS = ("model", "augment", "classifier", "pseudolabel")
 # fixed by the search itself: iterative rounds, in-process inference inside each trial
 FIXED_KEYS = ("pseudolabel.mode", "pseudolabel.inference", "pseudolabel.inference_actors",
@@ -273,16 +281,13 @@ def _nested(overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def _execution_overrides(cfg: Config, train_subset: int) -> dict[str, Any]:
-    """How every trial runs: in-process rounds and inference, absolute paths (Tune actors run elsewhere)."""
+    """How every trial runs: in-process rounds and inference in its Tune actor, no MLflow of its own."""
     ov: dict[str, Any] = {
-        "data.root": str(resolve_root(cfg.data.root)),
-        "run.output_dir": str(Path(cfg.run.output_dir).expanduser().resolve()),
+        "data.root": str(resolve_root(cfg.data.root)),  # each node's own copy, at the same path
         "run.backend": "local",
         "pseudolabel.inference": "local",
         "ray.use_gpu": False,  # the trial's own GPU (if any) is used through run.device=cuda
     }
-    if cfg.tracking.enabled:
-        ov["tracking.uri"] = tracking_uri(cfg)
     if train_subset:
         ov["data.train_subset"] = train_subset
     if not cfg.run.threads:
@@ -296,40 +301,131 @@ def reproduce_args(execution: dict[str, Any]) -> str:
     return " ".join(shlex.quote(f"{k}={execution[k]}") for k in keys if k in execution)
 
 
-def _trial(sample: dict, ctx: dict) -> None:
-    """A Tune trial: the rounds in this process, ``{"val_acc", "round"}`` reported after each one."""
+@dataclass(frozen=True)
+class TrialJob:
+    """What every trial gets through Ray's object store: values, never a path on the driver's disk."""
+
+    base: dict                         # the base config (Config.to_dict())
+    execution: dict[str, Any]          # _execution_overrides
+    key: str
+    simclr: ModelWeights | None        # the SimCLR weights of model.init=simclr (the searched 'simclr' choice)
+    start: ModelWeights | None         # a base classifier every trial starts its rounds from (no round 0)
+    simclr_choices: dict[str, ModelWeights]  # explicit 'simclr:<ref>' choices of model.init
+
+
+def _trial_cfg(job: TrialJob, sample: dict, device: str) -> Config:
+    base = config_from_dict(job.base)
+    return trial_config(base, sample, SIMCLR_REF if job.simclr else None).replace(**job.execution, **{"run.device": device})
+
+
+SIMCLR_REF = "weights"  # model.init=simclr:weights: the trial's SimCLR weights came by value
+
+
+def _trial(sample: dict, job: TrialJob) -> None:
+    """A Tune trial: the rounds in this process; after each, ``{"val_acc", "round", ...}`` and a checkpoint."""
+    import tempfile
+
     import ray
     from ray import tune as ray_tune
 
-    trial_id = ray_tune.get_context().get_trial_id()
-    base = config_from_dict(ctx["base"])
-    try:
-        tuned, error = trial_config(base, sample, ctx["simclr"]), None
-    except ConfigError as e:  # a combination the repairs do not cover: recorded as a failed trial
-        tuned, error = base, e
     device = "cuda" if ray.get_gpu_ids() else "cpu"
-    cfg = tuned.replace(**ctx["execution"], **{"run.device": device})
-    folder = Path(ctx["folder"]) / "trials" / trial_id
-    folder.mkdir(parents=True, exist_ok=True)
-    name = f"{ctx['key']}-trial-{trial_id}"
+    cfg = _trial_cfg(job, sample, device)
+    init = None
+    if cfg.model.init.startswith("simclr:"):
+        ref = cfg.model.init[len("simclr:"):]
+        init = job.simclr if ref == SIMCLR_REF else job.simclr_choices[ref]
+    trial_id = ray_tune.get_context().get_trial_id()
+    state = None
+    restored = ray_tune.get_checkpoint()
+    if restored is not None:  # a retried trial (its node died, or Ctrl-C): resume after its last round
+        with restored.as_directory() as d:
+            state = load_state(Path(d) / STATE_FILE)
     reported: list[int] = []
 
-    def on_round(r: int, metrics: dict) -> None:
-        ray_tune.report({METRIC: float(metrics["val_acc"]), "round": r + 1, "threshold": float(metrics["threshold"]),
-                         "added": int(metrics["added"]), "pool_left": int(metrics["pool_left"])})
-        reported.append(r + 1)
+    def after_round(st: dict, metrics: dict) -> None:
+        with tempfile.TemporaryDirectory(prefix="toolkit-trial-") as d:
+            save_state(Path(d) / STATE_FILE, st)
+            last = st["history"][-1]
+            ray_tune.report(_round_result(last), checkpoint=ray_tune.Checkpoint.from_directory(d))
+        reported.append(st["rounds_done"])
 
-    tags = {"toolkit.tune.trial_id": trial_id, **{f"toolkit.tune.sample.{k}": v for k, v in sample.items()}}
-    with mlflow_run(cfg, "tune-trial", name, ctx["parent_run_id"], tags) as tracker:
-        if error is not None:
-            raise error
-        state = run_rounds(cfg, tracker, name, folder, ctx["base_model"], on_round)
-        if not reported and state["history"]:
-            # restored after its last round had finished: Tune still needs the final result
-            last = state["history"][-1]
-            ray_tune.report({METRIC: float(last["val_acc"]), "round": int(last["round"]),
-                             "threshold": float(last["threshold"]), "added": int(last["added"]),
-                             "pool_left": int(last["pool_left"])})
+    # scratch: this process's own training checkpoints, on this node, removed at the end
+    with tempfile.TemporaryDirectory(prefix="toolkit-trial-") as scratch:
+        cfg = cfg.replace(**{"run.output_dir": scratch})
+        final = run_rounds(cfg, Tracker.disabled(), f"{job.key}-trial-{trial_id}", Path(scratch), state, after_round,
+                           start=job.start, start_id="base" if job.start else "round0", init=init)
+    if not reported and final["history"]:
+        # restored after its last round had finished: Tune still needs the final result
+        ray_tune.report(_round_result(final["history"][-1]))
+
+
+def _round_result(entry: dict) -> dict[str, Any]:
+    return {METRIC: float(entry["val_acc"]), "round": int(entry["round"]), "threshold": float(entry["threshold"]),
+            "added": int(entry["added"]), "pool_left": int(entry["pool_left"])}
+
+
+def _trial_callback(cfg: Config, key: str, parent_run_id: str | None, job: TrialJob):
+    """A Tune callback, in the driver: one nested MLflow run per trial, its round metrics, how it ended."""
+    from ray.tune import Callback
+
+    uri = tracking_uri(cfg) if cfg.tracking.enabled and parent_run_id else None
+    experiment = cfg.tracking.experiment
+
+    class TrialRuns(Callback):
+        def __init__(self):
+            self.runs: dict[str, str] = {}
+
+        def __getstate__(self):
+            return {"runs": {}}
+
+        def _run(self, trial) -> Tracker:
+            if uri is None:
+                return Tracker.disabled()
+            if trial.trial_id not in self.runs:
+                from mlflow.tracking import MlflowClient
+
+                client = MlflowClient(tracking_uri=uri)
+                name = f"{key}-trial-{trial.trial_id}"
+                exp = client.get_experiment_by_name(experiment).experiment_id
+                found = client.search_runs([exp], filter_string=f"tags.`{RUN_KEY_TAG}` = '{name}'", max_results=1)
+                if found:
+                    self.runs[trial.trial_id] = found[0].info.run_id
+                else:
+                    sample = dict(trial.config or {})
+                    tags = {RUN_KEY_TAG: name, "toolkit.command": "tune-trial", "mlflow.parentRunId": parent_run_id,
+                            "toolkit.tune.trial_id": trial.trial_id,
+                            **{f"toolkit.tune.sample.{k}": str(v) for k, v in sample.items()}}
+                    run_id = client.create_run(exp, run_name=name, tags=tags).info.run_id
+                    self.runs[trial.trial_id] = run_id
+                    try:
+                        tcfg = _trial_cfg(job, sample, "cpu")
+                        Tracker(uri, run_id).log_params(tcfg.flat())
+                    except ConfigError as e:  # recorded as failed when the trial itself raises it
+                        Tracker(uri, run_id).set_tags({"toolkit.tune.config_error": str(e)[:500]})
+            return Tracker(uri, self.runs[trial.trial_id])
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self._run(trial)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self._run(trial).log_metrics({f"round/{k}": result[k] for k in ("val_acc", "threshold", "added", "pool_left")
+                                          if k in result}, step=int(result.get("round", 0)))
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            t = self._run(trial)
+            if t.enabled:
+                from mlflow.tracking import MlflowClient
+
+                MlflowClient(tracking_uri=uri).set_terminated(t.run_id, "FINISHED")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            t = self._run(trial)
+            if t.enabled:
+                from mlflow.tracking import MlflowClient
+
+                MlflowClient(tracking_uri=uri).set_terminated(t.run_id, "FAILED")
+
+    return TrialRuns()
 
 
 def _trial_dirname(trial) -> str:
@@ -341,7 +437,7 @@ def _trial_dirname(trial) -> str:
 
 def search_digest(cfg: Config, space_text: str, base_model: str | None = None) -> str:
     """Hash of what decides a search: its config sections, the space and the base model."""
-    return hashlib.sha256((cfg.digest(*SECTIONS) + space_text + (base_model or "")).encode()).hexdigest()[:10]
+    return hashlib.sha256((stage_digest(cfg, "tune") + space_text + (base_model or "")).encode()).hexdigest()[:10]
 
 
 def search_key(cfg: Config, space_text: str, base_model: str | None = None) -> str:
@@ -424,41 +520,32 @@ def _pool_train_subset(cfg: Config, data: Mnist) -> int:
 
 
 def _check_cluster(cfg: Config) -> None:
-    """On the embedded local Ray, fail now rather than leave trials pending forever.
+    """Trials that can never be placed fail now (embedded Ray), or after the autoscaler had its time (a cluster)."""
+    from ..backends import require_resources
 
-    A cluster (``ray.address``) may autoscale to the resources it lacks now, so it is not checked.
-    """
-    import ray
-
-    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
-        return
-    res = ray.cluster_resources()
-    if cfg.tune.gpus_per_trial > res.get("GPU", 0):
-        raise ConfigError(f"tune.gpus_per_trial={cfg.tune.gpus_per_trial:g} is not allowed: the local Ray has "
-                          f"{res.get('GPU', 0):g} GPUs")
-    if cfg.tune.cpus_per_trial > res.get("CPU", 0):
-        raise ConfigError(f"tune.cpus_per_trial={cfg.tune.cpus_per_trial:g} is not allowed: the local Ray has "
-                          f"{res.get('CPU', 0):g} CPUs")
+    require_resources(cfg, {"CPU": cfg.tune.cpus_per_trial, "GPU": cfg.tune.gpus_per_trial},
+                      f"tune.cpus_per_trial={cfg.tune.cpus_per_trial:g}, tune.gpus_per_trial={cfg.tune.gpus_per_trial:g}")
 
 
-def tune_storage(cfg: Config) -> Path:
-    """Where Tune keeps its experiments: ``<run.output_dir>/tune`` (absolute)."""
-    return (Path(cfg.run.output_dir).expanduser() / "tune").resolve()
+def tune_storage(cfg: Config) -> str:
+    """Where Tune keeps its experiments and trial checkpoints: ``<ray.storage_path>/tune``."""
+    return storage_path(cfg).rstrip("/") + "/tune"
 
 
-def _fit(cfg: Config, key: str, space: SearchSpace, ctx: dict, start: dict[str, Any] | None = None):
+def _fit(cfg: Config, key: str, space: SearchSpace, job: TrialJob, folder: Path, parent_run_id: str | None,
+         start: dict[str, Any] | None = None):
     """Run (or restore and finish) the Tune experiment ``key``; return (ResultGrid, trials it was started with)."""
     from ray import tune as ray_tune
     from ray.tune.schedulers import ASHAScheduler
 
     storage = tune_storage(cfg)
-    path = storage / key
+    path = f"{storage}/{key}"
     resources = {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial}
-    trainable = ray_tune.with_resources(ray_tune.with_parameters(_trial, ctx=ctx), resources)
-    started = Path(ctx["folder"]) / SEARCH_FILE  # the restored search keeps the settings it started with
-    if ray_tune.Tuner.can_restore(str(path)):
+    trainable = ray_tune.with_resources(ray_tune.with_parameters(_trial, job=job), resources)
+    started = folder / SEARCH_FILE  # the restored search keeps the settings it started with
+    if ray_tune.Tuner.can_restore(path):
         print(f"[tune] resuming the search in {path}", flush=True)
-        tuner = ray_tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
+        tuner = ray_tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
         num_samples = json.loads(started.read_text())["num_samples"] if started.is_file() else cfg.tune.num_samples
     else:
         num_samples = cfg.tune.num_samples
@@ -470,13 +557,17 @@ def _fit(cfg: Config, key: str, space: SearchSpace, ctx: dict, start: dict[str, 
             param_space=space.param_space(),
             tune_config=ray_tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler, search_alg=_searcher(cfg, start),
                                             num_samples=cfg.tune.num_samples, trial_dirname_creator=_trial_dirname),
-            run_config=ray_tune.RunConfig(name=key, storage_path=str(storage), verbose=1,
-                                          failure_config=ray_tune.FailureConfig(max_failures=cfg.tune.max_failures)),
+            run_config=ray_tune.RunConfig(
+                name=key, storage_path=storage, verbose=1,
+                failure_config=ray_tune.FailureConfig(max_failures=cfg.tune.max_failures),
+                checkpoint_config=ray_tune.CheckpointConfig(num_to_keep=1),
+                callbacks=[_trial_callback(cfg, key, parent_run_id, job)],
+            ),
         )
-    return tuner.fit(), num_samples
+    return tuner.fit(), num_samples, path
 
 
-def _ended_trials(path: Path) -> int:
+def _ended_trials(path: str) -> int:
     """Trials that ended (finished, stopped by ASHA or errored) in the saved state of the experiment at ``path``.
 
     After Ctrl-C, Tune saves its state (running trials as RUNNING, to resume them) and
@@ -485,7 +576,7 @@ def _ended_trials(path: Path) -> int:
     """
     from ray.tune import ExperimentAnalysis
 
-    return sum(t.status in ("TERMINATED", "ERROR") for t in ExperimentAnalysis(str(path)).trials)
+    return sum(t.status in ("TERMINATED", "ERROR") for t in ExperimentAnalysis(path).trials)
 
 
 @dataclass
@@ -501,7 +592,7 @@ class TrialRow:
     values: dict[str, Any]  # the searched keys as the trial ran them (after the repairs)
     sample: dict[str, Any]  # what the searcher proposed
     error: str = ""
-    model: str = ""
+    checkpoint: Any = None  # the trial's last Tune checkpoint (its final round state), in ray.storage_path
 
 
 def _kind(cfg: Config) -> str:
@@ -511,7 +602,7 @@ def _kind(cfg: Config) -> str:
     return pc.schedule
 
 
-def _collect(grid, base: Config, space: SearchSpace, simclr: str | None, folder: Path) -> list[TrialRow]:
+def _collect(grid, base: Config, space: SearchSpace, simclr: str | None) -> list[TrialRow]:
     rows = []
     for res in grid:
         tid = Path(res.path).name
@@ -530,18 +621,16 @@ def _collect(grid, base: Config, space: SearchSpace, simclr: str | None, folder:
         m = res.metrics or {}
         rounds_done = int(m.get("round", 0) or 0)
         val = float(m.get(METRIC, float("nan")))
-        model = ""
+        checkpoint = None
         if res.error is not None:
             status = "failed"
         elif rounds_done >= rounds:
             status = "completed"
-            state_file = folder / "trials" / tid / STATE_FILE
-            if state_file.is_file():
-                model = json.loads(state_file.read_text())["model"]
+            checkpoint = res.checkpoint
         else:
             status = "stopped_early"
         error = str(res.error).strip().splitlines()[-1][:300] if res.error is not None else ""
-        rows.append(TrialRow(tid, status, kind, rounds_done, rounds, val, values, sample, error, model))
+        rows.append(TrialRow(tid, status, kind, rounds_done, rounds, val, values, sample, error, checkpoint))
     return sorted(rows, key=lambda r: r.trial_id)
 
 
@@ -629,20 +718,22 @@ def tune(cfg: Config, parent_run_id: str | None = None, key: str | None = None,
         return done
     t0 = time.perf_counter()
 
-    # resolved once in the driver; the trials share the files by absolute path
+    # resolved once in the driver; the trials get the weights by value through Ray's object store
     base, simclr = cfg, None
-    if cfg.model.init.startswith("simclr:"):
-        simclr = init_params(cfg, folder)["simclr"]
-        base = cfg.replace(**{"model.init": f"simclr:{simclr}"})
+    simclr_weights = init_weights(cfg, folder)
+    if simclr_weights is not None:
+        simclr = SIMCLR_REF
+        base = cfg.replace(**{"model.init": f"simclr:{SIMCLR_REF}"})
+    start = None
     if base_model:
-        base_model = str(Path(base_model).expanduser().resolve())
-        checkpoints.load_model_file(base_model, "classifier", cfg.model)
+        start = ModelWeights.from_payload(checkpoints.load_model_file(base_model, "classifier", cfg.model))
     space = parse_space(text, source, base, simclr, base_model)
-    if "model.init" in space.entries:  # explicit 'simclr:<path | run id>' choices: resolved once, shared by path
-        domain, values = space.entries["model.init"]
-        values = [f"simclr:{init_params(base.replace(**{'model.init': v}), folder)['simclr']}"
-                  if str(v).startswith("simclr:") else v for v in values]
-        space = dataclasses.replace(space, entries={**space.entries, "model.init": (domain, values)})
+    choices: dict[str, ModelWeights] = {}
+    if "model.init" in space.entries:  # explicit 'simclr:<path | run id>' choices: read once, shipped by value
+        for v in space.entries["model.init"][1]:
+            ref = str(v)[len("simclr:"):] if str(v).startswith("simclr:") else None
+            if ref and ref != SIMCLR_REF:
+                choices[ref] = init_weights(base.replace(**{"model.init": v}), folder)
     for note in space.notes:
         print(f"[tune] {note}", flush=True)
     data, _ = load_data_and_split(cfg)
@@ -652,29 +743,30 @@ def tune(cfg: Config, parent_run_id: str | None = None, key: str | None = None,
 
     init_ray(cfg)
     _check_cluster(cfg)
+    check_shared(cfg, storage_path(cfg))
     tags = {"toolkit.tune.search": cfg.tune.search, "toolkit.tune.space": source, "toolkit.init": cfg.model.init}
     with mlflow_run(cfg, "tune", key, parent_run_id, tags) as tracker:
         (folder / SPACE_FILE).write_text(text)
         tracker.log_artifact(folder / SPACE_FILE)
-        ctx = {"base": base.to_dict(), "simclr": simclr, "base_model": base_model, "key": key,
-               "folder": str(folder), "parent_run_id": tracker.run_id,
-               "execution": _execution_overrides(cfg, train_subset)}
-        start = base_point(base, space) if cfg.tune.include_base else None
-        if start:
-            print(f"[tune] the first trial runs the base config's values of the searched keys: {start}", flush=True)
-            tracker.log_dict({"base_point": start}, "base_point.json")
+        execution = _execution_overrides(cfg, train_subset)
+        job = TrialJob(base=base.to_dict(), execution=execution, key=key, simclr=simclr_weights, start=start,
+                       simclr_choices=choices)
+        first = base_point(base, space) if cfg.tune.include_base else None
+        if first:
+            print(f"[tune] the first trial runs the base config's values of the searched keys: {first}", flush=True)
+            tracker.log_dict({"base_point": first}, "base_point.json")
         elif cfg.tune.include_base:
             print("[tune] tune.include_base: the base config's values lie outside the space; "
                   "every trial is sampled", flush=True)
-        grid, num_samples = _fit(cfg, key, space, ctx, start)
-        ended = _ended_trials(tune_storage(cfg) / key)
+        grid, num_samples, path = _fit(cfg, key, space, job, folder, tracker.run_id, first)
+        ended = _ended_trials(path)
         if ended < num_samples:
             # Ctrl-C: Tune stopped gracefully and saved its state; the same command restores it
             print(f"[tune] search interrupted after {ended}/{num_samples} trials; re-run the same command "
                   f"to resume it", flush=True)
             raise KeyboardInterrupt
 
-        rows = _collect(grid, base, space, simclr, folder)
+        rows = _collect(grid, base, space, simclr)
         _close_child_runs(cfg, key, tracker.run_id, rows)
         keys = list(space.entries)
         tracker.log_artifact(_write_csv(rows, keys, folder / RESULTS_FILE))
@@ -685,7 +777,7 @@ def tune(cfg: Config, parent_run_id: str | None = None, key: str | None = None,
         counts = {s: sum(r.status == s for r in rows) for s in ("completed", "stopped_early", "failed")}
         print(f"[tune] {len(rows)} trials: {counts['completed']} completed, {counts['stopped_early']} stopped early "
               f"by ASHA, {counts['failed']} failed", flush=True)
-        finished = [r for r in rows if r.status == "completed" and r.model and math.isfinite(r.val_acc)]
+        finished = [r for r in rows if r.status == "completed" and r.checkpoint is not None and math.isfinite(r.val_acc)]
         if not finished:
             errors = "; ".join(f"{r.trial_id}: {r.error}" for r in rows if r.error)[:1000]
             raise RuntimeError(f"tune {key}: no trial ran all its rounds ({counts}){': ' + errors if errors else ''}")
@@ -693,19 +785,23 @@ def tune(cfg: Config, parent_run_id: str | None = None, key: str | None = None,
         # number belongs to fewer rounds than its config says); ties go to the first trial
         best = max(finished, key=lambda r: (r.val_acc, -rows.index(r)))
         best_cfg = trial_config(base, best.sample, simclr)
-        overrides = best_overrides(base, best_cfg, keys)
+        if best_cfg.model.init == f"simclr:{SIMCLR_REF}":  # the weights came by value: name them as the user did
+            best_cfg = best_cfg.replace(**{"model.init": cfg.model.init})
+        overrides = best_overrides(base.replace(**{"model.init": cfg.model.init}), best_cfg, keys)
         best_path = folder / BEST_FILE
         best_path.write_text(
             f"# best of `toolkit tune` {key}: trial {best.trial_id}, val acc {best.val_acc:.4f} ({best.kind})\n"
             f"# on the full pool:     toolkit pseudolabel --config {best_path}\n"
-            f"# this trial, as it ran: toolkit pseudolabel --config {best_path} {reproduce_args(ctx['execution'])}\n"
+            f"# this trial, as it ran: toolkit pseudolabel --config {best_path} {reproduce_args(execution)}\n"
             + yaml.safe_dump(_nested(overrides), sort_keys=False)
         )
         tracker.log_artifact(best_path)
         tracker.set_tags({"toolkit.tune.best_trial": best.trial_id, "toolkit.tune.best_kind": best.kind})
 
-        final = folder / checkpoints.MODEL_FILE
-        shutil.copyfile(best.model, final)
+        with best.checkpoint.as_directory() as d:  # from ray.storage_path (downloaded if it is a cloud URI)
+            best_state = load_state(Path(d) / STATE_FILE)
+        final = save_model_file(folder / checkpoints.MODEL_FILE, "classifier", best_cfg, best_state["state_dict"],
+                                encoder_pretrained=bool(best_state["encoder_pretrained"]))
         tracker.log_artifact(final, "model")
         metrics = log_test_report(tracker, best_cfg, final, data, folder, f"tune: best trial ({best.kind})")
         seconds = time.perf_counter() - t0
