@@ -44,7 +44,7 @@ def main() -> None:
     cfg = Config().replace(**{"data.root": args.data_root, "model.width": args.width,
                               "pseudolabel.inference_batch_size": args.batch_size})
     data = load_mnist(args.data_root)
-    pool = make_split(data.train_labels).pool
+    pool = make_split(data.train_labels, cfg.split.labels_per_class, cfg.split.val_size, cfg.split.seed).pool
     if args.pool:
         pool = pool[: args.pool]
     torch.manual_seed(0)

@@ -46,7 +46,7 @@ from PIL import Image  # noqa: E402
 from toolkit.augment import make_generator, two_views  # noqa: E402
 from toolkit.config import AugmentConfig, ModelConfig, PretrainConfig  # noqa: E402
 from toolkit.data import load_mnist, to_float  # noqa: E402
-from toolkit.engine import simclr_epoch  # noqa: E402
+from toolkit.engine import EpochBatches, OptimState, simclr_epoch  # noqa: E402
 from toolkit.losses import nt_xent_loss  # noqa: E402
 from toolkit.models import SimCLRModel  # noqa: E402
 
@@ -176,12 +176,14 @@ def toolkit_train(images, batch, steps, warmup, aug, pc, model_cfg, accelerator)
     device = accelerator.device
     model, opt, sched = build(model_cfg, pc, accelerator)
     gen = make_generator(SEED, device)
+    optim = OptimState(opt, sched)
     if warmup:
-        simclr_epoch(model, opt, sched, images[: warmup * batch], batch, aug, pc.temperature, SEED, 0, gen, accelerator)
-    timed = images[warmup * batch: (warmup + steps) * batch]
+        simclr_epoch(model, optim, EpochBatches(images[: warmup * batch], batch, SEED, 0), aug, pc.temperature, gen,
+                     accelerator)
+    timed = EpochBatches(images[warmup * batch: (warmup + steps) * batch], batch, SEED, 1)
     sync(device)
     t0 = time.perf_counter()
-    stats = simclr_epoch(model, opt, sched, timed, batch, aug, pc.temperature, SEED, 1, gen, accelerator)
+    stats = simclr_epoch(model, optim, timed, aug, pc.temperature, gen, accelerator)
     sync(device)
     return 2 * steps * batch / (time.perf_counter() - t0), stats["loss"]
 

@@ -8,8 +8,8 @@ directory (so the cluster runs the code you have, not the code it was set up
 with). The address is the Ray dashboard / Jobs API, e.g. the 127.0.0.1:8265
 tunnel that ``ray dashboard ray_cluster.yaml`` opens.
 
-Only ``TOOLKIT_DATA_DIR`` and ``MLFLOW_TRACKING_URI`` travel from your shell to
-the job, and only when set: a runtime_env is stored by the cluster and shown
+Only ``TOOLKIT_DATA_DIR``, ``TOOLKIT_OUTPUT_ROOT`` and ``MLFLOW_TRACKING_URI`` travel
+from your shell to the job, and only when set: a runtime_env is stored by the cluster and shown
 in its dashboard, so nothing else from the local environment goes there.
 
 ``build_job_spec`` is the pure part (profile + arguments + environment ->
@@ -36,10 +36,10 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 
 # The toolkit CLI's commands (toolkit.cli.COMMANDS; a test keeps the two in
 # step), checked here so a typo fails before the code is uploaded.
-COMMANDS = ("pretrain", "probe", "supervised", "pseudolabel", "pipeline", "tune", "report")
+COMMANDS = ("pretrain", "probe", "supervised", "pseudolabel", "pipeline", "tune", "report", "predict")
 
 # The only local environment variables a job inherits (when set).
-PASSTHROUGH_ENV = ("TOOLKIT_DATA_DIR", "MLFLOW_TRACKING_URI")
+PASSTHROUGH_ENV = ("TOOLKIT_DATA_DIR", "TOOLKIT_OUTPUT_ROOT", "MLFLOW_TRACKING_URI")
 
 # Never uploaded with the code (gitignore syntax, relative to the repo root;
 # Ray also honours .gitignore). A leading "/" anchors a pattern at the root,

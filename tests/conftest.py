@@ -1,4 +1,5 @@
-"""Shared fixtures: the real MNIST files, a small slice of them, and a tiny config for fast runs.
+"""Shared fixtures: the real MNIST files, a small slice of them, a tiny config for fast runs, and
+synthetic MNIST files (``fake_mnist_root``, ``fake_config``) for tests where real digits do not matter.
 
 The data are never downloaded here: ``$TOOLKIT_DATA_DIR`` or ``<repo>/../shared/data``
 must hold ``MNIST/raw`` (CI clones the repository beside a copy of ``shared/``).
@@ -11,6 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from toolkit.config import Config
 from toolkit.data import load_mnist
@@ -52,6 +54,64 @@ def tiny_config(tmp_path, data_root) -> Config:
     """A validated config small enough for CPU tests: 3,000 images, width 8, local backend, sqlite MLflow in tmp_path."""
     return Config().replace(**{
         "data.root": data_root,
+        "data.train_subset": 3000,
+        "data.test_subset": 500,
+        "split.val_size": 200,
+        "model.width": 8,
+        "run.output_dir": str(tmp_path / "runs"),
+        "run.backend": "local",
+        "tracking.uri": f"sqlite:///{tmp_path}/mlflow.db",
+    })
+
+
+# --- synthetic MNIST: for tests where real digits do not matter ---------------------------------
+
+FAKE_MNIST_TRAIN, FAKE_MNIST_TEST = 60_000, 10_000  # the loader checks MNIST's exact shapes
+
+
+def fake_digit_templates() -> torch.Tensor:
+    """Ten distinct (10, 28, 28) uint8 patterns, one per class c: a horizontal bar on rows 2 + 2c
+    and 3 + 2c and a vertical bar on columns 24 - 2c and 25 - 2c (no two classes share a bar)."""
+    t = torch.zeros(10, 28, 28, dtype=torch.uint8)
+    for c in range(10):
+        t[c, 2 + 2 * c: 4 + 2 * c, 4:24] = 255
+        t[c, 4:24, 24 - 2 * c: 26 - 2 * c] = 255
+    return t
+
+
+def _write_idx(path: Path, magic: int, data: torch.Tensor) -> None:
+    """MNIST's idx format: the magic number and each dimension as big-endian int32, then the uint8 data."""
+    header = magic.to_bytes(4, "big") + b"".join(int(n).to_bytes(4, "big") for n in data.shape)
+    path.write_bytes(header + data.contiguous().numpy().tobytes())
+
+
+@pytest.fixture(scope="session")
+def fake_mnist_root(tmp_path_factory) -> str:
+    """A data root whose ``MNIST/raw`` holds valid idx files of synthetic digits (written once per session).
+
+    Image i is its label's template (``fake_digit_templates``) plus uniform noise in [0, 40);
+    labels cycle 0..9 in a seeded shuffle, so every prefix (``data.train_subset``) holds all
+    ten classes about equally. Loads through ``toolkit.data.load_mnist`` like the real files.
+    """
+    root = tmp_path_factory.mktemp("fake_mnist")
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    templates = fake_digit_templates()
+    for prefix, n in (("train", FAKE_MNIST_TRAIN), ("t10k", FAKE_MNIST_TEST)):
+        labels = (torch.arange(n) % 10)[torch.randperm(n, generator=g)].to(torch.uint8)
+        noise = torch.randint(0, 40, (n, 28, 28), generator=g, dtype=torch.uint8)
+        images = templates[labels.long()].clamp(max=215) + noise
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte", 2051, images)
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", 2049, labels)
+    return str(root)
+
+
+@pytest.fixture
+def fake_config(tmp_path, fake_mnist_root) -> Config:
+    """``tiny_config`` on the synthetic digits: the same sizes, with no need for the real MNIST files."""
+    return Config().replace(**{
+        "data.root": fake_mnist_root,
         "data.train_subset": 3000,
         "data.test_subset": 500,
         "split.val_size": 200,

@@ -161,8 +161,8 @@ def test_job_spec_entrypoint(repo):
     assert shlex.split(spec["entrypoint"]) == [
         "toolkit", "pretrain", "--config", "launch/configs/gpu.yaml", "ray.num_workers=4"]
     # Values with spaces survive the shell the job runs the entrypoint in.
-    spec = build_job_spec("gpu", ["report", "run.name=my run"], {}, working_dir=repo)
-    assert shlex.split(spec["entrypoint"])[-1] == "run.name=my run"
+    spec = build_job_spec("gpu", ["report", "tracking.experiment=my study"], {}, working_dir=repo)
+    assert shlex.split(spec["entrypoint"])[-1] == "tracking.experiment=my study"
 
 
 def test_job_spec_working_dir_excludes_local_state(repo):

@@ -214,6 +214,8 @@ def test_unknown_key_without_close_match_points_to_help():
     ({"pseudolabel.threshold_start": 0.9, "pseudolabel.threshold_floor": 0.95}, "pseudolabel.threshold_floor"),
     ({"pseudolabel.schedule": "sawtooth"}, "pseudolabel.schedule"),
     ({"pseudolabel.schedule": "exponential", "pseudolabel.threshold_rate": 1.0}, "pseudolabel.threshold_rate"),
+    # the schedule would raise at round 0: the config checks with the schedule's own rule
+    ({"pseudolabel.schedule": "step", "pseudolabel.threshold_rate": 2.0}, "pseudolabel.threshold_rate"),
     ({"pseudolabel.mode": "twice"}, "pseudolabel.mode"),
     ({"run.backend": "slurm"}, "run.backend"),
     ({"run.device": "tpu"}, "run.device"),
@@ -235,7 +237,7 @@ def test_impossible_values_name_the_key(overrides, key):
 @pytest.mark.parametrize("overrides", [
     {"pseudolabel.threshold_start": 1.0, "pseudolabel.threshold_floor": 1.0},
     {"pseudolabel.threshold_start": 0.5, "pseudolabel.threshold_floor": 0.5},
-    {"pseudolabel.schedule": "step", "pseudolabel.threshold_rate": 2.0},
+    {"pseudolabel.schedule": "step", "pseudolabel.threshold_rate": 1.0},
     {"augment.strength": 0},
     {"run.backend": "local"},
 ])

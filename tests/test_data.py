@@ -145,12 +145,12 @@ def test_split_save(tmp_path, mnist_small):
 
 def test_split_too_many_labels(mnist_small):
     with pytest.raises(ConfigError, match=r"^split\.labels_per_class=1000 .*digit \d has only \d+ training images"):
-        make_split(mnist_small.train_labels, labels_per_class=1000, val_size=10)
+        make_split(mnist_small.train_labels, labels_per_class=1000, val_size=10, seed=0)
 
 
 def test_split_validation_too_large(mnist_small):
     with pytest.raises(ConfigError, match=r"^split\.val_size=2900 .*only 2900 images"):
-        make_split(mnist_small.train_labels, labels_per_class=10, val_size=2900)
+        make_split(mnist_small.train_labels, labels_per_class=10, val_size=2900, seed=0)
 
 
 # --- corrupt and missing files --------------------------------------------------------------

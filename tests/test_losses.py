@@ -51,7 +51,9 @@ def _views(n: int = 6, d: int = 5, seed: int = 0, dtype=torch.float32) -> tuple[
 def test_matches_paper_reference(temperature: float, seed: int) -> None:
     z1, z2 = _views(seed=seed)
     expected = reference_nt_xent(z1, z2, temperature)
-    assert nt_xent_loss(z1, z2, temperature).item() == pytest.approx(expected, rel=1e-5)
+    # float32 against float64 (seen 2e-7 relative); counting the anchor itself among the
+    # negatives, a wrong positive or a wrong temperature is off by > 1e-2
+    assert nt_xent_loss(z1, z2, temperature).item() == pytest.approx(expected, rel=1e-4)
 
 
 def test_matches_reference_in_float64() -> None:
@@ -64,7 +66,7 @@ def test_matches_reference_in_float64() -> None:
 def test_single_pair_has_zero_loss() -> None:
     # With one pair, the positive is the only candidate: the softmax is certain.
     z1, z2 = _views(n=1)
-    assert nt_xent_loss(z1, z2).item() == pytest.approx(0.0, abs=1e-6)
+    assert nt_xent_loss(z1, z2, 0.5).item() == pytest.approx(0.0, abs=1e-6)
 
 
 # --- (b) invariances ----------------------------------------------------------------------
@@ -110,7 +112,7 @@ def test_bf16_inputs_are_computed_in_float32() -> None:
 def test_gather_is_a_no_op_without_process_group() -> None:
     assert not distributed.is_dist()
     z1, z2 = _views()
-    torch.testing.assert_close(nt_xent_loss(z1, z2, gather=True), nt_xent_loss(z1, z2, gather=False))
+    torch.testing.assert_close(nt_xent_loss(z1, z2, 0.5, gather=True), nt_xent_loss(z1, z2, 0.5, gather=False))
 
 
 @pytest.mark.parametrize("temperature", [0.0, -0.5, float("nan")])
@@ -126,17 +128,13 @@ def test_rejects_bad_temperature(temperature: float) -> None:
 )
 def test_rejects_bad_shapes(shape1: tuple[int, ...], shape2: tuple[int, ...]) -> None:
     with pytest.raises(ValueError, match="z1 and z2|empty"):
-        nt_xent_loss(torch.randn(shape1), torch.randn(shape2))
+        nt_xent_loss(torch.randn(shape1), torch.randn(shape2), 0.5)
 
 
 def test_distributed_helpers_fall_back_to_one_process() -> None:
     t = torch.randn(3, 2, requires_grad=True)
-    assert (distributed.world_size(), distributed.rank(), distributed.is_main_process()) == (1, 0, True)
+    assert (distributed.world_size(), distributed.rank()) == (1, 0)
     assert distributed.gather_with_grad(t) is t
-    torch.testing.assert_close(distributed.all_gather_no_grad(t), t.detach())
-    torch.testing.assert_close(distributed.all_reduce_sum(t), t.detach())
-    torch.testing.assert_close(distributed.all_reduce_mean(torch.tensor([3])), torch.tensor([3.0]))
-    distributed.barrier()
 
 
 # --- (c) 2 gloo ranks x B/2 == 1 process x B ------------------------------------------------
@@ -209,13 +207,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         results["helpers"] = {
             "world_size": distributed.world_size(),
             "rank": distributed.rank(),
-            "is_main": distributed.is_main_process(),
-            "gathered": distributed.all_gather_no_grad(local),
             "gathered_with_grad": distributed.gather_with_grad(local.clone().requires_grad_()).detach(),
-            "sum": distributed.all_reduce_sum(local),
-            "mean": distributed.all_reduce_mean(local),
         }
-        distributed.barrier()
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -244,12 +237,15 @@ def single_process() -> tuple[torch.Tensor, list[torch.Tensor]]:
 
 
 def test_two_gloo_ranks_match_one_process(gloo_results, single_process) -> None:
+    # Two half-batch matmuls and an all_reduce sum in another order than one full-batch pass:
+    # float32 rounding only (seen 1.2e-7 on gradients up to 1.6). The known-wrong gather is
+    # off by 0.19 (next test), so 1e-5 is a real check with room for any BLAS build.
     ref_loss, ref_grads = single_process
     for result in gloo_results:
         loss, grads = result["gather"]
-        torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
         for g, ref in zip(grads, ref_grads):
-            torch.testing.assert_close(g, ref, atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(g, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_naive_gather_gives_same_loss_but_wrong_gradients(gloo_results, single_process) -> None:
@@ -257,7 +253,7 @@ def test_naive_gather_gives_same_loss_but_wrong_gradients(gloo_results, single_p
     # and the bug is silent; only the gradients show it.
     ref_loss, ref_grads = single_process
     loss, grads = gloo_results[0]["naive"]
-    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
     worst = max((g - ref).abs().max().item() for g, ref in zip(grads, ref_grads))
     assert worst > 1e-3, f"naive gather unexpectedly matched (max grad diff {worst:.2e})"
 
@@ -273,8 +269,5 @@ def test_distributed_helpers_with_two_ranks(gloo_results) -> None:
     expected_gather = torch.tensor([0.0, 1.0, 2.0, 10.0, 11.0, 12.0])
     for r, result in enumerate(gloo_results):
         h = result["helpers"]
-        assert (h["world_size"], h["rank"], h["is_main"]) == (WORLD, r, r == 0)
-        torch.testing.assert_close(h["gathered"], expected_gather)
+        assert (h["world_size"], h["rank"]) == (WORLD, r)
         torch.testing.assert_close(h["gathered_with_grad"], expected_gather)
-        torch.testing.assert_close(h["sum"], torch.tensor([10.0, 12.0, 14.0]))
-        torch.testing.assert_close(h["mean"], torch.tensor([5.0, 6.0, 7.0]))

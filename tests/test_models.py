@@ -13,7 +13,7 @@ from torch import nn
 from toolkit import checkpoints, models
 from toolkit.checkpoints import CheckpointError, config_of, load, load_model_file, model_payload, save
 from toolkit.config import Config, ModelConfig
-from toolkit.models import Classifier, Encoder, ProjectionHead, SimCLRModel, architecture, build_model
+from toolkit.models import Classifier, Encoder, ProjectionHead, SimCLRModel, architecture
 
 
 def _x(n: int = 4, seed: int = 0) -> torch.Tensor:
@@ -73,12 +73,9 @@ def test_single_image_in_eval_mode():
         assert m.eval()(_x(1)).shape[0] == 1
 
 
-def test_build_model_and_kinds():
-    mc = ModelConfig(width=8)
-    assert isinstance(build_model("simclr", mc), SimCLRModel) and SimCLRModel.kind == "simclr"
-    assert isinstance(build_model("classifier", mc), Classifier) and Classifier.kind == "classifier"
-    with pytest.raises(ValueError, match="'resnet'"):
-        build_model("resnet", mc)
+def test_kinds():
+    # the names model files record and checkpoints.load_model_file checks
+    assert (SimCLRModel.kind, Classifier.kind) == ("simclr", "classifier")
 
 
 def test_architecture_holds_the_shape_fields():
@@ -131,7 +128,9 @@ def test_channels_last_gives_the_same_output():
     x = _x(3)
     ref = m(x)
     out = m.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last))
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    # other conv kernels (oneDNN picks them per memory format and CPU): float32 rounding only,
+    # seen 2e-8 on logits ~0.1; a layout mix-up scrambles pixels and changes logits by ~0.1
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -146,7 +145,7 @@ def test_model_on_cuda():
 def _save_model(path: Path, kind: str, cfg: Config, **extra) -> tuple[Path, nn.Module]:
     with torch.random.fork_rng():
         torch.manual_seed(1)
-        model = build_model(kind, cfg.model)
+        model = {"simclr": SimCLRModel, "classifier": Classifier}[kind](cfg.model)
     # non-trivial BatchNorm buffers, so that the round trip covers them
     model.train()(_x(8, seed=3))
     return save(path, model_payload(kind, cfg, model.state_dict(), **extra)), model

@@ -76,6 +76,17 @@ def test_plot_class_counts(tmp_path):
     assert_png(plots.plot_class_counts(counts, path, "labels per class and round"), path)
 
 
+def test_plot_search(tmp_path):
+    path = tmp_path / "search.png"
+    panels = {"threshold start": [0.95, 0.99, 0.9, float("nan")], "threshold floor": [0.8, 0.9, 0.7, 0.75]}
+    scores, kinds, stopped = [0.8, 0.85, 0.6, 0.7], ["linear", "cosine", "linear", "class-adaptive"], [False, False, True, True]
+    assert_png(plots.plot_search(panels, scores, kinds, stopped, path, "4 trials"), path)
+    one = tmp_path / "one.png"  # one panel, no trial at all
+    assert_png(plots.plot_search({"trial": []}, [], [], [], one, "nothing finished"), one)
+    with pytest.raises(ValueError, match="3 scores"):
+        plots.plot_search({"x": [1.0, 2.0]}, [0.1, 0.2, 0.3], ["a"] * 3, [False] * 3, path, "t")
+
+
 def test_plots_leave_no_pyplot_figures_open(tmp_path):
     plots.plot_curves([0, 1], {"a": [0.0, 1.0]}, tmp_path / "a.png", "t", "x", "y")
     plots.plot_class_counts([[1, 2], [3, 4]], tmp_path / "b.png", "t")

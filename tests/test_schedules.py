@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from toolkit.schedules import (
-    DEFAULT_RATES,
     THRESHOLD_SCHEDULES,
     constant_threshold,
     cosine_threshold,
     exponential_threshold,
     linear_threshold,
     step_threshold,
+    rate_problem,
     threshold_at,
     warmup_cosine,
     warmup_cosine_lambda,
@@ -21,6 +21,9 @@ from toolkit.schedules import (
 
 def _all_rounds(kind, start, floor, rounds, **kw):
     return [threshold_at(r, kind, start, floor, rounds, **kw) for r in range(rounds)]
+
+
+ANY_RATE = dict(rate=0.5, step_every=1)  # read by exponential and step only
 
 
 # --- threshold schedules: known values ---------------------------------------------------------
@@ -63,25 +66,42 @@ def test_step_known_values():
     # start - rate * (r // step_every), clipped at floor
     got = _all_rounds("step", 0.99, 0.9, 8, rate=0.03, step_every=2)
     assert got == pytest.approx([0.99, 0.99, 0.96, 0.96, 0.93, 0.93, 0.90, 0.90], abs=1e-12)
-    got = _all_rounds("step", 0.99, 0.9, 5, rate=0.04)
+    got = _all_rounds("step", 0.99, 0.9, 5, rate=0.04, step_every=1)
     assert got == pytest.approx([0.99, 0.95, 0.91, 0.90, 0.90], abs=1e-12)
     assert step_threshold(2, 0.99, 0.9, 5, 0.04, 1) == pytest.approx(0.91, abs=1e-12)
+    # the config help's example on the default start, floor and rounds: a drop of 0.02 a round
+    got = _all_rounds("step", 0.99, 0.9, 5, rate=0.02, step_every=1)
+    assert got == pytest.approx([0.99, 0.97, 0.95, 0.93, 0.91], abs=1e-12)
+    # a drop larger than start - floor reaches the floor at the first step (the config's 0.5)
+    assert _all_rounds("step", 0.99, 0.9, 3, rate=0.5, step_every=1) == pytest.approx([0.99, 0.9, 0.9], abs=1e-12)
 
 
-def test_default_rates_apply_when_rate_is_none():
-    assert DEFAULT_RATES == {"exponential": 0.5, "step": 0.02}
-    assert threshold_at(2, "exponential", 0.99, 0.9, 4) == pytest.approx(0.9225, abs=1e-12)
-    assert threshold_at(2, "step", 0.99, 0.9, 4) == pytest.approx(0.95, abs=1e-12)
+def test_rate_and_step_every_have_no_default_here():
+    # the config holds the one default (tests/test_config_map.py); a kind that reads one needs it
+    with pytest.raises(ValueError, match="^rate is required by the exponential schedule"):
+        threshold_at(2, "exponential", 0.99, 0.9, 4)
+    with pytest.raises(ValueError, match="^rate is required by the step schedule"):
+        threshold_at(2, "step", 0.99, 0.9, 4, step_every=1)
+    with pytest.raises(ValueError, match="^step_every is required"):
+        threshold_at(2, "step", 0.99, 0.9, 4, rate=0.02)
+    assert threshold_at(1, "linear", 0.99, 0.9, 4) == pytest.approx(0.96, abs=1e-12)
+
+
+def test_rate_rules():
+    assert rate_problem("exponential", 0.5) is None and rate_problem("step", 1.0) is None
+    assert rate_problem("exponential", 1.0) == "must be in (0, 1) for exponential"
+    assert rate_problem("step", 1.5) == "must be in (0, 1] for step"
+    assert rate_problem("linear", 7.0) is None  # linear reads no rate
 
 
 def test_single_round_is_start():
     for kind in THRESHOLD_SCHEDULES:
-        assert threshold_at(0, kind, 0.97, 0.8, 1) == 0.97
+        assert threshold_at(0, kind, 0.97, 0.8, 1, **ANY_RATE) == 0.97
 
 
 def test_floor_equal_start_is_constant():
     for kind in THRESHOLD_SCHEDULES:
-        assert _all_rounds(kind, 0.9, 0.9, 5) == [0.9] * 5
+        assert _all_rounds(kind, 0.9, 0.9, 5, **ANY_RATE) == [0.9] * 5
 
 
 def test_rate_ignored_by_kinds_that_do_not_use_it():
@@ -94,7 +114,7 @@ def test_rate_ignored_by_kinds_that_do_not_use_it():
 
 @pytest.mark.parametrize("kind", THRESHOLD_SCHEDULES)
 @pytest.mark.parametrize("start,floor,rounds", [(0.99, 0.9, 6), (1.0, 0.5, 10), (0.8, 0.05, 3), (0.6, 0.6, 4)])
-@pytest.mark.parametrize("rate,step_every", [(None, 1), (0.3, 2), (0.9, 3)])
+@pytest.mark.parametrize("rate,step_every", [(0.5, 1), (0.3, 2), (0.9, 3)])
 def test_monotone_and_bounded(kind, start, floor, rounds, rate, step_every):
     values = _all_rounds(kind, start, floor, rounds, rate=rate, step_every=step_every)
     assert values[0] == start
@@ -131,7 +151,7 @@ def test_linear_and_cosine_reach_floor_exactly(kind):
     ],
 )
 def test_threshold_errors_name_the_argument(kwargs, name):
-    args = dict(round_index=0, kind="linear", start=0.99, floor=0.9, rounds=4)
+    args = dict(round_index=0, kind="linear", start=0.99, floor=0.9, rounds=4, **ANY_RATE)
     args.update(kwargs)
     with pytest.raises(ValueError, match=f"^{name} "):
         threshold_at(**args)
@@ -139,7 +159,7 @@ def test_threshold_errors_name_the_argument(kwargs, name):
 
 def test_unknown_kind_lists_allowed_kinds():
     with pytest.raises(ValueError, match="kind") as err:
-        threshold_at(0, "polynomial", 0.99, 0.9, 4)
+        threshold_at(0, "polynomial", 0.99, 0.9, 4, **ANY_RATE)
     for kind in THRESHOLD_SCHEDULES:
         assert kind in str(err.value)
 

@@ -24,6 +24,7 @@ import torch
 
 from toolkit import checkpoints
 from toolkit.backends import local_checkpoint_root
+from toolkit.stages.pseudolabel import STATE_FILE, load_state
 from toolkit.checkpoints import CheckpointError
 from toolkit.config import Config, ConfigError
 from toolkit.tracking import RUN_KEY_TAG
@@ -186,13 +187,18 @@ def test_probe_logs_both_protocols_confusion_matrices_and_tsne(simclr, make_cfg)
     result = probe(cfg)
     run = client_for(cfg).get_run(result.run_id)
     assert run.info.status == "FINISHED"
+    # The probes learn even from a one-epoch encoder, well above chance (10%). Seen on this
+    # setting (two encoder seeds): 100 labels linear 0.74-0.77, mlp 0.76, knn 0.50-0.51; all
+    # labels linear 0.93-0.94, mlp 0.94, knn 0.79. Floors ~0.2 below that: probes fitted on
+    # misaligned labels or features stay near 0.1.
+    floors = {"100-labels": {"linear": 0.5, "mlp": 0.5, "knn": 0.3}, "all-labels": {"linear": 0.7, "mlp": 0.7, "knn": 0.5}}
     for protocol in ("100-labels", "all-labels"):
         for name in PROBES:
             key = f"{protocol}/{name}/test_acc"
-            assert 0.0 <= run.data.metrics[key] <= 1.0, key
+            assert floors[protocol][name] < run.data.metrics[key] <= 1.0, (key, run.data.metrics[key])
             assert run.data.metrics[key] == pytest.approx(result.metrics[key])
-    # the probes learn something even from a one-epoch encoder: above chance (10%)
-    assert run.data.metrics["all-labels/linear/test_acc"] > 0.2
+    # and more labels help (seen +0.17 for the linear probe)
+    assert run.data.metrics["all-labels/linear/test_acc"] > run.data.metrics["100-labels/linear/test_acc"]
     plots = artifact_paths(cfg, result.run_id, "plots")
     assert {f"plots/confusion_{p}_{n}.png" for p in ("100-labels", "all-labels") for n in PROBES} <= plots
     assert "plots/tsne_test.png" in plots
@@ -261,16 +267,19 @@ def test_iterative_pseudolabel_logs_each_round_and_the_final_model(make_cfg):
     assert pool_left[-1] < POOL, "no round selected any pseudo-label: the thresholds are too high for this model"
 
     folder = Path(cfg.run.output_dir).resolve() / "stages" / "iter-pseudolabel-iterative"
-    state = json.loads((folder / "rounds.json").read_text())
+    state = load_state(folder / STATE_FILE)
     assert state["rounds_done"] == 3 and [h["round"] for h in state["history"]] == [1, 2, 3]
     assert len(state["pool"]) == pool_left[-1] == result.metrics["pool_left"]
     assert len(state["pseudo_indices"]) == len(state["pseudo_labels"]) == POOL - pool_left[-1]
     # the final model is the last round's, logged once with its test accuracy
-    assert (folder / "model.pt").read_bytes() == (folder / "round3.pt").read_bytes()
+    final, last = (torch.load(folder / n, weights_only=True)["state_dict"] for n in ("model.pt", "round3.pt"))
+    assert final.keys() == last.keys() and all(torch.equal(final[k], last[k]) for k in final)
     assert "model/model.pt" in artifact_paths(cfg, result.run_id, "model")
     assert "plots/confusion_test.png" in artifact_paths(cfg, result.run_id, "plots")
     test_acc = client.get_metric_history(result.run_id, "test_acc")
-    assert len(test_acc) == 1 and 0.0 <= test_acc[0].value <= 1.0
+    # 40 + 3 x 20 steps of a width-8 CNN: seen 0.41-0.44 over three seeds (chance 0.1); a model
+    # trained on misaligned pseudo-labels or evaluated on the wrong images stays near 0.1
+    assert len(test_acc) == 1 and 0.25 < test_acc[0].value <= 1.0, test_acc[0].value
     assert test_acc[0].value == pytest.approx(result.metrics["test_acc"])
 
 
@@ -281,7 +290,7 @@ def test_oneshot_trains_exactly_one_round_at_threshold_start(make_cfg):
     result = pseudolabel(cfg)
     assert result.stage == "pseudolabel-oneshot"
     folder = Path(cfg.run.output_dir).resolve() / "stages" / "once-pseudolabel-oneshot"
-    state = json.loads((folder / "rounds.json").read_text())
+    state = load_state(folder / STATE_FILE)
     assert state["rounds_done"] == 1 and len(state["history"]) == 1
     assert sorted(p.name for p in folder.glob("round*.pt")) == ["round0.pt", "round1.pt"]
     assert steps_of(cfg, result.run_id, "round/threshold") == [1]
@@ -298,11 +307,11 @@ def test_iterative_takes_round_1_from_a_matching_oneshot_run(make_cfg):
     cfg = make_cfg(**{"run.name": "r1it"})
     it = pseudolabel(cfg, base_model=base, first_round_from=once)
     stages = Path(cfg.run.output_dir).resolve() / "stages"
-    once_state = json.loads((stages / "r1-pseudolabel-oneshot" / "rounds.json").read_text())
-    it_state = json.loads((stages / "r1it-pseudolabel-iterative" / "rounds.json").read_text())
+    once_state = load_state(stages / "r1-pseudolabel-oneshot" / STATE_FILE)
+    it_state = load_state(stages / "r1it-pseudolabel-iterative" / STATE_FILE)
     assert it_state["rounds_done"] == 3 and it_state["history"][0] == once_state["history"][0]
-    assert (stages / "r1it-pseudolabel-iterative" / "round1.pt").read_bytes() == \
-        (stages / "r1-pseudolabel-oneshot" / "round1.pt").read_bytes()
+    assert it_state["pseudo_indices"][: len(once_state["pseudo_indices"])] == once_state["pseudo_indices"]
+    assert not (stages / "r1it-pseudolabel-iterative" / "round1.pt").exists()  # taken, not trained
     assert steps_of(cfg, it.run_id, "round/val_acc") == [1, 2, 3]  # round 1 logged in this run too
     assert client_for(cfg).get_run(it.run_id).data.tags["toolkit.round1_from"] == str(stages / "r1-pseudolabel-oneshot")
     # round 1 was not trained again (local training leaves a checkpoint folder per trained round)
@@ -316,7 +325,7 @@ def test_iterative_takes_round_1_from_a_matching_oneshot_run(make_cfg):
                               ("r1other", {}, str(other_base)), ("r1none", {}, None)):
         other = make_cfg(**{"run.name": name, **over})
         pseudolabel(other, base_model=start, first_round_from=once)
-        state = json.loads((stages / f"{name}-pseudolabel-iterative" / "rounds.json").read_text())
+        state = load_state(stages / f"{name}-pseudolabel-iterative" / STATE_FILE)
         assert "adopted_from" not in state and state["rounds_done"] == 3, name
         assert local_checkpoint_root(other, f"{name}-pseudolabel-iterative-round1").is_dir(), name
 
@@ -333,12 +342,12 @@ def test_pseudolabel_interrupted_in_round_2_resumes_after_round_1(data_root, tra
     cfg = make_cfg(**over)
     cmd, env = cli_command("pseudolabel", over), cli_env(data_root)
     folder = Path(cfg.run.output_dir).resolve() / "stages" / "resume-pseudolabel-iterative"
-    state_file = folder / "rounds.json"
+    state_file = folder / STATE_FILE
 
     def rounds_done() -> int:
         try:
-            return json.loads(state_file.read_text())["rounds_done"]
-        except (FileNotFoundError, json.JSONDecodeError):
+            return (load_state(state_file) or {"rounds_done": -1})["rounds_done"]
+        except Exception:  # noqa: BLE001 - being written
             return -1
 
     rc, out = interrupt_when(cmd, env, tmp_path / "first.log", lambda: rounds_done() >= 1, "round 1")
@@ -352,7 +361,7 @@ def test_pseudolabel_interrupted_in_round_2_resumes_after_round_1(data_root, tra
     out = run_to_completion(cmd, env)
     assert "resuming after round 1" in out, out[-3000:]
     assert {name: (folder / name).stat().st_mtime_ns for name in finished} == finished  # not trained again
-    state = json.loads(state_file.read_text())
+    state = load_state(state_file)
     assert state["rounds_done"] == 3 and [h["round"] for h in state["history"]] == [1, 2, 3]
     (run,) = runs_with_key(cfg, "resume-pseudolabel-iterative")
     assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"

@@ -21,7 +21,6 @@ ray = pytest.importorskip("ray")
 def ray_session():
     import os
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from ray import cloudpickle
 
     # the worker loop below lives in this test module, which Ray workers cannot import by name
@@ -36,8 +35,8 @@ def ray_session():
 def _ddp_check_loop(config: dict) -> None:
     """One SGD step of SimCLR on a fixed global batch of 16, split over the workers."""
     import ray.train
+    import torch.distributed as dist
 
-    from toolkit import distributed
     from toolkit.config import Config
     from toolkit.losses import nt_xent_loss
     from toolkit.models import SimCLRModel
@@ -72,8 +71,13 @@ def _ddp_check_loop(config: dict) -> None:
 
     optimizer.step()
     weights = torch.cat([p.detach().flatten() for p in accelerator.unwrap_model(model).parameters()])
-    all_weights = distributed.all_gather_no_grad(weights.unsqueeze(0))
-    mean_loss = distributed.all_reduce_mean(loss.detach())
+    # raw collectives, independent of the code under test: every rank's weights, the mean loss
+    parts = [torch.empty_like(weights) for _ in range(world)]
+    dist.all_gather(parts, weights)
+    all_weights = torch.stack(parts)
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss)
+    mean_loss /= world
     # Ray Train V2 returns the metrics that came with a checkpoint: rank 0 attaches one
     import tempfile
 
@@ -84,7 +88,9 @@ def _ddp_check_loop(config: dict) -> None:
         ckpt = ray.train.Checkpoint.from_directory(d)
     ray.train.report({
         "grad_max_abs_diff": float((grads - ref_grads).abs().max()),
+        "grad_rel_diff": float((grads - ref_grads).norm() / ref_grads.norm()),
         "grad_norm": float(ref_grads.norm()),
+        "ref_loss": float(ref_loss.detach()),
         "weight_spread": float((all_weights - all_weights[0]).abs().max()),
         "loss_diff": float((mean_loss - ref_loss.detach()).abs()),
         "num_processes": accelerator.num_processes,
@@ -107,9 +113,13 @@ def test_two_cpu_workers_are_real_ddp(tmp_path):
     assert m["num_processes"] == 2, "Accelerate did not join Ray's process group (each worker trains alone)"
     assert "MULTI_CPU" in m["distributed_type"]
     assert m["grad_norm"] > 1e-3
-    # the DDP gradient of the gathered NT-Xent equals the full-batch gradient
-    assert m["grad_max_abs_diff"] < 1e-5, m
-    assert m["loss_diff"] < 1e-5, m
+    # The DDP gradient of the gathered NT-Xent equals the full-batch gradient, up to float32
+    # rounding: 2 x 8 images through other conv kernels, summed by all_reduce in another order.
+    # Compared relative to the gradient's norm (seen 9e-6: the net gradient, norm 0.017, is a
+    # sum of much larger terms). The bugs this catches are >= 100x above the bound: negatives
+    # from the local half only 0.14, a rank's gradient not averaged 0.94, summed not averaged 1.03.
+    assert m["grad_rel_diff"] < 1e-3, m
+    assert m["loss_diff"] < 1e-5 * m["ref_loss"] + 1e-6, m  # seen 0 (loss 3.4); local-only negatives: lower by > 0.1
     # both ranks hold identical weights after the step
     assert m["weight_spread"] == 0.0
 
@@ -176,5 +186,7 @@ def test_supervised_on_ray_selects_on_validation(tiny_config, data_root, tmp_pat
     val = client.get_metric_history(result.run_id, "val_acc")
     assert [m.step for m in val] == [20, 40]
     assert result.metrics["val_acc"] == pytest.approx(max(m.value for m in val))
-    assert 0.0 <= result.metrics["test_acc"] <= 1.0
+    # 40 steps on 100 labels (still in the lr warmup): seen 0.44-0.50 over three seeds on the
+    # local backend (chance 0.1); workers that each train alone or on misaligned labels stay far below
+    assert 0.25 < result.metrics["test_acc"] <= 1.0, result.metrics["test_acc"]
     assert Path(result.model_path).is_file()

@@ -1,4 +1,5 @@
-"""`toolkit tune`: the search space rules, and real Ray Tune searches on 3,000 real MNIST images.
+"""`toolkit tune`: the driver's pieces (searchers, execution settings, pool subset), and real Ray Tune searches on
+3,000 real MNIST images. The space language itself is tested without Ray in ``test_search_space.py``.
 
 One Ray session for the module. The main search (4 trials, 2..3 rounds, ASHA with
 grace 1 and reduction factor 2) runs once and several tests read it; a second small
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -18,21 +18,25 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+from toolkit import search_space
 from toolkit.config import Config, ConfigError, flatten_yaml, load_config, to_yaml
 from toolkit.stages import tune as tune_stage
-from toolkit.stages.common import RESULT_FILE
+from toolkit.stages.common import RESULT_FILE, load_classifier_file, report_test_metrics
 
-# learning rates from 1e-5 (barely moves) to 1e-2: trials differ clearly, so ASHA has something to stop
+# learning rates from 1e-5 (barely moves) to 1e-2: trials differ clearly, so ASHA has something to stop;
+# the floor is threshold_start - threshold_gap (a derived key), so it never lies above the start
 SPACE = """
 pseudolabel.schedule: {choice: [linear, exponential, class-adaptive]}
 pseudolabel.threshold_start: {uniform: [0.8, 0.99]}
-pseudolabel.threshold_floor: {uniform: [0.5, 0.95]}
+pseudolabel.threshold_gap: {uniform: [0.0, 0.3]}
 pseudolabel.rounds: {randint: [2, 3]}
 classifier.lr: {loguniform: [1e-5, 1e-2]}
 """
-SPACE_KEYS = set(yaml.safe_load(SPACE))
+CONFIG_KEYS = {"pseudolabel.schedule", "pseudolabel.threshold_start", "pseudolabel.threshold_floor",
+               "pseudolabel.rounds", "classifier.lr"}  # what best.yaml holds for SPACE: the floor, not the gap
 MAX_ROUNDS = 3
 POOL_SUBSET = 1500  # trials split the first 100 + 200 + 1,500 images
 
@@ -85,101 +89,14 @@ def read_rows(folder: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-# --------------------------------------------------------------------------- the space, no Ray
-
-
-def test_builtin_space_parses_and_drops_simclr_without_a_checkpoint():
-    text, source = tune_stage.read_space(Config())
-    space = tune_stage.parse_space(text, source, Config())
-    assert source == "built-in"
-    assert {"pseudolabel.schedule", "pseudolabel.threshold_start", "pseudolabel.threshold_floor",
-            "pseudolabel.threshold_rate", "pseudolabel.rounds", "pseudolabel.steps_per_round", "classifier.lr",
-            "pseudolabel.per_class_cap", "pseudolabel.warm_start"} <= set(space.entries)
-    assert "model.init" not in space.entries and space.notes  # scratch base config: nothing to choose
-    assert tune_stage.CLASS_ADAPTIVE in space.entries["pseudolabel.schedule"][1]
-    assert space.max_rounds == 8
-    with_simclr = tune_stage.parse_space(text, source, Config(), simclr="/ckpt/simclr.pt")
-    assert with_simclr.entries["model.init"] == ("choice", ["scratch", "simclr"])
-    assert "model.init" not in tune_stage.parse_space(text, source, Config(), "/ckpt/simclr.pt", base_model="/m.pt").entries
-
-
-@pytest.mark.parametrize("text, words", [
-    ("pseudolabel.treshold_start: {uniform: [0.9, 0.99]}", ["pseudolabel.treshold_start", "pseudolabel.threshold_start"]),
-    ("pseudolabel.rounds: {uniform: [2, 5]}", ["pseudolabel.rounds", "randint"]),
-    ("pseudolabel.threshold_start: {uniform: [0.9, 1.5]}", ["pseudolabel.threshold_start=1.5"]),
-    ("pseudolabel.schedule: {choice: [linear, quadratic]}", ["pseudolabel.schedule='quadratic'"]),
-    ("classifier.lr: {loguniform: [0, 0.1]}", ["classifier.lr", "lo > 0"]),
-    ("classifier.lr: {normal: [0, 0.1]}", ["classifier.lr", "choice"]),
-    ("split.seed: {choice: [0, 1]}", ["split.seed", "cannot be tuned"]),
-    ("pseudolabel.inference: {choice: [ray, local]}", ["pseudolabel.inference", "cannot be tuned"]),
-    ("pseudolabel.rounds: {randint: [1, 2]}\n", None),  # fine on its own; grace_rounds=3 makes it fail below
-])
-def test_bad_space_is_a_config_error_naming_the_key(text, words):
-    cfg = Config().replace(**{"tune.grace_rounds": 3})
-    with pytest.raises(ConfigError) as e:
-        tune_stage.parse_space(text, "space.yaml", cfg)
-    for w in words or ["tune.grace_rounds=3"]:
-        assert w in str(e.value)
+# --------------------------------------------------------------------------- the driver's pieces, no search
 
 
 def test_unknown_key_in_space_file_fails_before_any_search(tmp_path, data_root):
     cfg = tiny(tmp_path, data_root, space="pseudolabel.threshold_strat: {uniform: [0.9, 0.99]}\n")
     with pytest.raises(ConfigError, match="pseudolabel.threshold_strat"):
         tune_stage.tune(cfg)
-    assert not (tmp_path / "runs" / "tune").exists()
-
-
-def test_sampled_combinations_are_repaired_into_valid_configs():
-    base = Config()
-    cfg = tune_stage.trial_config(base, {"pseudolabel.threshold_start": 0.9, "pseudolabel.threshold_floor": 0.95})
-    assert cfg.pseudolabel.threshold_floor == 0.9  # floor clipped to start
-    cfg = tune_stage.trial_config(base, {"pseudolabel.schedule": "class-adaptive"})
-    assert (cfg.pseudolabel.schedule, cfg.pseudolabel.class_adaptive) == ("constant", True)
-    cfg = tune_stage.trial_config(base, {"pseudolabel.schedule": "exponential", "pseudolabel.threshold_rate": 1.7})
-    assert cfg.pseudolabel.threshold_rate < 1
-    cfg = tune_stage.trial_config(base, {"pseudolabel.schedule": "step", "pseudolabel.threshold_rate": 1.7})
-    assert cfg.pseudolabel.threshold_rate == 1.0
-    cfg = tune_stage.trial_config(base, {"model.init": "simclr"}, simclr="/abs/simclr.pt")
-    assert cfg.model.init == "simclr:/abs/simclr.pt"
-    with pytest.raises(ConfigError, match="model.init"):
-        tune_stage.trial_config(base, {"model.init": "simclr"})
-
-
-def test_best_overrides_carry_what_decides_the_result_and_load_on_the_defaults(tmp_path):
-    # the base config's floor (0.5) is non-default and the tuned start (0.7) is below the default floor (0.9)
-    base = Config().replace(**{"pseudolabel.threshold_floor": 0.5, "classifier.steps": 30, "model.width": 8,
-                               "data.train_subset": 3000, "run.output_dir": "/elsewhere", "run.seed": 3,
-                               "pseudolabel.inference_actors": 4})
-    tuned = tune_stage.trial_config(base, {"pseudolabel.threshold_start": 0.7, "pseudolabel.schedule": "linear"})
-    ov = tune_stage.best_overrides(base, tuned, ["pseudolabel.threshold_start", "pseudolabel.schedule"])
-    # the trial's model and training, not the default ones
-    assert ov["pseudolabel.threshold_floor"] == 0.5 and ov["classifier.steps"] == 30 and ov["model.width"] == 8
-    assert ov["run.seed"] == 3 and ov["pseudolabel.mode"] == "iterative"
-    # never where or how it ran
-    assert not {"data.train_subset", "run.output_dir", "pseudolabel.inference_actors"} & set(ov)
-    p = tmp_path / "best.yaml"
-    p.write_text(yaml.safe_dump(tune_stage._nested(ov)))
-    loaded = load_config(p)
-    assert loaded.pseudolabel.threshold_start == 0.7 and loaded.pseudolabel.threshold_floor == 0.5
-    assert loaded.model == tuned.model and loaded.classifier == tuned.classifier and loaded.split == tuned.split
-
-
-def test_base_point_is_the_hand_picked_schedule_when_it_lies_in_the_space():
-    space_text = """
-pseudolabel.schedule: {choice: [linear, cosine, class-adaptive]}
-pseudolabel.threshold_start: {uniform: [0.9, 0.999]}
-pseudolabel.rounds: {randint: [2, 4]}
-pseudolabel.warm_start: {choice: [true, false]}
-"""
-    base = Config().replace(**{"pseudolabel.rounds": 3})
-    space = tune_stage.parse_space(space_text, "test", base)
-    assert tune_stage.base_point(base, space) == {"pseudolabel.schedule": "linear", "pseudolabel.threshold_start": 0.99,
-                                                  "pseudolabel.rounds": 3, "pseudolabel.warm_start": True}
-    adaptive = base.replace(**{"pseudolabel.schedule": "constant", "pseudolabel.class_adaptive": True})
-    assert tune_stage.base_point(adaptive, space)["pseudolabel.schedule"] == "class-adaptive"
-    # a base value outside the space: no base trial (the sampled trials alone)
-    assert tune_stage.base_point(base.replace(**{"pseudolabel.rounds": 5}), space) is None
-    assert tune_stage.base_point(base.replace(**{"pseudolabel.schedule": "step"}), space) is None
+    assert not (tmp_path / "runs" / "stages").exists()  # no stage folder, no MLflow run
 
 
 @pytest.mark.parametrize("search", ["random", "optuna"])
@@ -187,10 +104,10 @@ def test_the_first_trial_of_either_searcher_is_the_base_point(search):
     if search == "optuna":
         pytest.importorskip("optuna")
     base = Config().replace(**{"pseudolabel.rounds": 3, "tune.search": search})
-    space = tune_stage.parse_space("pseudolabel.schedule: {choice: [linear, cosine]}\n"
-                                   "pseudolabel.threshold_start: {uniform: [0.9, 0.999]}\n"
-                                   "pseudolabel.rounds: {randint: [2, 4]}\n", "test", base)
-    start = tune_stage.base_point(base, space)
+    space = search_space.parse_space("pseudolabel.schedule: {choice: [linear, cosine]}\n"
+                                     "pseudolabel.threshold_start: {uniform: [0.9, 0.999]}\n"
+                                     "pseudolabel.rounds: {randint: [2, 4]}\n", "test", base)
+    start = search_space.base_point(base, space)
     searcher = tune_stage._searcher(base, start)
     if search == "optuna":
         searcher.set_search_properties(tune_stage.METRIC, "max", space.param_space())
@@ -243,7 +160,6 @@ def test_missing_optuna_is_one_config_error(monkeypatch):
 
 @pytest.fixture(scope="module")
 def ray_session():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
     started = not ray.is_initialized()
@@ -263,18 +179,20 @@ def search(ray_session, tmp_path_factory, data_root):
 
 
 @pytest.mark.slow
-def test_search_result_and_files(search):
+def test_search_result_and_files(search, mnist_small):
     cfg, result, folder = search
     assert result.stage == "tune" and not result.skipped
     m = result.metrics
     assert m["trials"] == 4 and m["trials_failed"] == 0
-    assert 0.0 <= m["best_val_acc"] <= 1.0 and 0.0 <= m["test_acc"] <= 1.0
-    assert Path(result.model_path).is_file()
+    # the best trial learned (chance is 0.1), and test_acc is its saved model's accuracy on the test images
+    assert m["best_val_acc"] > 0.3
+    test, _ = report_test_metrics(load_classifier_file(result.model_path, torch.device("cpu")), mnist_small)
+    assert test["test_acc"] == pytest.approx(m["test_acc"], abs=1e-6) and m["test_acc"] > 0.3
     for name in (tune_stage.BEST_FILE, tune_stage.RESULTS_FILE, tune_stage.PLOT_FILE, RESULT_FILE):
         assert (folder / name).is_file(), name
     assert tune_stage.best_config_path(result) == folder / tune_stage.BEST_FILE
-    # Tune's storage is <run.output_dir>/tune/<key>
-    assert (Path(cfg.run.output_dir).resolve() / "tune" / result.run_key).is_dir()
+    # Tune's storage is <ray.storage_path>/tune/<key> (default storage: <run.output_dir>/ray)
+    assert (Path(cfg.run.output_dir).resolve() / "ray" / "tune" / result.run_key).is_dir()
 
 
 @pytest.mark.slow
@@ -283,7 +201,8 @@ def test_best_yaml_reproduces_the_best_trial_config(search):
     best = tune_stage.best_config_path(result)
     text = best.read_text()
     keys = set(flatten_yaml(yaml.safe_load(text)))
-    assert SPACE_KEYS <= keys and "data.train_subset" not in keys and "data.root" not in keys
+    assert CONFIG_KEYS <= keys and "pseudolabel.threshold_gap" not in keys  # config keys only: pseudolabel reads it
+    assert "data.train_subset" not in keys and "data.root" not in keys
     assert f"data.train_subset={100 + 200 + POOL_SUBSET}" in text  # the header's command for the trial as it ran
     loaded = load_config(best)  # what `toolkit pseudolabel --config best.yaml` does
     assert loaded.model.width == 8 and loaded.classifier.steps == 30 and loaded.split.val_size == 200
@@ -292,7 +211,10 @@ def test_best_yaml_reproduces_the_best_trial_config(search):
     assert math.isclose(float(best_row["val_acc"]), result.metrics["best_val_acc"])
     assert math.isclose(loaded.pseudolabel.threshold_start, float(best_row["pseudolabel.threshold_start"]))
     assert loaded.pseudolabel.rounds == int(best_row["pseudolabel.rounds"])
-    assert loaded.pseudolabel.threshold_floor <= loaded.pseudolabel.threshold_start
+    # the floor the trial ran is the sampled start less the sampled gap, as trials.csv shows it
+    assert loaded.pseudolabel.threshold_floor == float(best_row["pseudolabel.threshold_floor"])
+    assert loaded.pseudolabel.threshold_floor == pytest.approx(
+        float(best_row["pseudolabel.threshold_start"]) - float(best_row["pseudolabel.threshold_gap"]), abs=1e-12)
 
 
 @pytest.mark.slow
@@ -327,6 +249,12 @@ def test_one_nested_mlflow_run_per_trial_with_round_metrics(search):
         rounds = list(range(1, int(rows[tid]["rounds_done"]) + 1))
         for name in ("round/val_acc", "round/threshold"):  # one point per round the trial ran
             assert sorted(h.step for h in client.get_metric_history(run.info.run_id, name)) == rounds, name
+        # the trial ran its sampled point, not a repaired one: round 1 at the sampled start, never below the floor
+        thresholds = sorted((h.step, h.value) for h in client.get_metric_history(run.info.run_id, "round/threshold"))
+        start, floor = float(rows[tid]["pseudolabel.threshold_start"]), float(rows[tid]["pseudolabel.threshold_floor"])
+        assert thresholds[0][1] == pytest.approx(start, abs=1e-9)
+        assert all(floor - 1e-9 <= v <= start + 1e-9 for _, v in thresholds)
+        assert run.data.params["pseudolabel.threshold_floor"] == rows[tid]["pseudolabel.threshold_floor"]
         assert not any(k.startswith("test_") for k in run.data.metrics)  # the objective is validation accuracy only
     assert "test_acc" in parent.data.metrics
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
@@ -351,12 +279,12 @@ def test_interrupted_search_is_restored_without_redoing_finished_trials(ray_sess
     cfg = tiny(tmp_path, data_root, **{"tune.num_samples": 2, "tune.max_concurrent": 1})
     (tmp_path / "cfg.yaml").write_text(to_yaml(cfg, only_changed=True))
     key = tune_stage.search_key(cfg, SPACE)
-    trials = Path(cfg.run.output_dir).resolve() / "stages" / key / "trials"
+    trials = Path(cfg.run.output_dir).resolve() / "ray" / "tune" / key  # Tune's storage: a folder per trial
     gcs = ray_session.get_runtime_context().gcs_address  # the CLI joins this module's Ray
     proc = subprocess.Popen([sys.executable, "-m", "toolkit.cli", "tune", "--config", str(tmp_path / "cfg.yaml"),
                              f"ray.address={gcs}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 240
-    while len(list(trials.glob("*"))) < 2:  # trial 2 starts once Tune has recorded trial 1 as ended
+    while len([p for p in trials.glob("*") if p.is_dir()]) < 2:  # trial 2 starts once Tune has recorded trial 1 as ended
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
         time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
@@ -366,8 +294,7 @@ def test_interrupted_search_is_restored_without_redoing_finished_trials(ray_sess
     client, exp = client_for(cfg)
     (parent,) = client.search_runs([exp], filter_string="tags.`toolkit.command` = 'tune'")
     assert parent.info.status == "KILLED"
-    first = sorted(trials.iterdir())[0]
-    done_before = {p: p.stat().st_mtime_ns for p in first.glob("*.pt")}
+    done_before = {p: p.stat().st_mtime_ns for p in trials.glob("*/checkpoint_*/rounds.pt")}
     assert done_before
 
     restored = []
@@ -375,7 +302,7 @@ def test_interrupted_search_is_restored_without_redoing_finished_trials(ray_sess
     monkeypatch.setattr(ray_tune.Tuner, "restore",
                         classmethod(lambda cls, *a, **k: restored.append(a[0]) or original(*a, **k)))
     result = tune_stage.tune(cfg)
-    assert restored == [str(Path(cfg.run.output_dir).resolve() / "tune" / key)]
+    assert restored == [str(trials)]
     assert result.run_id == parent.info.run_id  # the same parent run, resumed
     m = result.metrics
     assert m["trials"] == 2 and m["trials_failed"] == 0

@@ -11,7 +11,10 @@ node): no worker opens the tracking store or a path on the driver's disk.
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -90,8 +93,29 @@ class RaySession:
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
             return None
-        with ckpt.as_directory() as d:  # downloads from cloud storage when needed, and cleans up
-            return checkpoints.load(d)
+        try:
+            with ckpt.as_directory() as d:  # downloads from cloud storage when needed, and cleans up
+                return checkpoints.load(d)
+        except checkpoints.CheckpointError as e:
+            older = _older_checkpoints(ckpt)
+            for path in older:
+                try:
+                    state = checkpoints.load(path)
+                except checkpoints.CheckpointError:
+                    continue
+                if self.rank == 0:
+                    sys.stdout.write(f"[warning] {e}; resuming from the previous checkpoint {path}\n")
+                return state
+            raise
+
+
+def _older_checkpoints(ckpt) -> list[Path]:
+    """Checkpoint folders beside ``ckpt`` in local (or mounted) storage, newest first, ``ckpt`` excluded."""
+    if ckpt.filesystem.type_name != "local":
+        return []
+    here = Path(ckpt.path)
+    siblings = sorted((p for p in here.parent.glob("checkpoint_*") if p.is_dir() and p != here), reverse=True)
+    return siblings
 
     def report(self, metrics: dict[str, Any], payload: dict | None) -> None:
         import ray.train
@@ -136,6 +160,39 @@ def _sink_callback(sink: MetricsSink):
     return _Sink()
 
 
+def _interruptible_trainer_class():
+    from ray.train.torch import TorchTrainer
+
+    class InterruptibleTrainer(TorchTrainer):
+        """``TorchTrainer`` whose Ctrl-C / SIGTERM aborts the run and then reaches the CLI as KeyboardInterrupt.
+
+        Ray Train installs its own SIGINT handler in ``fit()`` (abort, then exit 0 or 1), which
+        would hide the interruption: the command must exit 130 and mark its MLflow run KILLED.
+        (Overrides a private hook of Ray Train 2.5x; the version is bounded in pyproject.toml.)
+        """
+
+        interrupted = False
+
+        def _register_sigint_handler(self, controller):
+            import ray
+
+            def on_signal(signum, frame):
+                self.interrupted = True
+                try:
+                    ray.get(controller.abort.remote(), timeout=60)
+                except Exception:  # noqa: BLE001 - the controller may already be gone
+                    pass
+
+            signal.signal(signal.SIGINT, on_signal)
+            signal.signal(signal.SIGTERM, on_signal)
+
+    return InterruptibleTrainer
+
+
+def _InterruptibleTrainer(**kwargs):
+    return _interruptible_trainer_class()(**kwargs)
+
+
 def embedded(cfg: Config) -> bool:
     """True when this process starts its own local Ray (no ``ray.address`` / ``$RAY_ADDRESS``)."""
     return not (cfg.ray.address or os.environ.get("RAY_ADDRESS", ""))
@@ -154,6 +211,7 @@ def init_ray(cfg: Config) -> None:
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     if not embedded(cfg):
         ray.init(address=cfg.ray.address or None, log_to_driver=True)
+        _console(cfg)
         return
     # logical CPUs may exceed cores: a Tune trial plus its 2 training workers must fit
     num_cpus = cfg.ray.num_cpus or max(4, os.cpu_count() or 1)
@@ -165,6 +223,45 @@ def init_ray(cfg: Config) -> None:
         object_store_memory=200 * 1024 * 1024,
         log_to_driver=True,
     )
+    _console(cfg)
+
+
+# a toolkit line: "[pretrain] ...", "[round 2/4] ...", "[warning] ..." (what Progress and the stages print)
+_TOOLKIT_LINE = re.compile(r"^\[[A-Za-z][\w ./-]*\] ")
+
+
+def _console(cfg: Config) -> None:
+    """The console shows toolkit's own lines from Ray's processes, without Ray's prefixes; Ray's chatter
+    (report dumps, checkpoint lines, deprecation notices) stays in its log files. ``run.verbose`` shows all.
+
+    Replaces the handler Ray's driver uses to print worker output (a private hook of Ray 2.5x;
+    the version is bounded in pyproject.toml): if it moves, Ray's own printing stays in place.
+    """
+    import logging
+
+    import ray
+
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) if embedded(cfg) else None
+    if cfg.run.verbose:
+        return
+    for name in ("ray.data", "ray.tune", "ray.train", "ray.air"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+
+    def toolkit_lines(data: dict) -> None:
+        stream = sys.stderr if data.get("is_err") else sys.stdout
+        for line in data.get("lines", []):
+            if _TOOLKIT_LINE.match(line):
+                stream.write(line + "\n")
+        stream.flush()
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("toolkit_print_logs", toolkit_lines)
+    if logs is not None:
+        print(f"[ray] embedded Ray started; its own logs: {logs} (run.verbose=true shows them here)", flush=True)
 
 
 def quiet_worker_logs() -> None:
@@ -257,12 +354,11 @@ def run_training(cfg: Config, job: TrainJob, run_name: str, sink: MetricsSink | 
     storage = storage_path(cfg)
     check_shared(cfg, storage)
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     resources = {"CPU": cfg.ray.cpus_per_worker}
     if cfg.ray.use_gpu:
         resources["GPU"] = 1
-    trainer = TorchTrainer(
+    trainer = _InterruptibleTrainer(
         train_loop_per_worker=_ray_entry,
         train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu, resources_per_worker=resources),
@@ -274,7 +370,14 @@ def run_training(cfg: Config, job: TrainJob, run_name: str, sink: MetricsSink | 
             callbacks=[_sink_callback(sink)] if sink else None,
         ),
     )
-    result = trainer.fit()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        result = trainer.fit()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    if trainer.interrupted:
+        raise KeyboardInterrupt(f"training '{run_name}' stopped by a signal; its checkpoints are kept")
     if result.error:
         raise result.error
     if result.checkpoint is None:

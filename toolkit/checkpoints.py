@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -84,11 +83,3 @@ def load_model_file(path: str | os.PathLike, kind: str, model_cfg: ModelConfig |
 
 def config_of(payload: dict[str, Any]) -> Config:
     return config_from_dict(payload["config"])
-
-
-def copy_into(src: str | os.PathLike, dst_dir: str | os.PathLike) -> Path:
-    dst = Path(dst_dir)
-    dst.mkdir(parents=True, exist_ok=True)
-    out = dst / Path(src).name
-    shutil.copy2(src, out)
-    return out

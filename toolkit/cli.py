@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "tune": ("Ray Tune search of the iterative pseudo-labeler's threshold schedule",
              ("data", "split", "model", "augment", "classifier", "pseudolabel", "tune", "ray", "tracking", "run")),
     "report": ("results table and plots of a pipeline run", ("report", "tracking", "run")),
+    "predict": ("labels and confidences for images (idx3, .npy, PNG/JPEG) from a model file, MLflow run or model URI",
+                ("predict", "tracking", "run")),
 }
 
 
@@ -50,6 +52,9 @@ def _dispatch(command: str) -> Callable[[Config], object]:
     if command == "report":
         from .stages.report import report
         return report
+    if command == "predict":
+        from .stages.predict import predict
+        return predict
     raise ConfigError(f"unknown command {command!r}")
 
 
@@ -95,18 +100,19 @@ def _interrupt_on_signals() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     _interrupt_on_signals()
+    # MLflow announces creating a fresh sqlite store on stderr; an error must stay the only line there
+    import logging
+
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     parser = build_parser()
-    try:
-        # key=value arguments may come before and after options (`a=1 --backend local b=2`): argparse
-        # hands those after an option back as extras; they keep their order, so a later one still wins
-        args, extras = parser.parse_known_args(argv)
-        stray = [a for a in extras if a.startswith("-")]
-        if stray:
-            subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-            (subs[0].choices.get(args.command) if subs and args.command else parser).error(
-                f"unrecognized arguments: {' '.join(stray)}")
-    except SystemExit as e:  # --help (0) or a usage error (2), already printed
-        return e.code if isinstance(e.code, int) else 2
+    # key=value arguments may come before and after options (`a=1 --backend local b=2`): argparse
+    # hands those after an option back as extras; they keep their order, so a later one still wins
+    args, extras = parser.parse_known_args(argv)  # --help and usage errors: SystemExit(0 / 2), one line
+    stray = [a for a in extras if a.startswith("-")]
+    if stray:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        (subs[0].choices.get(args.command) if subs and args.command else parser).error(
+            f"unrecognized arguments: {' '.join(stray)}")
     if not args.command:
         parser.print_help()
         return 2

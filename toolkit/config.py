@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from .schedules import THRESHOLD_SCHEDULES, rate_problem
+
 
 class ConfigError(ValueError):
     """An impossible or unknown configuration value; the message names the key."""
@@ -223,17 +225,16 @@ class ClassifierConfig:
         _check(0 <= self.label_smoothing < 1, "classifier.label_smoothing", "must be in [0, 1)", self.label_smoothing)
 
 
-THRESHOLD_SCHEDULE_KINDS = ("constant", "linear", "exponential", "cosine", "step")
-
-
 @dataclass(frozen=True)
 class PseudoLabelConfig:
     mode: str = _opt("iterative", "'oneshot' (one round at threshold_start) or 'iterative'")
     rounds: int = _opt(5, "pseudo-labeling rounds (iterative mode)")
-    schedule: str = _opt("linear", f"threshold schedule: one of {', '.join(THRESHOLD_SCHEDULE_KINDS)}")
+    schedule: str = _opt("linear", f"threshold schedule: one of {', '.join(THRESHOLD_SCHEDULES)}")
     threshold_start: float = _opt(0.99, "confidence threshold of round 0, in (0, 1]")
     threshold_floor: float = _opt(0.9, "lowest threshold the schedule may reach, in (0, 1]")
-    threshold_rate: float = _opt(0.5, "exponential: decay factor in (0, 1); step: drop per step")
+    threshold_rate: float = _opt(0.5, "exponential: factor the gap to the floor shrinks by each round, in (0, 1); "
+                                      "step: drop per step in threshold units, in (0, 1] (0.5 drops to the floor at "
+                                      "the first step; e.g. 0.02 steps down over the default 5 rounds)")
     step_every: int = _opt(1, "step schedule: rounds between drops")
     class_adaptive: bool = _opt(False, "FlexMatch-style per-class thresholds")
     per_class_cap: int = _opt(0, "max pseudo-labels per predicted digit (0: no cap)")
@@ -247,15 +248,15 @@ class PseudoLabelConfig:
     def validate(self) -> None:
         _check(self.mode in ("oneshot", "iterative"), "pseudolabel.mode", "'oneshot' or 'iterative'", self.mode)
         _check(self.rounds >= 1, "pseudolabel.rounds", "must be >= 1", self.rounds)
-        _check(self.schedule in THRESHOLD_SCHEDULE_KINDS, "pseudolabel.schedule",
-               f"one of {', '.join(THRESHOLD_SCHEDULE_KINDS)}", self.schedule)
+        _check(self.schedule in THRESHOLD_SCHEDULES, "pseudolabel.schedule",
+               f"one of {', '.join(THRESHOLD_SCHEDULES)}", self.schedule)
         _check(0 < self.threshold_start <= 1, "pseudolabel.threshold_start", "must be in (0, 1]", self.threshold_start)
         _check(0 < self.threshold_floor <= 1, "pseudolabel.threshold_floor", "must be in (0, 1]", self.threshold_floor)
         _check(self.threshold_floor <= self.threshold_start, "pseudolabel.threshold_floor",
                f"must be <= threshold_start ({self.threshold_start})", self.threshold_floor)
         _check(self.threshold_rate > 0, "pseudolabel.threshold_rate", "must be > 0", self.threshold_rate)
-        if self.schedule == "exponential":
-            _check(self.threshold_rate < 1, "pseudolabel.threshold_rate", "must be in (0, 1) for exponential", self.threshold_rate)
+        rate_rule = rate_problem(self.schedule, self.threshold_rate)  # the schedule's own rule
+        _check(rate_rule is None, "pseudolabel.threshold_rate", rate_rule or "", self.threshold_rate)
         _check(self.step_every >= 1, "pseudolabel.step_every", "must be >= 1", self.step_every)
         _check(self.per_class_cap >= 0, "pseudolabel.per_class_cap", "must be >= 0", self.per_class_cap)
         _check(self.steps_per_round >= 1, "pseudolabel.steps_per_round", "must be >= 1", self.steps_per_round)
@@ -363,6 +364,8 @@ class RunConfig:
     seed: int = _opt(0, "seed of model init and augmentation (the split has its own seed)")
     device: str = _opt("auto", "local backend: 'auto', 'cpu' or 'cuda'")
     threads: int = _opt(0, "torch threads per process (0: torch's default)")
+    verbose: bool = _opt(False, "show Ray's own output (worker prefixes, Ray Train/Data/Tune progress) on the console; "
+                                "it is always in Ray's log files")
 
     def validate(self) -> None:
         _check(self.backend in ("ray", "local"), "run.backend", "'ray' or 'local'", self.backend)
@@ -374,6 +377,19 @@ class RunConfig:
                "up to 100 letters, digits, '.', '_' or '-', starting with a letter or digit, without '..' "
                "(it names folders under run.output_dir)", self.name)
         _check(bool(self.output_dir.strip()), "run.output_dir", "a folder", self.output_dir)
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    model: str = _opt("", "classifier (required): toolkit model.pt path, MLflow run id, or MLflow model URI "
+                          "(runs:/<run id>/model, models:/<name>/<version>, models:/<name>@best)")
+    input: str = _opt("", "images (required): idx3 file (MNIST format, .gz too), .npy uint8 (N, 28, 28), "
+                          "or a 28x28 PNG/JPEG image or folder of them")
+    output: str = _opt("", "CSV file for image,label,confidence (empty: print the rows)")
+    batch_size: int = _opt(1024, "images per forward pass")
+
+    def validate(self) -> None:
+        _check(self.batch_size >= 1, "predict.batch_size", "must be >= 1", self.batch_size)
 
 
 @dataclass(frozen=True)
@@ -392,6 +408,7 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
 
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):
@@ -447,7 +464,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
 INFRASTRUCTURE_SECTIONS = ("ray", "tracking", "report")
 INFRASTRUCTURE_KEYS = frozenset({
     "data.root", "data.download",
-    "run.name", "run.output_dir", "run.backend", "run.device", "run.threads",
+    "run.name", "run.output_dir", "run.backend", "run.device", "run.threads", "run.verbose",
     "pseudolabel.inference", "pseudolabel.inference_actors", "pseudolabel.inference_batch_size",
     "tune.max_concurrent", "tune.cpus_per_trial", "tune.gpus_per_trial", "tune.max_failures",
     "probe.tsne_points",

@@ -144,7 +144,7 @@ class Split:
         return p
 
 
-def make_split(labels: torch.Tensor, labels_per_class: int = 10, val_size: int = 1000, seed: int = 0) -> Split:
+def make_split(labels: torch.Tensor, labels_per_class: int, val_size: int, seed: int) -> Split:
     """Stratified labeled set (``labels_per_class`` per digit), random validation set, rest = pool.
 
     Depends only on (labels, labels_per_class, val_size, seed): the same seed gives the

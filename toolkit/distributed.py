@@ -2,10 +2,11 @@
 
 Every helper works with or without a process group: with none (a plain
 script, a test, the ``local`` backend) the world has size 1, this process is
-rank 0 and the collectives return their input. Ray Train / Accelerate create
-the process group; nothing here creates or destroys one.
+rank 0 and the gather returns its input. Ray Train / Accelerate create
+the process group; nothing here creates or destroys one. (Metrics and weights
+are averaged by Accelerate/DDP, not here: the loss's gather is all toolkit needs.)
 
-All gathers assume every rank passes a tensor of the same shape (equal
+The gather assumes every rank passes a tensor of the same shape (equal
 per-rank batch sizes, e.g. ``drop_last=True`` in the data loader):
 ``all_gather`` cannot concatenate unequal shapes and fails or hangs otherwise.
 """
@@ -20,12 +21,7 @@ __all__ = [
     "is_dist",
     "world_size",
     "rank",
-    "is_main_process",
     "gather_with_grad",
-    "all_gather_no_grad",
-    "all_reduce_sum",
-    "all_reduce_mean",
-    "barrier",
 ]
 
 
@@ -42,11 +38,6 @@ def world_size() -> int:
 def rank() -> int:
     """This process's rank in the default group (0 without a process group)."""
     return dist.get_rank() if is_dist() else 0
-
-
-def is_main_process() -> bool:
-    """True on rank 0: the one process that logs, prints and writes files."""
-    return rank() == 0
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -97,43 +88,3 @@ def gather_with_grad(t: Tensor) -> Tensor:
     if world_size() == 1:
         return t
     return _GatherWithGrad.apply(t)
-
-
-@torch.no_grad()
-def all_gather_no_grad(t: Tensor) -> Tensor:
-    """Concatenate ``t`` (n, ...) from all ranks along dim 0, detached (for metrics, predictions).
-
-    Every rank must pass the same shape. Without a process group returns ``t`` detached.
-    """
-    if world_size() == 1:
-        return t.detach()
-    t = t.detach().contiguous()
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t)
-    return torch.cat(parts, dim=0)
-
-
-@torch.no_grad()
-def all_reduce_sum(t: Tensor) -> Tensor:
-    """Element-wise sum of ``t`` over ranks, as a new detached tensor (the input is not modified)."""
-    out = t.detach().clone()
-    if world_size() > 1:
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out
-
-
-@torch.no_grad()
-def all_reduce_mean(t: Tensor) -> Tensor:
-    """Element-wise mean of ``t`` over ranks, as a new detached tensor (the input is not modified).
-
-    Integer tensors are promoted to float32 so that the mean is not truncated.
-    """
-    if not (t.is_floating_point() or t.is_complex()):
-        t = t.float()
-    return all_reduce_sum(t) / world_size()
-
-
-def barrier() -> None:
-    """Wait for all ranks; a no-op without a process group."""
-    if is_dist():
-        dist.barrier()

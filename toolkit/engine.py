@@ -5,12 +5,18 @@ trials all call these functions. Images stay uint8 on the device and are
 converted and augmented per batch; ranks agree on one global permutation per
 epoch and each takes its own slice, so the global batch is the same whatever
 the number of workers.
+
+A loop takes a few objects, as torchvision's ``train_one_epoch`` does: the model,
+an ``OptimState`` (optimizer and the schedule stepped with it), a batch source
+(``EpochBatches`` for SimCLR, ``MixedBatches`` for the classifier), the
+augmentation config, a ``torch.Generator`` and the Accelerate ``accelerator``.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -38,102 +44,152 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
+@dataclass(frozen=True)
+class OptimState:
+    """The optimizer and the learning-rate schedule stepped after every optimizer step."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # a torch LRScheduler (LambdaLR in toolkit)
+
+    def update(self, loss: torch.Tensor, accelerator: Any) -> None:
+        """One update: clear the gradients, backward through ``accelerator``, optimizer step, schedule step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        self.optimizer.step()
+        self.scheduler.step()
+
+
+@dataclass(frozen=True)
+class EpochBatches:
+    """One SimCLR epoch of this rank's batches: full global batches of a permutation every rank shares.
+
+    The permutation depends on (``seed``, ``epoch``) only; rank ``rank`` of ``world``
+    takes its equal slice of each global batch, so the global batch does not depend on
+    the number of workers. The ragged tail is dropped: NT-Xent wants full batches.
+    """
+
+    images: torch.Tensor  # uint8 (N, 28, 28) on the device
+    global_batch: int
+    seed: int
+    epoch: int
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def steps(self) -> int:
+        return self.images.shape[0] // self.global_batch
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        """This rank's uint8 batches (global_batch / world, 28, 28), one per step."""
+        perm = epoch_permutation(self.images.shape[0], self.seed, self.epoch, self.images.device)
+        gb = self.global_batch
+        return (self.images[local_slice(perm[s * gb: (s + 1) * gb], self.rank, self.world)] for s in range(self.steps))
+
+
+@dataclass(frozen=True)
+class MixedBatches:
+    """``steps`` classifier batches of ``batch_size`` images, drawn with replacement.
+
+    Each batch draws ``labeled_fraction`` of its images from the true labels and the
+    rest from the pseudo-labels (all from the true labels when there are none): with
+    100 labels an "epoch" means nothing, steps do.
+    """
+
+    labeled_x: torch.Tensor  # uint8 (L, 28, 28) on the device
+    labeled_y: torch.Tensor  # int64 (L,)
+    pseudo_x: torch.Tensor | None  # uint8 (P, 28, 28) or None
+    pseudo_y: torch.Tensor | None  # int64 (P,) or None
+    steps: int
+    batch_size: int  # images per batch on this rank
+    labeled_fraction: float
+
+    @property
+    def n_labeled(self) -> int:
+        """Images per batch with true labels (the rest are pseudo-labeled)."""
+        have_pseudo = self.pseudo_x is not None and self.pseudo_x.shape[0] > 0
+        return self.batch_size if not have_pseudo else max(1, round(self.batch_size * self.labeled_fraction))
+
+    def draw(self, gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``steps`` (uint8 images, labels) batches; indices come from ``gen`` one batch at a time."""
+        device = self.labeled_x.device
+        n_lab = self.n_labeled
+        n_pse = self.batch_size - n_lab
+        for _ in range(self.steps):
+            li = torch.randint(self.labeled_x.shape[0], (n_lab,), generator=gen, device=device)
+            xb, yb = self.labeled_x[li], self.labeled_y[li]
+            if n_pse:
+                pi = torch.randint(self.pseudo_x.shape[0], (n_pse,), generator=gen, device=device)
+                xb, yb = torch.cat([xb, self.pseudo_x[pi]]), torch.cat([yb, self.pseudo_y[pi]])
+            yield xb, yb
+
+
 def simclr_epoch(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    images: torch.Tensor,
-    global_batch: int,
+    opt: OptimState,
+    batches: EpochBatches,
     aug: AugmentConfig,
     temperature: float,
-    seed: int,
-    epoch: int,
     gen: torch.Generator,
     accelerator: Any,
-    rank: int = 0,
-    world: int = 1,
-    on_step: Callable[[int, int], None] | None = None,
 ) -> dict[str, float]:
-    """One SimCLR epoch over ``images`` (uint8 (N, 28, 28) on the device). Returns mean loss and views/s."""
+    """One SimCLR epoch over ``batches``: two views per image from ``gen``, NT-Xent gathered over ranks.
+
+    Returns the mean loss, views/s (all ranks) and the epoch's seconds.
+    """
     model.train()
-    device = images.device
-    perm = epoch_permutation(images.shape[0], seed, epoch, device)
-    steps = images.shape[0] // global_batch  # drop the ragged tail: NT-Xent wants full batches
+    device = batches.images.device
+    steps = batches.steps
+    local_batches = iter(batches)  # draws the epoch's permutation before the clock starts
     total, t0 = torch.zeros((), device=device), time.perf_counter()
-    for step in range(steps):
-        idx = local_slice(perm[step * global_batch: (step + 1) * global_batch], rank, world)
-        v1, v2 = two_views(to_float(images[idx]), aug, gen)
+    for xb in local_batches:
+        v1, v2 = two_views(to_float(xb), aug, gen)
         with accelerator.autocast():
             z = model(_channels_last(torch.cat([v1, v2])))
         z1, z2 = z.float().chunk(2)
         loss = nt_xent_loss(z1, z2, temperature, gather=True)
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        optimizer.step()
-        scheduler.step()
+        opt.update(loss, accelerator)
         total += loss.detach()
-        if on_step:
-            on_step(step, steps)
     mean_loss = float(total) / max(steps, 1)  # syncs the device before the clock stops
     seconds = time.perf_counter() - t0
     return {
         "loss": mean_loss,
-        "views_per_s": 2 * steps * global_batch / seconds if seconds > 0 else 0.0,
+        "views_per_s": 2 * steps * batches.global_batch / seconds if seconds > 0 else 0.0,
         "epoch_seconds": seconds,
     }
 
 
 def classifier_steps(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    labeled_x: torch.Tensor,
-    labeled_y: torch.Tensor,
-    pseudo_x: torch.Tensor | None,
-    pseudo_y: torch.Tensor | None,
-    steps: int,
-    local_batch: int,
-    labeled_fraction: float,
+    opt: OptimState,
+    batches: MixedBatches,
     aug: AugmentConfig,
     gen: torch.Generator,
     accelerator: Any,
-    label_smoothing: float = 0.0,
+    label_smoothing: float,
 ) -> dict[str, float]:
-    """``steps`` optimizer steps on freshly augmented batches.
+    """One optimizer step per batch of ``batches``, each freshly augmented from ``gen``.
 
-    Each batch draws ``labeled_fraction`` of its images from the true labels and the
-    rest from the pseudo-labels (all from the true labels when there are none), with
-    replacement: with 100 labels an "epoch" means nothing, steps do.
+    ``gen`` draws a batch's indices and then its augmentation, batch after batch.
+    Returns the mean training loss and accuracy and images/s on this rank.
     """
     model.train()
-    device = labeled_x.device
-    have_pseudo = pseudo_x is not None and pseudo_x.shape[0] > 0
-    n_lab = local_batch if not have_pseudo else max(1, round(local_batch * labeled_fraction))
-    n_pse = local_batch - n_lab
+    device = batches.labeled_x.device
     total, correct, seen, t0 = torch.zeros((), device=device), torch.zeros((), device=device), 0, time.perf_counter()
-    for _ in range(steps):
-        li = torch.randint(labeled_x.shape[0], (n_lab,), generator=gen, device=device)
-        xb, yb = labeled_x[li], labeled_y[li]
-        if n_pse:
-            pi = torch.randint(pseudo_x.shape[0], (n_pse,), generator=gen, device=device)
-            xb, yb = torch.cat([xb, pseudo_x[pi]]), torch.cat([yb, pseudo_y[pi]])
+    for xb, yb in batches.draw(gen):
         x = augment(to_float(xb), aug, gen)
         with accelerator.autocast():
             logits = model(_channels_last(x))
         loss = F.cross_entropy(logits.float(), yb, label_smoothing=label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        optimizer.step()
-        scheduler.step()
+        opt.update(loss, accelerator)
         total += loss.detach()
         correct += (logits.argmax(1) == yb).sum()
         seen += yb.numel()
-    train_loss, train_acc = float(total) / steps, float(correct) / max(seen, 1)  # device sync
+    train_loss, train_acc = float(total) / batches.steps, float(correct) / max(seen, 1)  # device sync
     seconds = time.perf_counter() - t0
     return {
         "train_loss": train_loss,
         "train_acc": train_acc,
-        "images_per_s": steps * local_batch / seconds if seconds > 0 else 0.0,
+        "images_per_s": batches.steps * batches.batch_size / seconds if seconds > 0 else 0.0,
     }
 
 

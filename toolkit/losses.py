@@ -13,7 +13,7 @@ from toolkit.distributed import gather_with_grad, rank, world_size
 __all__ = ["nt_xent_loss"]
 
 
-def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float = 0.5, gather: bool = True) -> Tensor:
+def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float, gather: bool = True) -> Tensor:
     """SimCLR's NT-Xent loss (Chen et al. 2020, eq. 1) for two views of a batch.
 
     Shapes: ``z1``, ``z2``: (n, d), the projections of two augmentations of the

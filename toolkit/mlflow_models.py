@@ -34,6 +34,7 @@ import hashlib
 import json
 import os
 import threading
+import warnings
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -86,6 +87,11 @@ def _plain_cpu_eval(model: nn.Module) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------- tracking URI plumbing
+
+
+def _disabled(target: Any) -> bool:
+    """A ``Tracker.disabled()`` (tracking.enabled=false, non-zero ranks): every helper is then a no-op."""
+    return getattr(target, "enabled", True) is False
 
 
 def _uri_of(target: Any) -> str:
@@ -225,6 +231,8 @@ def log_classifier(target: Any, run_id: str, model: nn.Module, name: str = "mode
     ``registered_name`` also registers it (see ``register_best``). Returns the model URI
     (``models:/<model id>``), which ``mlflow.pytorch.load_model`` and ``toolkit predict`` accept.
     """
+    if _disabled(target):
+        return ""
     wrapped = ImageClassifier(_plain_cpu_eval(model)).eval()
     return _log_pytorch(_uri_of(target), run_id, wrapped, NUM_CLASSES, name, CLASSIFIER,
                         input_example, registered_name, metadata, step)
@@ -237,6 +245,8 @@ def log_encoder(target: Any, run_id: str, model: nn.Module, name: str = "encoder
     The logged model maps uint8 ``(N, 28, 28)`` images to the encoder's features (what the
     probes use; the projection head is left out). Returns the model URI.
     """
+    if _disabled(target):
+        return ""
     model = _plain_cpu_eval(model)
     wrapped = ImageEncoder(getattr(model, "encoder", model)).eval()
     with torch.no_grad():
@@ -256,6 +266,8 @@ def register_best(target: Any, model_uri: str, name: str = DEFAULT_REGISTERED_NA
     """
     from mlflow.exceptions import MlflowException
 
+    if _disabled(target):
+        return ""
     uri = _uri_of(target)
     client = _client(uri)
     # the sqlite registry resolves a models:/<id> source through MLflow's global client
@@ -303,6 +315,8 @@ def log_split_dataset(target: Any, run_id: str, split, name: str | None = None, 
     ``split_digest(split)``; ``source`` (e.g. the MNIST folder) is recorded as the dataset source.
     Logging the same split again (a resumed run) adds nothing. Returns the two dataset names.
     """
+    if _disabled(target):
+        return []
     import mlflow.data
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
@@ -323,7 +337,9 @@ def log_split_dataset(target: Any, run_id: str, split, name: str | None = None, 
     inputs = []
     with using_tracking_uri(uri):  # from_numpy without a source resolves one from the fluent context
         for ds_name, features, context in parts:
-            ds = mlflow.data.from_numpy(features, source=source, name=ds_name, digest=digest)
+            with warnings.catch_warnings():  # a local folder "can be interpreted in multiple ways" (all local)
+                warnings.simplefilter("ignore", UserWarning)
+                ds = mlflow.data.from_numpy(features, source=source, name=ds_name, digest=digest)
             entity = ds._to_mlflow_entity()
             profile = {**about, **json.loads(entity.profile or "{}")}
             entity = Dataset(name=entity.name, digest=entity.digest, source_type=entity.source_type,
@@ -344,7 +360,7 @@ def load_logged_model(uri: str, model_uri: str) -> tuple[nn.Module, dict]:
     import mlflow
     from mlflow.models import get_model_info
 
-    with using_tracking_uri(uri):
+    with using_tracking_uri(uri) if uri else contextlib.nullcontext():  # a local model folder needs no store
         info = get_model_info(model_uri)
         model = mlflow.pytorch.load_model(model_uri)
     return model, dict(info.metadata or {}) | {"_signature": info.signature}

@@ -91,14 +91,6 @@ class Classifier(nn.Module):
         return self.head(self.dropout(self.encoder(x)))
 
 
-def build_model(kind: str, cfg: ModelConfig) -> nn.Module:
-    if kind == "simclr":
-        return SimCLRModel(cfg)
-    if kind == "classifier":
-        return Classifier(cfg)
-    raise ValueError(f"unknown model kind {kind!r}: 'simclr' or 'classifier'")
-
-
 def architecture(cfg: ModelConfig) -> dict:
     """The model-config fields that decide tensor shapes (a checkpoint must match them)."""
     return {"width": cfg.width, "depth": cfg.depth, "convs_per_stage": cfg.convs_per_stage, "pool": cfg.pool, "proj_dim": cfg.proj_dim, "proj_hidden": cfg.proj_hidden}

@@ -1,4 +1,4 @@
-"""Figures written to PNG files: confusion matrices, t-SNE embeddings, curves, bars, class counts.
+"""Figures written to PNG files: confusion matrices, t-SNE embeddings, curves, bars, class counts, search trials.
 
 Each function draws on its own ``matplotlib.figure.Figure`` rendered by the Agg canvas, so it
 never touches pyplot's global figure registry or the process-wide backend: nothing to leak,
@@ -233,4 +233,47 @@ def plot_class_counts(
     ax.set_ylabel("examples")
     ax.set_title(title)
     ax.legend(fontsize=8, ncol=max(1, rounds // 8), loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return _save(fig, path, dpi)
+
+
+def plot_search(
+    panels: dict[str, Sequence[float]],
+    scores: Sequence[float],
+    kinds: Sequence[str],
+    stopped: Sequence[bool],
+    path: str | Path,
+    title: str,
+    ylabel: str = "validation accuracy (last reported round)",
+    dpi: int = 120,
+) -> Path:
+    """A search's trials: one panel per searched value (x) against the score (y), coloured by kind.
+
+    ``panels`` maps an x-axis label (e.g. "threshold start") to one value per trial; a NaN
+    value leaves that trial out of that panel. Filled markers: trials that ran to the end;
+    hollow: stopped early (ASHA).
+    """
+    from matplotlib import colormaps
+
+    y = _to_numpy(scores).astype(np.float64)
+    kinds, stopped = [str(k) for k in kinds], [bool(s) for s in stopped]
+    if not panels or any(len(v) != len(y) for v in panels.values()) or not len(kinds) == len(stopped) == len(y):
+        raise ValueError(f"need at least one panel and one x value, kind and stopped flag per score ({len(y)} scores)")
+    names = sorted(set(kinds))
+    colors = {k: colormaps["tab10"](i % 10) for i, k in enumerate(names)}
+    fig = _new_figure((5.0 * len(panels), 4.0))
+    axes = np.atleast_1d(fig.subplots(1, len(panels), sharey=True))
+    for ax, (label, xs) in zip(axes, panels.items()):
+        x = _to_numpy(xs).astype(np.float64)
+        for kind in names:
+            for early in (False, True):
+                sel = np.array([k == kind and s == early for k, s in zip(kinds, stopped)], dtype=bool)
+                if sel.any():
+                    ax.scatter(x[sel], y[sel], s=36, facecolors="none" if early else colors[kind],
+                               edgecolors=colors[kind], label=f"{kind}{' (stopped early)' if early else ''}")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(ylabel)
+    if len(y):
+        axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.suptitle(title)
     return _save(fig, path, dpi)

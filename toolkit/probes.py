@@ -10,7 +10,7 @@ are pinned by ``tests/test_probes.py`` so that a silent change fails (lightly #1
 * ``mlp``: one hidden ReLU layer on standardised features, AdamW with a cosine learning rate,
   a fixed number of optimizer *steps* (not epochs) so that 100 and 60,000 labels both train.
 * ``knn``: cosine kNN on L2-normalised raw features with exp(sim / T) votes (InstDisc,
-  Wu et al. 2018): k=20, T=0.07.
+  Wu et al. 2018): k = ``probe.knn_k`` (20), T=0.07.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .config import ProbeConfig
 
 PROBE_NAMES = ("linear", "mlp", "knn")
 
@@ -242,7 +244,7 @@ def knn_predict(
     train_feats: torch.Tensor,
     train_labels: torch.Tensor,
     query_feats: torch.Tensor,
-    k: int = 20,
+    k: int = ProbeConfig.knn_k,  # the probe protocol's k lives in the config (probe.knn_k)
     temperature: float = 0.07,
     num_classes: int = 10,
     chunk_size: int = 512,

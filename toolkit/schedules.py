@@ -10,10 +10,8 @@ import math
 from typing import Callable
 
 THRESHOLD_SCHEDULES = ("constant", "linear", "exponential", "cosine", "step")
-
-# `rate` means different things per kind (a decay factor for `exponential`, a step size in
-# threshold units for `step`), so one shared default would be wrong for one of them.
-DEFAULT_RATES = {"exponential": 0.5, "step": 0.02}
+# The schedules take every setting as an argument, without defaults: the defaults are the
+# config's (``PseudoLabelConfig``), which also imports the names above.
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,6 +98,25 @@ def _check_threshold_args(round_index: int, start: float, floor: float, rounds: 
         raise ValueError(f"floor must be <= start ({start}), got {floor}")
 
 
+def rate_problem(kind: str, rate: float) -> str | None:
+    """Why ``rate`` cannot drive schedule ``kind``, or None (also for kinds that read no rate).
+
+    ``rate`` is a decay factor in (0, 1) for ``exponential`` and a drop in threshold units in
+    (0, 1] for ``step``; the config checks ``pseudolabel.threshold_rate`` with this too.
+    """
+    if kind == "exponential" and not 0.0 < rate < 1.0:
+        return "must be in (0, 1) for exponential"
+    if kind == "step" and not 0.0 < rate <= 1.0:
+        return "must be in (0, 1] for step"
+    return None
+
+
+def _check_rate(kind: str, rate: float) -> None:
+    problem = rate_problem(kind, rate)
+    if problem:
+        raise ValueError(f"rate {problem}, got {rate}")
+
+
 def _clip(value: float, start: float, floor: float) -> float:
     # Guards against float round-off pushing a value a hair outside [floor, start].
     return min(start, max(floor, value))
@@ -122,17 +139,14 @@ def linear_threshold(round_index: int, start: float, floor: float, rounds: int) 
     return _clip(start - (start - floor) * round_index / (rounds - 1), start, floor)
 
 
-def exponential_threshold(
-    round_index: int, start: float, floor: float, rounds: int, rate: float = DEFAULT_RATES["exponential"]
-) -> float:
+def exponential_threshold(round_index: int, start: float, floor: float, rounds: int, rate: float) -> float:
     """``threshold(r) = floor + (start - floor) * rate ** r`` with ``rate`` in (0, 1).
 
     The gap to ``floor`` shrinks by the factor ``rate`` each round; ``floor`` is approached,
     not reached, so ``rounds`` only bounds ``r``.
     """
     _check_threshold_args(round_index, start, floor, rounds)
-    if not 0.0 < rate < 1.0:
-        raise ValueError(f"rate must be in (0, 1) for the exponential schedule, got {rate}")
+    _check_rate("exponential", rate)
     return _clip(floor + (start - floor) * rate**round_index, start, floor)
 
 
@@ -150,20 +164,16 @@ def cosine_threshold(round_index: int, start: float, floor: float, rounds: int) 
 
 
 def step_threshold(
-    round_index: int,
-    start: float,
-    floor: float,
-    rounds: int,
-    rate: float = DEFAULT_RATES["step"],
-    step_every: int = 1,
+    round_index: int, start: float, floor: float, rounds: int, rate: float, step_every: int
 ) -> float:
     """``threshold(r) = max(floor, start - rate * (r // step_every))`` with ``rate`` in (0, 1].
 
-    ``rate`` is the drop in threshold units, applied once every ``step_every`` rounds.
+    ``rate`` is the drop in threshold units, applied once every ``step_every`` rounds; the
+    floor is reached at ``r = step_every * ceil((start - floor) / rate)``. E.g. start 0.99,
+    floor 0.9, rate 0.03, step_every 2: 0.99, 0.99, 0.96, 0.96, 0.93, 0.93, 0.9, ...
     """
     _check_threshold_args(round_index, start, floor, rounds)
-    if not 0.0 < rate <= 1.0:
-        raise ValueError(f"rate must be in (0, 1] for the step schedule, got {rate}")
+    _check_rate("step", rate)
     _check_int("step_every", step_every, 1)
     return _clip(start - rate * (round_index // step_every), start, floor)
 
@@ -175,7 +185,7 @@ def threshold_at(
     floor: float,
     rounds: int,
     rate: float | None = None,
-    step_every: int = 1,
+    step_every: int | None = None,
 ) -> float:
     """Confidence threshold for round ``round_index`` of ``rounds`` under schedule ``kind``.
 
@@ -184,20 +194,21 @@ def threshold_at(
     ``floor + (start - floor) * rate ** r``; cosine
     ``floor + (start - floor) * 0.5 * (1 + cos(pi * r / (rounds - 1)))``; step
     ``start - rate * (r // step_every)``. Every result lies in ``[floor, start]``.
-    ``rate`` is read only by ``exponential`` and ``step``; ``None`` takes ``DEFAULT_RATES[kind]``.
-    ``step_every`` is read only by ``step``.
+    ``rate`` is read only by ``exponential`` and ``step``, ``step_every`` only by ``step``;
+    a kind that reads one needs it given (there is no default here: the config's is the one).
     """
     if kind not in THRESHOLD_SCHEDULES:
         raise ValueError(f"kind must be one of {', '.join(THRESHOLD_SCHEDULES)}; got {kind!r}")
-    _check_int("step_every", step_every, 1)
+    if kind in ("exponential", "step") and rate is None:
+        raise ValueError(f"rate is required by the {kind} schedule")
+    if kind == "step" and step_every is None:
+        raise ValueError("step_every is required by the step schedule")
     if kind == "constant":
         return constant_threshold(round_index, start, floor, rounds)
     if kind == "linear":
         return linear_threshold(round_index, start, floor, rounds)
     if kind == "cosine":
         return cosine_threshold(round_index, start, floor, rounds)
-    if rate is None:
-        rate = DEFAULT_RATES[kind]
     if kind == "exponential":
         return exponential_threshold(round_index, start, floor, rounds, rate)
     return step_threshold(round_index, start, floor, rounds, rate, step_every)

@@ -314,8 +314,15 @@ def run_url(cfg: Config, tracker: Tracker) -> str:
         return ""
     from mlflow.tracking import MlflowClient
 
+    from urllib.parse import urlsplit
+
     exp_id = MlflowClient(tracking_uri=tracker.uri).get_run(tracker.run_id).info.experiment_id
-    return f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs/{tracker.run_id}"
+    parts = urlsplit(tracker.uri or "")
+    if parts.scheme in ("http", "https"):  # the tracking server is the UI (its address, never its credentials)
+        base = f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}{parts.path.rstrip('/')}"
+    else:  # a local store: `mlflow ui --backend-store-uri <it>` serves it here (README)
+        base = "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{exp_id}/runs/{tracker.run_id}"
 
 
 class MetricsLogger:

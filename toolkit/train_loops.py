@@ -20,7 +20,7 @@ from . import checkpoints
 from .augment import make_generator
 from .config import Config
 from .data import DataError, load_mnist
-from .engine import classifier_steps, evaluate, simclr_epoch
+from .engine import EpochBatches, MixedBatches, OptimState, classifier_steps, evaluate, simclr_epoch
 from .jobs import TrainJob
 from .models import Classifier, SimCLRModel
 from .schedules import warmup_cosine_lambda
@@ -29,7 +29,8 @@ from .schedules import warmup_cosine_lambda
 def make_accelerator(cfg: Config):
     """An ``Accelerator`` for this process: bf16 on GPU; on CPU ``cpu=True`` so it joins the gloo group.
 
-    A plain ``Accelerator()`` on CPU silently trains each worker alone (NOTES), and
+    A plain ``Accelerator()`` on CPU silently trains each worker alone (caught by
+    ``tests/test_train_ray.py::test_two_cpu_workers_are_real_ddp``), and
     ``AcceleratorState`` is a per-process singleton, so it is reset first.
     """
     from accelerate import Accelerator
@@ -129,14 +130,13 @@ def simclr_worker(job: TrainJob, session) -> None:
         if rank == 0:
             sys.stdout.write(f"[pretrain] resuming after epoch {start_epoch}\n")
     model, optimizer = accelerator.prepare(model, optimizer)
+    opt = OptimState(optimizer, scheduler)
 
     progress = Progress("pretrain", pc.epochs, "epoch", rank, start_epoch)
     for epoch in range(start_epoch, pc.epochs):
         gen = make_generator(cfg.run.seed * 1000 + epoch * 16 + rank, device)
-        stats = simclr_epoch(
-            model, optimizer, scheduler, images, global_batch, cfg.augment, pc.temperature,
-            cfg.run.seed, epoch, gen, accelerator, rank, world,
-        )
+        batches = EpochBatches(images, global_batch, cfg.run.seed, epoch, rank, world)
+        stats = simclr_epoch(model, opt, batches, cfg.augment, pc.temperature, gen, accelerator)
         if not math.isfinite(stats["loss"]):
             raise FloatingPointError(f"pretrain loss became {stats['loss']} in epoch {epoch + 1}: lower pretrain.lr")
         metrics = {
@@ -211,16 +211,16 @@ def classifier_worker(job: TrainJob, session) -> None:
         if rank == 0:
             sys.stdout.write(f"[{label}] resuming at step {done}\n")
     model, optimizer = accelerator.prepare(model, optimizer)
+    opt = OptimState(optimizer, scheduler)
 
     local_batch = max(1, cc.batch_size // world)
     progress = Progress(label, steps, "step", rank, done)
     while done < steps:
         chunk = min(cc.eval_every, steps - done)
         gen = make_generator(cfg.run.seed * 1_000_003 + done * 16 + rank, device)
-        stats = classifier_steps(
-            model, optimizer, scheduler, labeled_x, labeled_y, pseudo_x, pseudo_y, chunk, local_batch,
-            cfg.pseudolabel.labeled_fraction, cfg.augment, gen, accelerator, cc.label_smoothing,
-        )
+        batches = MixedBatches(labeled_x, labeled_y, pseudo_x, pseudo_y, chunk, local_batch,
+                               cfg.pseudolabel.labeled_fraction)
+        stats = classifier_steps(model, opt, batches, cfg.augment, gen, accelerator, cc.label_smoothing)
         done += chunk
         plain = accelerator.unwrap_model(model)
         val_stats = evaluate(plain, val_x, val_y)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -224,3 +225,57 @@ def val_metrics(model: torch.nn.Module, data: Mnist, split: Split) -> dict[str, 
 
 def save_model_file(path: Path, kind: str, cfg: Config, state_dict: dict, **extra: Any) -> Path:
     return checkpoints.save(path, checkpoints.model_payload(kind, cfg, state_dict, **extra))
+
+
+@dataclass
+class StageRun:
+    """What a stage's body works with: its folder, MLflow run, config, data and split."""
+
+    cfg: Config
+    key: str
+    folder: Path
+    tracker: Tracker
+    data: Mnist
+    split: Split
+
+
+@dataclass
+class StageOutput:
+    """What a stage's body returns: its model file (if any), its metrics, and the words of its last line."""
+
+    model_path: Path | None
+    metrics: dict[str, float]
+    summary: str
+
+
+def run_stage(cfg: Config, name: str, key: str, digest: str, parent_run_id: str | None, tags: dict[str, Any],
+              body, skipped_line=None, command: str | None = None) -> StageResult:
+    """The skeleton every stage shares, written once.
+
+    Skip if a finished result with this config exists -> hold the run's lock (one writer)
+    -> open (or resume) its MLflow run -> log the config and the split -> run ``body(StageRun)``
+    -> log the stage time, save ``result.json`` atomically, print one closing line.
+    ``name``: the stage's name in results and lines; ``command``: its MLflow command tag (default: name).
+    """
+    from ..locks import run_lock
+    from ..tracking import mlflow_run, run_url
+
+    folder = stage_dir(cfg, key)
+    done = finished_result(folder, digest)
+    if done:
+        print(f"[{name}] {key} already finished" + (f": {skipped_line(done)}" if skipped_line else ""), flush=True)
+        return done
+    with run_lock(folder, f"run '{key}'"):
+        t0 = time.perf_counter()
+        data, split = load_data_and_split(cfg)
+        with mlflow_run(cfg, command or name, key, parent_run_id, tags) as tracker:
+            log_config_and_split(tracker, cfg, split, folder)
+            out: StageOutput = body(StageRun(cfg, key, folder, tracker, data, split))
+            seconds = time.perf_counter() - t0
+            metrics = {**out.metrics, "stage_seconds": seconds}
+            tracker.log_metrics({"stage_seconds": seconds})
+            result = StageResult(name, key, tracker.run_id, str(out.model_path) if out.model_path else None, metrics,
+                                 seconds, config_digest=digest)
+            result.save(folder)
+            print(f"[{name}] done in {seconds:.0f}s: {out.summary}  {run_url(cfg, tracker)}", flush=True)
+            return result

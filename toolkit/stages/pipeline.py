@@ -80,7 +80,11 @@ def pipeline(cfg: Config) -> dict:
     key = run_key(cfg, "pipeline")
     t0 = time.perf_counter()
     results: dict[int, dict[str, StageResult]] = {}
-    with mlflow_run(cfg, "pipeline", key, None, {"toolkit.seeds": cfg.pipeline.seeds}) as parent:
+    from ..locks import run_lock
+    from .common import stage_dir
+
+    with run_lock(stage_dir(cfg, key), f"pipeline '{key}'"), \
+            mlflow_run(cfg, "pipeline", key, None, {"toolkit.seeds": cfg.pipeline.seeds}) as parent:
         print(f"[pipeline] {key}: seeds {cfg.pipeline.seeds}, stages {cfg.pipeline.stages}", flush=True)
         simclr_path = None
         needs_simclr = any(s in cfg.pipeline.stages for s in ("pretrain", "probe", "simclr_iterative"))

@@ -8,7 +8,6 @@ selection; test accuracy is reported once.
 from __future__ import annotations
 
 import hashlib
-import time
 from pathlib import Path
 
 import torch
@@ -19,10 +18,7 @@ from ..engine import extract_features
 from ..models import SimCLRModel
 from ..plots import plot_confusion_matrix, plot_embedding_2d
 from ..probes import run_probes, select_linear_C
-from ..tracking import mlflow_run, run_url
-from .common import (
-    StageResult, eval_device, finished_result, load_data_and_split, log_config_and_split, resolve_model_ref, stage_dir,
-)
+from .common import StageOutput, StageResult, StageRun, eval_device, resolve_model_ref, run_stage
 
 def load_encoder(path: Path, device: torch.device) -> torch.nn.Module:
     payload = checkpoints.load_model_file(path, "simclr")
@@ -38,21 +34,14 @@ def probe(cfg: Config, parent_run_id: str | None = None, key: str | None = None,
     ref_hash = hashlib.sha256(str(ref).encode()).hexdigest()[:6]
     digest = stage_digest(cfg, "probe")
     key = key or (f"{cfg.run.name}-probe" if cfg.run.name else f"probe-{digest}-{ref_hash}")
-    folder = stage_dir(cfg, key)
-    done = finished_result(folder, digest)
-    if done:
-        print(f"[probe] {key} already finished", flush=True)
-        return done
-    t0 = time.perf_counter()
-    path = resolve_model_ref(cfg, ref, folder)
-    device = eval_device(cfg)
-    encoder = load_encoder(path, device)
-    data, split = load_data_and_split(cfg)
 
-    with mlflow_run(cfg, "probe", key, parent_run_id, {"toolkit.encoder": str(path)}) as tracker:
-        log_config_and_split(tracker, cfg, split, folder)
-        train_x = data.train_images.to(device)
-        feats = extract_features(encoder, train_x)
+    def body(run: StageRun) -> StageOutput:
+        path = resolve_model_ref(cfg, ref, run.folder)
+        device = eval_device(cfg)
+        encoder = load_encoder(path, device)
+        data, split, tracker, folder = run.data, run.split, run.tracker, run.folder
+        tracker.set_tags({"toolkit.encoder": str(path)})
+        feats = extract_features(encoder, data.train_images.to(device))
         test_feats = extract_features(encoder, data.test_images.to(device))
         labels, test_labels = data.train_labels.to(device), data.test_labels.to(device)
         val = split.val.to(device)
@@ -83,10 +72,7 @@ def probe(cfg: Config, parent_run_id: str | None = None, key: str | None = None,
             png = plot_embedding_2d(test_feats.cpu(), test_labels.cpu(), folder / "tsne_test.png",
                                     "t-SNE of frozen SimCLR features (test set)", max_points=cfg.probe.tsne_points, seed=cfg.run.seed)
             tracker.log_artifact(png, "plots")
-        seconds = time.perf_counter() - t0
-        metrics["stage_seconds"] = seconds
         tracker.log_metrics(metrics)
-        result = StageResult("probe", key, tracker.run_id, None, metrics, seconds, config_digest=digest)
-        result.save(folder)
-        print(f"[probe] done in {seconds:.0f}s  {run_url(cfg, tracker)}", flush=True)
-        return result
+        return StageOutput(None, metrics, f"{len(protocols)} protocols x linear / MLP / kNN")
+
+    return run_stage(cfg, "probe", key, digest, parent_run_id, {}, body)

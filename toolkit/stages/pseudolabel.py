@@ -25,10 +25,10 @@ from ..jobs import ModelWeights
 from ..plots import plot_class_counts, plot_curves
 from ..pseudo_labels import select_pseudo_labels
 from ..schedules import threshold_at
-from ..tracking import Tracker, mlflow_run, run_url
+from ..tracking import Tracker
 from .common import (
-    StageResult, finished_result, init_weights, load_data_and_split, log_config_and_split, log_test_report, run_key,
-    save_model_file, stage_dir, train_classifier,
+    StageOutput, StageResult, StageRun, init_weights, load_data_and_split, log_test_report, run_key, run_stage,
+    save_model_file, train_classifier,
 )
 
 STATE_FILE = "rounds.pt"
@@ -203,47 +203,39 @@ def pseudolabel(cfg: Config, parent_run_id: str | None = None, key: str | None =
     """Run the rounds; log per-round metrics, plots, the final model and its test accuracy (once).
 
     ``base_model``: a classifier file (the driver's) every round-0 starts from instead of training one.
+    ``first_round_from``: a finished one-shot result whose round may stand as round 1 here.
     """
-    key = key or run_key(cfg, f"pseudolabel-{cfg.pseudolabel.mode}", "pseudolabel")
+    mode = cfg.pseudolabel.mode
+    key = key or run_key(cfg, f"pseudolabel-{mode}", "pseudolabel")
     if base_model and not cfg.run.name and key.startswith("pseudolabel-"):
         key += "-from-" + hashlib.sha256(str(base_model).encode()).hexdigest()[:6]
-    digest = stage_digest(cfg, "pseudolabel")
-    folder = stage_dir(cfg, key)
-    done = finished_result(folder, digest)
-    if done:
-        print(f"[pseudolabel] {key} already finished: test acc {done.metrics.get('test_acc', float('nan')):.4f}", flush=True)
-        return done
-    t0 = time.perf_counter()
-    init = init_weights(cfg, folder)
-    start = None
-    if base_model:
-        start = ModelWeights.from_payload(checkpoints.load_model_file(base_model, "classifier", cfg.model))
-    state_path = folder / STATE_FILE
-    with mlflow_run(cfg, "pseudolabel", key, parent_run_id, {"toolkit.mode": cfg.pseudolabel.mode,
-                                                             "toolkit.init": cfg.model.init}) as tracker:
-        data, split = load_data_and_split(cfg)
-        log_config_and_split(tracker, cfg, split, folder)
+
+    def body(run: StageRun) -> StageOutput:
+        init = init_weights(cfg, run.folder)
+        start = None
+        if base_model:
+            start = ModelWeights.from_payload(checkpoints.load_model_file(base_model, "classifier", cfg.model))
+        state_path = run.folder / STATE_FILE
         source = Path(first_round_from.model_path).parent if first_round_from and first_round_from.model_path else None
-        state = run_rounds(cfg, tracker, key, folder, load_state(state_path), lambda st, m: save_state(state_path, st),
-                           start=start, start_id=str(base_model or "round0"), init=init, adopt_from=source)
-        final = save_model_file(folder / checkpoints.MODEL_FILE, "classifier", cfg, state["state_dict"],
+        state = run_rounds(cfg, run.tracker, run.key, run.folder, load_state(state_path),
+                           lambda st, m: save_state(state_path, st), start=start, start_id=str(base_model or "round0"),
+                           init=init, adopt_from=source)
+        final = save_model_file(run.folder / checkpoints.MODEL_FILE, "classifier", cfg, state["state_dict"],
                                 encoder_pretrained=bool(state["encoder_pretrained"]))
-        tracker.log_artifact(final, "model")
-        _round_plots(tracker, state, folder, f"pseudo-labeling ({cfg.pseudolabel.mode})")
-        metrics = log_test_report(tracker, cfg, final, data, folder, f"pseudo-labeling ({cfg.pseudolabel.mode})")
+        run.tracker.log_artifact(final, "model")
+        _round_plots(run.tracker, state, run.folder, f"pseudo-labeling ({mode})")
+        metrics = log_test_report(run.tracker, cfg, final, run.data, run.folder, f"pseudo-labeling ({mode})")
         last = state["history"][-1] if state["history"] else {}
-        seconds = time.perf_counter() - t0
         metrics.update({
             "val_acc": float(last.get("val_acc", float("nan"))),
             "pseudo_labels": len(state["pseudo_indices"]),
             "pool_left": len(state["pool"]),
             "diagnostic/pseudo_precision_total": float(last.get("diagnostic/pseudo_precision_total", float("nan"))),
-            "stage_seconds": seconds,
         })
-        tracker.log_metrics({f"final/{k}": v for k, v in metrics.items() if not k.startswith("test_")})
-        result = StageResult(f"pseudolabel-{cfg.pseudolabel.mode}", key, tracker.run_id, str(final), metrics, seconds,
-                             config_digest=digest)
-        result.save(folder)
-        print(f"[pseudolabel] done in {seconds:.0f}s: {metrics['pseudo_labels']} pseudo-labels, pool left "
-              f"{metrics['pool_left']}, test acc {metrics['test_acc']:.4f}  {run_url(cfg, tracker)}", flush=True)
-        return result
+        run.tracker.log_metrics({f"final/{k}": v for k, v in metrics.items() if not k.startswith("test_")})
+        return StageOutput(final, metrics, f"{metrics['pseudo_labels']} pseudo-labels, pool left {metrics['pool_left']}, "
+                                           f"test acc {metrics['test_acc']:.4f}")
+
+    return run_stage(cfg, f"pseudolabel-{mode}", key, stage_digest(cfg, "pseudolabel"), parent_run_id,
+                     {"toolkit.mode": mode, "toolkit.init": cfg.model.init}, body,
+                     lambda done: f"test acc {done.metrics.get('test_acc', float('nan')):.4f}", command="pseudolabel")

@@ -1,0 +1,94 @@
+"""The GPU check, one command: the gpu profile in-process on split seeds 0-4, every figure into one JSON.
+
+    bash benchmarks/gpu_check.sh OUT_DIR [key=value ...]
+
+Runs ``toolkit pipeline --config launch/configs/gpu.yaml`` on the in-process backend
+(a GPU box may have torch, accelerate and scikit-learn but no Ray and no MLflow),
+with MLflow off, and writes ``OUT_DIR/gpu_check.json``: the device, each stage's test
+and validation accuracy per seed, mean ± std over seeds, the probe accuracies, and
+seconds per stage. ``key=value`` overrides the profile (a tiny setting runs the same
+script on a CPU in the tests). The test set only reports; selection used validation.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# on top of the profile: in-process, no MLflow, the five split seeds
+CHECK_OVERRIDES = ["run.backend=local", "ray.use_gpu=false", "pseudolabel.inference=local", "tracking.enabled=false",
+                   "pipeline.seeds=[0,1,2,3,4]"]
+
+
+def summary(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        print("usage: bash benchmarks/gpu_check.sh OUT_DIR [key=value ...]", file=sys.stderr)
+        return 2
+    import torch
+
+    from toolkit.config import ConfigError, load_config
+    from toolkit.stages.pipeline import pipeline
+
+    out = Path(argv[0]).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        cfg = load_config(REPO / "launch" / "configs" / "gpu.yaml",
+                          [*CHECK_OVERRIDES, f"run.output_dir={out / 'runs'}", *argv[1:]])
+    except ConfigError as e:
+        print(f"gpu_check: error: {e}", file=sys.stderr)
+        return 2
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or 'unknown'})"
+    print(f"[gpu_check] device: {device}; seeds {cfg.pipeline.seeds}; output {out}", flush=True)
+    t0 = time.perf_counter()
+    results = pipeline(cfg)
+    seconds = time.perf_counter() - t0
+
+    per_seed = {str(seed): {stage: {"test_acc": r.metrics.get("test_acc"), "val_acc": r.metrics.get("val_acc"),
+                                    "seconds": r.seconds, "skipped": r.skipped}
+                            for stage, r in stages.items()}
+                for seed, stages in results.items()}
+    stages = sorted({s for r in results.values() for s in r})
+    means = {}
+    for stage in stages:
+        vals = [r[stage].metrics["test_acc"] for r in results.values() if stage in r and "test_acc" in r[stage].metrics]
+        if vals:
+            means[stage] = summary(vals)
+    probes = {}
+    for r in results.values():
+        if "probe" in r:
+            for k, v in r["probe"].metrics.items():
+                if k.endswith("/test_acc"):
+                    probes.setdefault(k, []).append(v)
+    report = {
+        "date": time.strftime("%Y-%m-%d"),
+        "device": device,
+        "torch": torch.__version__,
+        "command": "bash benchmarks/gpu_check.sh " + " ".join(argv),
+        "seeds": cfg.pipeline.seeds,
+        "wall_seconds": seconds,
+        "test_acc_mean_std": means,
+        "probe_test_acc": {k: summary(v) for k, v in probes.items()},
+        "per_seed": per_seed,
+        "protocol": "standard: checkpoints and the probe's C chosen on the validation split "
+                    f"({cfg.split.val_size} labeled images); the test set only reports",
+    }
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
+    print(f"[gpu_check] done in {seconds:.0f}s: {out / 'gpu_check.json'}", flush=True)
+    for stage, m in means.items():
+        print(f"[gpu_check] {stage:>18}: {100 * m['mean']:.2f} ± {100 * m['std']:.2f}% over {m['n']} seeds", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,44 @@
+"""The GPU check script runs end to end on a CPU with a tiny setting and writes the promised JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_end_to_end_on_cpu_with_a_tiny_setting(data_root, tmp_path):
+    out = tmp_path / "check"
+    tiny = ["data.train_subset=1500", "data.test_subset=300", "split.val_size=200", "model.width=8",
+            "model.convs_per_stage=1", "pretrain.epochs=1", "pretrain.batch_size=128", "pretrain.warmup_epochs=0",
+            "classifier.steps=20", "classifier.eval_every=10", "classifier.batch_size=64", "pseudolabel.rounds=2",
+            "pseudolabel.steps_per_round=10", "probe.tsne_points=0", "probe.all_labels=false", "pipeline.seeds=[0,1]",
+            "run.threads=1", f"data.root={data_root}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(out), *tiny], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert (out / "gpu_check.log").read_text().count("[gpu_check]") >= 2
+    assert report["seeds"] == [0, 1] and report["device"].startswith("cpu")
+    stages = {"supervised", "oneshot", "iterative", "simclr_iterative"}
+    assert stages <= set(report["test_acc_mean_std"])
+    for stage in stages:
+        m = report["test_acc_mean_std"][stage]
+        assert m["n"] == 2 and 0.2 < m["mean"] <= 1.0  # well above chance (0.1) even for 20-step models
+        for seed in ("0", "1"):
+            row = report["per_seed"][seed][stage]
+            assert row["seconds"] > 0 and 0 < row["val_acc"] <= 1
+    assert "100-labels/linear/test_acc" in report["probe_test_acc"]
+
+
+def test_gpu_check_without_an_output_folder_is_a_usage_line():
+    done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.startswith("usage:")

@@ -1,0 +1,261 @@
+"""`toolkit predict`: every accepted input format and model reference, on a small trained classifier.
+
+The classifier is trained here for a few seconds on 2,000 real MNIST digits (width 8), so
+that "the labels are right" can be checked, not only the file format. Bad input must end
+in one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from toolkit import checkpoints
+from toolkit.checkpoints import CheckpointError
+from toolkit.cli import main
+from toolkit.config import Config, ConfigError
+from toolkit.data import DataError, load_mnist
+from toolkit.models import Classifier, SimCLRModel
+from toolkit.stages.predict import predict, predict_images, read_images
+
+N_TEST = 300
+
+
+@pytest.fixture(scope="module")
+def data(data_root):
+    return load_mnist(data_root, train_subset=2000, test_subset=N_TEST)
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory, data_root) -> Config:
+    root = tmp_path_factory.mktemp("predict")
+    return Config().replace(**{
+        "data.root": data_root,
+        "model.width": 8,
+        "model.depth": 2,
+        "run.output_dir": str(root / "runs"),
+        "tracking.uri": f"sqlite:///{root / 'mlflow.db'}",
+    })
+
+
+@pytest.fixture(scope="module")
+def trained(cfg, data):
+    """A classifier trained for 150 steps on 2,000 labelled digits (~90% test accuracy)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = Classifier(cfg.model)
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(150):
+            idx = torch.randint(0, len(data.train_images), (128,), generator=g)
+            loss = torch.nn.functional.cross_entropy(model(data.train_images[idx].unsqueeze(1).float() / 255), data.train_labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model_file(trained, cfg, tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    checkpoints.save(path, checkpoints.model_payload("classifier", cfg, trained.state_dict()))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def reference(trained, data) -> np.ndarray:
+    """The trained model's own probabilities for the test digits."""
+    with torch.no_grad():
+        return trained(data.test_images.unsqueeze(1).float() / 255).softmax(1).numpy()
+
+
+def write_idx3(path, images: np.ndarray, gz: bool = False) -> str:
+    header = (2051).to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in images.shape)
+    raw = header + images.astype(np.uint8).tobytes()
+    with (gzip.open(path, "wb") if gz else open(path, "wb")) as f:
+        f.write(raw)
+    return str(path)
+
+
+def write_pngs(folder, images: np.ndarray, suffix: str = ".png") -> str:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(folder / f"digit{i:03d}{suffix}")
+    return str(folder)
+
+
+# ------------------------------------------------------------------ inputs
+
+
+def test_the_labels_are_right_and_match_the_model(model_file, data, reference, tmp_path):
+    path = write_idx3(tmp_path / "t10k-images-idx3-ubyte", data.test_images.numpy())
+    out = predict_images(model_file, path)
+    assert out.names[:2] == ["t10k-images-idx3-ubyte:0", "t10k-images-idx3-ubyte:1"]
+    # the same code path as the model's own forward (predict_logits): same probabilities
+    np.testing.assert_allclose(out.probs, reference, atol=1e-5)
+    np.testing.assert_array_equal(out.labels, reference.argmax(1))
+    np.testing.assert_allclose(out.confidences, reference.max(1), atol=1e-5)
+    # and they are digits, not noise: 150 steps on 2,000 digits reach ~90% (chance: 10%)
+    acc = float((out.labels == data.test_labels.numpy()).mean())
+    assert acc > 0.7, acc
+
+
+def test_every_input_format_gives_the_same_images(data, tmp_path):
+    images = data.test_images[:12].numpy()
+    forms = {
+        "idx3": write_idx3(tmp_path / "imgs-idx3-ubyte", images),
+        "idx3.gz": write_idx3(tmp_path / "imgs-idx3-ubyte.gz", images, gz=True),
+        "npy": str(tmp_path / "imgs.npy"),
+        "png folder": write_pngs(tmp_path / "pngs", images),
+    }
+    np.save(forms["npy"], images)
+    for form, path in forms.items():
+        got, names = read_images(path)
+        assert got.dtype == torch.uint8 and len(names) == 12, form
+        np.testing.assert_array_equal(got.numpy(), images, err_msg=form)
+    assert read_images(forms["png folder"])[1][:2] == ["digit000.png", "digit001.png"]
+    one, names = read_images(tmp_path / "pngs" / "digit003.png")
+    np.testing.assert_array_equal(one.numpy(), images[3:4])
+    assert names == ["digit003.png"]
+    # JPEG is lossy: the same digit, within a few grey levels on average
+    jpg, _ = read_images(write_pngs(tmp_path / "jpgs", images[:2], ".jpg"))
+    assert float(np.abs(jpg.numpy().astype(float) - images[:2]).mean()) < 8
+
+
+def test_csv_output_and_printed_rows(model_file, data, cfg, tmp_path, capsys):
+    path = write_idx3(tmp_path / "few-idx3-ubyte", data.test_images[:5].numpy())
+    out_csv = tmp_path / "out" / "labels.csv"
+    assert main(["predict", f"predict.model={model_file}", f"predict.input={path}", f"predict.output={out_csv}"]) == 0
+    rows = list(csv.DictReader(out_csv.open()))
+    assert [r["image"] for r in rows] == [f"few-idx3-ubyte:{i}" for i in range(5)]
+    assert all(r["label"] in "0123456789" and 0.1 <= float(r["confidence"]) <= 1.0 for r in rows)
+    captured = capsys.readouterr()
+    assert captured.out == ""  # written to the file, not printed
+    assert "[predict] 5 images" in captured.err and str(out_csv) in captured.err
+    # without predict.output the CSV goes to stdout, the summary to stderr
+    assert main(["predict", f"predict.model={model_file}", f"predict.input={path}"]) == 0
+    printed = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert printed == rows
+
+
+# ------------------------------------------------------------------ models from MLflow
+
+
+@pytest.fixture(scope="module")
+def mlflow_runs(cfg, trained, model_file, data):
+    """A run with a logged MLflow model (and registered), and an older-style run with only model/model.pt."""
+    from mlflow.tracking import MlflowClient
+
+    from toolkit import mlflow_models
+    from toolkit.tracking import tracking_uri
+
+    uri = tracking_uri(cfg)
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("predict-test")
+    with_model = client.create_run(exp).info.run_id
+    model_uri = mlflow_models.log_classifier(uri, with_model, trained, input_example=data.test_images[:3],
+                                             registered_name="predict-test")
+    artifact_only = client.create_run(exp).info.run_id
+    client.log_artifact(artifact_only, model_file, "model")
+    encoder_run = client.create_run(exp).info.run_id
+    encoder_uri = mlflow_models.log_encoder(uri, encoder_run, SimCLRModel(cfg.model))
+    return {"with_model": with_model, "model_uri": model_uri, "artifact_only": artifact_only,
+            "encoder_uri": encoder_uri, "encoder_run": encoder_run}
+
+
+def test_models_from_mlflow_run_ids_and_uris(cfg, mlflow_runs, data, reference, tmp_path):
+    path = write_idx3(tmp_path / "imgs-idx3-ubyte", data.test_images[:50].numpy())
+    refs = {
+        "run id (MLflow model)": mlflow_runs["with_model"],
+        "run id (model.pt artifact)": mlflow_runs["artifact_only"],
+        "models:/<model id>": mlflow_runs["model_uri"],
+        "runs:/<id>/model": f"runs:/{mlflow_runs['with_model']}/model",
+        "models:/<name>/<version>": "models:/predict-test/1",
+        "models:/<name>@best": "models:/predict-test@best",
+    }
+    for what, ref in refs.items():
+        out = predict(cfg.replace(**{"predict.model": ref, "predict.input": path, "predict.output": str(tmp_path / "o.csv")}))
+        np.testing.assert_allclose(out.probs, reference[:50], atol=1e-5, err_msg=what)
+        assert (out.labels == reference[:50].argmax(1)).mean() >= 0.98, what  # a near-tie may flip
+
+
+# ------------------------------------------------------------------ bad input: one line, exit 2
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory, data, cfg):
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("bad")
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(d / "big.png")
+    np.save(d / "floats.npy", data.test_images[:3].numpy() / 255.0)
+    np.save(d / "wrong_shape.npy", np.zeros((3, 32, 32), np.uint8))
+    labels = (2049).to_bytes(4, "big") + (3).to_bytes(4, "big") + bytes([1, 2, 3])
+    (d / "labels-idx1-ubyte").write_bytes(labels)
+    (d / "truncated-idx3-ubyte").write_bytes(open(write_idx3(d / "full", data.test_images[:3].numpy()), "rb").read()[:-10])
+    (d / "notes.txt").write_text("hello")
+    (d / "empty").mkdir()
+    checkpoints.save(d / "simclr.pt", checkpoints.model_payload("simclr", cfg, SimCLRModel(cfg.model).state_dict()))
+    return d
+
+
+@pytest.mark.parametrize("model, images, error, words", [
+    ("MODEL", "big.png", DataError, "32x32 pixels, expected 28x28"),
+    ("MODEL", "missing.idx3", DataError, "no such file"),
+    ("MODEL", "floats.npy", DataError, "dtype float64, expected uint8"),
+    ("MODEL", "wrong_shape.npy", DataError, "shape (3, 32, 32)"),
+    ("MODEL", "labels-idx1-ubyte", DataError, "idx1 (labels) file"),
+    ("MODEL", "truncated-idx3-ubyte", DataError, "truncated"),
+    ("MODEL", "notes.txt", DataError, "unknown format"),
+    ("MODEL", "empty", DataError, "no PNG/JPEG images"),
+    ("missing-model.pt", "IMAGES", CheckpointError, "no such file, and not an MLflow run id or model URI"),
+    ("simclr.pt", "IMAGES", CheckpointError, "SimCLR encoder gives features"),
+    ("models:/no-such-model/1", "IMAGES", CheckpointError, "not a loadable MLflow model"),
+    ("runs:/0123456789abcdef0123456789abcdef/model", "IMAGES", CheckpointError, "not a loadable MLflow model"),
+    ("0123456789abcdef0123456789abcdef", "IMAGES", CheckpointError, "no MLflow run with this id"),
+    ("", "IMAGES", ConfigError, "predict.model is empty"),
+])
+def test_bad_input_is_one_line_and_exit_2(cfg, bad_files, model_file, data, tmp_path, capsys, model, images, error, words):
+    images_path = write_idx3(tmp_path / "ok-idx3-ubyte", data.test_images[:3].numpy()) if images == "IMAGES" else str(bad_files / images)
+    model_ref = model_file if model == "MODEL" else (str(bad_files / model) if model.endswith(".pt") else model)
+    run_cfg = cfg.replace(**{"predict.model": model_ref, "predict.input": images_path})
+    with pytest.raises(error, match=__import__("re").escape(words)):
+        predict(run_cfg)
+    # the CLI: one line on stderr, exit code 2, nothing on stdout
+    over = [f"{k}={v}" for k, v in {"predict.model": model_ref, "predict.input": images_path,
+                                    "tracking.uri": cfg.tracking.uri, "run.output_dir": cfg.run.output_dir}.items()]
+    assert main(["predict", *over]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("toolkit predict: error:") and words in err[0], captured.err
+    assert captured.out == ""
+
+
+def test_an_mlflow_encoder_is_refused(cfg, mlflow_runs, data, tmp_path):
+    path = write_idx3(tmp_path / "imgs-idx3-ubyte", data.test_images[:3].numpy())
+    with pytest.raises(CheckpointError, match="SimCLR encoder"):
+        predict(cfg.replace(**{"predict.model": mlflow_runs["encoder_uri"], "predict.input": path}))
+    # a run that logged only an encoder has no classifier to offer
+    with pytest.raises(CheckpointError, match="has no classifier"):
+        predict(cfg.replace(**{"predict.model": mlflow_runs["encoder_run"], "predict.input": path}))
+
+
+def test_predict_is_a_cli_command_and_a_submit_command():
+    import importlib.util
+    from pathlib import Path
+
+    from toolkit.cli import COMMANDS, build_parser
+
+    assert "predict" in COMMANDS
+    assert "predict.model" in build_parser()._subparsers._group_actions[0].choices["predict"].epilog
+    spec = importlib.util.spec_from_file_location("submit", Path(__file__).resolve().parents[1] / "launch" / "submit.py")
+    submit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(submit)
+    assert "predict" in submit.COMMANDS
