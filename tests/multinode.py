@@ -65,7 +65,7 @@ HELPER_NAMESPACE = "toolkit-multinode-test"
 HEAD_BLOCKER = "toolkit-test-head-cpu-blocker"
 # environment of the caller that must not leak into the cluster or the clients
 _SCRUB = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH",
-          "TOOLKIT_DATA_DIR", "MLFLOW_TRACKING_URI", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID",
+          "TOOLKIT_DATA_DIR", "TOOLKIT_OUTPUT_ROOT", "MLFLOW_TRACKING_URI", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID",
           "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION")
 
 

@@ -153,12 +153,31 @@ def test_split_validation_too_large(mnist_small):
         make_split(mnist_small.train_labels, labels_per_class=10, val_size=2900, seed=0)
 
 
-# --- corrupt and missing files --------------------------------------------------------------
+# --- the synthetic files (conftest.fake_mnist_root) -------------------------------------------
 
 
-def _raw_copy(data_root: str, dst: Path) -> Path:
+def test_fake_mnist_loads_like_mnist(fake_config):
+    from conftest import fake_digit_templates
+
+    d = fake_config.data
+    fake = load_mnist(d.root, d.download, d.train_subset, d.test_subset)
+    assert fake.train_images.shape == (3000, 28, 28) and fake.test_images.shape == (500, 28, 28)
+    assert fake.train_images.dtype == torch.uint8 and fake.train_labels.dtype == torch.int64
+    assert torch.bincount(fake.train_labels, minlength=NUM_CLASSES).min() > 250  # every prefix is balanced
+    # each image is its label's template plus noise in [0, 40)
+    diff = fake.train_images.int() - fake_digit_templates()[fake.train_labels].clamp(max=215).int()
+    assert int(diff.min()) >= 0 and int(diff.max()) < 40
+    s = fake_config.split
+    split = make_split(fake.train_labels, s.labels_per_class, s.val_size, s.seed)
+    assert len(split.labeled) == 10 * s.labels_per_class and len(split.val) == s.val_size
+
+
+# --- corrupt and missing files (copies of the synthetic files: real digits do not matter) ------
+
+
+def _raw_copy(root: str, dst: Path) -> Path:
     """A root whose MNIST/raw holds copies of the label files and links to the (large) image files."""
-    src = Path(data_root) / "MNIST" / "raw"
+    src = Path(root) / "MNIST" / "raw"
     raw = dst / "MNIST" / "raw"
     raw.mkdir(parents=True)
     for name in (LABELS, TEST_LABELS):
@@ -178,9 +197,10 @@ def _header(path: Path, n: int) -> bytes:
         return f.read(n)
 
 
-def test_link_copy_loads(data_root, tmp_path):
-    _raw_copy(data_root, tmp_path)
-    assert load_mnist(str(tmp_path), train_subset=5, test_subset=5).train_labels.tolist() == [5, 0, 4, 1, 9]
+def test_link_copy_loads(fake_mnist_root, tmp_path):
+    _raw_copy(fake_mnist_root, tmp_path)
+    copy, original = load_mnist(str(tmp_path), train_subset=5), load_mnist(fake_mnist_root, train_subset=5)
+    assert torch.equal(copy.train_labels, original.train_labels) and torch.equal(copy.train_images, original.train_images)
 
 
 def test_missing_directory(tmp_path):
@@ -192,8 +212,8 @@ def test_missing_directory(tmp_path):
 
 
 @pytest.mark.parametrize("name", [IMAGES, LABELS, TEST_IMAGES, TEST_LABELS])
-def test_missing_file(data_root, tmp_path, name):
-    raw = _raw_copy(data_root, tmp_path)
+def test_missing_file(fake_mnist_root, tmp_path, name):
+    raw = _raw_copy(fake_mnist_root, tmp_path)
     (raw / name).unlink()
     with pytest.raises(DataError, match="missing") as e:
         load_mnist(str(tmp_path))
@@ -207,25 +227,25 @@ def test_missing_file(data_root, tmp_path, name):
     (LABELS, 8 + 59999),  # one label short
     (TEST_LABELS, 8),
 ])
-def test_truncated_file(data_root, tmp_path, name, keep):
-    raw = _raw_copy(data_root, tmp_path)
-    _replace(raw / name, _header(Path(data_root) / "MNIST" / "raw" / name, keep))
+def test_truncated_file(fake_mnist_root, tmp_path, name, keep):
+    raw = _raw_copy(fake_mnist_root, tmp_path)
+    _replace(raw / name, _header(Path(fake_mnist_root) / "MNIST" / "raw" / name, keep))
     with pytest.raises(DataError, match="truncated") as e:
         load_mnist(str(tmp_path))
     assert str(raw / name) in str(e.value) and f"has {keep} bytes" in str(e.value)
 
 
 @pytest.mark.parametrize("name, keep", [(IMAGES, 10), (LABELS, 3), (TEST_LABELS, 0)])
-def test_file_shorter_than_its_header(data_root, tmp_path, name, keep):
-    raw = _raw_copy(data_root, tmp_path)
-    _replace(raw / name, _header(Path(data_root) / "MNIST" / "raw" / name, keep))
+def test_file_shorter_than_its_header(fake_mnist_root, tmp_path, name, keep):
+    raw = _raw_copy(fake_mnist_root, tmp_path)
+    _replace(raw / name, _header(Path(fake_mnist_root) / "MNIST" / "raw" / name, keep))
     with pytest.raises(DataError, match="header") as e:
         load_mnist(str(tmp_path))
     assert str(raw / name) in str(e.value)
 
 
-def test_extra_bytes_are_corrupt(data_root, tmp_path):
-    raw = _raw_copy(data_root, tmp_path)
+def test_extra_bytes_are_corrupt(fake_mnist_root, tmp_path):
+    raw = _raw_copy(fake_mnist_root, tmp_path)
     (raw / TEST_LABELS).write_bytes((raw / TEST_LABELS).read_bytes() + b"\0")
     with pytest.raises(DataError, match="10009 bytes, expected 10008") as e:
         load_mnist(str(tmp_path))
@@ -233,11 +253,11 @@ def test_extra_bytes_are_corrupt(data_root, tmp_path):
 
 
 @pytest.mark.parametrize("name, magic", [(LABELS, 2051), (TEST_LABELS, 0), (IMAGES, 2049)])
-def test_wrong_magic_number(data_root, tmp_path, name, magic):
-    raw = _raw_copy(data_root, tmp_path)
+def test_wrong_magic_number(fake_mnist_root, tmp_path, name, magic):
+    raw = _raw_copy(fake_mnist_root, tmp_path)
     if name == IMAGES:
         # a header-only image file with the label magic: caught before its size is looked at
-        body = _header(Path(data_root) / "MNIST" / "raw" / name, 16)
+        body = _header(Path(fake_mnist_root) / "MNIST" / "raw" / name, 16)
     else:
         body = (raw / name).read_bytes()
     _replace(raw / name, magic.to_bytes(4, "big") + body[4:])
@@ -252,10 +272,10 @@ def test_wrong_magic_number(data_root, tmp_path, name, magic):
     (IMAGES, (60000, 32, 28)),
     (TEST_IMAGES, (10000, 28, 27)),
 ])
-def test_wrong_declared_shape(data_root, tmp_path, name, dims):
-    raw = _raw_copy(data_root, tmp_path)
+def test_wrong_declared_shape(fake_mnist_root, tmp_path, name, dims):
+    raw = _raw_copy(fake_mnist_root, tmp_path)
     header = len(dims) * 4 + 4
-    body = _header(Path(data_root) / "MNIST" / "raw" / name, header if name in (IMAGES, TEST_IMAGES) else 10**6)
+    body = _header(Path(fake_mnist_root) / "MNIST" / "raw" / name, header if name in (IMAGES, TEST_IMAGES) else 10**6)
     fake = body[:4] + b"".join(d.to_bytes(4, "big") for d in dims) + body[header:]
     _replace(raw / name, fake)
     with pytest.raises(DataError, match=r"declares shape \(") as e:
@@ -264,8 +284,8 @@ def test_wrong_declared_shape(data_root, tmp_path, name, dims):
 
 
 @pytest.mark.parametrize("name", [LABELS, TEST_LABELS])
-def test_labels_out_of_range_name_the_file(data_root, tmp_path, name):
-    raw = _raw_copy(data_root, tmp_path)
+def test_labels_out_of_range_name_the_file(fake_mnist_root, tmp_path, name):
+    raw = _raw_copy(fake_mnist_root, tmp_path)
     data = bytearray((raw / name).read_bytes())
     data[8 + 3] = 10  # one label of 10: right size and header, wrong content
     _replace(raw / name, bytes(data))
@@ -288,8 +308,8 @@ def test_cli_missing_data_root_is_exit_2(tmp_path, capsys):
     assert str(root / "MNIST" / "raw" / IMAGES) in lines[0]
 
 
-def test_cli_corrupt_file_is_exit_2(data_root, tmp_path, capsys):
-    raw = _raw_copy(data_root, tmp_path / "data")
+def test_cli_corrupt_file_is_exit_2(fake_mnist_root, tmp_path, capsys):
+    raw = _raw_copy(fake_mnist_root, tmp_path / "data")
     _replace(raw / TEST_LABELS, b"\0\0\x08\x01")
     argv = ["pretrain", "--backend", "local", f"data.root={tmp_path / 'data'}", f"run.output_dir={tmp_path / 'runs'}", "tracking.enabled=false"]
     assert main(argv) == 2

@@ -63,10 +63,15 @@ def reference_probs(model, images_u8: torch.Tensor) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def logged(store, classifier, digits):
+def logged(store, classifier, digits, tmp_path_factory):
     """A classifier logged into a fresh run: (run id, model URI)."""
     uri, client, exp = store
     rid = client.create_run(exp).info.run_id
+    # stages also keep the toolkit file as the run artifact model/model.pt: runs:/<id>/model must still
+    # resolve to the MLflow model of that name
+    toolkit_file = tmp_path_factory.mktemp("artifact") / "model.pt"
+    toolkit_file.write_bytes(b"toolkit file")
+    client.log_artifact(rid, str(toolkit_file), "model")
     model_uri = mm.log_classifier(uri, rid, classifier, input_example=digits.test_images[:4])
     return rid, model_uri
 

@@ -24,7 +24,7 @@ import torch
 
 from toolkit import checkpoints
 from toolkit.backends import local_checkpoint_root
-from toolkit.stages.pseudolabel import STATE_FILE, load_state
+from toolkit.stages.rounds import STATE_FILE, load_state
 from toolkit.checkpoints import CheckpointError
 from toolkit.config import Config, ConfigError
 from toolkit.tracking import RUN_KEY_TAG

@@ -19,8 +19,6 @@ ray = pytest.importorskip("ray")
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_session():
-    import os
-
     from ray import cloudpickle
 
     # the worker loop below lives in this test module, which Ray workers cannot import by name

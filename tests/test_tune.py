@@ -184,10 +184,10 @@ def test_search_result_and_files(search, mnist_small):
     assert result.stage == "tune" and not result.skipped
     m = result.metrics
     assert m["trials"] == 4 and m["trials_failed"] == 0
-    # the best trial learned (chance is 0.1), and test_acc is its saved model's accuracy on the test images
-    assert m["best_val_acc"] > 0.3
+    # the best trial learned (chance: 0.1; it reaches ~0.37); test_acc is its saved model's accuracy on the test set
+    assert m["best_val_acc"] > 0.2
     test, _ = report_test_metrics(load_classifier_file(result.model_path, torch.device("cpu")), mnist_small)
-    assert test["test_acc"] == pytest.approx(m["test_acc"], abs=1e-6) and m["test_acc"] > 0.3
+    assert test["test_acc"] == pytest.approx(m["test_acc"], abs=1e-6) and m["test_acc"] > 0.2
     for name in (tune_stage.BEST_FILE, tune_stage.RESULTS_FILE, tune_stage.PLOT_FILE, RESULT_FILE):
         assert (folder / name).is_file(), name
     assert tune_stage.best_config_path(result) == folder / tune_stage.BEST_FILE

@@ -468,6 +468,7 @@ INFRASTRUCTURE_KEYS = frozenset({
     "pseudolabel.inference", "pseudolabel.inference_actors", "pseudolabel.inference_batch_size",
     "tune.max_concurrent", "tune.cpus_per_trial", "tune.gpus_per_trial", "tune.max_failures",
     "probe.tsne_points",
+    "tune.space",  # a file path: the search key hashes the space's text instead
 })
 
 

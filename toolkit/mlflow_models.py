@@ -6,8 +6,8 @@ What a logged model takes and gives (its signature says the same):
   -> float32 class probabilities ``(N, 10)``;
 * encoder:    uint8 images ``(N, 28, 28)`` -> float32 features ``(N, feature_dim)``.
 
-Raw uint8 in, so a served model needs no knowledge of the toolkit's scaling: ``mlflow models
-predict`` with an idx file's bytes is enough. The networks themselves take float ``[0, 1]``
+Raw uint8 in: a served model takes the pixels as MNIST stores them, and its user needs no
+knowledge of the toolkit's scaling. The networks themselves take float ``[0, 1]``
 ``(N, 1, 28, 28)`` and standardise inside (``toolkit.models``); the exported wrapper adds the
 ``/ 255`` and the softmax. Models are saved in MLflow's ``pt2`` format (``torch.export``): a
 traced graph that loads without pickle and without the ``toolkit`` package installed, with a
@@ -19,11 +19,15 @@ its logged model through MLflow's *global* tracking URI, so each call here sets 
 the registry URI) for its own duration, under a lock, and restores both afterwards, including
 the ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI`` environment variables MLflow writes.
 
-A stage calls, in the driver and on rank 0 only::
+A stage calls, in the driver and on rank 0 only (``tracker`` may be passed where a URI is
+asked for; a disabled tracker makes every call a no-op)::
 
-    uri = log_classifier(tracker.uri, tracker.run_id, model, input_example=test_images[:4])
-    log_split_dataset(tracker.uri, tracker.run_id, split, digest=cfg.digest("data", "split"))
-    register_best(tracker.uri, uri, "mnist-few-labels")   # the pipeline, for its best model
+    log_split_dataset(tracker, tracker.run_id, split, source=str(resolve_root(cfg.data.root)))
+    uri = log_classifier(tracker, tracker.run_id, model, input_example=data.test_images[:4], step=steps)
+    log_encoder(tracker, tracker.run_id, simclr_model, input_example=data.test_images[:4])
+    register_best(tracker, uri, name)   # the pipeline, for its best model
+
+The first model logged in a process also pays for importing ``torch.export`` (seconds).
 """
 
 from __future__ import annotations
@@ -189,7 +193,7 @@ def _log_pytorch(uri: str, run_id: str, wrapped: nn.Module, out_dim: int, name: 
     import mlflow
 
     client = _client(uri)
-    experiment_id = client.get_run(run_id).info.experiment_id
+    run = client.get_run(run_id)
     example = _example_images(input_example)
     meta = {
         KIND_KEY: kind,
@@ -200,8 +204,8 @@ def _log_pytorch(uri: str, run_id: str, wrapped: nn.Module, out_dim: int, name: 
     with using_tracking_uri(uri):
         # created here with the run's experiment: left to MLflow, an MLFLOW_EXPERIMENT_NAME in
         # the environment would decide where the model goes
-        logged = client.create_logged_model(experiment_id=experiment_id, name=name, source_run_id=run_id,
-                                            tags={KIND_KEY: kind})
+        logged = client.create_logged_model(experiment_id=run.info.experiment_id, name=name, source_run_id=run_id,
+                                            tags={KIND_KEY: kind}, params=dict(run.data.params))
         info = mlflow.pytorch.log_model(
             wrapped,
             name=name,

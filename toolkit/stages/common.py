@@ -23,6 +23,7 @@ from ..storage import resolve_output_dir
 from ..tracking import MetricsLogger, Tracker
 
 RESULT_FILE = "result.json"
+STAGE_RUN_TAG = "toolkit.stage_run"  # on a pipeline's run: toolkit.stage_run.<seed>.<stage> = the stage's run id
 
 
 @dataclass

@@ -12,10 +12,7 @@ import time
 
 from ..config import Config
 from ..tracking import Tracker, mlflow_run, run_url, tracking_uri
-from .common import StageResult, run_key
-
-STAGE_RUN_TAG = "toolkit.stage_run"
-
+from .common import STAGE_RUN_TAG, StageResult, run_key
 
 def _tag(cfg: Config, parent_id: str | None, result: StageResult, stage: str, seed: int) -> None:
     """Mark a stage's run by stage and seed, and record it on the parent run.

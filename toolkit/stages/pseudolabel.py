@@ -1,183 +1,22 @@
 """`toolkit pseudolabel`: offline pseudo-labeling rounds, one-shot or iterative.
 
-Round r: predict the remaining pool (Ray Data actor pool, or in-process), keep
-predictions above the round's threshold (a schedule of r), move them from the pool
-into the training set, retrain (warm-started or from the initial weights), select the
-best model on the validation split. The round state is written after every round, so
-an interrupted run resumes at its last finished round. Pseudo-label precision uses
-the pool's hidden true labels: it is logged as a diagnostic and never decides anything.
+The round loop is ``stages/rounds.py``; this stage runs it in the driver, writes the
+round state into its folder after every round (an interrupted run resumes at its last
+finished round), and logs the per-round plots, the final model and its test accuracy.
 """
 
 from __future__ import annotations
 
 import hashlib
-import time
 from pathlib import Path
-from typing import Callable
-
-import torch
 
 from .. import checkpoints
-from ..config import Config, ConfigError, stage_digest
-from ..data import Split
-from ..inference import predict_pool
+from ..config import Config, stage_digest
 from ..jobs import ModelWeights
 from ..plots import plot_class_counts, plot_curves
-from ..pseudo_labels import select_pseudo_labels
-from ..schedules import threshold_at
 from ..tracking import Tracker
-from .common import (
-    StageOutput, StageResult, StageRun, init_weights, load_data_and_split, log_test_report, run_key, run_stage,
-    save_model_file, train_classifier,
-)
-
-STATE_FILE = "rounds.pt"
-STATE_KIND = "rounds"  # a checkpoint payload: the round state, with the current model's weights as state_dict
-
-
-def round_threshold(cfg: Config, r: int) -> float:
-    pc = cfg.pseudolabel
-    if pc.mode == "oneshot":
-        return pc.threshold_start
-    rate = pc.threshold_rate if pc.schedule in ("exponential", "step") else None
-    return threshold_at(r, pc.schedule, pc.threshold_start, pc.threshold_floor, pc.rounds, rate, pc.step_every)
-
-
-def load_state(path: Path) -> dict | None:
-    """The round state saved at ``path`` (None when there is none); a damaged file is an error, not a fresh start."""
-    if not path.is_file():
-        return None
-    state = checkpoints.load(path)
-    if state.get("kind") != STATE_KIND:
-        raise checkpoints.CheckpointError(f"{path} is not a pseudo-labeling round state")
-    return state
-
-
-def save_state(path: Path, state: dict) -> None:
-    checkpoints.save(path, {k: v for k, v in state.items() if k != "path"})  # atomic: a kill keeps the previous round
-
-
-def state_weights(state: dict) -> ModelWeights:
-    """The state's current model (a classifier), as weights to pass by value."""
-    return ModelWeights("classifier", state["model_config"], state["state_dict"])
-
-
-def _log_round(tracker: Tracker, entry: dict) -> None:
-    """A round's history entry as round-level series under round/ (the classifier logs its own val_acc per step)."""
-    tracker.log_metrics({f"round/{k}": v for k, v in entry.items() if k not in ("round", "counts")}, step=entry["round"])
-
-
-def _adopt_first_round(cfg: Config, source: Path, digest: str, start_id: str, tracker: Tracker) -> dict | None:
-    """The first round of a finished one-shot run, as this iterative run's round 1 (None when it does not match).
-
-    A one-shot run is round 1 of an iterative run with the same config (same start model,
-    same threshold for round 1, same training): the pipeline runs both, and retraining the
-    same round twice would cost minutes for nothing.
-    """
-    try:
-        other = load_state(source / STATE_FILE)
-    except checkpoints.CheckpointError:
-        return None
-    oneshot = cfg.replace(**{"pseudolabel.mode": "oneshot"})
-    if (not other or other.get("rounds_done") != 1 or other.get("config_digest") != stage_digest(oneshot, "pseudolabel")
-            or other.get("start_id") != start_id
-            or abs(round_threshold(cfg, 0) - round_threshold(oneshot, 0)) > 1e-12):
-        return None
-    state = {**other, "config_digest": digest, "adopted_from": str(source)}
-    first = state["history"][0]
-    _log_round(tracker, first)
-    tracker.set_tags({"toolkit.round1_from": str(source)})
-    print(f"[pseudolabel] round 1/{cfg.pseudolabel.rounds}: taken from the one-shot run in {source} "
-          f"(same config and start model), val acc {first['val_acc']:.4f}", flush=True)
-    return state
-
-
-def new_state(digest: str, start_id: str, start: ModelWeights, encoder_pretrained: bool, split: Split) -> dict:
-    return {"kind": STATE_KIND, "config_digest": digest, "rounds_done": 0, "start_id": start_id,
-            "model_config": start.config, "state_dict": start.state_dict, "encoder_pretrained": encoder_pretrained,
-            "pool": split.pool.tolist(), "pseudo_indices": [], "pseudo_labels": [], "history": []}
-
-
-def run_rounds(cfg: Config, tracker: Tracker, key: str, scratch: Path, state: dict | None,
-               after_round: Callable[[dict, dict], None], start: ModelWeights | None = None, start_id: str = "round0",
-               init: ModelWeights | None = None, adopt_from: Path | None = None) -> dict:
-    """The round loop, in the driver (a stage) or inside a Tune trial. Returns the final state.
-
-    ``state``: a saved state to resume from (None: start). ``after_round(state, metrics)``
-    persists each finished round (a file in the stage folder, or a Tune checkpoint).
-    ``start``: the model of round 0 (None: train it on the labeled images, from ``init``,
-    the SimCLR weights, if any). ``scratch``: where training checkpoints of this process
-    go (never read by another node). The pool's true labels are read for diagnostics only.
-    """
-    pc = cfg.pseudolabel
-    data, split = load_data_and_split(cfg)
-    train_labels = data.train_labels
-    rounds = 1 if pc.mode == "oneshot" else pc.rounds
-    digest = stage_digest(cfg, "pseudolabel")
-    if state and state.get("config_digest") != digest:
-        raise ConfigError(f"run.name={cfg.run.name!r}: {scratch} holds pseudo-labeling rounds of another config; "
-                          "choose another run.name (or delete that folder to start over)")
-    if state:
-        print(f"[pseudolabel] resuming after round {state['rounds_done']}", flush=True)
-    if not state and adopt_from is not None:
-        state = _adopt_first_round(cfg, adopt_from, digest, start_id, tracker)
-        if state:
-            after_round(state, {})
-    if not state:
-        if start is None:  # round 0: the labeled images alone
-            _, best = train_classifier(cfg, tracker, f"{key}-round0", scratch, "round0.pt", split, init=init,
-                                       label="round 0")
-            start = ModelWeights("classifier", cfg.to_dict(), best["state_dict"])
-        state = new_state(digest, start_id, start, init is not None, split)
-
-    for r in range(state["rounds_done"], rounds):
-        t0 = time.perf_counter()
-        threshold = round_threshold(cfg, r)
-        pool = torch.tensor(state["pool"], dtype=torch.long)
-        probs = torch.from_numpy(predict_pool(cfg, state_weights(state), pool))
-        sel = select_pseudo_labels(probs, threshold, pc.per_class_cap or None, pc.class_adaptive)
-        new_idx = pool[sel.positions]
-        keep = torch.ones(len(pool), dtype=torch.bool)
-        keep[sel.positions] = False
-        pseudo_idx = state["pseudo_indices"] + new_idx.tolist()
-        pseudo_lab = state["pseudo_labels"] + sel.labels.tolist()
-        # diagnostics only: the pool's true labels never feed back into selection or training
-        precision_round = float((train_labels[new_idx] == sel.labels).float().mean()) if len(new_idx) else float("nan")
-        all_idx = torch.tensor(pseudo_idx, dtype=torch.long)
-        precision_total = (float((train_labels[all_idx] == torch.tensor(pseudo_lab)).float().mean())
-                           if len(pseudo_idx) else float("nan"))
-        warm = ModelWeights("classifier", state["model_config"], state["state_dict"])
-        _, best = train_classifier(
-            cfg, tracker, f"{key}-round{r + 1}", scratch, f"round{r + 1}.pt", split,
-            init=warm if pc.warm_start else init, encoder_pretrained=bool(state["encoder_pretrained"]),
-            pseudo_indices=torch.tensor(pseudo_idx, dtype=torch.long), pseudo_labels=torch.tensor(pseudo_lab, dtype=torch.long),
-            steps=pc.steps_per_round, step_offset=(r + 1) * 1_000_000, label=f"round {r + 1}/{rounds}",
-        )
-        counts = sel.counts_per_class(10).tolist()
-        metrics = {
-            "threshold": threshold,
-            "added": len(new_idx),
-            "pool_left": int(keep.sum()),
-            "train_size": len(split.labeled) + len(pseudo_idx),
-            "val_acc": best["best_val_acc"],
-            "round_seconds": time.perf_counter() - t0,
-            "diagnostic/pseudo_precision_round": precision_round,
-            "diagnostic/pseudo_precision_total": precision_total,
-            **{f"added_digit{c}": n for c, n in enumerate(counts)},
-        }
-        entry = {"round": r + 1, "counts": counts, **metrics}
-        _log_round(tracker, entry)
-        state.update({
-            "rounds_done": r + 1, "model_config": cfg.to_dict(), "state_dict": best["state_dict"],
-            "pool": pool[keep].tolist(), "pseudo_indices": pseudo_idx, "pseudo_labels": pseudo_lab,
-            "history": state["history"] + [entry],
-        })
-        print(f"[pseudolabel] round {r + 1}/{rounds}: threshold {threshold:.4f}, +{len(new_idx)} "
-              f"(precision {precision_round:.4f}, diagnostic), pool left {int(keep.sum())}, val acc {best['best_val_acc']:.4f}",
-              flush=True)
-        after_round(state, metrics)
-    return state
-
+from .common import StageOutput, StageResult, StageRun, init_weights, log_test_report, run_key, run_stage, save_model_file
+from .rounds import STATE_FILE, load_state, run_rounds, save_state
 
 def _round_plots(tracker: Tracker, state: dict, folder: Path, title: str) -> None:
     hist = state["history"]

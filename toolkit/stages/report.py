@@ -13,7 +13,7 @@ from pathlib import Path
 from ..config import Config, ConfigError
 from ..plots import plot_bars
 from ..tracking import Tracker, tracking_uri
-from .common import StageResult, stage_dir
+from .common import STAGE_RUN_TAG, StageResult, stage_dir
 
 # (row name, stage, metric key, reference test accuracy with 100 labels or None)
 ROWS = [
@@ -108,8 +108,6 @@ def report(cfg: Config) -> str:
         if not runs:
             raise ConfigError(f"no pipeline run in {uri}: run `toolkit pipeline` first or set report.run_id")
         parent_id = runs[0].info.run_id
-    from .pipeline import STAGE_RUN_TAG
-
     results: dict[int, dict[str, StageResult]] = {}
     parent_tags = client.get_run(parent_id).data.tags
     # the parent records every stage's run (also stages skipped because an earlier run finished them)

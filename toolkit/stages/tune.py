@@ -42,7 +42,7 @@ from ..storage import check_shared, storage_path
 from ..tracking import Tracker
 from ..tune_records import METRIC, TrialRow, close_trial_runs, collect, trial_runs_callback, write_csv
 from .common import StageOutput, StageResult, StageRun, init_weights, log_test_report, run_stage, save_model_file
-from .pseudolabel import STATE_FILE, load_state, run_rounds, save_state
+from .rounds import STATE_FILE, load_state, run_rounds, save_state
 
 SIMCLR_REF = "weights"  # model.init=simclr:weights: the trial's SimCLR weights came by value
 
