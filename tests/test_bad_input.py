@@ -548,13 +548,13 @@ def test_read_text_file(tmp_path):
 
 def test_command_checks_concern_only_the_command():
     small = load_config(None, ["data.train_subset=500", "split.val_size=100"])  # fine for supervised
-    check_command_config(small, cli.COMMANDS["supervised"][1])
+    check_command_config(small, cli.command_sections("supervised"))
     with pytest.raises(ConfigError, match="pretrain.batch_size=512"):
-        check_command_config(small, cli.COMMANDS["pretrain"][1])
+        check_command_config(small, cli.command_sections("pretrain"))
     many = load_config(None, ["ray.num_workers=64"])
-    check_command_config(many, cli.COMMANDS["probe"][1])  # probe does not use Ray Train
-    check_command_config(load_config(None, ["ray.num_workers=64", "run.backend=local"]), cli.COMMANDS["pretrain"][1])
-    check_command_config(load_config(None, ["ray.num_workers=64", "ray.address=auto"]), cli.COMMANDS["pretrain"][1])
+    check_command_config(many, cli.command_sections("probe"))  # probe does not use Ray Train
+    check_command_config(load_config(None, ["ray.num_workers=64", "run.backend=local"]), cli.command_sections("pretrain"))
+    check_command_config(load_config(None, ["ray.num_workers=64", "ray.address=auto"]), cli.command_sections("pretrain"))
 
 
 def test_every_float_key_rejects_inf_also_when_built_directly():

@@ -26,6 +26,15 @@ from toolkit.stages.predict import predict, predict_images, read_images
 N_TEST = 300
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # on a busy 2-core machine torch's 2 intra-op threads oversubscribe the cores (3x slower here)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def data(data_root):
     return load_mnist(data_root, train_subset=2000, test_subset=N_TEST)
@@ -45,14 +54,14 @@ def cfg(tmp_path_factory, data_root) -> Config:
 
 @pytest.fixture(scope="module")
 def trained(cfg, data):
-    """A classifier trained for 150 steps on 2,000 labelled digits (~90% test accuracy)."""
+    """A classifier trained for 120 steps of 64 on 2,000 labelled digits (83% test accuracy, ~10 s)."""
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = Classifier(cfg.model)
         opt = torch.optim.Adam(model.parameters(), lr=3e-3)
         g = torch.Generator().manual_seed(0)
-        for _ in range(150):
-            idx = torch.randint(0, len(data.train_images), (128,), generator=g)
+        for _ in range(120):
+            idx = torch.randint(0, len(data.train_images), (64,), generator=g)
             loss = torch.nn.functional.cross_entropy(model(data.train_images[idx].unsqueeze(1).float() / 255), data.train_labels[idx])
             opt.zero_grad()
             loss.backward()
@@ -102,9 +111,10 @@ def test_the_labels_are_right_and_match_the_model(model_file, data, reference, t
     np.testing.assert_allclose(out.probs, reference, atol=1e-5)
     np.testing.assert_array_equal(out.labels, reference.argmax(1))
     np.testing.assert_allclose(out.confidences, reference.max(1), atol=1e-5)
-    # and they are digits, not noise: 150 steps on 2,000 digits reach ~90% (chance: 10%)
+    # and they are digits, not noise: seen 83% (chance 10%); labels read in the wrong order, a
+    # transposed or inverted image give 4-10% (checked)
     acc = float((out.labels == data.test_labels.numpy()).mean())
-    assert acc > 0.7, acc
+    assert acc > 0.6, acc
 
 
 def test_every_input_format_gives_the_same_images(data, tmp_path):

@@ -10,24 +10,26 @@ import argparse
 import sys
 from typing import Callable
 
-from .config import ConfigError, Config, check_command_config, help_text, load_config
+from .config import STAGE_SECTIONS, ConfigError, Config, check_command_config, help_text, load_config
 
-COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "pretrain": ("SimCLR pretraining of the encoder (Ray Train DDP + Accelerate)",
-                 ("data", "split", "model", "augment", "pretrain", "ray", "tracking", "run")),
-    "probe": ("linear / MLP / kNN probes on a frozen encoder, 100 labels and all labels",
-              ("data", "split", "model", "probe", "tracking", "run")),
-    "supervised": ("CNN on the labeled images with on-device augmentation",
-                   ("data", "split", "model", "augment", "classifier", "ray", "tracking", "run")),
-    "pseudolabel": ("one-shot or iterative pseudo-labeling with Ray Data inference",
-                    ("data", "split", "model", "augment", "classifier", "pseudolabel", "ray", "tracking", "run")),
-    "pipeline": ("pretrain -> probe -> supervised -> one-shot -> iterative -> SimCLR-initialised iterative", None),
-    "tune": ("Ray Tune search of the iterative pseudo-labeler's threshold schedule",
-             ("data", "split", "model", "augment", "classifier", "pseudolabel", "tune", "ray", "tracking", "run")),
-    "report": ("results table and plots of a pipeline run", ("report", "tracking", "run")),
-    "predict": ("labels and confidences for images (idx3, .npy, PNG/JPEG) from a model file, MLflow run or model URI",
-                ("predict", "tracking", "run")),
+# command -> its one-line description; the config sections its help lists come from
+# config.STAGE_SECTIONS (what decides its result) plus the infrastructure it runs on
+COMMANDS: dict[str, str] = {
+    "pretrain": "SimCLR pretraining of the encoder (Ray Train DDP + Accelerate)",
+    "probe": "linear / MLP / kNN probes on a frozen encoder, 100 labels and all labels",
+    "supervised": "CNN on the labeled images with on-device augmentation",
+    "pseudolabel": "one-shot or iterative pseudo-labeling with Ray Data inference",
+    "pipeline": "pretrain -> probe -> supervised -> one-shot -> iterative -> SimCLR-initialised iterative",
+    "tune": "Ray Tune search of the iterative pseudo-labeler's threshold schedule",
+    "report": "results table and plots of a pipeline run",
+    "predict": "labels and confidences for images (idx3, .npy, PNG/JPEG) from a model file, MLflow run or model URI",
 }
+_RUNS_ON = {"pretrain": ("ray",), "supervised": ("ray",), "pseudolabel": ("ray",), "tune": ("ray",), "pipeline": ("ray",)}
+
+
+def command_sections(command: str) -> tuple[str, ...]:
+    """The config sections ``toolkit COMMAND --help`` lists: what decides its result, then where it runs."""
+    return (*STAGE_SECTIONS[command], *_RUNS_ON.get(command, ()), "tracking", "run")
 
 
 def _dispatch(command: str) -> Callable[[Config], object]:
@@ -68,10 +70,10 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="toolkit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (desc, sections) in COMMANDS.items():
+    for name, desc in COMMANDS.items():
         p = sub.add_parser(
             name, help=desc, description=desc, formatter_class=argparse.RawDescriptionHelpFormatter,
-            epilog="config keys (key=value):" + help_text(sections),
+            epilog="config keys (key=value):" + help_text(command_sections(name)),
         )
         p.add_argument("--config", "-c", help="YAML file of overrides (e.g. launch/configs/cpu.yaml)")
         p.add_argument("--backend", choices=("ray", "local"), help="shortcut for run.backend=...")
@@ -123,9 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.backend:
             overrides.append(f"run.backend={args.backend}")
         cfg = load_config(args.config, overrides)
-        sections = COMMANDS[args.command][1]
+        sections = command_sections(args.command)
         check_command_config(cfg, sections)  # what the config alone shows impossible for this command
-        if sections is None or "ray" in sections:
+        if "ray" in sections:
             from .preflight import check_ray_address_reachable
 
             check_ray_address_reachable(cfg)  # seconds, not minutes of ray.init retries

@@ -457,6 +457,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "pipeline": ("data", "split", "model", "augment", "pretrain", "probe", "classifier", "pseudolabel", "tune",
                  "pipeline", "run"),
     "report": ("report",),
+    "predict": ("predict",),
 }
 
 # Where and how a run executes, never what it computes: changing one of these never

@@ -21,6 +21,7 @@ import gzip
 import io
 import os
 import re
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -253,8 +254,6 @@ def load_predictor(ref: str, tracking_uri: str = "", device: torch.device | str 
             raise CheckpointError(f"predict.model={ref}: MLflow run {ref} has no classifier (neither a logged MLflow "
                                   f"model nor a model/{checkpoints.MODEL_FILE} artifact)") from None
         finally:
-            import shutil
-
             shutil.rmtree(dest, ignore_errors=True)
     raise CheckpointError(f"predict.model={ref}: no such file, and not an MLflow run id or model URI "
                           "(runs:/<run id>/model, models:/<name>/<version>)")
