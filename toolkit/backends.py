@@ -108,15 +108,6 @@ class RaySession:
                 return state
             raise
 
-
-def _older_checkpoints(ckpt) -> list[Path]:
-    """Checkpoint folders beside ``ckpt`` in local (or mounted) storage, newest first, ``ckpt`` excluded."""
-    if ckpt.filesystem.type_name != "local":
-        return []
-    here = Path(ckpt.path)
-    siblings = sorted((p for p in here.parent.glob("checkpoint_*") if p.is_dir() and p != here), reverse=True)
-    return siblings
-
     def report(self, metrics: dict[str, Any], payload: dict | None) -> None:
         import ray.train
 
@@ -131,6 +122,15 @@ def _older_checkpoints(ckpt) -> list[Path]:
                              delete_local_checkpoint_after_upload=True)
         finally:
             shutil.rmtree(d, ignore_errors=True)
+
+
+def _older_checkpoints(ckpt) -> list[Path]:
+    """Checkpoint folders beside ``ckpt`` in local (or mounted) storage, newest first, ``ckpt`` excluded."""
+    if ckpt.filesystem.type_name != "local":
+        return []
+    here = Path(ckpt.path)
+    siblings = sorted((p for p in here.parent.glob("checkpoint_*") if p.is_dir() and p != here), reverse=True)
+    return siblings
 
 
 # ---------------------------------------------------------------- drivers
