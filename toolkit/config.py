@@ -348,6 +348,10 @@ class TrackingConfig:
     uri: str = _opt("", "MLflow tracking URI (empty: $MLFLOW_TRACKING_URI, else sqlite under run.output_dir)")
     experiment: str = _opt("toolkit", "MLflow experiment name")
     enabled: bool = _opt(True, "log to MLflow")
+    log_models: bool = _opt(True, "log each trained classifier (and the SimCLR encoder) as an MLflow Model with a "
+                                  "signature and an input example")
+    registered_model: str = _opt("toolkit-mnist-classifier", "Model Registry name the pipeline registers its best "
+                                                              "model under (alias 'best'); empty: no registration")
 
     def validate(self) -> None:
         problem = uri_credentials_problem(self.uri)

@@ -201,7 +201,9 @@ def _log_pytorch(uri: str, run_id: str, wrapped: nn.Module, out_dim: int, name: 
         "toolkit.output": "float32 (N, 10) class probabilities" if kind == CLASSIFIER else f"float32 (N, {out_dim}) features",
         **(metadata or {}),
     }
-    with using_tracking_uri(uri):
+    with using_tracking_uri(uri), warnings.catch_warnings():
+        # torch.export's packager warns about weights it found on the CPU, where they are meant to be
+        warnings.filterwarnings("ignore", message="No complete tensor found", category=UserWarning)
         # created here with the run's experiment: left to MLflow, an MLFLOW_EXPERIMENT_NAME in
         # the environment would decide where the model goes
         logged = client.create_logged_model(experiment_id=run.info.experiment_id, name=name, source_run_id=run_id,

@@ -288,9 +288,14 @@ def mlflow_run(cfg: Config, command: str, run_key: str, parent_run_id: str | Non
         run_id = client.create_run(exp_id, run_name=run_key, tags=tags).info.run_id
         resumed = False
     tracker = Tracker(uri, run_id)
+    commit = _git_commit()
     tracker.set_tags({
         "toolkit.command": command,
-        "toolkit.git_commit": _git_commit(),
+        "toolkit.git_commit": commit,
+        # what the MLflow UI shows as the run's source
+        "mlflow.source.type": "LOCAL",
+        "mlflow.source.name": f"toolkit {command}",
+        **({"mlflow.source.git.commit": commit} if commit != "unknown" else {}),
         "toolkit.host": socket.gethostname(),
         "toolkit.backend": cfg.run.backend,
         "toolkit.resumed": resumed,

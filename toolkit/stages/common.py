@@ -192,11 +192,17 @@ def train_classifier(cfg: Config, tracker: Tracker, run_name: str, folder: Path,
 
 
 def log_test_report(tracker: Tracker, cfg: Config, model_path: Path, data, folder: Path, title: str) -> dict[str, float]:
-    """Test accuracy of the final model (once), per-digit accuracy and a confusion matrix plot."""
+    """Test accuracy of the final model (once), per-digit accuracy and a confusion matrix plot; the model
+    itself as an MLflow Model (``tracking.log_models``), whose URI is the run's tag ``toolkit.model_uri``."""
     from ..plots import plot_confusion_matrix
     from ..probes import confusion_matrix
 
     model = load_classifier_file(model_path, eval_device(cfg))
+    if tracker.enabled and cfg.tracking.log_models:
+        from ..mlflow_models import log_classifier
+
+        uri = log_classifier(tracker, tracker.run_id, model, input_example=data.test_images[:4])
+        tracker.set_tags({"toolkit.model_uri": uri})
     metrics, pred = report_test_metrics(model, data)
     cm = confusion_matrix(pred, data.test_labels, 10)
     png = plot_confusion_matrix(cm, folder / "confusion_test.png", f"{title}: test acc {metrics['test_acc']:.4f}")
@@ -271,6 +277,10 @@ def run_stage(cfg: Config, name: str, key: str, digest: str, parent_run_id: str 
         data, split = load_data_and_split(cfg)
         with mlflow_run(cfg, command or name, key, parent_run_id, tags) as tracker:
             log_config_and_split(tracker, cfg, split, folder)
+            if tracker.enabled:  # the split as the run's MLflow dataset inputs (training / validation)
+                from ..mlflow_models import log_split_dataset
+
+                log_split_dataset(tracker, tracker.run_id, split, source=str(resolve_root(cfg.data.root)))
             out: StageOutput = body(StageRun(cfg, key, folder, tracker, data, split))
             seconds = time.perf_counter() - t0
             metrics = {**out.metrics, "stage_seconds": seconds}

@@ -69,6 +69,30 @@ def run_seed(cfg: Config, parent_id: str | None, prefix: str, seed: int, simclr_
     return out
 
 
+def _register_best(cfg: Config, parent: Tracker, results: dict[int, dict[str, StageResult]]) -> None:
+    """Register the classifier with the best validation accuracy (never test) in the Model Registry."""
+    if not (parent.enabled and cfg.tracking.log_models and cfg.tracking.registered_model):
+        return
+    from mlflow.tracking import MlflowClient
+
+    from ..mlflow_models import register_best
+
+    candidates = [(r.metrics["val_acc"], seed, stage, r) for seed, stages in results.items()
+                  for stage, r in stages.items() if r.run_id and "val_acc" in r.metrics and stage != "probe"]
+    if not candidates:
+        return
+    val, seed, stage, best = max(candidates, key=lambda c: c[0])
+    uri = MlflowClient(tracking_uri=parent.uri).get_run(best.run_id).data.tags.get("toolkit.model_uri")
+    if not uri:
+        return
+    version = register_best(parent, uri, cfg.tracking.registered_model,
+                            tags={"stage": stage, "seed": seed, "val_acc": f"{val:.4f}"},
+                            description=f"{stage}, split seed {seed}: best validation accuracy of the pipeline")
+    parent.set_tags({"toolkit.registered_model": version})
+    print(f"[pipeline] registered {stage} (seed {seed}, val acc {val:.4f}) as {version} "
+          f"(alias: models:/{cfg.tracking.registered_model}@best)", flush=True)
+
+
 def pipeline(cfg: Config) -> dict:
     """Run the study; return {seed: {stage: StageResult}} and log the summary table to the parent run."""
     from .pretrain import pretrain
@@ -100,5 +124,6 @@ def pipeline(cfg: Config) -> dict:
         parent.log_metrics({"pipeline_seconds": seconds})
         table = summarise(cfg, parent, results)
         print(table, flush=True)
+        _register_best(cfg, parent, results)
         print(f"[pipeline] done in {seconds:.0f}s. Browse: {run_url(cfg, parent)}", flush=True)
     return results

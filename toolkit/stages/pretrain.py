@@ -19,6 +19,14 @@ def pretrain(cfg: Config, parent_run_id: str | None = None, key: str | None = No
         model_path = save_model_file(run.folder / checkpoints.MODEL_FILE, "simclr", cfg, state["state_dict"],
                                      epoch=state["epoch"])
         run.tracker.log_artifact(model_path, "model")
+        if run.tracker.enabled and cfg.tracking.log_models:
+            from ..mlflow_models import log_encoder
+            from ..models import SimCLRModel
+
+            encoder = SimCLRModel(cfg.model)
+            encoder.load_state_dict(state["state_dict"])
+            uri = log_encoder(run.tracker, run.tracker.run_id, encoder, input_example=run.data.test_images[:4])
+            run.tracker.set_tags({"toolkit.model_uri": uri})
         final = {"final_loss": float(metrics.get("loss", float("nan")))}
         run.tracker.log_metrics(final)
         return StageOutput(model_path, final, str(model_path))
