@@ -581,17 +581,22 @@ class MultiNodeCluster:
         lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
         return json.loads(lines[-1]) if lines else None
 
+    def job_log_path(self, command: str = "job") -> Path:
+        """A fresh file for the output of the next ``submit``."""
+        self._jobs += 1
+        return self.logs_dir / f"job{self._jobs:02d}-{command}.log"
+
     def submit(self, command_args: Sequence[str], env: Mapping[str, str] | None = None, timeout: float = 900,
-               profile: str = "cpu") -> tuple[int, str]:
+               profile: str = "cpu", log: Path | None = None) -> tuple[int, str]:
         """``python launch/submit.py --address <dashboard> --profile <p> --follow -- <command> key=value...``.
 
         Returns (exit code, stdout+stderr). The caller's ``TOOLKIT_DATA_DIR`` is not forwarded (the
         nodes export their own, as launch/README says); ``env`` adds variables to submit.py's
         environment (e.g. ``MLFLOW_TRACKING_URI``, which submit.py forwards). On timeout the job is
-        stopped and the exit code is 124.
+        stopped and the exit code is 124. ``log``: where the output goes as it comes (default: a fresh
+        ``<root>/logs/jobNN-<command>.log``).
         """
-        self._jobs += 1
-        log = self.logs_dir / f"job{self._jobs:02d}-{command_args[0] if command_args else 'none'}.log"
+        log = log or self.job_log_path(command_args[0] if command_args else "none")
         args = [sys.executable, str(REPO / "launch" / "submit.py"), "--address", self.dashboard_url,
                 "--profile", profile, "--follow", "--", *command_args]
         with open(log, "wb") as out:

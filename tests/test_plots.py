@@ -92,3 +92,11 @@ def test_plots_leave_no_pyplot_figures_open(tmp_path):
     plots.plot_class_counts([[1, 2], [3, 4]], tmp_path / "b.png", "t")
     if "matplotlib.pyplot" in sys.modules:
         assert sys.modules["matplotlib.pyplot"].get_fignums() == []
+
+
+def test_plot_error_by_stage_draws_errors_per_seed_on_a_log_axis(tmp_path):
+    per_seed = {"CNN": [0.9366, 0.9393, 0.9691], "iterative": [0.9787, 0.9726, 0.9863]}
+    path = tmp_path / "err.png"
+    assert_png(plots.plot_error_by_stage(per_seed, path, "test error", {"CNN": 0.9366}), path)
+    with pytest.raises(ValueError):
+        plots.plot_error_by_stage({}, tmp_path / "none.png", "nothing")

@@ -447,7 +447,7 @@ def test_pipeline_nests_a_run_per_stage_and_seed_and_reports(study):
     assert tagged == sorted([("pretrain", 0)] + [(s, seed) for s in STAGES for seed in (0, 1)])
     assert all(r.info.status == "FINISHED" for r in kids)
 
-    assert {"report/results.md", "report/results.csv", "report/accuracy_by_stage.png"} <= artifact_paths(cfg, parent_id, "report")
+    assert {"report/results.md", "report/results.csv", "report/error_by_stage.png"} <= artifact_paths(cfg, parent_id, "report")
     md = Path(client.download_artifacts(parent_id, "report/results.md")).read_text()
     for row in ("SimCLR linear probe, 100 labels", "CNN + augmentation, 100 labels", "one-shot pseudo-labeling",
                 "| iterative pseudo-labeling", "SimCLR-initialised iterative pseudo-labeling"):

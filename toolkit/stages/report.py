@@ -11,7 +11,7 @@ import statistics
 from pathlib import Path
 
 from ..config import Config, ConfigError
-from ..plots import plot_bars
+from ..plots import plot_error_by_stage
 from ..tracking import Tracker, tracking_uri
 from .common import STAGE_RUN_TAG, StageResult, stage_dir
 
@@ -83,9 +83,14 @@ def summarise(cfg: Config, tracker: Tracker, results: dict[int, dict[str, StageR
     tracker.log_artifact(folder / "results.md", "report")
     tracker.log_artifact(folder / "results.csv", "report")
     if rows:
-        png = plot_bars([r["result"] for r in rows], [r["mean"] for r in rows], folder / "accuracy_by_stage.png",
-                        "test accuracy by stage (reference as markers)", "test accuracy",
-                        {r["result"]: r["reference_value"] for r in rows if r["reference_value"]})
+        per_seed = {}
+        for name, stage, metric, _ in ROWS:
+            vals = [r[stage].metrics[metric] for r in results.values() if stage in r and metric in r[stage].metrics]
+            if vals:
+                per_seed[name] = vals
+        png = plot_error_by_stage(per_seed, folder / "error_by_stage.png",
+                                  f"test error by stage, {len(results)} split seed(s)",
+                                  {r["result"]: r["reference_value"] for r in rows if r["reference_value"]})
         tracker.log_artifact(png, "report")
         tracker.log_metrics({f"summary/{r['stage']}/{r['metric']}/mean": r["mean"] for r in rows})
     return md
