@@ -209,6 +209,8 @@ def init_ray(cfg: Config) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    if not cfg.run.verbose:
+        _quiet_loggers("ray")
     if not embedded(cfg):
         ray.init(address=cfg.ray.address or None, log_to_driver=True)
         _console(cfg)
@@ -230,6 +232,27 @@ def init_ray(cfg: Config) -> None:
 _TOOLKIT_LINE = re.compile(r"^\[[A-Za-z][\w ./-]*\] ")
 
 
+class _QuietRay:
+    """A logging filter for Ray's console handlers: warnings and errors only, less two notices that are
+    no news here (token authentication is on on purpose; progress bars are off on purpose)."""
+
+    NOISE = ("Token authentication is enabled", "Progress bars disabled")
+
+    def filter(self, record) -> bool:
+        import logging
+
+        return record.levelno >= logging.WARNING and not any(n in record.getMessage() for n in self.NOISE)
+
+
+def _quiet_loggers(name: str) -> None:
+    import logging
+
+    for handler in logging.getLogger(name).handlers:
+        # the console handler only: Ray's log files keep everything
+        if type(handler).__name__ == "PlainRayHandler" and not any(isinstance(f, _QuietRay) for f in handler.filters):
+            handler.addFilter(_QuietRay())
+
+
 def _console(cfg: Config) -> None:
     """The console shows toolkit's own lines from Ray's processes, without Ray's prefixes; Ray's chatter
     (report dumps, checkpoint lines, deprecation notices) stays in its log files. ``run.verbose`` shows all.
@@ -244,7 +267,10 @@ def _console(cfg: Config) -> None:
     logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) if embedded(cfg) else None
     if cfg.run.verbose:
         return
-    for name in ("ray.data", "ray.tune", "ray.train", "ray.air"):
+    import ray.data  # noqa: F401 - configures the "ray.data" logger, whose console handler is quietened next
+
+    _quiet_loggers("ray.data")
+    for name in ("ray.tune", "ray.train", "ray.air"):
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
