@@ -93,11 +93,8 @@ class Running:
 
     def close(self) -> None:
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the command and the embedded Ray it started
             self.proc.wait()
-        for child in psutil.Process().children(recursive=True):  # an embedded Ray left by a SIGKILLed driver
-            if "ray" in " ".join(child.cmdline()[:3]):
-                child.kill()
         self._out.close()
 
 

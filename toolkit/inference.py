@@ -30,7 +30,7 @@ from .jobs import ModelWeights
 from .models import Classifier
 
 # CPUs each inference actor reserves: a fraction, so an actor pool never takes every
-# CPU and starves Ray Data's own tasks (an actor pool that does hangs; see NOTES).
+# CPU and starves Ray Data's own tasks (an actor pool that does hangs: Ray Data's read tasks get no CPU).
 ACTOR_NUM_CPUS = 0.5
 
 

@@ -28,13 +28,11 @@ def tracking_uri(cfg: Config) -> str:
     uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     if uri:
         return uri
-    out = Path(cfg.run.output_dir).expanduser().resolve()
+    from .storage import resolve_output_dir
+
+    out = resolve_output_dir(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{out / 'mlflow.db'}"
-
-
-def ui_command(uri: str) -> str:
-    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
 
 
 def _git_commit() -> str:
@@ -106,10 +104,6 @@ class Tracker:
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         if self.enabled:
             self._client.log_artifact(self.run_id, str(path), artifact_path)
-
-    def log_text(self, text: str, artifact_file: str) -> None:
-        if self.enabled:
-            self._client.log_text(self.run_id, text, artifact_file)
 
     def log_dict(self, d: dict, artifact_file: str) -> None:
         if self.enabled:

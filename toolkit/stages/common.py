@@ -16,7 +16,6 @@ import torch
 from .. import checkpoints
 from ..config import Config, ConfigError, stage_digest, to_yaml
 from ..data import Mnist, Split, check_mnist, load_mnist, make_split, resolve_root
-from ..engine import evaluate
 from ..jobs import ModelWeights, TrainJob
 from ..models import Classifier
 from ..storage import resolve_output_dir
@@ -221,13 +220,6 @@ def report_test_metrics(model: torch.nn.Module, data: Mnist, prefix: str = "test
     acc = float((pred == y).float().mean())
     per_class = {f"{prefix}acc_digit{c}": float((pred[y == c] == c).float().mean()) for c in range(10) if (y == c).any()}
     return {f"{prefix}acc": acc, **per_class}, pred.cpu()
-
-
-def val_metrics(model: torch.nn.Module, data: Mnist, split: Split) -> dict[str, float]:
-    dev = next(model.parameters()).device
-    idx = split.val
-    m = evaluate(model, data.train_images[idx].to(dev), data.train_labels[idx].to(dev))
-    return {"val_acc": m["acc"], "val_loss": m["loss"]}
 
 
 def save_model_file(path: Path, kind: str, cfg: Config, state_dict: dict, **extra: Any) -> Path:
