@@ -20,12 +20,19 @@ Ray's token authentication stays on: the cluster gets its own random token
 ``ray job``, ``launch/submit.py``, helper drivers) runs with ``RAY_AUTH_MODE=token`` and
 ``RAY_AUTH_TOKEN_PATH`` pointing at that file. ``~/.ray/auth_token`` is never touched.
 
-Tear-down (``stop``; also run at interpreter exit, and the child processes carry a
-parent-death signal so that even a killed pytest takes them down): SIGTERM to node b's
-``ray start --block``, then the head's, then the MLflow server's and moto's process groups;
-each gets up to 30 s to drain, then SIGKILL; finally any process still naming this
-cluster's private root in its command line (only this fixture's Ray processes do) is killed
-by pid. ``ray stop`` is never called and nothing is killed by name.
+The head's mount namespace holds no extra mounts (it is there so that a per-node
+``/etc/hosts`` can be bind-mounted, e.g. to make the MLflow host resolve differently per node).
+Both nodes see ``<root>`` itself, hence the token file and ``<root>/shared``.
+
+Tear-down (``stop``; also run at interpreter exit, and every child carries a parent-death
+signal so that even a SIGKILLed pytest takes the cluster down; the children run in their
+own sessions, so Ctrl-C reaches pytest alone, whose fixture tear-down then runs): SIGTERM to
+node b's ``ray start --block`` (Ray drains the node for up to 30 s, then stops its
+processes), then the head's (drain capped at 10 s: a head hardly ever goes idle), each
+SIGKILLed if still there 15 s after its drain; then the MLflow server's and moto's process
+groups (SIGTERM, up to 30 s, SIGKILL); finally any process still naming this cluster's
+private root in its command line (only this fixture's processes do) is killed by pid.
+``ray stop`` is never called and nothing is killed by name.
 
 The root is outside ``/tmp`` (``/var/tmp/tkmn-*``) because node b's ``/tmp`` is private.
 Set ``TOOLKIT_MULTINODE_KEEP=1`` to keep the root (logs under ``<root>/logs``) after tear-down.
@@ -707,6 +714,17 @@ class MultiNodeCluster:
         return sorted(o["Key"] for p in pages for o in p.get("Contents", []))
 
     def mlflow_client(self):
+        """A client of the cluster's server. Wrap calls that may follow a logged model (``list_artifacts``)
+        in ``mlflow_scope()``: MLflow resolves ``models:/`` with the *default* tracking URI, which is
+        otherwise ``sqlite:///mlflow.db`` in the current folder."""
         from mlflow.tracking import MlflowClient
 
         return MlflowClient(tracking_uri=self.mlflow_uri)
+
+    @contextlib.contextmanager
+    def mlflow_scope(self) -> Iterator[None]:
+        """This process's default MLflow tracking URI is the cluster's server, for the duration."""
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+        with _use_tracking_uri(self.mlflow_uri):
+            yield

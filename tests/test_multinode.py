@@ -29,9 +29,8 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from multinode import BUCKET, MultiNodeCluster, REPO, VENV_BIN
+from multinode import BUCKET, MNIST_FILES, MultiNodeCluster, REPO, VENV_BIN
 
 pytestmark = [pytest.mark.slow, pytest.mark.multinode]
 
@@ -164,9 +163,24 @@ def _artifact_files(client, run_id: str, path: str | None = None) -> list[str]:
     return out
 
 
+def _stored_on_server(c: MultiNodeCluster, run, path: str) -> bool:
+    """``path`` (as ``list_artifacts`` names it) is a file in the server's artifact store: the run's own
+    artifacts, or those of a logged model of the run (listed as ``<model name>/<file>``)."""
+    exp = c.artifacts_dir / run.info.experiment_id
+    if (exp / run.info.run_id / "artifacts" / path).is_file():
+        return True
+    rest = path.split("/", 1)[-1]
+    return (exp / "models").is_dir() and any((m / "artifacts" / rest).is_file() for m in (exp / "models").iterdir())
+
+
 def assert_mlflow_complete(c: MultiNodeCluster, experiment: str, top_level: int = 1) -> list:
     """Every run of the experiment (nested included) finished on the server, with metrics; every artifact a run
     lists is in the server's own store (proxied, never a path on a node); top-level runs hold the model."""
+    with c.mlflow_scope():
+        return _assert_mlflow_complete(c, experiment, top_level)
+
+
+def _assert_mlflow_complete(c: MultiNodeCluster, experiment: str, top_level: int) -> list:
     client = c.mlflow_client()
     runs = mlflow_runs(c, experiment)
     ids = {r.info.run_id for r in runs}
@@ -183,12 +197,11 @@ def assert_mlflow_complete(c: MultiNodeCluster, experiment: str, top_level: int 
             f"{name}: artifacts not proxied by the server: {r.info.artifact_uri}"
         files = _artifact_files(client, r.info.run_id)
         assert files or parent, f"{name}: no artifacts"
-        stored = c.artifacts_dir / r.info.experiment_id / r.info.run_id / "artifacts"
-        missing = [f for f in files if not (stored / f).is_file()]
-        assert not missing, f"{name}: artifacts listed but not in the server's store {stored}: {missing}"
+        missing = [f for f in files if not _stored_on_server(c, r, f)]
+        assert not missing, f"{name}: artifacts listed but not in the server's store {c.artifacts_dir}: {missing}"
         assert r.data.metrics, f"{name}: no metrics"
     for r in tops:
-        assert any(f.endswith(".pt") for f in _artifact_files(client, r.info.run_id)), \
+        assert any(f.endswith((".pt", ".pth", ".pt2", "MLmodel")) for f in _artifact_files(client, r.info.run_id)), \
             f"{experiment}/{r.info.run_name}: no model artifact"
     return runs
 
@@ -288,7 +301,7 @@ def test_cluster_fixture(cluster, tmp_path):
     assert probe["run_marker"] is False, "node b sees the head's run folder"
     assert probe["shared_marker"] is True, "node b does not see the shared storage folder"
     assert probe["data_dir"] == str(c.data_dir)
-    expected = {f.name: f.stat().st_size for f in (c.mnist_raw).iterdir()}
+    expected = {f: (c.mnist_raw / f).stat().st_size for f in MNIST_FILES}
     assert probe["mnist"] == expected, "node b lacks its own MNIST copy"
     assert probe["auth"] == "token"
     assert c.node_b_sees(c.run_dir) == []
@@ -380,8 +393,8 @@ def test_tune_two_trials_best_yaml_is_best_of_all(cluster, tmp_path):
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == tune_run.info.run_id]
     assert len(children) == 2, f"expected 2 nested trial runs, got {[r.info.run_name for r in children]}"
     client = c.mlflow_client()
-    child_val = {r.info.run_id: client.get_metric_history(r.info.run_id, "round/val_acc")[-1].value for r in children
-                 if client.get_metric_history(r.info.run_id, "round/val_acc")}
+    histories = {r.info.run_id: client.get_metric_history(r.info.run_id, "round/val_acc") for r in children}
+    child_val = {k: max(h, key=lambda m: (m.step, m.timestamp)).value for k, h in histories.items() if h}
     assert len(child_val) == 2, "a trial run has no round/val_acc on the server"
     assert max(child_val.values()) == pytest.approx(float(best["last"]["val_acc"]), abs=1e-6)
 

@@ -397,13 +397,18 @@ def run_training(cfg: Config, job: TrainJob, run_name: str, sink: MetricsSink | 
         ),
     )
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    stopped = KeyboardInterrupt(f"training '{run_name}' stopped by a signal; its checkpoints are kept")
     try:
         result = trainer.fit()
+    except Exception:
+        if trainer.interrupted:  # the aborted controller ends fit() with an ActorDiedError
+            raise stopped from None
+        raise
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     if trainer.interrupted:
-        raise KeyboardInterrupt(f"training '{run_name}' stopped by a signal; its checkpoints are kept")
+        raise stopped
     if result.error:
         raise result.error
     if result.checkpoint is None:

@@ -129,6 +129,7 @@ def simclr_worker(job: TrainJob, session) -> None:
         start_epoch = int(state["epoch"])
         if rank == 0:
             sys.stdout.write(f"[pretrain] resuming after epoch {start_epoch}\n")
+            sys.stdout.flush()
     model, optimizer = accelerator.prepare(model, optimizer)
     opt = OptimState(optimizer, scheduler)
 
@@ -210,6 +211,7 @@ def classifier_worker(job: TrainJob, session) -> None:
         best_state = state["best_state_dict"]
         if rank == 0:
             sys.stdout.write(f"[{label}] resuming at step {done}\n")
+            sys.stdout.flush()
     model, optimizer = accelerator.prepare(model, optimizer)
     opt = OptimState(optimizer, scheduler)
 
