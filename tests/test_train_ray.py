@@ -24,7 +24,7 @@ def ray_session():
     # the worker loop below lives in this test module, which Ray workers cannot import by name
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     ray.init(num_cpus=4, include_dashboard=False, object_store_memory=100 * 1024 * 1024,
-             runtime_env={"worker_process_setup_hook": "toolkit.backends.quiet_worker_logs"})
+             runtime_env={"worker_process_setup_hook": "toolkit.console.quiet_worker_logs"})
     yield
     ray.shutdown()
     cloudpickle.unregister_pickle_by_value(sys.modules[__name__])

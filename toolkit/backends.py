@@ -11,7 +11,6 @@ node): no worker opens the tracking store or a path on the driver's disk.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import sys
@@ -209,11 +208,13 @@ def init_ray(cfg: Config) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    from .console import quiet_loggers, show_toolkit_lines
+
     if not cfg.run.verbose:
-        _quiet_loggers("ray")
+        quiet_loggers("ray")
     if not embedded(cfg):
         ray.init(address=cfg.ray.address or None, log_to_driver=True)
-        _console(cfg)
+        show_toolkit_lines(cfg.run.verbose, None)
         return
     # logical CPUs may exceed cores: a Tune trial plus its 2 training workers must fit
     num_cpus = cfg.ray.num_cpus or max(4, os.cpu_count() or 1)
@@ -221,84 +222,11 @@ def init_ray(cfg: Config) -> None:
         num_cpus=num_cpus,
         include_dashboard=False,
         dashboard_host="127.0.0.1",
-        runtime_env={"worker_process_setup_hook": "toolkit.backends.quiet_worker_logs"},
+        runtime_env={"worker_process_setup_hook": "toolkit.console.quiet_worker_logs"},
         object_store_memory=200 * 1024 * 1024,
         log_to_driver=True,
     )
-    _console(cfg)
-
-
-# a toolkit line: "[pretrain] ...", "[round 2/4] ...", "[warning] ..." (what Progress and the stages print)
-_TOOLKIT_LINE = re.compile(r"^\[[A-Za-z][\w ./-]*\] ")
-
-
-class _QuietRay:
-    """A logging filter for Ray's console handlers: warnings and errors only, less two notices that are
-    no news here (token authentication is on on purpose; progress bars are off on purpose)."""
-
-    NOISE = ("Token authentication is enabled", "Progress bars disabled")
-
-    def filter(self, record) -> bool:
-        import logging
-
-        return record.levelno >= logging.WARNING and not any(n in record.getMessage() for n in self.NOISE)
-
-
-def _quiet_loggers(name: str) -> None:
-    import logging
-
-    for handler in logging.getLogger(name).handlers:
-        # the console handler only: Ray's log files keep everything
-        if type(handler).__name__ == "PlainRayHandler" and not any(isinstance(f, _QuietRay) for f in handler.filters):
-            handler.addFilter(_QuietRay())
-
-
-def _console(cfg: Config) -> None:
-    """The console shows toolkit's own lines from Ray's processes, without Ray's prefixes; Ray's chatter
-    (report dumps, checkpoint lines, deprecation notices) stays in its log files. ``run.verbose`` shows all.
-
-    Replaces the handler Ray's driver uses to print worker output (a private hook of Ray 2.5x;
-    the version is bounded in pyproject.toml): if it moves, Ray's own printing stays in place.
-    """
-    import logging
-
-    import ray
-
-    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) if embedded(cfg) else None
-    if cfg.run.verbose:
-        return
-    import ray.data  # noqa: F401 - configures the "ray.data" logger, whose console handler is quietened next
-
-    _quiet_loggers("ray.data")
-    for name in ("ray.tune", "ray.train", "ray.air"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    try:
-        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-    except ImportError:
-        return
-
-    def toolkit_lines(data: dict) -> None:
-        stream = sys.stderr if data.get("is_err") else sys.stdout
-        for line in data.get("lines", []):
-            if _TOOLKIT_LINE.match(line):
-                stream.write(line + "\n")
-        stream.flush()
-
-    dispatcher.remove_handler("ray_print_logs")
-    dispatcher.add_handler("toolkit_print_logs", toolkit_lines)
-    if logs is not None:
-        print(f"[ray] embedded Ray started; its own logs: {logs} (run.verbose=true shows them here)", flush=True)
-
-
-def quiet_worker_logs() -> None:
-    """Runs in every Ray worker process of an embedded Ray.
-
-    Without the dashboard the State API is absent, and Ray Train's placement-group
-    cleaner warns about it every second; the cleanup itself still happens.
-    """
-    import logging
-
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    show_toolkit_lines(cfg.run.verbose, Path(ray._private.worker.global_worker.node.get_logs_dir_path()))
 
 
 def check_gpu_visible(cfg: Config) -> None:
