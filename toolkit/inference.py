@@ -209,6 +209,9 @@ def predict_pool_ray(cfg: Config, weights: ModelWeights, indices: Any, num_actor
         batch_format="numpy",
         num_gpus=1 if cfg.ray.use_gpu else 0,
         num_cpus=ACTOR_NUM_CPUS,
+        # one actor per node where there are several: the pool is meant to use the whole cluster
+        # (two half-CPU actors would otherwise both fit on the first node)
+        scheduling_strategy="SPREAD",
     )
     got_index, got_probs = [], []
     for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
