@@ -104,7 +104,9 @@ def test_dashboard_binds_to_loopback(cluster):
 
 def test_setup_installs_this_package_on_every_node(cluster, raw_cluster):
     # The repo is synced to ~/toolkit from the directory `ray up` runs in.
-    assert raw_cluster["file_mounts"] == {"~/toolkit": "."}
+    # the code, and the one Ray auth token every node shares (never a file of the repository)
+    assert raw_cluster["file_mounts"] == {"~/toolkit": ".", "~/.ray/auth_token": "~/.ray/auth_token"}
+    assert any("RAY_AUTH_MODE=token" in c for c in raw_cluster["setup_commands"])
     assert "**/.git" in raw_cluster["rsync_exclude"]
     assert not raw_cluster.get("docker")
     # prepare_config merges setup_commands into both head and worker setup.
