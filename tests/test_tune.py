@@ -294,7 +294,8 @@ def test_interrupted_search_is_restored_without_redoing_finished_trials(ray_sess
     client, exp = client_for(cfg)
     (parent,) = client.search_runs([exp], filter_string="tags.`toolkit.command` = 'tune'")
     assert parent.info.status == "KILLED"
-    done_before = {p: p.stat().st_mtime_ns for p in trials.glob("*/checkpoint_*/rounds.pt")}
+    first = sorted(p for p in trials.glob("*") if p.is_dir())[0]  # the trial that ended before the signal
+    done_before = {p: p.stat().st_mtime_ns for p in first.glob("checkpoint_*/rounds.pt")}
     assert done_before
 
     restored = []

@@ -18,7 +18,7 @@ from ..engine import extract_features
 from ..models import SimCLRModel
 from ..plots import plot_confusion_matrix, plot_embedding_2d
 from ..probes import run_probes, select_linear_C
-from .common import StageOutput, StageResult, StageRun, eval_device, resolve_model_ref, run_stage
+from .common import StageOutput, StageResult, StageRun, eval_device, resolve_model_ref, run_stage, stage_dir
 
 def load_encoder(path: Path, device: torch.device) -> torch.nn.Module:
     payload = checkpoints.load_model_file(path, "simclr")
@@ -35,8 +35,11 @@ def probe(cfg: Config, parent_run_id: str | None = None, key: str | None = None,
     digest = stage_digest(cfg, "probe")
     key = key or (f"{cfg.run.name}-probe" if cfg.run.name else f"probe-{digest}-{ref_hash}")
 
+    # the encoder is resolved and checked first: a wrong reference opens no folder's MLflow run
+    path = resolve_model_ref(cfg, ref, stage_dir(cfg, key))
+    checkpoints.load_model_file(path, "simclr")
+
     def body(run: StageRun) -> StageOutput:
-        path = resolve_model_ref(cfg, ref, run.folder)
         device = eval_device(cfg)
         encoder = load_encoder(path, device)
         data, split, tracker, folder = run.data, run.split, run.tracker, run.folder
