@@ -24,6 +24,7 @@ import math
 import os
 import re
 import shutil
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -469,3 +470,34 @@ def test_node_loss_mid_pretraining(cluster):
     assert re.search(rf"\[pretrain\] epoch {epochs}/{epochs}", logs), f"did not finish all epochs:\n{tail(logs)}"
     assert_mlflow_complete(c, "mn-nodeloss")
     assert_node_b_clean(c)
+
+
+def test_two_nodes_give_the_figures_of_one_node(cluster, pretrain_job, data_root, tmp_path):
+    """The same small SimCLR run, 2 workers on one machine's embedded Ray, matches the 2-node run.
+
+    Same global batch, same seeds, same per-rank slices: only where the ranks run differs, so
+    the losses agree up to float32 summation order in the all-reduce (relative 1e-3 is far below
+    the ~0.1 a different effective batch or a lost gradient term would move them).
+    """
+    rc, logs = pretrain_job
+    assert_succeeded(rc, logs, "pretrain")
+    with cluster.mlflow_scope():
+        (two,) = [r for r in mlflow_runs(cluster, "mn-pretrain") if "mlflow.parentRunId" not in r.data.tags]
+        two_loss = {m.step: m.value for m in cluster.mlflow_client().get_metric_history(two.info.run_id, "loss")}
+    db = tmp_path / "one.db"
+    kv = dict(SMALL, **{"run.name": "one-node", "run.output_dir": str(tmp_path / "runs"), "data.root": data_root,
+                        "tracking.uri": f"sqlite:///{db}", "tracking.log_models": False})
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_API_SERVER", "MLFLOW_TRACKING"))}
+    done = subprocess.run([str(VENV_BIN / "toolkit"), "pretrain", "--config", str(REPO / "launch" / "configs" / "cpu.yaml"),
+                           *(f"{k}={v}" for k, v in kv.items())], env=env,
+                          capture_output=True, text=True, timeout=JOB_TIMEOUT)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("toolkit")
+    (one,) = client.search_runs([exp.experiment_id])
+    one_loss = {m.step: m.value for m in client.get_metric_history(one.info.run_id, "loss")}
+    assert sorted(one_loss) == sorted(two_loss) == [1, 2]
+    for step in one_loss:
+        assert one_loss[step] == pytest.approx(two_loss[step], rel=1e-3), (step, one_loss, two_loss)
