@@ -49,8 +49,8 @@ def _check_in_range(idx: np.ndarray, n_images: int, where: str) -> None:
         )
 
 
-def _default_device(cfg: Config | None = None) -> torch.device:
-    """``run.device`` when it names one, else cuda if visible, else cpu."""
+def device_for(cfg: Config | None = None) -> torch.device:
+    """Where the driver evaluates and predicts: ``run.device`` when it names one, else cuda if visible, else cpu."""
     if cfg is not None and cfg.run.device != "auto":
         if cfg.run.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("run.device='cuda' is not allowed: no CUDA GPU is visible to this process")
@@ -85,18 +85,21 @@ def pool_probs(model: torch.nn.Module, images_u8: torch.Tensor, batch_size: int 
 
 
 def predict_pool_local(
-    weights: ModelWeights, cfg: Config, indices: Any, batch_size: int = 2048, device: torch.device | str | None = None
+    weights: ModelWeights, cfg: Config, indices: Any, batch_size: int = 2048, device: torch.device | str | None = None,
+    images: torch.Tensor | None = None,
 ) -> np.ndarray:
     """Probabilities (len(indices), 10) float32 for the training images at ``indices``, in their order, in-process.
 
     ``device``: as given, else ``run.device`` unless it is "auto", else cuda when visible.
+    ``images``: the uint8 training images when the caller holds them already (else read from ``data.root``).
     """
     idx = _as_index_array(indices)
     if idx.size == 0:
         return np.zeros((0, NUM_CLASSES), dtype=np.float32)
-    device = torch.device(device) if device is not None else _default_device(cfg)
+    device = torch.device(device) if device is not None else device_for(cfg)
     model = build_classifier(weights, device)
-    images = load_mnist(cfg.data.root, cfg.data.download, cfg.data.train_subset).train_images
+    if images is None:
+        images = load_mnist(cfg.data.root, cfg.data.download, cfg.data.train_subset).train_images
     _check_in_range(idx, images.shape[0], "predict_pool_local")
     # index on the CPU, then move only the pool images (N, 28, 28) uint8
     pool = images[torch.from_numpy(idx)].to(device)
@@ -222,12 +225,12 @@ def predict_pool_ray(cfg: Config, weights: ModelWeights, indices: Any, num_actor
     return _reorder(idx, got_i, got_p)
 
 
-def predict_pool(cfg: Config, weights: ModelWeights, indices: Any) -> np.ndarray:
+def predict_pool(cfg: Config, weights: ModelWeights, indices: Any, images: torch.Tensor | None = None) -> np.ndarray:
     """Pool probabilities (len(indices), 10) float32 via ``pseudolabel.inference`` ("ray" | "local").
 
     Always in-process when ``run.backend=local``: that backend must work without Ray.
     """
     pl = cfg.pseudolabel
     if pl.inference == "local" or cfg.run.backend == "local":
-        return predict_pool_local(weights, cfg, indices, batch_size=pl.inference_batch_size)
+        return predict_pool_local(weights, cfg, indices, batch_size=pl.inference_batch_size, images=images)
     return predict_pool_ray(cfg, weights, indices, pl.inference_actors, pl.inference_batch_size)

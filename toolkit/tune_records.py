@@ -99,7 +99,6 @@ def trial_runs_callback(cfg: Config, key: str, parent_run_id: str | None, config
     from ray.tune import Callback
 
     uri = tracking_uri(cfg) if cfg.tracking.enabled and parent_run_id else None
-    experiment = cfg.tracking.experiment
 
     class TrialRuns(Callback):
         def __init__(self):
@@ -120,10 +119,10 @@ def trial_runs_callback(cfg: Config, key: str, parent_run_id: str | None, config
 
             client = MlflowClient(tracking_uri=uri)
             name = f"{key}-trial-{trial.trial_id}"
-            exp = client.get_experiment_by_name(experiment).experiment_id
-            found = client.search_runs([exp], filter_string=f"tags.`{RUN_KEY_TAG}` = '{name}'", max_results=1)
-            if found:  # a restored search: the trial keeps its run
-                return found[0].info.run_id
+            found = find_run(cfg, name, parent_run_id)
+            if found is not None:  # a restored search: the trial keeps its run
+                return found.info.run_id
+            exp = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
             point = dict(trial.config or {})
             tags = {RUN_KEY_TAG: name, "toolkit.command": "tune-trial", "mlflow.parentRunId": parent_run_id,
                     "toolkit.tune.trial_id": trial.trial_id,

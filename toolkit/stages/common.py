@@ -16,6 +16,8 @@ import torch
 from .. import checkpoints
 from ..config import Config, ConfigError, stage_digest, to_yaml
 from ..data import Mnist, Split, check_mnist, load_mnist, make_split, resolve_root
+from ..engine import predict_logits
+from ..inference import device_for
 from ..jobs import ModelWeights, TrainJob
 from ..models import Classifier
 from ..storage import resolve_output_dir
@@ -108,20 +110,11 @@ def log_config_and_split(tracker: Tracker, cfg: Config, split: Split, folder: Pa
     })
 
 
-def eval_device(cfg: Config | None = None) -> torch.device:
-    """Where the driver evaluates: ``run.device`` when it names one, else cuda when visible."""
-    if cfg is not None and cfg.run.device != "auto":
-        if cfg.run.device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("run.device='cuda' is not allowed: no CUDA GPU is visible to this process")
-        return torch.device(cfg.run.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def load_classifier_file(path: str | Path, device: torch.device | None = None) -> Classifier:
     payload = checkpoints.load_model_file(path, "classifier")
     model = Classifier(checkpoints.config_of(payload).model)
     model.load_state_dict(payload["state_dict"])
-    return model.to(device or eval_device()).to(memory_format=torch.channels_last).eval()
+    return model.to(device or device_for()).to(memory_format=torch.channels_last).eval()
 
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -174,13 +167,13 @@ def train_classifier(cfg: Config, tracker: Tracker, run_name: str, folder: Path,
     from ..backends import run_training
     from ..train_loops import best_model_state
 
+    none = torch.zeros(0, dtype=torch.long)
     job = TrainJob(
         loop="classifier", config=cfg.to_dict(), data_root=data_root_for_workers(cfg), split=split,
         steps=steps or cfg.classifier.steps, init_kind=init.kind if init else "",
-        init_state=init.state_dict if init else None, encoder_pretrained=encoder_pretrained,
-        label=label,
-        **({"pseudo_indices": torch.as_tensor(pseudo_indices, dtype=torch.long),
-            "pseudo_labels": torch.as_tensor(pseudo_labels, dtype=torch.long)} if pseudo_indices is not None else {}),
+        init_state=init.state_dict if init else None, encoder_pretrained=encoder_pretrained, label=label,
+        pseudo_indices=none if pseudo_indices is None else pseudo_indices,
+        pseudo_labels=none if pseudo_labels is None else pseudo_labels,
     )
     payload, _ = run_training(cfg, job, run_name, MetricsLogger(tracker, "step", step_offset))
     best = best_model_state(payload)
@@ -196,7 +189,7 @@ def log_test_report(tracker: Tracker, cfg: Config, model_path: Path, data, folde
     from ..plots import plot_confusion_matrix
     from ..probes import confusion_matrix
 
-    model = load_classifier_file(model_path, eval_device(cfg))
+    model = load_classifier_file(model_path, device_for(cfg))
     if tracker.enabled and cfg.tracking.log_models:
         from ..mlflow_models import log_classifier
 
@@ -213,8 +206,6 @@ def log_test_report(tracker: Tracker, cfg: Config, model_path: Path, data, folde
 def report_test_metrics(model: torch.nn.Module, data: Mnist, prefix: str = "test_") -> tuple[dict[str, float], torch.Tensor]:
     """Test accuracy (reported, never used to decide anything) and the predictions."""
     dev = next(model.parameters()).device
-    from ..engine import predict_logits
-
     x, y = data.test_images.to(dev), data.test_labels.to(dev)
     pred = predict_logits(model, x).argmax(1)
     acc = float((pred == y).float().mean())

@@ -15,10 +15,11 @@ import torch
 from .. import checkpoints
 from ..config import Config, ConfigError, stage_digest
 from ..engine import extract_features
+from ..inference import device_for
 from ..models import SimCLRModel
 from ..plots import plot_confusion_matrix, plot_embedding_2d
 from ..probes import run_probes, select_linear_C
-from .common import StageOutput, StageResult, StageRun, eval_device, resolve_model_ref, run_stage, stage_dir
+from .common import StageOutput, StageResult, StageRun, resolve_model_ref, run_stage, stage_dir
 
 def load_encoder(path: Path, device: torch.device) -> torch.nn.Module:
     payload = checkpoints.load_model_file(path, "simclr")
@@ -40,7 +41,7 @@ def probe(cfg: Config, parent_run_id: str | None = None, key: str | None = None,
     checkpoints.load_model_file(path, "simclr")
 
     def body(run: StageRun) -> StageOutput:
-        device = eval_device(cfg)
+        device = device_for(cfg)
         encoder = load_encoder(path, device)
         data, split, tracker, folder = run.data, run.split, run.tracker, run.folder
         tracker.set_tags({"toolkit.encoder": str(path)})

@@ -58,7 +58,7 @@ def pseudolabel(cfg: Config, parent_run_id: str | None = None, key: str | None =
         source = Path(first_round_from.model_path).parent if first_round_from and first_round_from.model_path else None
         state = run_rounds(cfg, run.tracker, run.key, run.folder, load_state(state_path),
                            lambda st, m: save_state(state_path, st), start=start, start_id=str(base_model or "round0"),
-                           init=init, adopt_from=source)
+                           init=init, adopt_from=source, data_split=(run.data, run.split))
         final = save_model_file(run.folder / checkpoints.MODEL_FILE, "classifier", cfg, state["state_dict"],
                                 encoder_pretrained=bool(state["encoder_pretrained"]))
         run.tracker.log_artifact(final, "model")

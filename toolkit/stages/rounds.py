@@ -20,7 +20,7 @@ import torch
 
 from .. import checkpoints
 from ..config import Config, ConfigError, stage_digest
-from ..data import Split
+from ..data import Mnist, Split
 from ..inference import predict_pool
 from ..jobs import ModelWeights
 from ..pseudo_labels import select_pseudo_labels
@@ -97,17 +97,19 @@ def new_state(digest: str, start_id: str, start: ModelWeights, encoder_pretraine
 
 def run_rounds(cfg: Config, tracker: Tracker, key: str, scratch: Path, state: dict | None,
                after_round: Callable[[dict, dict], None], start: ModelWeights | None = None, start_id: str = "round0",
-               init: ModelWeights | None = None, adopt_from: Path | None = None) -> dict:
+               init: ModelWeights | None = None, adopt_from: Path | None = None,
+               data_split: tuple[Mnist, Split] | None = None) -> dict:
     """The round loop, in the driver (a stage) or inside a Tune trial. Returns the final state.
 
     ``state``: a saved state to resume from (None: start). ``after_round(state, metrics)``
     persists each finished round (a file in the stage folder, or a Tune checkpoint).
     ``start``: the model of round 0 (None: train it on the labeled images, from ``init``,
     the SimCLR weights, if any). ``scratch``: where training checkpoints of this process
-    go (never read by another node). The pool's true labels are read for diagnostics only.
+    go (never read by another node). ``data_split``: the data and split when the caller
+    holds them already. The pool's true labels are read for diagnostics only.
     """
     pc = cfg.pseudolabel
-    data, split = load_data_and_split(cfg)
+    data, split = data_split or load_data_and_split(cfg)
     train_labels = data.train_labels
     rounds = 1 if pc.mode == "oneshot" else pc.rounds
     digest = stage_digest(cfg, "pseudolabel")
@@ -131,7 +133,7 @@ def run_rounds(cfg: Config, tracker: Tracker, key: str, scratch: Path, state: di
         t0 = time.perf_counter()
         threshold = round_threshold(cfg, r)
         pool = torch.tensor(state["pool"], dtype=torch.long)
-        probs = torch.from_numpy(predict_pool(cfg, state_weights(state), pool))
+        probs = torch.from_numpy(predict_pool(cfg, state_weights(state), pool, images=data.train_images))
         sel = select_pseudo_labels(probs, threshold, pc.per_class_cap or None, pc.class_adaptive)
         new_idx = pool[sel.positions]
         keep = torch.ones(len(pool), dtype=torch.bool)
