@@ -49,8 +49,7 @@ def mnist_small(data_root):
     return load_mnist(data_root, train_subset=3000, test_subset=500)
 
 
-@pytest.fixture
-def tiny_config(tmp_path, data_root) -> Config:
+def small_config(data_root: str, tmp_path: Path) -> Config:
     """A validated config small enough for CPU tests: 3,000 images, width 8, local backend, sqlite MLflow in tmp_path."""
     return Config().replace(**{
         "data.root": data_root,
@@ -62,6 +61,21 @@ def tiny_config(tmp_path, data_root) -> Config:
         "run.backend": "local",
         "tracking.uri": f"sqlite:///{tmp_path}/mlflow.db",
     })
+
+
+@pytest.fixture
+def tiny_config(tmp_path, data_root) -> Config:
+    return small_config(data_root, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch single-threaded for a module: on a busy 2-core machine its default 2 intra-op threads
+    oversubscribe the cores (the MLP probe took 57 s with 2 threads, 6 s with 1)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 # --- synthetic MNIST: for tests where real digits do not matter ---------------------------------
@@ -110,13 +124,4 @@ def fake_mnist_root(tmp_path_factory) -> str:
 @pytest.fixture
 def fake_config(tmp_path, fake_mnist_root) -> Config:
     """``tiny_config`` on the synthetic digits: the same sizes, with no need for the real MNIST files."""
-    return Config().replace(**{
-        "data.root": fake_mnist_root,
-        "data.train_subset": 3000,
-        "data.test_subset": 500,
-        "split.val_size": 200,
-        "model.width": 8,
-        "run.output_dir": str(tmp_path / "runs"),
-        "run.backend": "local",
-        "tracking.uri": f"sqlite:///{tmp_path}/mlflow.db",
-    })
+    return small_config(fake_mnist_root, tmp_path)

@@ -119,23 +119,49 @@ def descendants_named(pid: int, word: str) -> list[psutil.Process]:
     return out
 
 
+def interrupt_pretrain(over: dict, log: Path, ready, interrupt, timeout: float = 180.0) -> tuple[int, str]:
+    """Run ``toolkit pretrain``; once ``ready(run)`` holds, ``interrupt(proc)``; then wait: (exit code, output)."""
+    run = Running(command("pretrain", over), log)
+    try:
+        run.wait_for(lambda: ready(run), "the first checkpoint")
+        interrupt(run.proc)
+        return run.finish(timeout=timeout), run.text()
+    finally:
+        run.close()
+
+
+def ray_epoch_1_registered(storage: Path):
+    """Rank 0 prints an epoch's line once every rank has reported it: its checkpoint is registered."""
+    return lambda run: "[pretrain] epoch 1/" in run.text() and bool(checkpoints_in(storage))
+
+
+def local_checkpoint_written(folder: Path):
+    return lambda run: bool(checkpoints_in(folder))
+
+
+def rerun_resumes_in_the_same_run(over: dict, key: str, first_run_id: str) -> None:
+    """The same command again: exit 0, the same MLflow run FINISHED, epoch 1 not trained twice."""
+    again = subprocess.run(command("pretrain", over), env=env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    (run_after,) = runs(over, key)
+    assert run_after.info.run_id == first_run_id and run_after.info.status == "FINISHED"
+    steps = sorted(m.step for m in losses(over, run_after.info.run_id))
+    assert steps.count(1) == 1 and steps[-1] == over["pretrain.epochs"], steps
+
+
 # ------------------------------------------------------------------ Ray backend
 
 
 def test_a_killed_ray_train_worker_is_replaced_and_training_resumes_from_the_last_checkpoint(data_root, tmp_path):
     over = settings(data_root, tmp_path, **{"run.name": "lost-worker", "run.backend": "ray", "ray.num_workers": 2})
-    storage = tmp_path / "runs" / "ray" / "lost-worker-pretrain"
-    run = Running(command("pretrain", over), tmp_path / "out.log")
-    try:
-        # rank 0 prints an epoch's line once every rank has reported it: its checkpoint is registered
-        run.wait_for(lambda: "[pretrain] epoch 1/" in run.text() and checkpoints_in(storage), "the first checkpoint")
-        workers = descendants_named(run.proc.pid, "RayTrainWorker")
+
+    def kill_a_worker(proc) -> None:  # SIGKILL one rank mid-training, as a lost node would
+        workers = descendants_named(proc.pid, "RayTrainWorker")
         assert workers, "no Ray Train worker found among the command's processes"
-        workers[-1].kill()  # SIGKILL one rank mid-training, as a lost node would
-        rc = run.finish()
-    finally:
-        run.close()
-    out = run.text()
+        workers[-1].kill()
+
+    storage = tmp_path / "runs" / "ray" / "lost-worker-pretrain"
+    rc, out = interrupt_pretrain(over, tmp_path / "out.log", ray_epoch_1_registered(storage), kill_a_worker, 300)
     assert rc == 0, out[-3000:]
     (mlflow_run,) = runs(over, "lost-worker-pretrain")
     assert mlflow_run.info.status == "FINISHED"
@@ -148,25 +174,13 @@ def test_a_killed_ray_train_worker_is_replaced_and_training_resumes_from_the_las
 def test_a_signal_on_the_ray_backend_exits_130_marks_the_run_killed_and_a_rerun_resumes(data_root, tmp_path, sig):
     over = settings(data_root, tmp_path, **{"run.name": "stop-ray", "run.backend": "ray", "ray.num_workers": 2})
     storage = tmp_path / "runs" / "ray" / "stop-ray-pretrain"
-    run = Running(command("pretrain", over), tmp_path / "first.log")
-    try:
-        run.wait_for(lambda: "[pretrain] epoch 1/" in run.text() and checkpoints_in(storage), "the first checkpoint")
-        run.proc.send_signal(sig)
-        rc = run.finish(timeout=180)
-    finally:
-        run.close()
-    out = run.text()
+    rc, out = interrupt_pretrain(over, tmp_path / "first.log", ray_epoch_1_registered(storage),
+                                 lambda proc: proc.send_signal(sig))
     assert rc == 130, out[-3000:]
     assert "interrupted; re-run the same command to resume" in out
     (killed,) = runs(over, "stop-ray-pretrain")
     assert killed.info.status == "KILLED"
-
-    again = subprocess.run(command("pretrain", over), env=env(), capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
-    (run_after,) = runs(over, "stop-ray-pretrain")
-    assert run_after.info.run_id == killed.info.run_id and run_after.info.status == "FINISHED"
-    steps = sorted(m.step for m in losses(over, run_after.info.run_id))
-    assert steps.count(1) == 1 and steps[-1] == 4, steps  # the re-run went on from its checkpoint
+    rerun_resumes_in_the_same_run(over, "stop-ray-pretrain", killed.info.run_id)
 
 
 # ------------------------------------------------------------------ local backend
@@ -176,31 +190,23 @@ def local(data_root: str, tmp_path: Path, name: str, **over) -> dict:
     return settings(data_root, tmp_path, **{"run.name": name, "run.backend": "local", "pretrain.epochs": 6, **over})
 
 
-def test_sigterm_on_the_local_backend_exits_130_and_marks_the_run_killed(data_root, tmp_path):
+def test_sigterm_on_the_local_backend_exits_130_marks_the_run_killed_and_a_rerun_resumes(data_root, tmp_path):
     over = local(data_root, tmp_path, "term-local")
     folder = tmp_path / "runs" / "local" / "term-local-pretrain"
-    run = Running(command("pretrain", over), tmp_path / "out.log")
-    try:
-        run.wait_for(lambda: len(checkpoints_in(folder)) >= 1, "the first checkpoint")
-        run.proc.send_signal(signal.SIGTERM)
-        rc = run.finish(timeout=120)
-    finally:
-        run.close()
-    assert rc == 130, run.text()[-3000:]
+    rc, out = interrupt_pretrain(over, tmp_path / "out.log", local_checkpoint_written(folder),
+                                 lambda proc: proc.send_signal(signal.SIGTERM), 120)
+    assert rc == 130, out[-3000:]
+    assert "interrupted; re-run the same command to resume" in out
     (killed,) = runs(over, "term-local-pretrain")
     assert killed.info.status == "KILLED"
+    rerun_resumes_in_the_same_run(over, "term-local-pretrain", killed.info.run_id)
 
 
 def test_a_sigkilled_driver_leaves_checkpoints_a_rerun_resumes_from(data_root, tmp_path):
     over = local(data_root, tmp_path, "kill9")
     folder = tmp_path / "runs" / "local" / "kill9-pretrain"
-    run = Running(command("pretrain", over), tmp_path / "out.log")
-    try:
-        run.wait_for(lambda: len(checkpoints_in(folder)) >= 1, "the first checkpoint")
-        os.killpg(run.proc.pid, signal.SIGKILL)
-        run.finish(timeout=60)
-    finally:
-        run.close()
+    interrupt_pretrain(over, tmp_path / "out.log", local_checkpoint_written(folder),
+                       lambda proc: os.killpg(proc.pid, signal.SIGKILL), 60)
     (stale,) = runs(over, "kill9-pretrain")
     assert stale.info.status == "RUNNING"  # nobody could mark it: the process had no chance
     again = subprocess.run(command("pretrain", over), env=env(), capture_output=True, text=True, timeout=600)

@@ -26,13 +26,7 @@ from toolkit.stages.predict import predict, predict_images, read_images
 N_TEST = 300
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # on a busy 2-core machine torch's 2 intra-op threads oversubscribe the cores (3x slower here)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch single-threaded
 
 
 @pytest.fixture(scope="module")

@@ -31,17 +31,11 @@ from toolkit.tracking import RUN_KEY_TAG
 
 POOL = 1500 - 100 - 200  # train_subset - labeled - validation
 
-# On a loaded 2-core machine torch's default 2 intra-op threads oversubscribe the cores:
-# the MLP probe took 57 s with 2 threads and 6 s with 1. Tests run single-threaded.
+# subprocess commands run single-threaded too (see conftest.one_thread)
 THREADS_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch single-threaded
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ node): no worker opens the tracking store or a path on the driver's disk.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -159,6 +160,7 @@ def _sink_callback(sink: MetricsSink):
     return _Sink()
 
 
+@functools.cache
 def _interruptible_trainer_class():
     from ray.train.torch import TorchTrainer
 
@@ -186,10 +188,6 @@ def _interruptible_trainer_class():
             signal.signal(signal.SIGTERM, on_signal)
 
     return InterruptibleTrainer
-
-
-def _InterruptibleTrainer(**kwargs):
-    return _interruptible_trainer_class()(**kwargs)
 
 
 def embedded(cfg: Config) -> bool:
@@ -249,36 +247,34 @@ def require_resources(cfg: Config, need: dict[str, float], what: str) -> None:
     """
     import ray
 
-    def missing() -> dict[str, float]:
+    def shortfall() -> tuple[str, str]:
+        """(what is missing, what the cluster has of it); ("", "") when nothing is."""
         have = ray.cluster_resources()
-        return {k: v for k, v in need.items() if v > 0 and have.get(k, 0) < v}
+        short = {k: v for k, v in need.items() if v > 0 and have.get(k, 0) < v}
+        return (", ".join(f"{v:g} {k}" for k, v in short.items()),
+                ", ".join(f"{have.get(k, 0):g} {k}" for k in short))
 
-    short = missing()
-    if not short:
+    desc, has = shortfall()
+    if not desc:
         return
-    have = ray.cluster_resources()
-    desc = ", ".join(f"{v:g} {k}" for k, v in short.items())
-    has = ", ".join(f"{have.get(k, 0):g} {k}" for k in short)
     if embedded(cfg) or cfg.ray.resource_wait_s <= 0:
         raise ConfigError(f"{what} is not allowed: it needs {desc} and the Ray cluster has {has}")
     from ray.autoscaler.sdk import request_resources
 
-    bundles = [{"GPU": 1}] * int(need.get("GPU", 0)) or [{"CPU": 1}] * int(need.get("CPU", 0))
-    request_resources(bundles=bundles)
-    t0, last = time.monotonic(), 0.0
-    while short:
-        waited = time.monotonic() - t0
-        if waited > cfg.ray.resource_wait_s:
-            raise ConfigError(f"{what}: the Ray cluster still has {has} after waiting {waited:.0f}s for the autoscaler "
+    request_resources(bundles=[{"GPU": 1}] * int(need.get("GPU", 0)) or [{"CPU": 1}] * int(need.get("CPU", 0)))
+    t0 = time.monotonic()
+    next_line = t0
+    while desc:
+        now = time.monotonic()
+        if now - t0 > cfg.ray.resource_wait_s:
+            raise ConfigError(f"{what}: the Ray cluster still has {has} after waiting {now - t0:.0f}s for the autoscaler "
                               f"to add {desc} (ray.resource_wait_s={cfg.ray.resource_wait_s:g})")
-        if waited - last >= 30 or last == 0:
+        if now >= next_line:
             print(f"[ray] waiting for the autoscaler: {what} needs {desc}, the cluster has {has} "
-                  f"({waited:.0f}s of {cfg.ray.resource_wait_s:g}s)", flush=True)
-            last = waited or 1e-9
+                  f"({now - t0:.0f}s of {cfg.ray.resource_wait_s:g}s)", flush=True)
+            next_line = now + 30
         time.sleep(5)
-        short = missing()
-        have = ray.cluster_resources()
-        has = ", ".join(f"{have.get(k, 0):g} {k}" for k in short)
+        desc, has = shortfall()
 
 
 def local_checkpoint_root(cfg: Config, run_name: str) -> Path:
@@ -312,7 +308,7 @@ def run_training(cfg: Config, job: TrainJob, run_name: str, sink: MetricsSink | 
     resources = {"CPU": cfg.ray.cpus_per_worker}
     if cfg.ray.use_gpu:
         resources["GPU"] = 1
-    trainer = _InterruptibleTrainer(
+    trainer = _interruptible_trainer_class()(
         train_loop_per_worker=_ray_entry,
         train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu, resources_per_worker=resources),
