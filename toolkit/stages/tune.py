@@ -2,12 +2,11 @@
 
 The space (what may be searched, how a point becomes a trial config, what best.yaml
 holds) is ``toolkit.search_space``; the trials' MLflow runs and rows are
-``toolkit.tune_records``; this module runs the search. Each trial runs the pseudo-labeling
-rounds (``run_rounds``) in its own Tune actor, in-process (backend and pool inference): a
-trial holding one CPU whose nested ``TorchTrainer`` asked for more would starve on a small
-machine. After every round it reports its validation accuracy (the only objective) and a
-Tune checkpoint of its round state; ASHA stops weak trials at round rungs. The test set is
-touched once, by the final model of the best trial.
+``toolkit.tune_records``; what runs inside each trial's Tune actor is
+``stages/tune_trial.py``; this module runs the search. After every round a trial reports
+its validation accuracy (the only objective) and a Tune checkpoint of its round state;
+ASHA stops weak trials at round rungs. The test set is touched once, by the final model of
+the best trial.
 
 Outputs (stage folder and the parent MLflow run): ``best.yaml`` (``toolkit pseudolabel
 --config best.yaml`` trains the best trial's config), ``trials.csv``, ``search.png``, the
@@ -25,112 +24,27 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shlex
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from .. import checkpoints
-from ..config import Config, ConfigError, config_from_dict, stage_digest
-from ..data import Mnist, make_split, resolve_root
+from ..config import Config, ConfigError, stage_digest
+from ..data import Mnist, make_split
 from ..jobs import ModelWeights
 from ..search_space import SearchSpace, base_point, best_overrides, nested, parse_space, read_space, trial_config
 from ..storage import check_shared, storage_path
-from ..tracking import Tracker
 from ..tune_records import METRIC, TrialRow, close_trial_runs, collect, trial_runs_callback, write_csv
 from .common import StageOutput, StageResult, StageRun, init_weights, log_test_report, run_stage, save_model_file
-from .rounds import STATE_FILE, load_state, run_rounds, save_state
-
-SIMCLR_REF = "weights"  # model.init=simclr:weights: the trial's SimCLR weights came by value
+from .rounds import STATE_FILE, load_state
+from .tune_trial import SIMCLR_REF, TrialJob, _execution_overrides, _trial, _trial_cfg, reproduce_args
 
 BEST_FILE = "best.yaml"
 RESULTS_FILE = "trials.csv"
 PLOT_FILE = "search.png"
 SPACE_FILE = "space.yaml"
 SEARCH_FILE = "search.json"
-
-
-# --------------------------------------------------------------------------- one trial (in its Tune actor)
-
-
-@dataclass(frozen=True)
-class TrialJob:
-    """What every trial gets through Ray's object store: values, never a path on the driver's disk."""
-
-    base: dict                         # the base config (Config.to_dict())
-    execution: dict[str, Any]          # _execution_overrides
-    key: str
-    simclr: ModelWeights | None        # the SimCLR weights of model.init=simclr (the searched 'simclr' choice)
-    start: ModelWeights | None         # a base classifier every trial starts its rounds from (no round 0)
-    simclr_choices: dict[str, ModelWeights]  # explicit 'simclr:<ref>' choices of model.init
-
-
-def _execution_overrides(cfg: Config, train_subset: int) -> dict[str, Any]:
-    """How every trial runs: in-process rounds and inference in its Tune actor, no MLflow of its own."""
-    ov: dict[str, Any] = {
-        "data.root": str(resolve_root(cfg.data.root)),  # each node's own copy, at the same path
-        "run.backend": "local",
-        "pseudolabel.inference": "local",
-        "ray.use_gpu": False,  # the trial's own GPU (if any) is used through run.device=cuda
-    }
-    if train_subset:
-        ov["data.train_subset"] = train_subset
-    if not cfg.run.threads:
-        ov["run.threads"] = max(1, int(cfg.tune.cpus_per_trial))  # no oversubscription of the trial's CPUs
-    return ov
-
-
-def reproduce_args(execution: dict[str, Any]) -> str:
-    """The command-line overrides that run ``toolkit pseudolabel`` the way a trial ran (in-process, same pool)."""
-    keys = ("data.root", "data.train_subset", "run.backend", "pseudolabel.inference", "run.threads")
-    return " ".join(shlex.quote(f"{k}={execution[k]}") for k in keys if k in execution)
-
-
-def _trial_cfg(job: TrialJob, point: dict, device: str) -> Config:
-    base = config_from_dict(job.base)
-    return trial_config(base, point, SIMCLR_REF if job.simclr else None).replace(**job.execution, **{"run.device": device})
-
-
-def _round_result(entry: dict) -> dict[str, Any]:
-    return {METRIC: float(entry["val_acc"]), "round": int(entry["round"]), "threshold": float(entry["threshold"]),
-            "added": int(entry["added"]), "pool_left": int(entry["pool_left"])}
-
-
-def _trial(point: dict, job: TrialJob) -> None:
-    """A Tune trial: the rounds in this process; after each, ``{"val_acc", "round", ...}`` and a checkpoint."""
-    import ray
-    from ray import tune as ray_tune
-
-    cfg = _trial_cfg(job, point, "cuda" if ray.get_gpu_ids() else "cpu")  # a ConfigError fails the trial, readably
-    init = None
-    if cfg.model.init.startswith("simclr:"):
-        ref = cfg.model.init[len("simclr:"):]
-        init = job.simclr if ref == SIMCLR_REF else job.simclr_choices[ref]
-    trial_id = ray_tune.get_context().get_trial_id()
-    state = None
-    restored = ray_tune.get_checkpoint()
-    if restored is not None:  # a retried trial (its node died, or Ctrl-C): resume after its last round
-        with restored.as_directory() as d:
-            state = load_state(Path(d) / STATE_FILE)
-    reported: list[int] = []
-
-    def after_round(st: dict, metrics: dict) -> None:
-        with tempfile.TemporaryDirectory(prefix="toolkit-trial-") as d:
-            save_state(Path(d) / STATE_FILE, st)
-            ray_tune.report(_round_result(st["history"][-1]), checkpoint=ray_tune.Checkpoint.from_directory(d))
-        reported.append(st["rounds_done"])
-
-    # scratch: this process's own training checkpoints, on this node, removed at the end
-    with tempfile.TemporaryDirectory(prefix="toolkit-trial-") as scratch:
-        cfg = cfg.replace(**{"run.output_dir": scratch})
-        final = run_rounds(cfg, Tracker.disabled(), f"{job.key}-trial-{trial_id}", Path(scratch), state, after_round,
-                           start=job.start, start_id="base" if job.start else "round0", init=init)
-    if not reported and final["history"]:
-        # restored after its last round had finished: Tune still needs the final result
-        ray_tune.report(_round_result(final["history"][-1]))
 
 
 # --------------------------------------------------------------------------- the search (in the driver)

@@ -1,98 +1,17 @@
-"""The one config system: frozen dataclasses hold every default, YAML files and
-``key=value`` arguments hold overrides, and validation names the offending key.
+"""The config sections: one frozen dataclass per section, each key with its default, its help
+text and, in the section's ``validate``, the rule that key must obey.
 
-A ``Config`` is the whole study (data, split, model, each stage, Ray, tracking);
-every command receives the same resolved object, so a run's logged config is
-enough to reproduce it.
+A key, its default and its rule are written together so adding a setting touches one place;
+checks that need more than one section live in ``checks.py``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import hashlib
-import json
-import math
-import os
-import re
-import typing
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
 
-import yaml
-
-from .schedules import THRESHOLD_SCHEDULES, rate_problem
-
-
-class ConfigError(ValueError):
-    """An impossible or unknown configuration value; the message names the key."""
-
-
-def _opt(default: Any, help: str, **kw: Any) -> Any:
-    """A dataclass field carrying its help text (shown by ``toolkit CMD --help``)."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
-
-
-def _check(cond: bool, key: str, allowed: str, value: Any) -> None:
-    if not cond:
-        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
-
-
-RUN_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")  # MLflow run ids: uuid4 hex
-RUN_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-MAX_SEED = 2**32 - 1  # numpy and sklearn take seeds below 2**32
-_SECRET_QUERY_WORDS = ("password", "passwd", "secret", "token", "key", "auth", "credential", "signature")
-
-
-def redact_uri(uri: str) -> str:
-    """``uri`` with any user:password@ part and query string masked (safe to print or log)."""
-    out = re.sub(r"(://)[^/@\s]*@", r"\1***@", uri)
-    return re.sub(r"\?.*$", "?***", out) if "?" in out else out
-
-
-def uri_credentials_problem(uri: str) -> str | None:
-    """Why ``uri`` must not be used (it carries a password, a user or a token), or None."""
-    from urllib.parse import urlsplit
-
-    try:
-        parts = urlsplit(uri)
-        password, user = parts.password, parts.username
-    except ValueError:
-        return None
-    http = parts.scheme.lower() in ("http", "https")
-    query = parts.query.lower()
-    if password is None and not (http and user) and not any(w in query for w in _SECRET_QUERY_WORDS):
-        return None
-    if http:
-        return ("it holds credentials, which would end up in config.yaml, checkpoints and MLflow params; "
-                "set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) instead")
-    return ("it holds a password, which would end up in config.yaml, checkpoints and MLflow params; keep it out "
-            "of the URI (e.g. ~/.pgpass for PostgreSQL) or use an MLflow server with MLFLOW_TRACKING_USERNAME / "
-            "MLFLOW_TRACKING_PASSWORD")
-
-
-def read_text_file(path: str | os.PathLike, what: str) -> str:
-    """The UTF-8 text of a file the user named; ConfigError (one line naming ``what`` and the path) otherwise.
-
-    Missing, a folder, unreadable (permissions) or not UTF-8: each is one line, never a traceback.
-    """
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise ConfigError(f"{what} {str(p)!r} does not exist")
-    if not p.is_file():
-        raise ConfigError(f"{what} {str(p)!r} is not a file")
-    try:
-        data = p.read_bytes()
-    except OSError as e:
-        raise ConfigError(f"{what} {str(p)!r} cannot be read: {e.strerror or e}") from None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{what} {str(p)!r} is not UTF-8 text: byte 0x{data[e.start]:02x} at offset {e.start} "
-                          f"({e.reason})") from None
+from ..schedules import THRESHOLD_SCHEDULES, rate_problem
+from .credentials import redact_uri, uri_credentials_problem
+from .fields import MAX_SEED, RUN_ID_PATTERN, RUN_NAME_PATTERN, ConfigError, _check, _opt
 
 
 @dataclass(frozen=True)
@@ -208,7 +127,8 @@ class ClassifierConfig:
     eval_every: int = _opt(250, "steps between validation, checkpoint and progress line")
     batch_size: int = _opt(256, "global batch")
     lr: float = _opt(3e-3, "peak AdamW learning rate (one-cycle: warmup then cosine)")
-    encoder_lr_scale: float = _opt(0.3, "lr multiplier of a SimCLR-initialised encoder")
+    encoder_lr_scale: float = _opt(0.3, "lr multiplier of a SimCLR-initialised encoder while it trains on the labeled "
+                                        "images alone (rounds with pseudo-labels train it at the full rate)")
     weight_decay: float = _opt(5e-4, "AdamW weight decay")
     warmup_steps: int = _opt(100, "linear warmup steps")
     label_smoothing: float = _opt(0.0, "cross-entropy label smoothing (caps confidence near 1 - smoothing: keep it "
@@ -294,12 +214,24 @@ class TuneConfig:
 
 
 @dataclass(frozen=True)
+class StudentConfig:
+    steps: int = _opt(1500, "optimizer steps of the student on the true labels + the teachers' ensemble labels")
+    min_confidence: float = _opt(0.0, "least averaged teacher confidence for a pool image to get a label (0: every "
+                                      "pool image is labeled)")
+    warm_start: bool = _opt(True, "start from the first teacher (the scratch iterative model); false: from scratch")
+
+    def validate(self) -> None:
+        _check(self.steps >= 1, "student.steps", "must be >= 1", self.steps)
+        _check(0.0 <= self.min_confidence <= 1.0, "student.min_confidence", "must be in [0, 1]", self.min_confidence)
+
+
+PIPELINE_STAGES = ("pretrain", "probe", "supervised", "oneshot", "iterative", "simclr_iterative", "student")
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     seeds: list = _opt([0], "split seeds; the study is repeated per seed and reported as mean ± std")
-    stages: list = _opt(
-        ["pretrain", "probe", "supervised", "oneshot", "iterative", "simclr_iterative"],
-        "stages to run, in order",
-    )
+    stages: list = _opt(list(PIPELINE_STAGES), "stages to run, in order")
     tune: bool = _opt(False, "run the Tune search before the final iterative stage and use its best schedule")
 
     def validate(self) -> None:
@@ -308,9 +240,8 @@ class PipelineConfig:
         _check(all(0 <= s <= MAX_SEED for s in self.seeds), "pipeline.seeds", f"seeds in [0, {MAX_SEED}]", self.seeds)
         _check(len(set(self.seeds)) == len(self.seeds), "pipeline.seeds", "each seed once", self.seeds)
         _check(all(isinstance(s, str) for s in self.stages), "pipeline.stages", "a list of stage names", self.stages)
-        known = ("pretrain", "probe", "supervised", "oneshot", "iterative", "simclr_iterative")
-        bad = [s for s in self.stages if s not in known]
-        _check(not bad, "pipeline.stages", f"stages among {', '.join(known)}", self.stages)
+        bad = [s for s in self.stages if s not in PIPELINE_STAGES]
+        _check(not bad, "pipeline.stages", f"stages among {', '.join(PIPELINE_STAGES)}", self.stages)
 
 
 @dataclass(frozen=True)
@@ -395,313 +326,3 @@ class PredictConfig:
     def validate(self) -> None:
         _check(self.batch_size >= 1, "predict.batch_size", "must be >= 1", self.batch_size)
 
-
-@dataclass(frozen=True)
-class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    split: SplitConfig = field(default_factory=SplitConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    probe: ProbeConfig = field(default_factory=ProbeConfig)
-    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
-    pseudolabel: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
-    tune: TuneConfig = field(default_factory=TuneConfig)
-    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
-    report: ReportConfig = field(default_factory=ReportConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    predict: PredictConfig = field(default_factory=PredictConfig)
-
-    def validate(self) -> "Config":
-        for f in dataclasses.fields(self):
-            section = getattr(self, f.name)
-            for sf in dataclasses.fields(section):
-                v = getattr(section, sf.name)
-                if isinstance(v, float) and not math.isfinite(v):
-                    raise ConfigError(f"{f.name}.{sf.name}={v!r} is not allowed: must be a finite number")
-        for f in dataclasses.fields(self):
-            section = getattr(self, f.name)
-            if hasattr(section, "validate"):
-                section.validate()
-        return self
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def flat(self) -> dict[str, Any]:
-        """Dotted keys -> values (the form logged as MLflow params)."""
-        return {f"{s}.{k}": v for s, d in self.to_dict().items() for k, v in d.items()}
-
-    def replace(self, **dotted: Any) -> "Config":
-        """A copy with dotted keys replaced (``cfg.replace(**{"split.seed": 1})``), validated."""
-        return apply_overrides(self, dotted)
-
-    def digest(self, *sections: str) -> str:
-        """Short stable hash of the given sections (all when none): keys stage outputs."""
-        d = self.to_dict()
-        if sections:
-            d = {s: d[s] for s in sections}
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
-
-
-# --- what decides a stage's result -------------------------------------------
-
-# The config sections each stage depends on, written once. A stage's key (the folder,
-# the Ray storage name and the MLflow run it resumes) is a hash of the keys of its
-# sections less the infrastructure keys below; the CLI help, Tune's tunable keys and
-# best.yaml derive from the same map.
-STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
-    "pretrain": ("data", "split", "model", "augment", "pretrain", "run"),
-    "probe": ("data", "split", "model", "probe", "run"),
-    "supervised": ("data", "split", "model", "augment", "classifier", "run"),
-    "pseudolabel": ("data", "split", "model", "augment", "classifier", "pseudolabel", "run"),
-    "tune": ("data", "split", "model", "augment", "classifier", "pseudolabel", "tune", "run"),
-    "pipeline": ("data", "split", "model", "augment", "pretrain", "probe", "classifier", "pseudolabel", "tune",
-                 "pipeline", "run"),
-    "report": ("report",),
-    "predict": ("predict",),
-}
-
-# Where and how a run executes, never what it computes: changing one of these never
-# changes a stage key (whole sections: ray, tracking; plus the keys listed).
-INFRASTRUCTURE_SECTIONS = ("ray", "tracking", "report")
-INFRASTRUCTURE_KEYS = frozenset({
-    "data.root", "data.download",
-    "run.name", "run.output_dir", "run.backend", "run.device", "run.threads", "run.verbose",
-    "pseudolabel.inference", "pseudolabel.inference_actors", "pseudolabel.inference_batch_size",
-    "tune.max_concurrent", "tune.cpus_per_trial", "tune.gpus_per_trial", "tune.max_failures",
-    "probe.tsne_points",
-    "tune.space",  # a file path: the search key hashes the space's text instead
-})
-
-
-def is_infrastructure(key: str) -> bool:
-    return key.split(".")[0] in INFRASTRUCTURE_SECTIONS or key in INFRASTRUCTURE_KEYS
-
-
-def result_keys(stage: str) -> list[str]:
-    """The dotted keys that decide ``stage``'s result (its sections less infrastructure)."""
-    sections = STAGE_SECTIONS[stage]
-    return [k for k in all_keys() if k.split(".")[0] in sections and not is_infrastructure(k)]
-
-
-def stage_digest(cfg: Config, stage: str) -> str:
-    """Short stable hash of the keys that decide ``stage``'s result."""
-    flat = cfg.flat()
-    d = {k: flat[k] for k in result_keys(stage)}
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
-
-
-# --- parsing -----------------------------------------------------------------
-
-
-def _section_types() -> dict[str, type]:
-    hints = typing.get_type_hints(Config)
-    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
-
-
-def all_keys() -> dict[str, dataclasses.Field]:
-    """Every dotted key with its dataclass field (default and help)."""
-    out = {}
-    for section, cls in _section_types().items():
-        for f in dataclasses.fields(cls):
-            out[f"{section}.{f.name}"] = f
-    return out
-
-
-def _yaml_problem(e: Exception) -> str:
-    """A YAML error as one line: what is wrong and where (line, column)."""
-    problem = getattr(e, "problem", None) or getattr(e, "context", None)
-    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-    text = problem or (str(e).strip().splitlines() or [type(e).__name__])[0]
-    if mark is not None:
-        text += f" (line {mark.line + 1}, column {mark.column + 1})"
-    return " ".join(text.split())
-
-
-def _coerce(key: str, value: Any, default: Any) -> Any:
-    """Convert a YAML / command-line value to the type of the field's default."""
-    if isinstance(value, str) and not isinstance(default, str):
-        try:
-            value = yaml.safe_load(value)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{key}: cannot parse {value!r}: {_yaml_problem(e)}") from None
-        except RecursionError:
-            raise ConfigError(f"{key}: cannot parse {value[:40]!r}...: nested too deeply") from None
-    if isinstance(value, str) and isinstance(default, (int, float)) and not isinstance(default, bool):
-        try:
-            value = float(value)  # YAML 1.1 reads 1e-3 and 3e-4 as strings
-        except ValueError:
-            pass
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r} is not allowed: expected true or false")
-        return value
-    if isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                value = int(value)
-            else:
-                raise ConfigError(f"{key}={value!r} is not allowed: expected an integer")
-        if abs(value) >= 2**63:
-            raise ConfigError(f"{key}={value!r} is not allowed: out of range")
-        return value
-    if isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}={value!r} is not allowed: expected a number")
-        try:
-            value = float(value)
-        except OverflowError:  # an integer beyond the float range
-            raise ConfigError(f"{key}={value!r} is not allowed: out of range") from None
-        if not math.isfinite(value):
-            raise ConfigError(f"{key}={value!r} is not allowed: must be a finite number")
-        return value
-    if isinstance(default, str):
-        if value is None:
-            return ""
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r} is not allowed: expected a string")
-        return str(value)
-    if isinstance(default, list):
-        if not isinstance(value, (list, tuple)):
-            value = [value]
-        return list(value)
-    return value
-
-
-def _unknown(key: str) -> ConfigError:
-    close = difflib.get_close_matches(key, list(all_keys()), n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else "; see --help for the keys"
-    return ConfigError(f"unknown config key '{key}'{hint}")
-
-
-def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
-    """Return ``cfg`` with dotted-key overrides applied, type-checked and validated."""
-    keys = all_keys()
-    sections: dict[str, dict[str, Any]] = {}
-    for key, value in overrides.items():
-        if key not in keys:
-            raise _unknown(key)
-        section, name = key.split(".", 1)
-        current = getattr(getattr(cfg, section), name)
-        sections.setdefault(section, {})[name] = _coerce(key, value, current)
-    changes = {s: dataclasses.replace(getattr(cfg, s), **kv) for s, kv in sections.items()}
-    return dataclasses.replace(cfg, **changes).validate()
-
-
-def flatten_yaml(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested mapping -> dotted keys (``{"pretrain": {"epochs": 3}}`` -> ``{"pretrain.epochs": 3}``)."""
-    if not isinstance(tree, dict):
-        raise ConfigError(f"config file: expected a mapping at '{prefix or 'top level'}', got {type(tree).__name__}")
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, dict):
-            out.update(flatten_yaml(v, key))
-        else:
-            out[key] = v
-    return out
-
-
-def parse_assignments(args: list[str]) -> dict[str, str]:
-    out = {}
-    for a in args:
-        if "=" not in a:
-            raise ConfigError(f"expected key=value, got {a!r} (e.g. pretrain.epochs=5)")
-        k, v = a.split("=", 1)
-        out[k.strip()] = v
-    return out
-
-
-def load_config(path: str | os.PathLike | None = None, assignments: list[str] | None = None,
-                base: Config | None = None) -> Config:
-    """Defaults <- YAML overrides (``path``) <- ``key=value`` assignments; validated."""
-    cfg = base or Config()
-    overrides: dict[str, Any] = {}
-    if path:
-        p = Path(path)
-        text = read_text_file(p, "config file")
-        try:
-            tree = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {_yaml_problem(e)}") from None
-        except RecursionError:
-            raise ConfigError(f"config file {str(p)!r} is not allowed: nested too deeply") from None
-        overrides.update(flatten_yaml(tree))
-    overrides.update(parse_assignments(assignments or []))
-    return apply_overrides(cfg, overrides)
-
-
-MNIST_TRAIN_IMAGES = 60_000
-
-
-def embedded_ray_cpus(cfg: Config) -> int | None:
-    """Logical CPUs of the embedded local Ray this config starts, or None when it joins a cluster."""
-    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
-        return None
-    return cfg.ray.num_cpus or max(4, os.cpu_count() or 1)
-
-
-def check_command_config(cfg: Config, sections: tuple[str, ...] | None = None) -> Config:
-    """Checks across sections that the config alone can decide, for a command that uses ``sections`` (None: all).
-
-    Kept out of ``Config.validate`` because they concern only the commands that use the
-    sections: ``pretrain.batch_size`` does not matter to ``toolkit supervised`` on 500 images.
-    """
-    uses = (lambda s: True) if sections is None else (lambda s: s in sections)
-    n_train = min(cfg.data.train_subset or MNIST_TRAIN_IMAGES, MNIST_TRAIN_IMAGES)
-    if uses("split"):
-        _check(cfg.split.val_size < n_train, "split.val_size",
-               f"must be smaller than the {n_train} training images (data.train_subset)", cfg.split.val_size)
-    if uses("pretrain"):
-        # SimCLR sees the training images outside the validation split (at most pretrain.max_images)
-        images = n_train - cfg.split.val_size
-        if cfg.pretrain.max_images:
-            images = min(images, cfg.pretrain.max_images)
-        _check(cfg.pretrain.batch_size <= images, "pretrain.batch_size",
-               f"must be at most the {images} images SimCLR trains on (data.train_subset, split.val_size, "
-               "pretrain.max_images)", cfg.pretrain.batch_size)
-    cpus = embedded_ray_cpus(cfg)
-    if cpus is not None and uses("ray") and cfg.run.backend == "ray":
-        need = cfg.ray.num_workers * cfg.ray.cpus_per_worker
-        if need > cpus:
-            raise ConfigError(
-                f"ray.num_workers={cfg.ray.num_workers} is not allowed: {cfg.ray.num_workers} workers x "
-                f"{cfg.ray.cpus_per_worker:g} CPUs (ray.cpus_per_worker) need {need:g} CPUs but the embedded Ray has "
-                f"{cpus} (ray.num_cpus); lower them or raise ray.num_cpus")
-    if cpus is not None and uses("tune"):
-        _check(cfg.tune.cpus_per_trial <= cpus, "tune.cpus_per_trial",
-               f"must be at most the {cpus} CPUs of the embedded Ray (ray.num_cpus)", cfg.tune.cpus_per_trial)
-    return cfg
-
-
-def config_from_dict(d: dict) -> Config:
-    """Rebuild a Config from ``to_dict()`` output (checkpoints, MLflow artifacts)."""
-    return apply_overrides(Config(), flatten_yaml(d))
-
-
-def to_yaml(cfg: Config, only_changed: bool = False) -> str:
-    d = cfg.to_dict()
-    if only_changed:
-        default = Config().to_dict()
-        d = {s: {k: v for k, v in kv.items() if default[s][k] != v} for s, kv in d.items()}
-        d = {s: kv for s, kv in d.items() if kv}
-    return yaml.safe_dump(d, sort_keys=False)
-
-
-def help_text(sections: tuple[str, ...] | None = None) -> str:
-    """Every key with its default and meaning (``toolkit CMD --help``)."""
-    lines = []
-    current = None
-    for key, f in all_keys().items():
-        section = key.split(".")[0]
-        if sections and section not in sections:
-            continue
-        if section != current:
-            lines.append(f"\n[{section}]")
-            current = section
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        lines.append(f"  {key}={json.dumps(default)}\n      {f.metadata.get('help', '')}")
-    return "\n".join(lines)

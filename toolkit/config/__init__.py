@@ -1,0 +1,72 @@
+"""The one config system: frozen dataclasses hold every default, YAML files and ``key=value``
+arguments hold overrides, and validation names the offending key.
+
+This package re-exports every name so ``from toolkit.config import X`` stays the one import
+path; the modules each hold one part:
+
+- ``sections``: the section dataclasses (each key's default, help text and rule)
+- ``study``: ``Config`` (the whole study) and the catalogue of dotted keys and their help
+- ``stage_map``: which keys decide each stage's result (``STAGE_SECTIONS``, ``stage_digest``)
+- ``parsing``: defaults <- YAML file <- ``key=value`` arguments, and back to YAML
+- ``checks``: cross-section checks a command runs for the sections it uses
+- ``fields``, ``credentials``: the helpers sections are written with, and URI secret handling
+"""
+
+from ..schedules import THRESHOLD_SCHEDULES, rate_problem
+from .checks import MNIST_TRAIN_IMAGES, check_command_config, embedded_ray_cpus
+from .credentials import _SECRET_QUERY_WORDS, redact_uri, uri_credentials_problem
+from .fields import MAX_SEED, RUN_ID_PATTERN, RUN_NAME_PATTERN, ConfigError, _check, _opt
+from .parsing import (
+    _coerce,
+    _unknown,
+    _yaml_problem,
+    apply_overrides,
+    config_from_dict,
+    flatten_yaml,
+    load_config,
+    parse_assignments,
+    read_text_file,
+    to_yaml,
+)
+from .sections import (
+    AugmentConfig,
+    ClassifierConfig,
+    DataConfig,
+    ModelConfig,
+    PipelineConfig,
+    PredictConfig,
+    PretrainConfig,
+    ProbeConfig,
+    PseudoLabelConfig,
+    RayConfig,
+    ReportConfig,
+    RunConfig,
+    SplitConfig,
+    StudentConfig,
+    TrackingConfig,
+    TuneConfig,
+)
+from .stage_map import (
+    INFRASTRUCTURE_KEYS,
+    INFRASTRUCTURE_SECTIONS,
+    STAGE_SECTIONS,
+    is_infrastructure,
+    result_keys,
+    stage_digest,
+)
+from .study import Config, _section_types, all_keys, help_text
+
+__all__ = [
+    "THRESHOLD_SCHEDULES", "rate_problem",
+    "MNIST_TRAIN_IMAGES", "check_command_config", "embedded_ray_cpus",
+    "redact_uri", "uri_credentials_problem",
+    "MAX_SEED", "RUN_ID_PATTERN", "RUN_NAME_PATTERN", "ConfigError",
+    "apply_overrides", "config_from_dict", "flatten_yaml", "load_config", "parse_assignments", "read_text_file",
+    "to_yaml",
+    "AugmentConfig", "ClassifierConfig", "DataConfig", "ModelConfig", "PipelineConfig", "PredictConfig",
+    "PretrainConfig", "ProbeConfig", "PseudoLabelConfig", "RayConfig", "ReportConfig", "RunConfig", "SplitConfig",
+    "StudentConfig", "TrackingConfig", "TuneConfig",
+    "INFRASTRUCTURE_KEYS", "INFRASTRUCTURE_SECTIONS", "STAGE_SECTIONS", "is_infrastructure", "result_keys",
+    "stage_digest",
+    "Config", "all_keys", "help_text",
+]

@@ -1,0 +1,30 @@
+"""Probes on frozen, precomputed features: linear, MLP and weighted kNN, plus their metrics.
+
+Every function here is pure torch and runs on whatever device the feature tensors live on.
+The three probes are named evaluation protocols; their defaults are part of the protocol and
+are pinned by ``tests/test_probes.py`` so that a silent change fails (lightly #1824):
+
+* ``linear``: L2-regularised multinomial logistic regression on standardised features, fitted
+  to convergence with full-batch L-BFGS (the frozen-feature protocol of SimCLR, Chen et al.
+  2020, appendix B.8). The objective is convex, so the result does not depend on the seed.
+* ``mlp``: one hidden ReLU layer on standardised features, AdamW with a cosine learning rate,
+  a fixed number of optimizer *steps* (not epochs) so that 100 and 60,000 labels both train.
+* ``knn``: cosine kNN on L2-normalised raw features with exp(sim / T) votes (InstDisc,
+  Wu et al. 2018): k = ``probe.knn_k`` (20), T=0.07.
+
+The modules: ``linear``, ``mlp`` and ``knn`` (one probe each), ``features`` (what they share),
+``metrics`` (accuracy, confusion), ``runner`` (all probes under one protocol). Every name is
+re-exported here so ``from toolkit.probes import X`` stays the one import path.
+"""
+
+from .features import Standardize, _check_feats_labels, _seeded
+from .knn import knn_predict
+from .linear import select_linear_C, select_linear_C_cv, train_linear_probe
+from .metrics import _check_pred_labels, accuracy, confusion_matrix, per_class_accuracy, predict
+from .mlp import train_mlp_probe
+from .runner import _PROTOCOL_RE, PROBE_NAMES, _resolved, run_probes
+
+__all__ = [
+    "PROBE_NAMES", "Standardize", "accuracy", "confusion_matrix", "knn_predict", "per_class_accuracy", "predict",
+    "run_probes", "select_linear_C", "select_linear_C_cv", "train_linear_probe", "train_mlp_probe",
+]
