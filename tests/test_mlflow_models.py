@@ -194,6 +194,45 @@ def test_register_best_creates_versions_and_moves_the_alias(store, logged, class
     np.testing.assert_allclose(_predict(uri, f"models:/{name}@best", digits.test_images[:10]).numpy(), ref, atol=1e-5)
 
 
+def test_registered_version_is_linked_from_the_logged_model(store, logged):
+    """The UI's logged-model page reads the model's ``mlflow.modelVersions`` tag ("Not registered"
+    and "Model versions: None" without it); a sqlite registry does not write it by itself."""
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    uri, client, _ = store
+    _, model_uri = logged
+    model_id = model_uri[len("models:/"):]
+    name = "toolkit-test-linked"
+
+    def linked() -> list:
+        return [v for v in json.loads(client.get_logged_model(model_id).tags[MLFLOW_MODEL_VERSIONS]) if v["name"] == name]
+
+    assert mm.register_best(uri, model_uri, name) == f"models:/{name}/1"
+    assert [str(v["version"]) for v in linked()] == ["1"]
+    others = json.loads(client.get_logged_model(model_id).tags[MLFLOW_MODEL_VERSIONS])
+    # written already (as a tracking server does): not repeated; other registrations are kept
+    mm._link_version_to_logged_model(mm._client(uri), model_id, name, "1")
+    assert json.loads(client.get_logged_model(model_id).tags[MLFLOW_MODEL_VERSIONS]) == others
+    assert mm.register_best(uri, model_uri, name) == f"models:/{name}/2"
+    assert [str(v["version"]) for v in linked()] == ["1", "2"]
+
+
+def test_runs_name_their_user_for_the_ui(store, tmp_path):
+    """``mlflow.user`` is what the UI shows as a run's "Created by" (MLflow's fluent runs set it)."""
+    import getpass
+
+    from toolkit.config import Config
+    from toolkit.tracking import mlflow_run
+
+    uri, client, _ = store
+    cfg = Config().replace(**{"tracking.uri": uri, "tracking.experiment": "toolkit", "run.output_dir": str(tmp_path)})
+    with mlflow_run(cfg, "supervised", "user-tag-test") as tracker:
+        pass
+    tags = client.get_run(tracker.run_id).data.tags
+    assert tags["mlflow.user"] == getpass.getuser()
+    assert tags["mlflow.source.name"] == "toolkit supervised"
+
+
 def test_global_tracking_uri_and_environment_are_restored(store, monkeypatch):
     import mlflow
 

@@ -100,3 +100,13 @@ def test_plot_error_by_stage_draws_errors_per_seed_on_a_log_axis(tmp_path):
     assert_png(plots.plot_error_by_stage(per_seed, path, "test error", {"CNN": 0.9366}), path)
     with pytest.raises(ValueError):
         plots.plot_error_by_stage({}, tmp_path / "none.png", "nothing")
+
+
+def test_plot_error_by_stage_axis_shows_references_below_every_bar(tmp_path, monkeypatch):
+    """A reference far better than every result (1.45% vs 25% error) stays on the log axis."""
+    saved = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path, dpi: saved.append(fig.axes[0].get_xlim()) or path)
+    plots.plot_error_by_stage({"probe": [0.75, 0.76], "CNN": [0.35, 0.4]}, tmp_path / "e.png", "t",
+                              {"probe": 0.9855, "CNN": 0.9366})
+    (lo, hi), = saved
+    assert lo < 100 * (1 - 0.9855) and hi > 65

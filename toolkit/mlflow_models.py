@@ -292,9 +292,28 @@ def register_best(target: Any, model_uri: str, name: str = DEFAULT_REGISTERED_NA
         version = client.create_model_version(name, source=model_uri, run_id=run_id, model_id=model_id,
                                               tags={k: str(v) for k, v in (tags or {}).items()},
                                               description=description)
+        if model_id:
+            _link_version_to_logged_model(client, model_id, name, version.version)
         if alias:
             client.set_registered_model_alias(name, alias, version.version)
     return f"models:/{name}/{version.version}"
+
+
+def _link_version_to_logged_model(client, model_id: str, name: str, version: int | str) -> None:
+    """Record ``name`` v``version`` in the logged model's ``mlflow.modelVersions`` tag.
+
+    The UI's logged-model page ("Model versions", the "Not registered" badge) and the runs'
+    "Logged models" tables read that tag. ``mlflow.register_model`` and a tracking server's
+    CreateModelVersion write it; ``MlflowClient.create_model_version`` on a sqlite or file
+    store does not. Entries already there (a server wrote it) are kept and not repeated.
+    """
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    have = client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS)
+    versions = json.loads(have) if have else []
+    if not any(v.get("name") == name and str(v.get("version")) == str(version) for v in versions):
+        entry = {"name": name, "version": version}  # as MLflow writes it (an int from a sqlite registry)
+        client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(versions + [entry])})
 
 
 # ----------------------------------------------------------------------------- datasets

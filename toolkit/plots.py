@@ -309,7 +309,8 @@ def plot_error_by_stage(per_seed: dict[str, list[float]], path: str | Path, titl
                    label="reference")
         ax.legend(loc="lower right", fontsize=8)
     ax.set_xscale("log")
-    lo, hi = df["error"].min(), max(df["error"].max(), *ref.values()) if ref else df["error"].max()
+    # the axis spans the references too: a diamond left of the lowest bar would be cut off
+    lo, hi = min(df["error"].min(), *ref.values()), max(df["error"].max(), *ref.values())
     ticks = [t for t in (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100) if lo / 2 <= t <= hi * 2]
     ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
     ax.minorticks_off()

@@ -44,6 +44,16 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def _user() -> str:
+    """Who runs the command (MLflow's fluent runs tag it; the UI shows it as "Created by")."""
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no USER variable and no passwd entry (some containers)
+        return ""
+
+
 def safe_params(flat: dict[str, Any]) -> dict[str, str]:
     """Config as MLflow params, with anything that looks like a credential masked."""
     out = {}
@@ -289,6 +299,7 @@ def mlflow_run(cfg: Config, command: str, run_key: str, parent_run_id: str | Non
         # what the MLflow UI shows as the run's source
         "mlflow.source.type": "LOCAL",
         "mlflow.source.name": f"toolkit {command}",
+        **({"mlflow.user": user} if (user := _user()) else {}),
         **({"mlflow.source.git.commit": commit} if commit != "unknown" else {}),
         "toolkit.host": socket.gethostname(),
         "toolkit.backend": cfg.run.backend,
