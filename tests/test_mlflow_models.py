@@ -217,6 +217,18 @@ def test_registered_version_is_linked_from_the_logged_model(store, logged):
     assert [str(v["version"]) for v in linked()] == ["1", "2"]
 
 
+def test_test_metrics_reach_the_logged_model_page(store, logged):
+    """A stage's test accuracy is logged on its run and on its logged model (the UI's model page)."""
+    from toolkit.tracking import Tracker
+
+    uri, client, _ = store
+    rid, model_uri = logged
+    model_id = model_uri[len("models:/"):]
+    Tracker(uri, rid).log_metrics({"test_acc": 0.987}, model_id=model_id)
+    assert client.get_run(rid).data.metrics["test_acc"] == pytest.approx(0.987)
+    assert {m.key: m.value for m in client.get_logged_model(model_id).metrics} == {"test_acc": pytest.approx(0.987)}
+
+
 def test_runs_name_their_user_for_the_ui(store, tmp_path):
     """``mlflow.user`` is what the UI shows as a run's "Created by" (MLflow's fluent runs set it)."""
     import getpass

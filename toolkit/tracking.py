@@ -84,13 +84,15 @@ class Tracker:
     def enabled(self) -> bool:
         return self._client is not None
 
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None, model_id: str | None = None) -> None:
+        """``model_id``: also attach the values to that logged MLflow model (shown on its page)."""
         if not self.enabled:
             return
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        ms = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items() if isinstance(v, (int, float))]
+        ms = [Metric(k, float(v), ts, step or 0, model_id=model_id) for k, v in metrics.items()
+              if isinstance(v, (int, float))]
         if ms:
             self._client.log_batch(self.run_id, metrics=ms)
 
