@@ -122,6 +122,31 @@ def test_ray_use_gpu_without_gpu_fails_fast(ray_session, cfg, weights, pool):
         inference.predict_pool_ray(cfg.replace(**{"ray.use_gpu": True}), weights, pool, num_actors=1, batch_size=256)
 
 
+def _node(alive=True, **resources):
+    return {"Alive": alive, "Resources": resources}
+
+
+def test_spread_strategy_one_actor_per_node_when_the_cluster_can():
+    cpu = inference._actor_bundle(use_gpu=False)
+    gpu = inference._actor_bundle(use_gpu=True)
+    assert gpu == {"CPU": inference.ACTOR_NUM_CPUS, "GPU": 1.0}
+    # one machine (this module's Ray, a single-node cluster): nothing to spread, the pool is left as it was
+    assert inference.spread_strategy([_node(CPU=4)], cpu, 2) is None
+    # a dead node does not count
+    assert inference.spread_strategy([_node(CPU=1), _node(alive=False, CPU=1)], cpu, 2) is None
+    # two nodes, two actors: each on its own node; more actors than nodes: as even as possible
+    two = [_node(CPU=1), _node(CPU=1, node_b=1)]
+    assert inference.spread_strategy(two, cpu, 2) == "STRICT_SPREAD"
+    assert inference.spread_strategy(two, cpu, 3) == "SPREAD"
+    # GPU actors count only the nodes with a GPU (a CPU head with GPU: 0 hosts none)
+    cloud = [_node(CPU=6, GPU=0), _node(CPU=4, GPU=1), _node(CPU=4, GPU=1)]
+    assert inference.spread_strategy(cloud, gpu, 2) == "STRICT_SPREAD"
+    assert inference.spread_strategy(cloud, gpu, 4) == "SPREAD"
+    assert inference.spread_strategy(cloud[:2], gpu, 2) is None
+    # a node too small for one actor does not count
+    assert inference.spread_strategy([_node(CPU=4), _node(CPU=0.25)], cpu, 2) is None
+
+
 def test_reorder_names_missing_and_duplicated_indices():
     want = np.array([5, 3, 9, 1])
     probs = np.eye(10, dtype=np.float32)[:4]

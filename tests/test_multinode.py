@@ -333,8 +333,6 @@ def test_pretrain_two_workers_one_per_node(cluster, pretrain_job):
     assert_node_b_clean(c)
 
 
-@pytest.mark.xfail(strict=False, reason="known gap (2026-12-01): one of the two PoolPredictor actors is never placed on "
-                   "node b (the job succeeds with the actor on the head); see issue 8's closing note")
 def test_pseudolabel_iterative_ray_data_on_both_nodes(cluster):
     c = cluster
     rc, logs = c.submit(["pseudolabel", *overrides(c, "pseudolabel", **{
@@ -474,7 +472,6 @@ def test_node_loss_mid_pretraining(cluster):
     assert_node_b_clean(c)
 
 
-@pytest.mark.xfail(strict=False, reason="written at the end of the 2026-12-01 session and not yet run once on CI")
 def test_two_nodes_give_the_figures_of_one_node(cluster, pretrain_job, data_root, tmp_path):
     """The same small SimCLR run, 2 workers on one machine's embedded Ray, matches the 2-node run.
 

@@ -32,6 +32,10 @@ from .models import Classifier
 # CPUs each inference actor reserves: a fraction, so an actor pool never takes every
 # CPU and starves Ray Data's own tasks (an actor pool that does hangs: Ray Data's read tasks get no CPU).
 ACTOR_NUM_CPUS = 0.5
+# Least time given to a pool on several nodes to reserve its slots and start every actor
+# (``ray.resource_wait_s`` when longer): an actor's start (worker process, torch import,
+# MNIST load) takes 5-15 s on a busy node.
+POOL_START_MIN_S = 120.0
 
 
 def _as_index_array(indices: Any) -> np.ndarray:
@@ -151,6 +155,48 @@ def _check_ray_resources(cfg: Config, num_actors: int) -> None:
         )
 
 
+def _actor_bundle(use_gpu: bool) -> dict[str, float]:
+    """What one inference actor reserves (exactly its ``num_cpus`` / ``num_gpus``)."""
+    return {"CPU": ACTOR_NUM_CPUS, **({"GPU": 1.0} if use_gpu else {})}
+
+
+def spread_strategy(nodes: list[dict], bundle: dict[str, float], num_actors: int) -> str | None:
+    """How to place ``num_actors`` actors of ``bundle`` on the alive ``nodes`` (as ``ray.nodes()`` lists them).
+
+    None when at most one node could ever host an actor (one machine: nothing to spread);
+    "STRICT_SPREAD" (every actor on its own node) when at least ``num_actors`` nodes could;
+    else "SPREAD" (as evenly as the nodes allow). Judged on the nodes' total resources, not on
+    what is free now: a busy node frees up, and the placement group waits for it.
+    """
+    fit = sum(1 for n in nodes if n.get("Alive")
+              and all(n.get("Resources", {}).get(k, 0) >= v for k, v in bundle.items() if v > 0))
+    if fit <= 1:
+        return None
+    return "STRICT_SPREAD" if fit >= num_actors else "SPREAD"
+
+
+def _reserve_pool(cfg: Config, num_actors: int, timeout_s: float):
+    """On a cluster of several nodes: a placement group of one bundle per actor, spread over the nodes
+    (see ``spread_strategy``), once Ray has reserved it; None on one node. ``ConfigError`` when the
+    bundles cannot be reserved within ``timeout_s``."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    bundle = _actor_bundle(cfg.ray.use_gpu)
+    strategy = spread_strategy(ray.nodes(), bundle, num_actors)
+    if strategy is None:
+        return None
+    pg = placement_group([dict(bundle) for _ in range(num_actors)], strategy=strategy)
+    if not pg.wait(timeout_s):
+        remove_placement_group(pg)
+        raise ConfigError(
+            f"pseudolabel.inference_actors={num_actors}: Ray could not reserve {num_actors} x {bundle} "
+            f"({strategy}) within {timeout_s:.0f}s; the cluster has {ray.available_resources()} free "
+            f"of {ray.cluster_resources()} (ray.resource_wait_s={cfg.ray.resource_wait_s:g})"
+        )
+    return pg
+
+
 def _reorder(indices: np.ndarray, got_index: np.ndarray, got_probs: np.ndarray) -> np.ndarray:
     """Rows of ``got_probs`` in the order of ``indices``; RuntimeError unless each index has exactly one row."""
     uniq, counts = np.unique(got_index, return_counts=True)
@@ -172,8 +218,11 @@ def predict_pool_ray(cfg: Config, weights: ModelWeights, indices: Any, num_actor
 
     ``num_actors`` actors (one GPU each when ``ray.use_gpu``) each get the weights from
     the object store and load their node's MNIST once (``data.root``: the same path on
-    every node). Raises ``ConfigError`` when the cluster cannot host
-    the pool, RuntimeError unless every pool index got exactly one prediction.
+    every node). On a cluster of several nodes the actors are spread over them (each on its
+    own node when there are enough: ``spread_strategy``) and all of them are up before the
+    first batch is handed out; on one node Ray Data starts with the first actor up.
+    Raises ``ConfigError`` when the cluster cannot host the pool, RuntimeError unless
+    every pool index got exactly one prediction.
     """
     idx = _as_index_array(indices)
     if np.unique(idx).size != idx.size:
@@ -199,27 +248,54 @@ def predict_pool_ray(cfg: Config, weights: ModelWeights, indices: Any, num_actor
     batch = max(1, min(batch_size, math.ceil(idx.size / (2 * num_actors))))
     blocks = [pa.table({"index": chunk}) for chunk in np.split(idx, np.arange(batch, idx.size, batch))]
     ds = ray.data.from_arrow(blocks)
-    ds = ds.map_batches(
-        PoolPredictor,
-        fn_constructor_kwargs={
-            "weights": ray.put(weights),  # once per round, whatever the number of actors
-            "data_root": str(resolve_root(cfg.data.root)),
-            "train_subset": cfg.data.train_subset,
-            "use_gpu": cfg.ray.use_gpu,
-        },
-        compute=ray.data.ActorPoolStrategy(size=num_actors),
-        batch_size=batch,
-        batch_format="numpy",
-        num_gpus=1 if cfg.ray.use_gpu else 0,
-        num_cpus=ACTOR_NUM_CPUS,
-        # one actor per node where there are several: the pool is meant to use the whole cluster
-        # (two half-CPU actors would otherwise both fit on the first node)
-        scheduling_strategy="SPREAD",
-    )
-    got_index, got_probs = [], []
-    for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        got_index.append(np.asarray(out["index"], dtype=np.int64))
-        got_probs.append(np.asarray(out["probs"], dtype=np.float32).reshape(-1, NUM_CLASSES))
+
+    # Several nodes: the pool is meant to use the whole cluster, and two things keep a plain
+    # SPREAD pool on one node (seen on a 2-node cluster: the second actor never ran).
+    # 1. SPREAD is best effort: an actor goes where there is room *now*, so while the round's
+    #    training workers still hold a node's CPU both half-CPU actors land on the other node.
+    #    A placement group of one bundle per actor (STRICT_SPREAD when there are enough nodes)
+    #    reserves a slot on each node first; each actor fills one bundle, so no two share a node.
+    # 2. Ray Data dispatches batches as soon as one actor is up: the first one took every
+    #    batch (~1 s of work) while the other was still starting (5-15 s) and was then
+    #    cancelled unplaced. ``wait_for_min_actors_s`` (this dataset's own DataContext copy)
+    #    makes the pool start only once all ``num_actors`` actors are up.
+    # One node: unchanged (SPREAD, batches from the first actor up).
+    start_timeout = max(POOL_START_MIN_S, cfg.ray.resource_wait_s)
+    pg = _reserve_pool(cfg, num_actors, start_timeout)
+    if pg is None:
+        scheduling: Any = "SPREAD"
+    else:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        # bundle index -1: any free bundle of the group; each actor takes a whole bundle
+        scheduling = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=-1,
+                                                      placement_group_capture_child_tasks=False)
+        ds.context.wait_for_min_actors_s = int(math.ceil(start_timeout))
+    try:
+        ds = ds.map_batches(
+            PoolPredictor,
+            fn_constructor_kwargs={
+                "weights": ray.put(weights),  # once per round, whatever the number of actors
+                "data_root": str(resolve_root(cfg.data.root)),
+                "train_subset": cfg.data.train_subset,
+                "use_gpu": cfg.ray.use_gpu,
+            },
+            compute=ray.data.ActorPoolStrategy(size=num_actors),
+            batch_size=batch,
+            batch_format="numpy",
+            num_gpus=1 if cfg.ray.use_gpu else 0,
+            num_cpus=ACTOR_NUM_CPUS,
+            scheduling_strategy=scheduling,
+        )
+        got_index, got_probs = [], []
+        for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            got_index.append(np.asarray(out["index"], dtype=np.int64))
+            got_probs.append(np.asarray(out["probs"], dtype=np.float32).reshape(-1, NUM_CLASSES))
+    finally:
+        if pg is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(pg)  # the pool has shut down (or failed): free the reserved slots
     got_i = np.concatenate(got_index) if got_index else np.zeros(0, dtype=np.int64)
     got_p = np.concatenate(got_probs) if got_probs else np.zeros((0, NUM_CLASSES), dtype=np.float32)
     return _reorder(idx, got_i, got_p)
