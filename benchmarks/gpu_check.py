@@ -6,8 +6,9 @@ Runs ``toolkit pipeline --config launch/configs/gpu.yaml`` on the in-process bac
 (a GPU box may have torch, accelerate and scikit-learn but no Ray and no MLflow),
 with MLflow off, and writes ``OUT_DIR/gpu_check.json``: the device, each stage's test
 and validation accuracy per seed, mean ± std over seeds, the probe accuracies, and
-seconds per stage. ``key=value`` overrides the profile (a tiny setting runs the same
-script on a CPU in the tests). The test set only reports; selection used validation.
+seconds per stage, and the report's table under both protocols (standard: validation
+labels may choose; strict: only the 100 labels decide). ``key=value`` overrides the
+profile (a tiny setting runs the same script on a CPU in the tests). The test set only reports.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def main(argv: list[str]) -> int:
 
     from toolkit.config import ConfigError, load_config
     from toolkit.stages.pipeline import pipeline
+    from toolkit.stages.report import final_model_figures, table_rows
 
     out = Path(argv[0]).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -80,13 +82,18 @@ def main(argv: list[str]) -> int:
         "test_acc_mean_std": means,
         "probe_test_acc": {k: summary(v) for k, v in probes.items()},
         "per_seed": per_seed,
-        "protocol": "standard: checkpoints and the probe's C chosen on the validation split "
-                    f"({cfg.split.val_size} labeled images); the test set only reports",
+        "final_model": {str(seed): final_model_figures(stages) for seed, stages in results.items()},
+        "table": [{k: row[k] for k in ("result", "standard", "strict", "mean", "std", "strict_mean", "strict_std")}
+                  for row in table_rows(results)],
+        "protocols": f"standard: the {10 * cfg.split.labels_per_class} training labels and {cfg.split.val_size} "
+                     "validation labels may decide (probe C, best final model); strict: only the training labels "
+                     "(every model is its last weights; probe C by cross-validation inside them; final model = the "
+                     "last stage). The test set only reports.",
     }
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
     print(f"[gpu_check] done in {seconds:.0f}s: {out / 'gpu_check.json'}", flush=True)
-    for stage, m in means.items():
-        print(f"[gpu_check] {stage:>18}: {100 * m['mean']:.2f} ± {100 * m['std']:.2f}% over {m['n']} seeds", flush=True)
+    for row in report["table"]:
+        print(f"[gpu_check] {row['result']}: standard {row['standard']}, strict {row['strict']}", flush=True)
     return 0
 
 

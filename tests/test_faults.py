@@ -251,7 +251,10 @@ def test_a_damaged_result_or_model_makes_the_stage_run_again(data_root, tmp_path
 
 
 def test_a_second_writer_of_the_same_run_is_refused_in_one_line_and_the_first_finishes(data_root, tmp_path):
-    over = local(data_root, tmp_path, "twice", **{"pretrain.epochs": 3})
+    # enough epochs that the first still runs when the second has started up (imports take
+    # 5-20 s on a busy machine; with 3 epochs the first once finished first and the second
+    # rightly found the stage done)
+    over = local(data_root, tmp_path, "twice", **{"pretrain.epochs": 20})
     folder = tmp_path / "runs" / "local" / "twice-pretrain"
     first = Running(command("pretrain", over), tmp_path / "first.log")
     try:
@@ -269,4 +272,4 @@ def test_a_second_writer_of_the_same_run_is_refused_in_one_line_and_the_first_fi
     from mlflow.tracking import MlflowClient
 
     losses = MlflowClient(tracking_uri=over["tracking.uri"]).get_metric_history(run.info.run_id, "loss")
-    assert sorted(m.step for m in losses) == [1, 2, 3]  # one writer: one value per epoch
+    assert sorted(m.step for m in losses) == list(range(1, 21))  # one writer: one value per epoch

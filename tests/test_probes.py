@@ -366,3 +366,23 @@ def test_select_linear_C_picks_the_best_validation_score():
     # a vanishing C shrinks the weights to ~0: worse on validation than C=1
     assert scores[1.0] > scores[1e-4]
     assert best == 1.0
+
+
+def test_select_linear_C_cv_uses_the_training_labels_alone():
+    from toolkit.probes import select_linear_C_cv
+
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(10, 16, generator=g)
+    y = torch.arange(10).repeat(10)
+    x = centers[y] + torch.randn(100, 16, generator=g)
+    best, scores = select_linear_C_cv(x, y, folds=5, grid=(1e-4, 1.0))
+    assert set(scores) == {1e-4, 1.0} and best == max(scores, key=lambda c: (scores[c], -c))
+    # each score is the mean accuracy over 5 held-out folds of 20 images: a multiple of 1/100
+    assert all(0.3 < v <= 1.0 and abs(100 * v - round(100 * v)) < 1e-6 for v in scores.values())
+    # well-separated digits: every C is perfect on every fold, and ties go to the stronger penalty
+    best, scores = select_linear_C_cv(centers[y] * 10 + torch.randn(100, 16, generator=g), y, folds=5, grid=(1.0, 1e-2))
+    assert scores == {1.0: 1.0, 1e-2: 1.0} and best == 1e-2
+    with pytest.raises(ValueError, match="folds must be >= 2"):
+        select_linear_C_cv(x, y, folds=1)
+    with pytest.raises(ValueError, match="at least 5 labeled images"):
+        select_linear_C_cv(x[:3], y[:3], folds=5)

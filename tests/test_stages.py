@@ -400,7 +400,7 @@ def test_pretrain_interrupted_after_an_epoch_resumes_in_the_same_mlflow_run(data
 
 # ------------------------------------------------------------------ pipeline and report
 
-STAGES = ("probe", "supervised", "oneshot", "iterative", "simclr_iterative")
+STAGES = ("probe", "supervised", "oneshot", "iterative", "simclr_iterative", "student")
 EXPERIMENT = "pipeline-test"
 
 
@@ -447,10 +447,12 @@ def test_pipeline_nests_a_run_per_stage_and_seed_and_reports(study):
     assert {"report/results.md", "report/results.csv", "report/error_by_stage.png"} <= artifact_paths(cfg, parent_id, "report")
     md = Path(client.download_artifacts(parent_id, "report/results.md")).read_text()
     for row in ("SimCLR linear probe, 100 labels", "CNN + augmentation, 100 labels", "one-shot pseudo-labeling",
-                "| iterative pseudo-labeling", "SimCLR-initialised iterative pseudo-labeling"):
+                "| iterative pseudo-labeling", "SimCLR-initialised iterative pseudo-labeling",
+                "student of both iterative models", "final model (standard: best on validation; strict: the last stage)"):
         assert row in md, row
-    assert "±" in md
-    assert "summary/supervised/test_acc/mean" in parent.data.metrics
+    assert "±" in md and "| standard | strict |" in md and "200 validation labels decided" in md
+    assert {"summary/cnn_augmentation_100_labels/standard_mean",
+            "summary/cnn_augmentation_100_labels/strict_mean"} <= set(parent.data.metrics)
     # the iterative stage took its round 1 from the one-shot stage (same config and start model)
     iterative = [r for r in kids if r.data.tags["toolkit.stage"] == "iterative"]
     assert len(iterative) == 2 and all("toolkit.round1_from" in r.data.tags for r in iterative)

@@ -170,8 +170,13 @@ def test_pretrain_on_ray_checkpoints_logs_and_resumes(tiny_config):
     assert checkpoints.load(second.model_path)["epoch"] == 2
 
 
-def test_supervised_on_ray_selects_on_validation(tiny_config, data_root, tmp_path, monkeypatch):
+def test_supervised_on_ray_keeps_the_last_weights_and_leaves_no_temporary_checkpoint(tiny_config, data_root, tmp_path,
+                                                                                      monkeypatch):
+    import tempfile
+
     from toolkit.stages.supervised import supervised
+
+    leftovers_before = set(Path(tempfile.gettempdir()).glob("toolkit-ckpt-*"))
 
     # a data root relative to the driver's folder, as the README writes it (Ray workers start elsewhere)
     monkeypatch.chdir(tmp_path)
@@ -183,7 +188,13 @@ def test_supervised_on_ray_selects_on_validation(tiny_config, data_root, tmp_pat
     assert run.info.status == "FINISHED"
     val = client.get_metric_history(result.run_id, "val_acc")
     assert [m.step for m in val] == [20, 40]
-    assert result.metrics["val_acc"] == pytest.approx(max(m.value for m in val))
+    # the model is the last step's weights (validation only reports): its val_acc is the last one logged
+    assert result.metrics["val_acc"] == pytest.approx(val[-1].value)
+    from toolkit import checkpoints
+
+    assert checkpoints.load(result.model_path)["step"] == 40
+    # rank 0 wrote each checkpoint into a temporary folder before Ray uploaded it: none is left behind
+    assert set(Path(tempfile.gettempdir()).glob("toolkit-ckpt-*")) <= leftovers_before
     # 40 steps on 100 labels (still in the lr warmup): seen 0.44-0.50 over three seeds on the
     # local backend (chance 0.1); workers that each train alone or on misaligned labels stay far below
     assert 0.25 < result.metrics["test_acc"] <= 1.0, result.metrics["test_acc"]

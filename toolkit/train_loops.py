@@ -84,15 +84,27 @@ def _maybe_sync_bn(cfg: Config, model: torch.nn.Module, world: int) -> torch.nn.
     return model
 
 
-def _restore(session, model, optimizer, scheduler) -> dict | None:
-    """Load the session's newest checkpoint into model / optimizer / scheduler; return it (or None)."""
+def _resume(session, accelerator, model, opt: OptimState, counter: str, resumed: str):
+    """Load the session's newest checkpoint (if any) into the model, optimizer and schedule, then hand model
+    and optimizer to Accelerate. Returns (the checkpoint's ``counter``, 0 when starting fresh; the prepared
+    model; its ``OptimState``).
+
+    Written once for both workers: the checkpoint holds the unwrapped model's keys, so it is loaded
+    before ``prepare`` wraps the model, and rank 0 alone says where a resumed run picks up (``resumed``
+    with the counter filled in).
+    """
+    done = 0
     state = session.restore()
-    if state is None:
-        return None
-    model.load_state_dict(state["state_dict"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    return state
+    if state is not None:
+        model.load_state_dict(state["state_dict"])
+        opt.optimizer.load_state_dict(state["optimizer"])
+        opt.scheduler.load_state_dict(state["scheduler"])
+        done = int(state[counter])
+        if session.rank == 0:
+            sys.stdout.write(resumed.format(done) + "\n")
+            sys.stdout.flush()
+    model, optimizer = accelerator.prepare(model, opt.optimizer)
+    return done, model, OptimState(optimizer, opt.scheduler)
 
 
 def simclr_worker(job: TrainJob, session) -> None:
@@ -123,15 +135,8 @@ def simclr_worker(job: TrainJob, session) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine_lambda(total_steps, int(pc.warmup_epochs * steps_per_epoch), 0.0)
     )
-    start_epoch = 0
-    state = _restore(session, model, optimizer, scheduler)
-    if state is not None:
-        start_epoch = int(state["epoch"])
-        if rank == 0:
-            sys.stdout.write(f"[pretrain] resuming after epoch {start_epoch}\n")
-            sys.stdout.flush()
-    model, optimizer = accelerator.prepare(model, optimizer)
-    opt = OptimState(optimizer, scheduler)
+    start_epoch, model, opt = _resume(session, accelerator, model, OptimState(optimizer, scheduler), "epoch",
+                                      "[pretrain] resuming after epoch {}")
 
     progress = Progress("pretrain", pc.epochs, "epoch", rank, start_epoch)
     for epoch in range(start_epoch, pc.epochs):
@@ -153,7 +158,7 @@ def simclr_worker(job: TrainJob, session) -> None:
         if rank == 0:
             payload = checkpoints.model_payload(
                 "simclr", cfg, accelerator.unwrap_model(model).state_dict(),
-                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), epoch=epoch + 1,
+                optimizer=opt.optimizer.state_dict(), scheduler=scheduler.state_dict(), epoch=epoch + 1,
             )
         session.report(metrics, payload)
         progress(epoch + 1, {k: metrics[k] for k in ("loss", "lr", "views_per_s")})
@@ -172,7 +177,14 @@ def _classifier_init(job: TrainJob, model: Classifier) -> bool:
 
 
 def classifier_worker(job: TrainJob, session) -> None:
-    """Classifier on the true labels (+ the job's pseudo-labels), model selection on the validation split."""
+    """Classifier on the true labels (+ the job's pseudo-labels); the model is the last step's weights.
+
+    The validation split is evaluated at every ``eval_every`` and logged, but it decides
+    nothing here: the learning rate anneals to zero, and keeping the last weights (not the
+    best-on-validation ones) keeps the whole training chain free of validation labels, which
+    is what the strict 100-label protocol requires (the standard protocol uses them only to
+    choose among finished models).
+    """
     cfg = job.cfg()
     accelerator = make_accelerator(cfg)
     device = accelerator.device
@@ -198,22 +210,16 @@ def classifier_worker(job: TrainJob, session) -> None:
     enc_params = list(model.encoder.parameters())
     enc_ids = {id(p) for p in enc_params}
     head_params = [p for p in model.parameters() if id(p) not in enc_ids]
-    enc_lr = cc.lr * (cc.encoder_lr_scale if pretrained else 1.0)
+    # the slower encoder rate guards SimCLR features against overfitting to the 100 labels; once
+    # pseudo-labels cover the pool it only slows learning, so rounds with pseudo-labels use the full rate
+    enc_lr = cc.lr * (cc.encoder_lr_scale if pretrained and pseudo_x is None else 1.0)
     optimizer = torch.optim.AdamW(
         [{"params": enc_params, "lr": enc_lr}, {"params": head_params, "lr": cc.lr}], weight_decay=cc.weight_decay
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine_lambda(steps, min(cc.warmup_steps, steps // 2), 0.0))
 
-    done, best_acc, best_state, best_step = 0, -1.0, None, 0
-    state = _restore(session, model, optimizer, scheduler)
-    if state is not None:
-        done, best_acc, best_step = int(state["step"]), float(state["best_val_acc"]), int(state["best_step"])
-        best_state = state["best_state_dict"]
-        if rank == 0:
-            sys.stdout.write(f"[{label}] resuming at step {done}\n")
-            sys.stdout.flush()
-    model, optimizer = accelerator.prepare(model, optimizer)
-    opt = OptimState(optimizer, scheduler)
+    done, model, opt = _resume(session, accelerator, model, OptimState(optimizer, scheduler), "step",
+                               f"[{label}] resuming at step {{}}")
 
     local_batch = max(1, cc.batch_size // world)
     progress = Progress(label, steps, "step", rank, done)
@@ -225,17 +231,13 @@ def classifier_worker(job: TrainJob, session) -> None:
         stats = classifier_steps(model, opt, batches, cfg.augment, gen, accelerator, cc.label_smoothing)
         done += chunk
         plain = accelerator.unwrap_model(model)
-        val_stats = evaluate(plain, val_x, val_y)
-        if val_stats["acc"] > best_acc:
-            best_acc, best_step = val_stats["acc"], done
-            best_state = {k: v.detach().cpu().clone() for k, v in plain.state_dict().items()}
+        val_stats = evaluate(plain, val_x, val_y)  # logged; never used to pick weights
         metrics = {
             "step": done,
             "train_loss": stats["train_loss"],
             "train_acc": stats["train_acc"],
             "val_acc": val_stats["acc"],
             "val_loss": val_stats["loss"],
-            "best_val_acc": best_acc,
             "lr": scheduler.get_last_lr()[-1],
             "images_per_s": stats["images_per_s"] * world,
         }
@@ -243,19 +245,18 @@ def classifier_worker(job: TrainJob, session) -> None:
         if rank == 0:
             payload = checkpoints.model_payload(
                 "classifier", cfg, plain.state_dict(),
-                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), step=done,
-                best_state_dict=best_state, best_val_acc=best_acc, best_step=best_step,
-                encoder_pretrained=pretrained, val_size=int(val_y.numel()),
+                optimizer=opt.optimizer.state_dict(), scheduler=scheduler.state_dict(), step=done,
+                val_acc=val_stats["acc"], encoder_pretrained=pretrained, val_size=int(val_y.numel()),
             )
         session.report(metrics, payload)
         progress(done, {k: metrics[k] for k in ("train_loss", "val_acc", "images_per_s")})
 
 
-def best_model_state(state: dict[str, Any]) -> dict[str, Any]:
-    """From a classifier training checkpoint payload: the weights with the best validation accuracy."""
+def final_model_state(state: dict[str, Any]) -> dict[str, Any]:
+    """From a classifier training checkpoint payload: the last weights and their (logged) validation accuracy."""
     return {
-        "state_dict": state.get("best_state_dict") or state["state_dict"],
-        "best_val_acc": float(state.get("best_val_acc", float("nan"))),
-        "best_step": int(state.get("best_step", 0)),
+        "state_dict": state["state_dict"],
+        "val_acc": float(state.get("val_acc", float("nan"))),
+        "step": int(state.get("step", 0)),
         "encoder_pretrained": bool(state.get("encoder_pretrained", False)),
     }

@@ -159,13 +159,14 @@ def train_classifier(cfg: Config, tracker: Tracker, run_name: str, folder: Path,
                      init: ModelWeights | None = None, encoder_pretrained: bool = False,
                      pseudo_indices: torch.Tensor | None = None, pseudo_labels: torch.Tensor | None = None,
                      steps: int = 0, step_offset: int = 0, label: str = "supervised") -> tuple[Path, dict]:
-    """Train on the labeled (+ pseudo-labeled) images; save the best-validation weights as a model file.
+    """Train on the labeled (+ pseudo-labeled) images; save the last weights as a model file.
 
     ``init``: a classifier to warm-start from, or a SimCLR model whose encoder starts the
-    classifier. Returns (model file, {"state_dict", "best_val_acc", "best_step", ...}).
+    classifier. Returns (model file, {"state_dict", "val_acc", "step", ...}); ``val_acc`` is
+    the logged validation accuracy of those weights, which chose nothing.
     """
     from ..backends import run_training
-    from ..train_loops import best_model_state
+    from ..train_loops import final_model_state
 
     none = torch.zeros(0, dtype=torch.long)
     job = TrainJob(
@@ -176,11 +177,10 @@ def train_classifier(cfg: Config, tracker: Tracker, run_name: str, folder: Path,
         pseudo_labels=none if pseudo_labels is None else pseudo_labels,
     )
     payload, _ = run_training(cfg, job, run_name, MetricsLogger(tracker, "step", step_offset))
-    best = best_model_state(payload)
-    path = save_model_file(folder / out_file, "classifier", cfg, best["state_dict"],
-                           best_val_acc=best["best_val_acc"], best_step=best["best_step"],
-                           encoder_pretrained=best["encoder_pretrained"])
-    return path, best
+    final = final_model_state(payload)
+    path = save_model_file(folder / out_file, "classifier", cfg, final["state_dict"], val_acc=final["val_acc"],
+                           step=final["step"], encoder_pretrained=final["encoder_pretrained"])
+    return path, final
 
 
 def log_test_report(tracker: Tracker, cfg: Config, model_path: Path, data, folder: Path, title: str) -> dict[str, float]:
@@ -190,16 +190,18 @@ def log_test_report(tracker: Tracker, cfg: Config, model_path: Path, data, folde
     from ..probes import confusion_matrix
 
     model = load_classifier_file(model_path, device_for(cfg))
+    model_id = None
     if tracker.enabled and cfg.tracking.log_models:
         from ..mlflow_models import log_classifier
 
         uri = log_classifier(tracker, tracker.run_id, model, input_example=data.test_images[:4])
         tracker.set_tags({"toolkit.model_uri": uri})
+        model_id = uri[len("models:/"):] if uri.startswith("models:/m-") else None
     metrics, pred = report_test_metrics(model, data)
     cm = confusion_matrix(pred, data.test_labels, 10)
     png = plot_confusion_matrix(cm, folder / "confusion_test.png", f"{title}: test acc {metrics['test_acc']:.4f}")
     tracker.log_artifact(png, "plots")
-    tracker.log_metrics(metrics)
+    tracker.log_metrics(metrics, model_id=model_id)  # on the run, and on the logged model's page
     return metrics
 
 

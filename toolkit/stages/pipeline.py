@@ -1,7 +1,7 @@
 """`toolkit pipeline`: the whole study as one parent MLflow run with a nested run per stage.
 
-pretrain -> probe -> supervised -> one-shot -> iterative -> SimCLR-initialised iterative,
-repeated over ``pipeline.seeds`` (split seeds) and summarised as mean ± std. Each stage's
+pretrain -> probe -> supervised -> one-shot -> iterative -> SimCLR-initialised iterative
+-> student (both iterative models relabel the whole pool; a student learns it), repeated over ``pipeline.seeds`` (split seeds) and summarised as mean ± std. Each stage's
 folder is keyed by the pipeline key, the seed and the stage, so re-running the same
 command skips finished stages and resumes an interrupted one where it stopped.
 """
@@ -66,6 +66,11 @@ def run_seed(cfg: Config, parent_id: str | None, prefix: str, seed: int, simclr_
             _tag(cfg, parent_id, tuned, "tune", seed)
             c = load_config(best_config_path(tuned), base=c)
         record("simclr_iterative", pseudolabel(c, parent_id))
+    teachers = [out[s].model_path for s in ("iterative", "simclr_iterative") if s in out and out[s].model_path]
+    if "student" in stages and teachers:
+        from .student import student
+
+        record("student", student(scfg.replace(**{"model.init": "scratch"}), teachers, parent_id))
     return out
 
 

@@ -3,6 +3,10 @@
 "100-labels": probes fitted on the labeled split only. "all-labels": fitted on every
 training image outside the validation split. Validation accuracy is logged for
 selection; test accuracy is reported once.
+
+With few labels the linear probe's penalty C is chosen twice: on the validation split
+(``linear``, the standard protocol) and by cross-validation inside the labeled images
+(``linear_cv``, the strict protocol: no label outside the 100 is read).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from ..engine import extract_features
 from ..inference import device_for
 from ..models import SimCLRModel
 from ..plots import plot_confusion_matrix, plot_embedding_2d
-from ..probes import run_probes, select_linear_C
+from ..probes import accuracy, predict, run_probes, select_linear_C, select_linear_C_cv, train_linear_probe
 from .common import StageOutput, StageResult, StageRun, resolve_model_ref, run_stage, stage_dir
 
 def load_encoder(path: Path, device: torch.device) -> torch.nn.Module:
@@ -67,6 +71,14 @@ def probe(cfg: Config, parent_run_id: str | None = None, key: str | None = None,
             )
             metrics.update(out["metrics"])
             tracker.log_params(out["params"])
+            if len(idx) < 10_000 and cfg.split.labels_per_class >= 2:
+                cv_c, cv_scores = select_linear_C_cv(feats[idx], labels[idx], folds=min(5, cfg.split.labels_per_class))
+                cv_probe = train_linear_probe(feats[idx], labels[idx], C=cv_c)
+                cv_acc = accuracy(predict(cv_probe, test_feats), test_labels)
+                metrics.update({f"{protocol}/linear_cv/test_acc": cv_acc, f"{protocol}/linear_cv/C": cv_c,
+                                **{f"{protocol}/linear_cv/cv_acc_C{c:g}": a for c, a in cv_scores.items()}})
+                print(f"[probe] {protocol:>10} linear, C={cv_c:g} by cross-validation inside the labels "
+                      f"(strict): test acc {cv_acc:.4f}", flush=True)
             for name in ("linear", "mlp", "knn"):
                 png = plot_confusion_matrix(out[name]["confusion"], folder / f"confusion_{protocol}_{name}.png",
                                             f"{name} probe, {protocol}: test acc {out[name]['test_acc']:.4f}")

@@ -1,12 +1,21 @@
-"""`toolkit report`: the results table beside the reference numbers, and the summary plot, for a pipeline run.
+"""`toolkit report`: the results table under two protocols beside the reference numbers, and the summary plot.
 
-Rows are named by protocol; each figure is the mean ± std of the final models' test
-accuracy over split seeds (never a best-seen-during-training value).
+Each figure is the mean ± std over split seeds of a final model's test accuracy (never a
+best-seen-during-training value). Two protocols, side by side:
+
+* ``standard``: the 100 training labels and the validation split's labels may decide (the
+  linear probe's C, a Tune search's schedule, which finished model is "best").
+* ``strict``: only the 100 training labels decide anything. The training chain itself reads
+  no validation label (last weights, fixed recipe), so every trained stage counts under both;
+  the probe's C is chosen by cross-validation inside the 100 labels; the final model is the
+  pre-declared last stage (the student), and a stage whose schedule Tune chose on validation
+  accuracy has no strict figure.
 """
 
 from __future__ import annotations
 
 import csv
+import re
 import statistics
 from pathlib import Path
 
@@ -15,19 +24,28 @@ from ..plots import plot_error_by_stage
 from ..tracking import Tracker, tracking_uri
 from .common import STAGE_RUN_TAG, StageResult, stage_dir
 
-# (row name, stage, metric key, reference test accuracy with 100 labels or None)
+# (row name, stage, metric under the standard protocol, metric under the strict one (None: not
+# allowed there), reference test accuracy with 100 labels or None)
 ROWS = [
-    ("SimCLR linear probe, 100 labels", "probe", "100-labels/linear/test_acc", 0.9855),
-    ("SimCLR MLP probe, 100 labels", "probe", "100-labels/mlp/test_acc", 0.9844),
-    ("SimCLR kNN probe, 100 labels", "probe", "100-labels/knn/test_acc", None),
-    ("SimCLR linear probe, all labels", "probe", "all-labels/linear/test_acc", None),
-    ("SimCLR MLP probe, all labels", "probe", "all-labels/mlp/test_acc", None),
-    ("SimCLR kNN probe, all labels", "probe", "all-labels/knn/test_acc", None),
-    ("CNN + augmentation, 100 labels", "supervised", "test_acc", 0.9366),
-    ("one-shot pseudo-labeling", "oneshot", "test_acc", 0.9412),
-    ("iterative pseudo-labeling", "iterative", "test_acc", 0.9718),
-    ("SimCLR-initialised iterative pseudo-labeling", "simclr_iterative", "test_acc", None),
+    ("SimCLR linear probe, 100 labels", "probe", "100-labels/linear/test_acc", "100-labels/linear_cv/test_acc", 0.9855),
+    ("SimCLR MLP probe, 100 labels", "probe", "100-labels/mlp/test_acc", "100-labels/mlp/test_acc", 0.9844),
+    ("SimCLR kNN probe, 100 labels", "probe", "100-labels/knn/test_acc", "100-labels/knn/test_acc", None),
+    ("CNN + augmentation, 100 labels", "supervised", "test_acc", "test_acc", 0.9366),
+    ("one-shot pseudo-labeling", "oneshot", "test_acc", "test_acc", 0.9412),
+    ("iterative pseudo-labeling", "iterative", "test_acc", "test_acc", 0.9718),
+    ("SimCLR-initialised iterative pseudo-labeling", "simclr_iterative", "test_acc", "test_acc", None),
+    ("student of both iterative models (whole pool relabeled)", "student", "test_acc", "test_acc", None),
 ]
+# reference rows: every training label is used, so they belong to neither few-label protocol
+ALL_LABEL_ROWS = [
+    ("SimCLR linear probe, all labels", "probe", "all-labels/linear/test_acc"),
+    ("SimCLR MLP probe, all labels", "probe", "all-labels/mlp/test_acc"),
+    ("SimCLR kNN probe, all labels", "probe", "all-labels/knn/test_acc"),
+]
+# classifier stages in chain order: the standard protocol's "best" is the one with the highest
+# validation accuracy; the strict protocol's final model is the last one the pipeline ran
+CHAIN = ("supervised", "oneshot", "iterative", "simclr_iterative", "student")
+TUNED = ("simclr_iterative", "student")  # take their schedule from Tune when the pipeline searched
 
 
 def _fmt(values: list[float]) -> str:
@@ -39,44 +57,102 @@ def _fmt(values: list[float]) -> str:
     return f"{100 * mean:.2f} ± {100 * statistics.stdev(values):.2f}%"
 
 
+def _strict_value(stages: dict[str, StageResult], stage: str, metric: str | None) -> float | None:
+    if metric is None or (stage in TUNED and "tune" in stages):
+        return None  # chosen on validation labels: no strict figure
+    return stages[stage].metrics.get(metric)
+
+
+def final_model_figures(stages: dict[str, StageResult]) -> dict[str, tuple[str, float] | None]:
+    """{"standard": (stage, test acc) of the best-on-validation model, "strict": (stage, test acc) of the last}."""
+    trained = [s for s in CHAIN if s in stages and "test_acc" in stages[s].metrics]
+    out: dict[str, tuple[str, float] | None] = {"standard": None, "strict": None}
+    with_val = [s for s in trained if stages[s].metrics.get("val_acc") == stages[s].metrics.get("val_acc")]  # not NaN
+    if with_val:
+        best = max(with_val, key=lambda s: (stages[s].metrics["val_acc"], CHAIN.index(s)))
+        out["standard"] = (best, stages[best].metrics["test_acc"])
+    strict = [s for s in trained if _strict_value(stages, s, "test_acc") is not None]
+    if strict:
+        out["strict"] = (strict[-1], stages[strict[-1]].metrics["test_acc"])
+    return out
+
+
+def _row(name: str, stage: str, standard: dict[int, float | None], strict: dict[int, float | None],
+         ref: float | None) -> dict:
+    std_vals = [v for v in standard.values() if v is not None]
+    strict_vals = [v for v in strict.values() if v is not None]
+    return {
+        "result": name, "stage": stage,
+        "standard": _fmt(std_vals), "strict": _fmt(strict_vals),
+        "mean": statistics.fmean(std_vals) if std_vals else float("nan"),
+        "std": statistics.stdev(std_vals) if len(std_vals) > 1 else 0.0,
+        "strict_mean": statistics.fmean(strict_vals) if strict_vals else float("nan"),
+        "strict_std": statistics.stdev(strict_vals) if len(strict_vals) > 1 else 0.0,
+        "reference": f"{100 * ref:.2f}%" if ref else "-", "reference_value": ref,
+        "beats_reference": "" if ref is None or not std_vals else ("yes" if statistics.fmean(std_vals) > ref else "no"),
+        "per_seed": "; ".join(f"seed {s}: {100 * v:.2f}%" for s, v in standard.items() if v is not None),
+    }
+
+
 def table_rows(results: dict[int, dict[str, StageResult]]) -> list[dict]:
     rows = []
-    for name, stage, metric, ref in ROWS:
-        per_seed = {seed: r[stage].metrics.get(metric) for seed, r in results.items() if stage in r}
-        vals = [v for v in per_seed.values() if v is not None]
-        if not vals:
+    for name, stage, metric, strict_metric, ref in ROWS:
+        seeds = [seed for seed, r in results.items() if stage in r]
+        standard = {seed: results[seed][stage].metrics.get(metric) for seed in seeds}
+        if not any(v is not None for v in standard.values()):
             continue
-        rows.append({
-            "result": name, "stage": stage, "metric": metric,
-            "test_acc": _fmt(vals), "mean": statistics.fmean(vals),
-            "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-            "reference": f"{100 * ref:.2f}%" if ref else "-", "reference_value": ref,
-            "beats_reference": "" if ref is None else ("yes" if statistics.fmean(vals) > ref else "no"),
-            "per_seed": "; ".join(f"seed {s}: {100 * v:.2f}%" for s, v in per_seed.items() if v is not None),
-        })
+        strict = {seed: _strict_value(results[seed], stage, strict_metric) for seed in seeds}
+        rows.append(_row(name, stage, standard, strict, ref))
+    finals = {seed: final_model_figures(r) for seed, r in results.items()}
+    if any(f["standard"] or f["strict"] for f in finals.values()):
+        row = _row("final model (standard: best on validation; strict: the last stage)", "final",
+                   {s: f["standard"][1] if f["standard"] else None for s, f in finals.items()},
+                   {s: f["strict"][1] if f["strict"] else None for s, f in finals.items()}, None)
+        row["per_seed"] = "; ".join(
+            f"seed {s}: {f['standard'][0]} {100 * f['standard'][1]:.2f}%" + (f" / {f['strict'][0]}" if f["strict"] else "")
+            for s, f in finals.items() if f["standard"])
+        rows.append(row)
+    for name, stage, metric in ALL_LABEL_ROWS:
+        vals = {seed: r[stage].metrics.get(metric) for seed, r in results.items() if stage in r}
+        if any(v is not None for v in vals.values()):
+            row = _row(name, stage, vals, {}, None)
+            row["strict"] = "(all labels)"
+            rows.append(row)
     return rows
 
 
-def to_markdown(rows: list[dict], seeds: list[int]) -> str:
+def to_markdown(rows: list[dict], seeds: list[int], labeled: int | None = None, val_size: int | None = None) -> str:
+    labels = f"{labeled} " if labeled else ""
+    val = f"{val_size:,} " if val_size else ""
     lines = [
-        f"Test accuracy of the final models (mean ± std over split seeds {seeds}); selection used the validation split only.",
+        f"Test accuracy of the final models (mean ± std over split seeds {seeds}). The test set only reports.",
+        f"Standard protocol: the {labels}training labels and the {val}validation labels decided (probe C, Tune's "
+        f"schedule, the best final model). Strict protocol: only the {labels}training labels decided anything "
+        "(no validation label was read by the training chain; probe C by cross-validation inside them; the final "
+        "model is the last stage).",
         "",
-        "| result | test accuracy | reference | beats reference | per seed |",
-        "| --- | ---: | ---: | :---: | --- |",
+        "| result | standard | strict | reference | beats reference | per seed (standard) |",
+        "| --- | ---: | ---: | ---: | :---: | --- |",
     ]
     for r in rows:
-        lines.append(f"| {r['result']} | {r['test_acc']} | {r['reference']} | {r['beats_reference']} | {r['per_seed']} |")
+        lines.append(f"| {r['result']} | {r['standard']} | {r['strict']} | {r['reference']} | {r['beats_reference']} "
+                     f"| {r['per_seed']} |")
     return "\n".join(lines) + "\n"
 
 
-def summarise(cfg: Config, tracker: Tracker, results: dict[int, dict[str, StageResult]], folder: Path | None = None) -> str:
-    """Write results.md / results.csv / accuracy plot, log them to ``tracker``'s run; return the markdown."""
+def summarise(cfg: Config, tracker: Tracker, results: dict[int, dict[str, StageResult]], folder: Path | None = None,
+              val_size: int | None = None) -> str:
+    """Write results.md / results.csv / error plot, log them to ``tracker``'s run; return the markdown.
+
+    ``val_size``: the validation split's size (default: ``split.val_size`` of ``cfg``).
+    """
     folder = folder or stage_dir(cfg, f"report-{tracker.run_id or 'local'}")
     rows = table_rows(results)
-    md = to_markdown(rows, list(results))
+    md = to_markdown(rows, list(results), 10 * cfg.split.labels_per_class, val_size or cfg.split.val_size)
     (folder / "results.md").write_text(md)
     with (folder / "results.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["result", "stage", "metric", "mean", "std", "reference_value", "per_seed"],
+        w = csv.DictWriter(f, fieldnames=["result", "stage", "mean", "std", "strict_mean", "strict_std", "reference_value",
+                                          "per_seed"],
                            extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
@@ -84,7 +160,7 @@ def summarise(cfg: Config, tracker: Tracker, results: dict[int, dict[str, StageR
     tracker.log_artifact(folder / "results.csv", "report")
     if rows:
         per_seed = {}
-        for name, stage, metric, _ in ROWS:
+        for name, stage, metric, _, _ in ROWS:
             vals = [r[stage].metrics[metric] for r in results.values() if stage in r and metric in r[stage].metrics]
             if vals:
                 per_seed[name] = vals
@@ -92,7 +168,13 @@ def summarise(cfg: Config, tracker: Tracker, results: dict[int, dict[str, StageR
                                   f"test error by stage, {len(results)} split seed(s)",
                                   {r["result"]: r["reference_value"] for r in rows if r["reference_value"]})
         tracker.log_artifact(png, "report")
-        tracker.log_metrics({f"summary/{r['stage']}/{r['metric']}/mean": r["mean"] for r in rows})
+        summary = {}
+        for r in rows:
+            slug = re.sub(r"[^a-z0-9]+", "_", r["result"].lower()).strip("_")[:60]
+            summary[f"summary/{slug}/standard_mean"] = r["mean"]
+            if r["strict_mean"] == r["strict_mean"]:  # not NaN
+                summary[f"summary/{slug}/strict_mean"] = r["strict_mean"]
+        tracker.log_metrics(summary)
     return md
 
 
@@ -114,6 +196,7 @@ def report(cfg: Config) -> str:
             raise ConfigError(f"no pipeline run in {uri}: run `toolkit pipeline` first or set report.run_id")
         parent_id = runs[0].info.run_id
     results: dict[int, dict[str, StageResult]] = {}
+    val_sizes: set[int] = set()
     parent_tags = client.get_run(parent_id).data.tags
     # the parent records every stage's run (also stages skipped because an earlier run finished them)
     recorded = {k[len(STAGE_RUN_TAG) + 1:]: v for k, v in parent_tags.items() if k.startswith(STAGE_RUN_TAG + ".")}
@@ -125,8 +208,11 @@ def report(cfg: Config) -> str:
             continue
         results.setdefault(int(seed), {})[stage] = StageResult(stage, run.info.run_name, run.info.run_id, None,
                                                                dict(run.data.metrics))
+        if "split.val_size_actual" in run.data.params:
+            val_sizes.add(int(run.data.params["split.val_size_actual"]))
     if not results:
         raise ConfigError(f"pipeline run {parent_id} has no finished stage to report yet")
-    md = summarise(cfg, Tracker(uri, parent_id), dict(sorted(results.items())))
+    md = summarise(cfg, Tracker(uri, parent_id), dict(sorted(results.items())),
+                   val_size=max(val_sizes) if val_sizes else None)
     print(md, flush=True)
     return md

@@ -2,8 +2,8 @@
 
 Round r: predict the remaining pool (Ray Data actor pool, or in-process), keep
 predictions above the round's threshold (a schedule of r), move them from the pool
-into the training set, retrain (warm-started or from the initial weights), select the
-best model on the validation split. The state (pool, pseudo-labels, history and the
+into the training set, retrain (warm-started or from the initial weights) and keep the
+last weights (validation accuracy is logged, never used: the chain reads no validation label). The state (pool, pseudo-labels, history and the
 current model's weights) lives in memory and is handed to ``after_round`` after each
 round: a file in the stage folder, or a Tune checkpoint in Ray's storage. Pseudo-label
 precision uses the pool's hidden true labels: it is logged as a diagnostic and never
@@ -124,9 +124,9 @@ def run_rounds(cfg: Config, tracker: Tracker, key: str, scratch: Path, state: di
             after_round(state, {})
     if not state:
         if start is None:  # round 0: the labeled images alone
-            _, best = train_classifier(cfg, tracker, f"{key}-round0", scratch, "round0.pt", split, init=init,
-                                       label="round 0")
-            start = ModelWeights("classifier", cfg.to_dict(), best["state_dict"])
+            _, trained = train_classifier(cfg, tracker, f"{key}-round0", scratch, "round0.pt", split, init=init,
+                                          label="round 0")
+            start = ModelWeights("classifier", cfg.to_dict(), trained["state_dict"])
         state = new_state(digest, start_id, start, init is not None, split)
 
     for r in range(state["rounds_done"], rounds):
@@ -146,7 +146,7 @@ def run_rounds(cfg: Config, tracker: Tracker, key: str, scratch: Path, state: di
         precision_total = (float((train_labels[all_idx] == torch.tensor(pseudo_lab)).float().mean())
                            if len(pseudo_idx) else float("nan"))
         warm = ModelWeights("classifier", state["model_config"], state["state_dict"])
-        _, best = train_classifier(
+        _, trained = train_classifier(
             cfg, tracker, f"{key}-round{r + 1}", scratch, f"round{r + 1}.pt", split,
             init=warm if pc.warm_start else init, encoder_pretrained=bool(state["encoder_pretrained"]),
             pseudo_indices=torch.tensor(pseudo_idx, dtype=torch.long), pseudo_labels=torch.tensor(pseudo_lab, dtype=torch.long),
@@ -158,7 +158,7 @@ def run_rounds(cfg: Config, tracker: Tracker, key: str, scratch: Path, state: di
             "added": len(new_idx),
             "pool_left": int(keep.sum()),
             "train_size": len(split.labeled) + len(pseudo_idx),
-            "val_acc": best["best_val_acc"],
+            "val_acc": trained["val_acc"],
             "round_seconds": time.perf_counter() - t0,
             "diagnostic/pseudo_precision_round": precision_round,
             "diagnostic/pseudo_precision_total": precision_total,
@@ -167,12 +167,12 @@ def run_rounds(cfg: Config, tracker: Tracker, key: str, scratch: Path, state: di
         entry = {"round": r + 1, "counts": counts, **metrics}
         _log_round(tracker, entry)
         state.update({
-            "rounds_done": r + 1, "model_config": cfg.to_dict(), "state_dict": best["state_dict"],
+            "rounds_done": r + 1, "model_config": cfg.to_dict(), "state_dict": trained["state_dict"],
             "pool": pool[keep].tolist(), "pseudo_indices": pseudo_idx, "pseudo_labels": pseudo_lab,
             "history": state["history"] + [entry],
         })
         print(f"[pseudolabel] round {r + 1}/{rounds}: threshold {threshold:.4f}, +{len(new_idx)} "
-              f"(precision {precision_round:.4f}, diagnostic), pool left {int(keep.sum())}, val acc {best['best_val_acc']:.4f}",
+              f"(precision {precision_round:.4f}, diagnostic), pool left {int(keep.sum())}, val acc {trained['val_acc']:.4f}",
               flush=True)
         after_round(state, metrics)
     return state

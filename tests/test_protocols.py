@@ -1,0 +1,133 @@
+"""The two protocols: what the strict one reports must not depend on any label outside the 100.
+
+The test runs the same small pipeline twice in this process: once on the real labels, once
+with every training label outside the labeled set (the validation split's and the pool's
+hidden ones) shifted by one digit. Every strict figure must come out identical, while the
+validation accuracies (what the standard protocol may use) must change, which shows that
+the poison reached the code. The pure pieces (the ensemble labels, which model each
+protocol calls final, the cross-validated probe penalty) are tested on their own below.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from toolkit.config import Config
+from toolkit.data import Mnist, make_split
+from toolkit.stages.common import StageResult
+from toolkit.stages.report import final_model_figures, table_rows
+from toolkit.stages.student import ensemble_labels
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch single-threaded
+
+SEED = 0
+
+
+def study_config(data_root: str, tmp, name: str) -> Config:
+    return Config().replace(**{
+        "data.root": data_root, "data.train_subset": 1500, "data.test_subset": 500, "split.val_size": 200,
+        "model.width": 8, "pretrain.epochs": 1, "pretrain.batch_size": 128, "pretrain.warmup_epochs": 0.0,
+        "pretrain.max_images": 512, "probe.tsne_points": 0, "probe.all_labels": False,
+        "classifier.steps": 20, "classifier.eval_every": 10, "classifier.batch_size": 64, "classifier.warmup_steps": 5,
+        "classifier.lr": 0.01, "pseudolabel.rounds": 2, "pseudolabel.threshold_start": 0.6,
+        "pseudolabel.threshold_floor": 0.3, "pseudolabel.steps_per_round": 20, "pseudolabel.inference": "local",
+        "student.steps": 20, "pipeline.seeds": [SEED], "run.backend": "local", "run.threads": 1,
+        "run.output_dir": str(tmp / name / "runs"), "tracking.uri": f"sqlite:///{tmp / name / 'mlflow.db'}",
+        "tracking.log_models": False,
+    })
+
+
+def poison_outside_labeled(monkeypatch, cfg: Config) -> None:
+    """Shift every training label but the labeled set's by one digit, wherever MNIST is loaded.
+
+    The split is still drawn from the real labels (it is the same split; only what the code
+    could read about the other images changes).
+    """
+    import toolkit.inference
+    import toolkit.stages.common
+    import toolkit.train_loops
+    from toolkit.data import load_mnist
+
+    real = load_mnist(cfg.data.root, False, cfg.data.train_subset, cfg.data.test_subset)
+    split = make_split(real.train_labels, cfg.split.labels_per_class, cfg.split.val_size, SEED)
+    shifted = (real.train_labels + 1) % 10
+    shifted[split.labeled] = real.train_labels[split.labeled]
+
+    def poisoned_load(*args, **kwargs) -> Mnist:
+        d = load_mnist(*args, **kwargs)
+        assert torch.equal(d.train_labels, real.train_labels[: len(d.train_labels)])
+        return Mnist(d.train_images, shifted[: len(d.train_labels)].clone(), d.test_images, d.test_labels)
+
+    def real_split(labels, labels_per_class, val_size, seed):
+        return make_split(real.train_labels[: len(labels)], labels_per_class, val_size, seed)
+
+    for module in (toolkit.stages.common, toolkit.train_loops, toolkit.inference):
+        monkeypatch.setattr(module, "load_mnist", poisoned_load)
+    monkeypatch.setattr(toolkit.stages.common, "make_split", real_split)
+
+
+@pytest.mark.slow
+def test_strict_figures_do_not_move_when_every_label_outside_the_100_changes(data_root, tmp_path, monkeypatch):
+    from toolkit.stages.pipeline import pipeline
+
+    honest = pipeline(study_config(data_root, tmp_path, "honest"))[SEED]
+    cfg = study_config(data_root, tmp_path, "poisoned")
+    with monkeypatch.context() as m:
+        poison_outside_labeled(m, cfg)
+        poisoned = pipeline(cfg)[SEED]
+
+    chain = ("supervised", "oneshot", "iterative", "simclr_iterative", "student")
+    assert set(chain) | {"probe"} <= set(honest) == set(poisoned)
+    # the poison reached the code: what validation reports (standard protocol only) changed
+    assert any(honest[s].metrics["val_acc"] != poisoned[s].metrics["val_acc"] for s in chain)
+    assert honest["student"].metrics["diagnostic/pseudo_precision_total"] != \
+        poisoned["student"].metrics["diagnostic/pseudo_precision_total"]
+    # ... and no strict figure moved
+    for stage in chain:
+        assert honest[stage].metrics["test_acc"] == poisoned[stage].metrics["test_acc"], stage
+    for key in ("100-labels/linear_cv/test_acc", "100-labels/linear_cv/C", "100-labels/mlp/test_acc",
+                "100-labels/knn/test_acc"):
+        assert honest["probe"].metrics[key] == poisoned["probe"].metrics[key], key
+    strict_column = [(r["result"], r["strict"]) for r in table_rows({SEED: honest})]
+    assert strict_column == [(r["result"], r["strict"]) for r in table_rows({SEED: poisoned})]
+    assert final_model_figures(honest)["strict"] == final_model_figures(poisoned)["strict"] == \
+        ("student", honest["student"].metrics["test_acc"])
+
+
+def _result(stage: str, test_acc: float, val_acc: float) -> StageResult:
+    return StageResult(stage, stage, metrics={"test_acc": test_acc, "val_acc": val_acc})
+
+
+def test_standard_final_model_is_the_best_on_validation_and_strict_the_last_stage():
+    stages = {"supervised": _result("supervised", 0.93, 0.93), "iterative": _result("iterative", 0.981, 0.985),
+              "simclr_iterative": _result("simclr_iterative", 0.978, 0.979), "student": _result("student", 0.984, 0.982)}
+    figures = final_model_figures(stages)
+    assert figures["standard"] == ("iterative", 0.981)
+    assert figures["strict"] == ("student", 0.984)
+
+
+def test_a_stage_tuned_on_validation_has_no_strict_figure():
+    stages = {"iterative": _result("iterative", 0.98, 0.98), "simclr_iterative": _result("simclr_iterative", 0.99, 0.99),
+              "student": _result("student", 0.985, 0.985), "tune": StageResult("tune", "tune")}
+    assert final_model_figures(stages)["strict"] == ("iterative", 0.98)
+    rows = {r["stage"]: r for r in table_rows({0: stages})}
+    assert rows["simclr_iterative"]["standard"] == "99.00%" and rows["simclr_iterative"]["strict"] == "-"
+    assert rows["iterative"]["strict"] == "98.00%"
+
+
+def test_report_rows_give_mean_and_std_over_seeds_in_both_columns():
+    results = {s: {"iterative": _result("iterative", acc, acc)} for s, acc in ((0, 0.98), (1, 0.99), (2, 0.97))}
+    (row, final) = table_rows(results)
+    assert row["standard"] == row["strict"] == "98.00 ± 1.00%"
+    assert final["stage"] == "final" and row["per_seed"] == "seed 0: 98.00%; seed 1: 99.00%; seed 2: 97.00%"
+
+
+def test_ensemble_labels_average_the_teachers_and_keep_the_confident():
+    a = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8]])
+    b = torch.tensor([[0.7, 0.3], [0.2, 0.8], [0.4, 0.6]])
+    keep, labels, conf = ensemble_labels([a, b], 0.65)
+    assert keep.tolist() == [0, 2] and labels.tolist() == [0, 1]
+    assert torch.allclose(conf, torch.tensor([0.8, 0.6, 0.7]))
+    keep_all, labels_all, _ = ensemble_labels([a, b], 0.0)
+    assert keep_all.tolist() == [0, 1, 2] and labels_all.tolist() == [0, 1, 1]  # image 1 revised by the vote

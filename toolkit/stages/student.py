@@ -1,0 +1,81 @@
+"""`student` (a pipeline stage): the finished pseudo-labelers relabel the whole pool together, a student learns it.
+
+The iterative pseudo-labelers each froze their early picks: an image taken in round 1
+keeps its round-1 label forever, and the last rounds leave the hardest images unlabeled.
+Here the teachers (the scratch and the SimCLR-initialised iterative models: two different
+starts make different mistakes) predict every pool image, their probabilities are
+averaged, and each image whose averaged confidence reaches ``student.min_confidence``
+gets the ensemble's label, early mistakes revised. The student trains on the true labels
+plus all of these for ``student.steps`` steps and keeps its last weights.
+
+Nothing here reads a validation label: the teachers, the start and the recipe are fixed
+in advance, so the student is the strict protocol's final model. The pool's hidden true
+labels give the pseudo-label precision, logged as a diagnostic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from .. import checkpoints
+from ..config import Config, stage_digest
+from ..inference import predict_pool, weights_from_file
+from .common import StageOutput, StageResult, StageRun, log_test_report, run_key, run_stage, train_classifier
+
+
+def ensemble_labels(probs: list[torch.Tensor], min_confidence: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Average the teachers' (N, C) probabilities; return (kept positions, their labels, the averaged confidence)."""
+    mean = torch.stack(probs).mean(0)
+    conf, labels = mean.max(1)
+    keep = (conf >= min_confidence).nonzero().flatten()
+    return keep, labels[keep], conf
+
+
+def student(cfg: Config, teachers: list[str], parent_run_id: str | None = None, key: str | None = None) -> StageResult:
+    """Train the student on the true labels and the teachers' ensemble labels of the whole pool.
+
+    ``teachers``: classifier files (the driver's); the first one is the student's start when
+    ``student.warm_start`` (else it starts from scratch).
+    """
+    if not teachers:
+        raise ValueError("the student stage needs at least one teacher model")
+    key = key or run_key(cfg, "student") + "-from-" + hashlib.sha256("\n".join(teachers).encode()).hexdigest()[:6]
+    sc = cfg.student
+
+    def body(run: StageRun) -> StageOutput:
+        pool = run.split.pool
+        weights = [weights_from_file(t) for t in teachers]
+        probs = [torch.from_numpy(predict_pool(cfg, w, pool, images=run.data.train_images)) for w in weights]
+        keep, labels, conf = ensemble_labels(probs, sc.min_confidence)
+        idx = pool[keep]
+        votes = torch.stack([p.argmax(1) for p in probs])
+        agreement = float((votes == votes[0]).all(0).float().mean()) if len(probs) > 1 else 1.0
+        # diagnostics only: the pool's true labels never feed back into selection or training
+        precision = float((run.data.train_labels[idx] == labels).float().mean()) if len(idx) else float("nan")
+        print(f"[student] {len(teachers)} teachers label {len(idx)}/{len(pool)} pool images "
+              f"(agreement {agreement:.4f}; precision {precision:.4f}, diagnostic)", flush=True)
+        start = weights[0] if sc.warm_start else None
+        model_path, final = train_classifier(
+            cfg, run.tracker, run.key, run.folder, checkpoints.MODEL_FILE, run.split, init=start,
+            encoder_pretrained=bool(checkpoints.load(teachers[0]).get("encoder_pretrained", False)) if start else False,
+            pseudo_indices=idx, pseudo_labels=labels, steps=sc.steps, label="student",
+        )
+        run.tracker.log_artifact(model_path, "model")
+        metrics = log_test_report(run.tracker, cfg, model_path, run.data, run.folder, "student of the pseudo-labelers")
+        metrics.update({
+            "val_acc": final["val_acc"],
+            "pseudo_labels": len(idx),
+            "teacher_agreement": agreement,
+            "mean_confidence": float(conf.mean()) if len(conf) else float("nan"),
+            "diagnostic/pseudo_precision_total": precision,
+        })
+        run.tracker.log_metrics({f"final/{k}": v for k, v in metrics.items() if not k.startswith("test_")})
+        run.tracker.log_params({"student.teachers": ", ".join(teachers)[:500]})
+        return StageOutput(model_path, metrics, f"{len(idx)} ensemble labels, val acc {final['val_acc']:.4f}, "
+                                                f"test acc {metrics['test_acc']:.4f}")
+
+    return run_stage(cfg, "student", key, stage_digest(cfg, "student"), parent_run_id,
+                     {"toolkit.teachers": len(teachers)}, body,
+                     lambda done: f"test acc {done.metrics.get('test_acc', float('nan')):.4f}")
