@@ -15,6 +15,7 @@ best-seen-during-training value). Two protocols, side by side:
 from __future__ import annotations
 
 import csv
+import math
 import re
 import statistics
 from pathlib import Path
@@ -67,7 +68,7 @@ def final_model_figures(stages: dict[str, StageResult]) -> dict[str, tuple[str, 
     """{"standard": (stage, test acc) of the best-on-validation model, "strict": (stage, test acc) of the last}."""
     trained = [s for s in CHAIN if s in stages and "test_acc" in stages[s].metrics]
     out: dict[str, tuple[str, float] | None] = {"standard": None, "strict": None}
-    with_val = [s for s in trained if stages[s].metrics.get("val_acc") == stages[s].metrics.get("val_acc")]  # not NaN
+    with_val = [s for s in trained if math.isfinite(stages[s].metrics.get("val_acc", math.nan))]
     if with_val:
         best = max(with_val, key=lambda s: (stages[s].metrics["val_acc"], CHAIN.index(s)))
         out["standard"] = (best, stages[best].metrics["test_acc"])
@@ -172,7 +173,7 @@ def summarise(cfg: Config, tracker: Tracker, results: dict[int, dict[str, StageR
         for r in rows:
             slug = re.sub(r"[^a-z0-9]+", "_", r["result"].lower()).strip("_")[:60]
             summary[f"summary/{slug}/standard_mean"] = r["mean"]
-            if r["strict_mean"] == r["strict_mean"]:  # not NaN
+            if not math.isnan(r["strict_mean"]):
                 summary[f"summary/{slug}/strict_mean"] = r["strict_mean"]
         tracker.log_metrics(summary)
     return md

@@ -21,7 +21,8 @@ import torch
 
 from .. import checkpoints
 from ..config import Config, stage_digest
-from ..inference import predict_pool, weights_from_file
+from ..inference import predict_pool
+from ..jobs import ModelWeights
 from .common import StageOutput, StageResult, StageRun, log_test_report, run_key, run_stage, train_classifier
 
 
@@ -46,7 +47,8 @@ def student(cfg: Config, teachers: list[str], parent_run_id: str | None = None, 
 
     def body(run: StageRun) -> StageOutput:
         pool = run.split.pool
-        weights = [weights_from_file(t) for t in teachers]
+        payloads = [checkpoints.load_model_file(t, "classifier") for t in teachers]  # each file read once
+        weights = [ModelWeights.from_payload(p) for p in payloads]
         probs = [torch.from_numpy(predict_pool(cfg, w, pool, images=run.data.train_images)) for w in weights]
         keep, labels, conf = ensemble_labels(probs, sc.min_confidence)
         idx = pool[keep]
@@ -59,7 +61,7 @@ def student(cfg: Config, teachers: list[str], parent_run_id: str | None = None, 
         start = weights[0] if sc.warm_start else None
         model_path, final = train_classifier(
             cfg, run.tracker, run.key, run.folder, checkpoints.MODEL_FILE, run.split, init=start,
-            encoder_pretrained=bool(checkpoints.load(teachers[0]).get("encoder_pretrained", False)) if start else False,
+            encoder_pretrained=bool(payloads[0].get("encoder_pretrained", False)) if start else False,
             pseudo_indices=idx, pseudo_labels=labels, steps=sc.steps, label="student",
         )
         run.tracker.log_artifact(model_path, "model")
