@@ -133,3 +133,26 @@ def test_ensemble_labels_average_the_teachers_and_keep_the_confident():
     assert torch.allclose(conf, torch.tensor([0.8, 0.6, 0.7]))
     keep_all, labels_all, _ = ensemble_labels([a, b], 0.0)
     assert keep_all.tolist() == [0, 1, 2] and labels_all.tolist() == [0, 1, 1]  # image 1 revised by the vote
+
+
+def test_ensemble_labels_smooth_the_average_before_choosing():
+    a = torch.tensor([[0.9, 0.1], [0.3, 0.7]])
+    seen = []
+
+    def smooth(mean: torch.Tensor) -> torch.Tensor:
+        seen.append(mean.clone())
+        return mean.flip(1)  # a stand-in that changes every label
+
+    keep, labels, conf = ensemble_labels([a, a], 0.0, smooth)
+    torch.testing.assert_close(seen[0], a)
+    assert keep.tolist() == [0, 1] and labels.tolist() == [1, 0]
+    torch.testing.assert_close(conf, torch.tensor([0.9, 0.7]))
+
+
+def test_a_stage_key_names_the_files_it_starts_from():
+    from toolkit.stages.common import with_inputs
+
+    key = with_inputs("student-abc", ["/runs/a/model.pt", "/runs/enc/model.pt"])
+    assert key.startswith("student-abc-from-") and key == with_inputs("student-abc", ["/runs/a/model.pt", "/runs/enc/model.pt"])
+    assert key != with_inputs("student-abc", ["/runs/a/model.pt"])  # with and without the encoder
+    assert key != with_inputs("student-abc", ["/runs/b/model.pt", "/runs/enc/model.pt"])

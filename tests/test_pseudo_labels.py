@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from toolkit.pseudo_labels import PseudoLabelSelection, flexmatch_class_thresholds, select_pseudo_labels
+from toolkit.pseudo_labels import PseudoLabelSelection, flexmatch_class_thresholds, knn_smooth, select_pseudo_labels
 
 # 6 rows, 3 classes. Row -> (label, confidence):
 # 0 -> (0, .95)  1 -> (1, .85)  2 -> (2, .90)  3 -> (0, .97)  4 -> (0, .40)  5 -> (1, .93)
@@ -254,3 +254,59 @@ def test_counts_per_class_validates():
 
 def test_selection_type():
     assert isinstance(select_pseudo_labels(PROBS, 0.9), PseudoLabelSelection)
+
+
+# --- kNN smoothing in an embedding (the student's labels) ---
+
+def _two_clusters(n: int = 20, seed: int = 0) -> torch.Tensor:
+    """(2n, 4) features: n rows near +e0, n rows near +e1 (cosine ~1 inside, ~0 across)."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.tensor([1.0, 0, 0, 0]) + 0.05 * torch.randn(n, 4, generator=g)
+    b = torch.tensor([0, 1.0, 0, 0]) + 0.05 * torch.randn(n, 4, generator=g)
+    return torch.cat([a, b])
+
+
+def test_knn_smooth_outvotes_an_isolated_mistake():
+    feats = _two_clusters()
+    probs = torch.zeros(40, 3)
+    probs[:20, 0] = 1.0
+    probs[20:, 1] = 1.0
+    probs[3] = torch.tensor([0.05, 0.9, 0.05])  # a confident mistake inside cluster 0
+    out = knn_smooth(probs, feats, k=5)
+    assert out.argmax(1).tolist() == [0] * 20 + [1] * 20
+    torch.testing.assert_close(out.sum(1), torch.ones(40))
+
+
+def test_knn_smooth_keeps_a_shared_mistake():
+    """A whole cluster labeled wrongly stays wrong: the smoothing can only revise isolated errors."""
+    feats = _two_clusters()
+    probs = torch.zeros(40, 3)
+    probs[:, 1] = 1.0
+    assert knn_smooth(probs, feats, k=5).argmax(1).eq(1).all()
+
+
+def test_knn_smooth_ignores_far_rows():
+    """Neighbours only count by exp((sim - 1) / T): an opposite row hardly moves a row's own label."""
+    feats = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+    probs = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    out = knn_smooth(probs, feats, k=1)
+    assert out[0, 0] > 0.999 and out[1, 1] > 0.999
+
+
+def test_knn_smooth_k_larger_than_rows_and_chunks_agree():
+    feats = _two_clusters(7)
+    probs = torch.softmax(torch.randn(14, 4, generator=torch.Generator().manual_seed(1)), 1)
+    whole = knn_smooth(probs, feats, k=50)
+    torch.testing.assert_close(knn_smooth(probs, feats, k=50, chunk_size=3), whole)
+    assert whole.shape == (14, 4)
+
+
+@pytest.mark.parametrize("kwargs", [dict(k=0), dict(k=2, temperature=0.0), dict(k=2, chunk_size=0)])
+def test_knn_smooth_rejects_bad_arguments(kwargs):
+    with pytest.raises(ValueError):
+        knn_smooth(torch.full((4, 2), 0.5), torch.randn(4, 3), **kwargs)
+
+
+def test_knn_smooth_rejects_mismatched_rows():
+    with pytest.raises(ValueError, match="same N"):
+        knn_smooth(torch.full((4, 2), 0.5), torch.randn(5, 3), k=2)

@@ -219,9 +219,12 @@ class StudentConfig:
     min_confidence: float = _opt(0.0, "least averaged teacher confidence for a pool image to get a label (0: every "
                                       "pool image is labeled)")
     warm_start: bool = _opt(True, "start from the first teacher (the scratch iterative model); false: from scratch")
+    knn_k: int = _opt(5, "average the teachers' probabilities over each pool image's k nearest neighbours in the "
+                         "SimCLR embedding (the 100 labeled images count as certain); 0: off. Needs the encoder")
 
     def validate(self) -> None:
         _check(self.steps >= 1, "student.steps", "must be >= 1", self.steps)
+        _check(self.knn_k >= 0, "student.knn_k", "must be >= 0", self.knn_k)
         _check(0.0 <= self.min_confidence <= 1.0, "student.min_confidence", "must be in [0, 1]", self.min_confidence)
 
 

@@ -3,6 +3,7 @@ model references and loading, classifier training through a backend, and the tes
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -19,7 +20,7 @@ from ..data import Mnist, Split, check_mnist, load_mnist, make_split, resolve_ro
 from ..engine import predict_logits
 from ..inference import device_for
 from ..jobs import ModelWeights, TrainJob
-from ..models import Classifier
+from ..models import Classifier, SimCLRModel
 from ..storage import resolve_output_dir
 from ..tracking import MetricsLogger, Tracker
 
@@ -58,6 +59,15 @@ def run_key(cfg: Config, command: str, stage: str | None = None) -> str:
     if cfg.run.name:
         return f"{cfg.run.name}-{command}"
     return f"{command}-{stage_digest(cfg, stage or command)}"
+
+
+def with_inputs(key: str, inputs: list[str]) -> str:
+    """``key`` plus a short hash of the input files a stage starts from (``-from-<hash>``).
+
+    Two runs of the same config from different models (another seed's teacher, another
+    encoder) must not share a folder, and the config alone does not name those files.
+    """
+    return key + "-from-" + hashlib.sha256("\n".join(str(i) for i in inputs).encode()).hexdigest()[:6]
 
 
 def stage_dir(cfg: Config, key: str) -> Path:
@@ -118,6 +128,14 @@ def load_classifier_file(path: str | Path, device: torch.device | None = None) -
 
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def load_encoder(path: str | Path, device: torch.device) -> torch.nn.Module:
+    """The frozen encoder of a SimCLR checkpoint, in eval mode on ``device``."""
+    payload = checkpoints.load_model_file(path, "simclr")
+    model = SimCLRModel(checkpoints.config_of(payload).model)
+    model.load_state_dict(payload["state_dict"])
+    return model.encoder.to(device).to(memory_format=torch.channels_last).eval()
 
 
 def resolve_model_ref(cfg: Config, ref: str, dest: Path) -> Path:

@@ -70,7 +70,7 @@ def run_seed(cfg: Config, parent_id: str | None, prefix: str, seed: int, simclr_
     if "student" in stages and teachers:
         from .student import student
 
-        record("student", student(scfg.replace(**{"model.init": "scratch"}), teachers, parent_id))
+        record("student", student(scfg.replace(**{"model.init": "scratch"}), teachers, parent_id, encoder=simclr_path))
     return out
 
 

@@ -11,8 +11,6 @@ With few labels the linear probe's penalty C is chosen twice: on the validation 
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
 
 import torch
 
@@ -20,25 +18,16 @@ from .. import checkpoints
 from ..config import Config, ConfigError, stage_digest
 from ..engine import extract_features
 from ..inference import device_for
-from ..models import SimCLRModel
 from ..plots import plot_confusion_matrix, plot_embedding_2d
 from ..probes import accuracy, predict, run_probes, select_linear_C, select_linear_C_cv, train_linear_probe
-from .common import StageOutput, StageResult, StageRun, resolve_model_ref, run_stage, stage_dir
-
-def load_encoder(path: Path, device: torch.device) -> torch.nn.Module:
-    payload = checkpoints.load_model_file(path, "simclr")
-    model = SimCLRModel(checkpoints.config_of(payload).model)
-    model.load_state_dict(payload["state_dict"])
-    return model.encoder.to(device).to(memory_format=torch.channels_last).eval()
-
+from .common import (StageOutput, StageResult, StageRun, load_encoder, resolve_model_ref, run_key, run_stage, stage_dir,
+                     with_inputs)
 
 def probe(cfg: Config, parent_run_id: str | None = None, key: str | None = None, checkpoint: str | None = None) -> StageResult:
     ref = checkpoint or cfg.probe.checkpoint
     if not ref:
         raise ConfigError("probe.checkpoint is empty: give a SimCLR checkpoint path or the MLflow run id of a pretrain run")
-    ref_hash = hashlib.sha256(str(ref).encode()).hexdigest()[:6]
-    digest = stage_digest(cfg, "probe")
-    key = key or (f"{cfg.run.name}-probe" if cfg.run.name else f"probe-{digest}-{ref_hash}")
+    key = key or (f"{cfg.run.name}-probe" if cfg.run.name else with_inputs(run_key(cfg, "probe"), [ref]))
 
     # the encoder is resolved and checked first: a wrong reference opens no folder's MLflow run
     path = resolve_model_ref(cfg, ref, stage_dir(cfg, key))
@@ -91,4 +80,4 @@ def probe(cfg: Config, parent_run_id: str | None = None, key: str | None = None,
         tracker.log_metrics(metrics)
         return StageOutput(None, metrics, f"{len(protocols)} protocols x linear / MLP / kNN")
 
-    return run_stage(cfg, "probe", key, digest, parent_run_id, {}, body)
+    return run_stage(cfg, "probe", key, stage_digest(cfg, "probe"), parent_run_id, {}, body)

@@ -7,7 +7,6 @@ finished round), and logs the per-round plots, the final model and its test accu
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from .. import checkpoints
@@ -15,7 +14,8 @@ from ..config import Config, stage_digest
 from ..jobs import ModelWeights
 from ..plots import plot_class_counts, plot_curves
 from ..tracking import Tracker
-from .common import StageOutput, StageResult, StageRun, init_weights, log_test_report, run_key, run_stage, save_model_file
+from .common import (StageOutput, StageResult, StageRun, init_weights, log_test_report, run_key, run_stage, save_model_file,
+                     with_inputs)
 from .rounds import STATE_FILE, load_state, run_rounds, save_state
 
 def _round_plots(tracker: Tracker, state: dict, folder: Path, title: str) -> None:
@@ -47,7 +47,7 @@ def pseudolabel(cfg: Config, parent_run_id: str | None = None, key: str | None =
     mode = cfg.pseudolabel.mode
     key = key or run_key(cfg, f"pseudolabel-{mode}", "pseudolabel")
     if base_model and not cfg.run.name and key.startswith("pseudolabel-"):
-        key += "-from-" + hashlib.sha256(str(base_model).encode()).hexdigest()[:6]
+        key = with_inputs(key, [base_model])
 
     def body(run: StageRun) -> StageOutput:
         init = init_weights(cfg, run.folder)

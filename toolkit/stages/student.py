@@ -4,8 +4,10 @@ The iterative pseudo-labelers each froze their early picks: an image taken in ro
 keeps its round-1 label forever, and the last rounds leave the hardest images unlabeled.
 Here the teachers (the scratch and the SimCLR-initialised iterative models: two different
 starts make different mistakes) predict every pool image, their probabilities are
-averaged, and each image whose averaged confidence reaches ``student.min_confidence``
-gets the ensemble's label, early mistakes revised. The student trains on the true labels
+averaged, then averaged again over each image's ``student.knn_k`` nearest neighbours in the
+SimCLR embedding (what the label-free features know: a teacher's isolated mistake is outvoted
+by its neighbourhood), and each image whose confidence reaches ``student.min_confidence``
+gets that label, early mistakes revised. The student trains on the true labels
 plus all of these for ``student.steps`` steps and keeps its last weights.
 
 Nothing here reads a validation label: the teachers, the start and the recipe are fixed
@@ -15,48 +17,82 @@ labels give the pseudo-label precision, logged as a diagnostic.
 
 from __future__ import annotations
 
-import hashlib
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from .. import checkpoints
 from ..config import Config, stage_digest
-from ..inference import predict_pool
+from ..data import NUM_CLASSES
+from ..engine import extract_features
+from ..inference import device_for, predict_pool
 from ..jobs import ModelWeights
-from .common import StageOutput, StageResult, StageRun, log_test_report, run_key, run_stage, train_classifier
+from ..pseudo_labels import knn_smooth
+from .common import (StageOutput, StageResult, StageRun, load_encoder, log_test_report, run_key, run_stage,
+                     train_classifier, with_inputs)
 
 
-def ensemble_labels(probs: list[torch.Tensor], min_confidence: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Average the teachers' (N, C) probabilities; return (kept positions, their labels, the averaged confidence)."""
+def ensemble_labels(probs: list[torch.Tensor], min_confidence: float,
+                    smooth: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Average the teachers' (N, C) probabilities (then ``smooth`` them, if given); return
+    (kept positions, their labels, the confidence of every row)."""
     mean = torch.stack(probs).mean(0)
+    if smooth is not None:
+        mean = smooth(mean)
     conf, labels = mean.max(1)
     keep = (conf >= min_confidence).nonzero().flatten()
     return keep, labels[keep], conf
 
 
-def student(cfg: Config, teachers: list[str], parent_run_id: str | None = None, key: str | None = None) -> StageResult:
+def embedding_smoother(cfg: Config, encoder_path: str, data, split) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Pool probabilities -> the same averaged over each image's ``student.knn_k`` nearest neighbours
+    in the SimCLR embedding, among the pool and the labeled images (whose rows are their true labels).
+
+    The validation images stay out: no validation label, nor image, shapes a pseudo-label.
+    """
+    device = device_for(cfg)
+    encoder = load_encoder(encoder_path, device)
+    rows = torch.cat([split.labeled, split.pool])
+    feats = extract_features(encoder, data.train_images[rows].to(device)).cpu()
+    known = F.one_hot(data.train_labels[split.labeled], NUM_CLASSES).float()
+
+    def smooth(pool_probs: torch.Tensor) -> torch.Tensor:
+        table = torch.cat([known, pool_probs.float()])
+        return knn_smooth(table, feats, cfg.student.knn_k)[len(known):]
+
+    return smooth
+
+
+def student(cfg: Config, teachers: list[str], parent_run_id: str | None = None, key: str | None = None,
+            encoder: str | None = None) -> StageResult:
     """Train the student on the true labels and the teachers' ensemble labels of the whole pool.
 
     ``teachers``: classifier files (the driver's); the first one is the student's start when
-    ``student.warm_start`` (else it starts from scratch).
+    ``student.warm_start`` (else it starts from scratch). ``encoder``: the SimCLR checkpoint
+    whose embedding smooths the ensemble when ``student.knn_k`` > 0 (None: no smoothing).
     """
     if not teachers:
         raise ValueError("the student stage needs at least one teacher model")
-    key = key or run_key(cfg, "student") + "-from-" + hashlib.sha256("\n".join(teachers).encode()).hexdigest()[:6]
     sc = cfg.student
+    encoder = encoder if sc.knn_k > 0 else None
+    key = key or with_inputs(run_key(cfg, "student"), teachers + ([encoder] if encoder else []))
 
     def body(run: StageRun) -> StageOutput:
         pool = run.split.pool
         payloads = [checkpoints.load_model_file(t, "classifier") for t in teachers]  # each file read once
         weights = [ModelWeights.from_payload(p) for p in payloads]
         probs = [torch.from_numpy(predict_pool(cfg, w, pool, images=run.data.train_images)) for w in weights]
-        keep, labels, conf = ensemble_labels(probs, sc.min_confidence)
+        smooth = embedding_smoother(cfg, encoder, run.data, run.split) if encoder else None
+        keep, labels, conf = ensemble_labels(probs, sc.min_confidence, smooth)
         idx = pool[keep]
         votes = torch.stack([p.argmax(1) for p in probs])
         agreement = float((votes == votes[0]).all(0).float().mean()) if len(probs) > 1 else 1.0
         # diagnostics only: the pool's true labels never feed back into selection or training
         precision = float((run.data.train_labels[idx] == labels).float().mean()) if len(idx) else float("nan")
-        print(f"[student] {len(teachers)} teachers label {len(idx)}/{len(pool)} pool images "
+        how = f"kNN-smoothed (k={sc.knn_k}) in the SimCLR embedding" if encoder else "not smoothed (no encoder)"
+        print(f"[student] {len(teachers)} teachers label {len(idx)}/{len(pool)} pool images, {how} "
               f"(agreement {agreement:.4f}; precision {precision:.4f}, diagnostic)", flush=True)
         start = weights[0] if sc.warm_start else None
         model_path, final = train_classifier(
@@ -74,7 +110,7 @@ def student(cfg: Config, teachers: list[str], parent_run_id: str | None = None, 
             "diagnostic/pseudo_precision_total": precision,
         })
         run.tracker.log_metrics({f"final/{k}": v for k, v in metrics.items() if not k.startswith("test_")})
-        run.tracker.log_params({"student.teachers": ", ".join(teachers)[:500]})
+        run.tracker.log_params({"student.teachers": ", ".join(teachers)[:500], "student.encoder": encoder or ""})
         return StageOutput(model_path, metrics, f"{len(idx)} ensemble labels, val acc {final['val_acc']:.4f}, "
                                                 f"test acc {metrics['test_acc']:.4f}")
 
