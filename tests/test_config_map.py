@@ -156,7 +156,6 @@ SAME_SETTING = [
     (data.load_mnist, "download", "data.download"),
     (engine.classifier_steps, "label_smoothing", "classifier.label_smoothing"),
     (pseudo_labels.select_pseudo_labels, "class_adaptive", "pseudolabel.class_adaptive"),
-    (pseudo_labels.knn_smooth, "k", "student.knn_k"),
 ]
 
 

@@ -154,5 +154,46 @@ def test_a_stage_key_names_the_files_it_starts_from():
 
     key = with_inputs("student-abc", ["/runs/a/model.pt", "/runs/enc/model.pt"])
     assert key.startswith("student-abc-from-") and key == with_inputs("student-abc", ["/runs/a/model.pt", "/runs/enc/model.pt"])
-    assert key != with_inputs("student-abc", ["/runs/a/model.pt"])  # with and without the encoder
     assert key != with_inputs("student-abc", ["/runs/b/model.pt", "/runs/enc/model.pt"])
+
+
+def test_the_student_key_names_its_encoder_only_when_it_smooths():
+    from toolkit.stages.student import student_key
+
+    cfg, teachers = Config(), ["/runs/a/model.pt", "/runs/b/model.pt"]
+    assert cfg.student.knn_k > 0
+    smoothed = student_key(cfg, teachers, "/runs/enc/model.pt")
+    assert smoothed != student_key(cfg, teachers, "/runs/other-enc/model.pt") != student_key(cfg, teachers, None)
+    off = cfg.replace(**{"student.knn_k": 0})
+    assert student_key(off, teachers, "/runs/enc/model.pt") == student_key(off, teachers, None)
+
+
+def test_the_smoother_sees_labeled_and_pool_images_only_and_keeps_pool_order(monkeypatch):
+    """Which images reach the encoder, and that row i of the result is pool image i."""
+    import toolkit.stages.student as student_mod
+    from toolkit.data import Split
+
+    n = 40
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1).expand(n, 28, 28).clone()  # image i is all i
+    labels = torch.arange(n) % 10
+    data = Mnist(images, labels, images[:2], labels[:2])
+    split = Split(labeled=torch.tensor([0, 1]), val=torch.tensor([2, 3, 4]), pool=torch.arange(5, n), seed=0,
+                  labels_per_class=1)
+    seen = []
+
+    def fake_features(encoder, imgs):
+        ids = imgs[:, 0, 0].long()
+        seen.append(ids.clone())
+        # one-hot of the image's digit class: an image's neighbours share its class (i % 10)
+        return torch.nn.functional.one_hot(ids % 10, 10).float() + 0.01 * ids.float().unsqueeze(1) / n
+
+    monkeypatch.setattr(student_mod, "load_encoder", lambda path, device: None)
+    monkeypatch.setattr(student_mod, "extract_features", fake_features)
+    cfg = Config().replace(**{"student.knn_k": 3, "run.device": "cpu"})
+    smooth = student_mod.embedding_smoother(cfg, "enc.pt", data, split)
+    assert seen[0].tolist() == [0, 1] + list(range(5, n))  # labeled, then pool; never validation
+    probs = torch.nn.functional.one_hot(labels[split.pool] % 10, 10).float()
+    probs[0] = torch.nn.functional.one_hot(torch.tensor(9), 10).float()  # pool image 5 (class 5) mislabeled 9
+    out = smooth(probs)
+    assert out.shape == (n - 5, 10)
+    assert out.argmax(1).tolist() == (labels[split.pool] % 10).tolist()  # the mistake is outvoted, order kept

@@ -310,3 +310,13 @@ def test_knn_smooth_rejects_bad_arguments(kwargs):
 def test_knn_smooth_rejects_mismatched_rows():
     with pytest.raises(ValueError, match="same N"):
         knn_smooth(torch.full((4, 2), 0.5), torch.randn(5, 3), k=2)
+
+
+def test_knn_smooth_counts_the_row_itself_and_its_k_neighbours():
+    """k = 1 mixes a row with exactly one neighbour (the nearest), weighted by similarity."""
+    feats = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]])  # cos(0,1) = 0.8, cos(1,2) = 0.6, cos(0,2) = 0
+    probs = torch.eye(3)
+    out = knn_smooth(probs, feats, k=1, temperature=1.0)
+    w = torch.exp(torch.tensor(0.8 - 1.0))  # the neighbour's weight; the row itself weighs exp(0) = 1
+    torch.testing.assert_close(out[0], torch.tensor([1.0, w, 0.0]) / (1 + w))
+    assert out[0, 2] == 0  # the third row is not among row 0's single neighbour

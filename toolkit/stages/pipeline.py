@@ -113,7 +113,9 @@ def pipeline(cfg: Config) -> dict:
             mlflow_run(cfg, "pipeline", key, None, {"toolkit.seeds": cfg.pipeline.seeds}) as parent:
         print(f"[pipeline] {key}: seeds {cfg.pipeline.seeds}, stages {cfg.pipeline.stages}", flush=True)
         simclr_path = None
-        needs_simclr = any(s in cfg.pipeline.stages for s in ("pretrain", "probe", "simclr_iterative"))
+        # the student's labels are smoothed in the SimCLR embedding unless student.knn_k=0
+        users = ("pretrain", "probe", "simclr_iterative") + (("student",) if cfg.student.knn_k > 0 else ())
+        needs_simclr = any(s in cfg.pipeline.stages for s in users)
         if needs_simclr:
             # one encoder for all seeds: SimCLR never sees a label, and the first seed's
             # validation images are held out of it
