@@ -102,7 +102,8 @@ def student(cfg: Config, teachers: list[str], parent_run_id: str | None = None, 
         agreement = float((votes == votes[0]).all(0).float().mean()) if len(probs) > 1 else 1.0
         # diagnostics only: the pool's true labels never feed back into selection or training
         precision = float((run.data.train_labels[idx] == labels).float().mean()) if len(idx) else float("nan")
-        how = f"kNN-smoothed (k={sc.knn_k}) in the SimCLR embedding" if encoder else "not smoothed (no encoder)"
+        how = (f"kNN-smoothed (k={sc.knn_k}) in the SimCLR embedding" if encoder else
+               "not smoothed (student.knn_k=0)" if sc.knn_k == 0 else "not smoothed (no SimCLR encoder)")
         print(f"[student] {len(teachers)} teachers label {len(idx)}/{len(pool)} pool images, {how} "
               f"(agreement {agreement:.4f}; precision {precision:.4f}, diagnostic)", flush=True)
         start = weights[0] if sc.warm_start else None
