@@ -18,27 +18,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
+
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from toolkit.config import load_config  # noqa: E402
 from toolkit.stages.pseudolabel import pseudolabel  # noqa: E402
+from toolkit.stages.report import mean_std_text  # noqa: E402
 from toolkit.stages.tune import best_config_path, tune  # noqa: E402
 
 PROFILE = Path(__file__).resolve().parents[1] / "launch" / "configs" / "tune_cpu.yaml"
 # the trials' own conditions, for the final trainings of both arms
 SAME_AS_TRIALS = ["run.backend=local", "pseudolabel.inference=local", "run.threads=1"]
-SEARCHED = ("pseudolabel.schedule", "pseudolabel.threshold_start", "pseudolabel.threshold_floor",
-            "pseudolabel.threshold_rate", "pseudolabel.rounds", "pseudolabel.steps_per_round",
-            "pseudolabel.per_class_cap", "pseudolabel.class_adaptive", "pseudolabel.warm_start", "classifier.lr")
-
-
-def mean_std(xs: list[float]) -> str:
-    return f"{100 * statistics.mean(xs):.2f} ± {100 * (statistics.stdev(xs) if len(xs) > 1 else 0.0):.2f}%"
 
 
 def main() -> int:
@@ -57,15 +52,15 @@ def main() -> int:
         tune_s = time.perf_counter() - t0
         # best.yaml holds every result key that differs from a default run (not data.*, not where
         # it runs): loaded onto the defaults, as `toolkit pseudolabel --config best.yaml` would
-        tuned_cfg = load_config(best_config_path(searched), overrides + [f"split.seed={seed}", f"run.seed={seed}",
+        best = best_config_path(searched)
+        tuned_cfg = load_config(best, overrides + [f"split.seed={seed}", f"run.seed={seed}",
                                 f"run.output_dir={out / f'seed{seed}'}"] + SAME_AS_TRIALS)
         hand_cfg = load_config(PROFILE, common + SAME_AS_TRIALS)
         tuned, hand = pseudolabel(tuned_cfg), pseudolabel(hand_cfg)
-        flat = tuned_cfg.flat()
         rows.append({
             "seed": seed, "tune_seconds": tune_s,
             "tuned": {"val_acc": tuned.metrics["val_acc"], "test_acc": tuned.metrics["test_acc"],
-                      "config": {k: flat[k] for k in SEARCHED}},
+                      "config": yaml.safe_load(best.read_text())},  # the searched keys and what they changed
             "hand_picked": {"val_acc": hand.metrics["val_acc"], "test_acc": hand.metrics["test_acc"]},
         })
         (out / "tune_vs_handpicked.json").write_text(json.dumps(rows, indent=2))
@@ -75,9 +70,9 @@ def main() -> int:
         val = [r[arm]["val_acc"] for r in rows]
         test = [r[arm]["test_acc"] for r in rows]
         per = " / ".join(f"{100 * t:.2f}" for t in test)
-        print(f"| {arm.replace('_', '-')} | {mean_std(val)} | {mean_std(test)} | {per} |")
+        print(f"| {arm.replace('_', '-')} | {mean_std_text(val)} | {mean_std_text(test)} | {per} |")
     gain = [r["tuned"]["test_acc"] - r["hand_picked"]["test_acc"] for r in rows]
-    print(f"tuned - hand-picked, test: {mean_std(gain).rstrip('%')} points "
+    print(f"tuned - hand-picked, test: {mean_std_text(gain).rstrip('%')} points "
           f"(per seed: {', '.join(f'{100 * g:+.2f}' for g in gain)})")
     print(f"wrote {out / 'tune_vs_handpicked.json'}")
     return 0

@@ -320,3 +320,18 @@ def test_knn_smooth_counts_the_row_itself_and_its_k_neighbours():
     w = torch.exp(torch.tensor(0.8 - 1.0))  # the neighbour's weight; the row itself weighs exp(0) = 1
     torch.testing.assert_close(out[0], torch.tensor([1.0, w, 0.0]) / (1 + w))
     assert out[0, 2] == 0  # the third row is not among row 0's single neighbour
+
+
+@pytest.mark.parametrize("k", [1, 4, 30])
+def test_knn_smooth_matches_slow_reference(k):
+    """Row by row: the k + 1 most similar rows (itself included), weighted exp(cos / T), averaged."""
+    g = torch.Generator().manual_seed(k)
+    feats, probs = torch.randn(25, 6, generator=g), torch.softmax(torch.randn(25, 4, generator=g), 1)
+    unit = feats / feats.norm(dim=1, keepdim=True)
+    want = torch.empty_like(probs)
+    for i in range(25):
+        sims = unit @ unit[i]
+        top = sims.argsort(descending=True)[: min(k + 1, 25)]
+        w = torch.exp(sims[top] / 0.07)
+        want[i] = (w[:, None] * probs[top]).sum(0) / w.sum()
+    torch.testing.assert_close(knn_smooth(probs, feats, k=k, chunk_size=7), want, rtol=1e-4, atol=1e-5)

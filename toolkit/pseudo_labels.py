@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .probes.knn import knn_votes
+
 
 @dataclass(frozen=True)
 class PseudoLabelSelection:
@@ -134,28 +136,20 @@ def select_pseudo_labels(
     )
 
 
-@torch.no_grad()
 def knn_smooth(probs: Tensor, feats: Tensor, k: int, temperature: float = 0.07, chunk_size: int = 2048) -> Tensor:
     """Each row's class probabilities averaged over itself and its ``k`` nearest neighbours.
 
-    Neighbours are by cosine similarity of ``feats`` (N, D), each weighted ``exp(sim / T)``
-    as in the kNN probe, so the row itself (similarity 1) weighs most. A label that is wrong
-    while its neighbourhood in a label-free embedding agrees on another class is outvoted:
-    isolated mistakes of the classifiers are revised, shared ones are not. Returns (N, C)
-    rows summing to 1, on the features' device. Peak extra memory about ``chunk_size x N`` floats.
+    The kNN probe's vote (``probes.knn_votes``: cosine similarity of ``feats`` (N, D), each
+    neighbour weighted ``exp(sim / T)``) with the rows as both bank and queries, so the row
+    itself (similarity 1) weighs most. A label that is wrong while its neighbourhood in a
+    label-free embedding agrees on another class is outvoted: isolated mistakes of the
+    classifiers are revised, shared ones are not. Returns (N, C) rows summing to 1, on the
+    features' device. Peak extra memory about ``chunk_size x N`` floats.
     """
     if probs.ndim != 2 or feats.ndim != 2 or probs.shape[0] != feats.shape[0]:
         raise ValueError(f"need (N, C) probs and (N, D) feats with the same N, got {tuple(probs.shape)} "
                          f"and {tuple(feats.shape)}")
     if k < 1 or temperature <= 0 or chunk_size < 1:
         raise ValueError(f"need k >= 1, temperature > 0, chunk_size >= 1; got {k}, {temperature}, {chunk_size}")
-    unit = torch.nn.functional.normalize(feats.float(), dim=1)
-    probs = probs.float().to(unit.device)
-    m = min(k + 1, len(unit))  # + the row itself
-    out = torch.empty_like(probs)
-    for i in range(0, len(unit), chunk_size):
-        sims, nbrs = (unit[i:i + chunk_size] @ unit.T).topk(m, dim=1)
-        w = ((sims - 1.0) / temperature).exp()  # shifted by 1, the largest cosine: exp never overflows
-        mixed = (w.unsqueeze(-1) * probs[nbrs]).sum(1)
-        out[i:i + chunk_size] = mixed / mixed.sum(1, keepdim=True)
-    return out
+    votes = knn_votes(feats, probs, feats, k + 1, temperature, chunk_size)  # + the row itself
+    return votes / votes.sum(1, keepdim=True)

@@ -37,16 +37,26 @@ def knn_predict(
         )
     if k < 1 or temperature <= 0 or chunk_size < 1:
         raise ValueError(f"need k >= 1, temperature > 0, chunk_size >= 1; got {k}, {temperature}, {chunk_size}")
-    k = min(k, train_feats.shape[0])
-    device = train_feats.device
-    bank = F.normalize(train_feats.float(), dim=1)  # (N, D)
-    preds = []
+    votes = knn_votes(train_feats, F.one_hot(labels, num_classes).float(), query_feats, k, temperature, chunk_size)
+    return votes.argmax(1).to(query_feats.device)
+
+
+@torch.no_grad()
+def knn_votes(bank_feats: torch.Tensor, bank_probs: torch.Tensor, query_feats: torch.Tensor, k: int,
+              temperature: float = 0.07, chunk_size: int = 512) -> torch.Tensor:
+    """(N_query, C) votes: each query's k nearest bank rows (cosine on L2-normalised features)
+    add their (N_bank, C) class probabilities, weighted exp(sim / T). Not normalised.
+
+    The kNN probe votes one-hot labels; the student's label smoothing votes soft labels with
+    the pool as both bank and queries. ``k`` is clipped to the bank's size; on the bank's device.
+    """
+    k = min(k, bank_feats.shape[0])
+    device = bank_feats.device
+    bank = F.normalize(bank_feats.float(), dim=1)  # (N, D)
+    probs = bank_probs.float().to(device)
+    votes = torch.zeros(query_feats.shape[0], probs.shape[1], device=device)
     for start in range(0, query_feats.shape[0], chunk_size):
         q = F.normalize(query_feats[start : start + chunk_size].to(device).float(), dim=1)  # (B, D)
         sim, idx = (q @ bank.T).topk(k, dim=1)  # (B, k)
-        votes = torch.zeros(q.shape[0], num_classes, device=device)
-        votes.scatter_add_(1, labels[idx], (sim / temperature).exp())
-        preds.append(votes.argmax(1))
-    if not preds:
-        return torch.empty(0, dtype=torch.long, device=query_feats.device)
-    return torch.cat(preds).to(query_feats.device)
+        votes[start : start + chunk_size] = ((sim / temperature).exp().unsqueeze(-1) * probs[idx]).sum(1)
+    return votes

@@ -11,7 +11,6 @@ With few labels the linear probe's penalty C is chosen twice: on the validation 
 
 from __future__ import annotations
 
-
 import torch
 
 from .. import checkpoints

@@ -49,7 +49,8 @@ CHAIN = ("supervised", "oneshot", "iterative", "simclr_iterative", "student")
 TUNED = ("simclr_iterative", "student")  # take their schedule from Tune when the pipeline searched
 
 
-def _fmt(values: list[float]) -> str:
+def mean_std_text(values: list[float]) -> str:
+    """Accuracies (fractions) as "98.25 ± 0.71%" (one value: no ± part; none: "-")."""
     if not values:
         return "-"
     mean = statistics.fmean(values)
@@ -84,7 +85,7 @@ def _row(name: str, stage: str, standard: dict[int, float | None], strict: dict[
     strict_vals = [v for v in strict.values() if v is not None]
     return {
         "result": name, "stage": stage,
-        "standard": _fmt(std_vals), "strict": _fmt(strict_vals),
+        "standard": mean_std_text(std_vals), "strict": mean_std_text(strict_vals),
         "mean": statistics.fmean(std_vals) if std_vals else float("nan"),
         "std": statistics.stdev(std_vals) if len(std_vals) > 1 else 0.0,
         "strict_mean": statistics.fmean(strict_vals) if strict_vals else float("nan"),

@@ -69,10 +69,15 @@ def embedding_smoother(cfg: Config, encoder_path: str, data: Mnist, split: Split
     return smooth
 
 
+def smoothing_encoder(cfg: Config, encoder: str | None) -> str | None:
+    """The encoder the student smooths with: ``encoder`` when ``student.knn_k`` > 0, else none."""
+    return encoder if cfg.student.knn_k > 0 else None
+
+
 def student_key(cfg: Config, teachers: list[str], encoder: str | None) -> str:
     """The stage key: the student's config sections plus the files it starts from (the encoder
-    counts only when it smooths, i.e. ``student.knn_k`` > 0)."""
-    used = encoder if cfg.student.knn_k > 0 else None
+    only when it smooths)."""
+    used = smoothing_encoder(cfg, encoder)
     return with_inputs(run_key(cfg, "student"), teachers + ([used] if used else []))
 
 
@@ -88,7 +93,7 @@ def student(cfg: Config, teachers: list[str], parent_run_id: str | None = None, 
         raise ValueError("the student stage needs at least one teacher model")
     sc = cfg.student
     key = key or student_key(cfg, teachers, encoder)
-    encoder = encoder if sc.knn_k > 0 else None
+    encoder = smoothing_encoder(cfg, encoder)
 
     def body(run: StageRun) -> StageOutput:
         pool = run.split.pool
