@@ -2,10 +2,13 @@
 
     python benchmarks/bench_inference.py [--data-root ../shared/data] [--pool 58900] [--actors 1 2]
 
-Both paths run the same model file over the same pool indices (the unlabeled pool of
-the default split) and must return the same probabilities; the script checks that.
-The Ray figures include what a pseudo-labeling round pays: actor start-up, model and
-data loading per actor, scheduling and the gather (measured against a warm Ray).
+All paths run the same model file over the same pool indices (the unlabeled pool of
+the default split) and must return the same probabilities: the script prints the largest
+difference and fails above 1e-5.
+On a CPU the loop runs twice: with its forward passes capped at ``engine.CPU_FORWARD_BATCH``
+images (what toolkit does) and with passes of the whole ``--batch-size``. The Ray figures
+include what a pseudo-labeling round pays: actor start-up, model and data loading per
+actor, scheduling and the gather (measured against a warm Ray).
 """
 
 from __future__ import annotations
@@ -23,10 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from toolkit import checkpoints  # noqa: E402
+from toolkit import checkpoints, engine  # noqa: E402
 from toolkit.config import Config  # noqa: E402
 from toolkit.data import load_mnist, make_split  # noqa: E402
-from toolkit.inference import predict_pool_local, predict_pool_ray  # noqa: E402
+from toolkit.inference import device_for, predict_pool_local, predict_pool_ray, weights_from_file  # noqa: E402
 from toolkit.models import Classifier  # noqa: E402
 
 
@@ -51,13 +54,26 @@ def main() -> None:
     model = Classifier(cfg.model)
     model_file = Path(tempfile.mkdtemp()) / "model.pt"
     checkpoints.save(model_file, checkpoints.model_payload("classifier", cfg, model.state_dict()))
+    weights = weights_from_file(str(model_file))  # what a round hands to either path
 
+    on_cpu = device_for(cfg).type == "cpu"
     rows = []
-    predict_pool_local(str(model_file), cfg, pool[:256])  # warm-up: imports, first kernels
+    predict_pool_local(weights, cfg, pool[:256])  # warm-up: imports, first kernels
     t0 = time.perf_counter()
-    ref = predict_pool_local(str(model_file), cfg, pool, batch_size=args.batch_size)
+    ref = predict_pool_local(weights, cfg, pool, batch_size=args.batch_size)
     dt = time.perf_counter() - t0
-    rows.append({"path": "in-process loop", "seconds": dt, "images_per_s": len(pool) / dt})
+    passes = f" (CPU forward passes of {engine.CPU_FORWARD_BATCH})" if on_cpu else ""
+    rows.append({"path": f"in-process loop{passes}", "seconds": dt, "images_per_s": len(pool) / dt, "max_abs_diff": 0.0})
+    if on_cpu:  # the same loop with forward passes of the whole --batch-size
+        capped, engine.CPU_FORWARD_BATCH = engine.CPU_FORWARD_BATCH, args.batch_size
+        try:
+            t0 = time.perf_counter()
+            probs = predict_pool_local(weights, cfg, pool, batch_size=args.batch_size)
+            dt = time.perf_counter() - t0
+        finally:
+            engine.CPU_FORWARD_BATCH = capped
+        rows.append({"path": f"in-process loop, forward passes of {args.batch_size}", "seconds": dt,
+                     "images_per_s": len(pool) / dt, "max_abs_diff": float(np.abs(probs - ref).max())})
 
     import ray
 
@@ -66,7 +82,7 @@ def main() -> None:
     init_ray(cfg)
     for n in args.actors:
         t0 = time.perf_counter()
-        probs = predict_pool_ray(cfg, str(model_file), pool, num_actors=n, batch_size=args.batch_size)
+        probs = predict_pool_ray(cfg, weights, pool, num_actors=n, batch_size=args.batch_size)
         dt = time.perf_counter() - t0
         max_diff = float(np.abs(probs - ref).max())
         rows.append({"path": f"Ray Data, {n} actor(s)", "seconds": dt, "images_per_s": len(pool) / dt, "max_abs_diff": max_diff})
@@ -74,13 +90,17 @@ def main() -> None:
 
     print(f"# pool inference, {len(pool)} images, width {args.width}, batch {args.batch_size}, "
           f"{os.cpu_count()} CPUs, torch {torch.__version__}, load(1m) {os.getloadavg()[0]:.2f}")
-    print("| path | seconds | images/s | vs in-process |")
-    print("| --- | ---: | ---: | ---: |")
+    print("| path | seconds | images/s | vs in-process | max abs. difference |")
+    print("| --- | ---: | ---: | ---: | ---: |")
     base = rows[0]["images_per_s"]
     for r in rows:
-        print(f"| {r['path']} | {r['seconds']:.2f} | {r['images_per_s']:,.0f} | {r['images_per_s'] / base:.2f}x |")
+        print(f"| {r['path']} | {r['seconds']:.2f} | {r['images_per_s']:,.0f} | {r['images_per_s'] / base:.2f}x "
+              f"| {r['max_abs_diff']:.1e} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
+    worst = max(r["max_abs_diff"] for r in rows)
+    if worst > 1e-5:  # every path must return the in-process probabilities
+        sys.exit(f"paths disagree: max abs. probability difference {worst:.1e} > 1e-5")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ import torch
 from toolkit.augment import make_generator
 from toolkit.config import Config
 from toolkit.data import load_mnist
-from toolkit.engine import EpochBatches, MixedBatches, OptimState, classifier_steps, evaluate, simclr_epoch
+from toolkit.engine import (CPU_FORWARD_BATCH, EpochBatches, MixedBatches, OptimState, classifier_steps, evaluate,
+                            predict_logits, simclr_epoch)
 from toolkit.models import Classifier, SimCLRModel
 
 
@@ -118,3 +119,38 @@ def test_simclr_epoch_is_deterministic_and_moves_the_weights(fake):
     assert math.isfinite(stats["loss"]) and stats["loss"] > 0 and moved > 0
     # 3 steps x 32 images x 2 views
     assert stats["views_per_s"] == pytest.approx(2 * 3 * 32 / stats["epoch_seconds"])
+
+
+class BatchRecorder(torch.nn.Module):
+    """A linear classifier that records the size of every forward pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(28 * 28, 10)
+        self.seen: list[int] = []
+
+    def forward(self, x):
+        self.seen.append(x.shape[0])
+        return self.lin(x.flatten(1))
+
+
+def test_cpu_predictions_run_in_small_forward_passes_with_the_same_logits():
+    torch.manual_seed(0)
+    model = BatchRecorder()
+    images = torch.randint(0, 256, (300, 28, 28), dtype=torch.uint8)
+    logits = predict_logits(model, images, batch_size=2048)
+    # on a CPU the caller's 2048 is capped: small passes stay in the cache
+    assert model.seen == [CPU_FORWARD_BATCH, CPU_FORWARD_BATCH, 300 - 2 * CPU_FORWARD_BATCH]
+    model.seen.clear()
+    assert predict_logits(model, images, batch_size=100).shape == (300, 10) and model.seen == [100, 100, 100]
+    row_by_row = torch.cat([predict_logits(model, images[i: i + 1]) for i in range(300)])
+    assert torch.allclose(logits, row_by_row, atol=1e-5)
+    assert model.training  # the mode it came in with
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_predictions_keep_the_callers_batch():
+    model = BatchRecorder().cuda()
+    images = torch.randint(0, 256, (3000, 28, 28), dtype=torch.uint8, device="cuda")
+    assert predict_logits(model, images, batch_size=2048).shape == (3000, 10)
+    assert model.seen == [2048, 952]

@@ -103,7 +103,9 @@ def test_the_labels_are_right_and_match_the_model(model_file, data, reference, t
     assert out.names[:2] == ["t10k-images-idx3-ubyte:0", "t10k-images-idx3-ubyte:1"]
     # the same code path as the model's own forward (predict_logits): same probabilities
     np.testing.assert_allclose(out.probs, reference, atol=1e-5)
-    np.testing.assert_array_equal(out.labels, reference.argmax(1))
+    top2 = np.sort(reference, 1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 1e-4  # a near-tie may flip with the last float bits
+    np.testing.assert_array_equal(out.labels[clear], reference.argmax(1)[clear])
     np.testing.assert_allclose(out.confidences, reference.max(1), atol=1e-5)
     # and they are digits, not noise: seen 83% (chance 10%); labels read in the wrong order, a
     # transposed or inverted image give 4-10% (checked)

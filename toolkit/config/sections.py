@@ -163,7 +163,8 @@ class PseudoLabelConfig:
     labeled_fraction: float = _opt(0.25, "share of each batch drawn from the true labels")
     inference: str = _opt("ray", "pool inference: 'ray' (Ray Data actor pool) or 'local' (in-process)")
     inference_actors: int = _opt(2, "Ray Data actors (each gets a GPU when ray.use_gpu)")
-    inference_batch_size: int = _opt(2048, "images per inference batch")
+    inference_batch_size: int = _opt(2048, "images per inference batch (a CPU runs them in forward passes of "
+                                           "at most engine.CPU_FORWARD_BATCH)")
 
     def validate(self) -> None:
         _check(self.mode in ("oneshot", "iterative"), "pseudolabel.mode", "'oneshot' or 'iterative'", self.mode)
@@ -324,7 +325,7 @@ class PredictConfig:
     input: str = _opt("", "images (required): idx3 file (MNIST format, .gz too), .npy uint8 (N, 28, 28), "
                           "or a 28x28 PNG/JPEG image or folder of them")
     output: str = _opt("", "CSV file for image,label,confidence (empty: print the rows)")
-    batch_size: int = _opt(1024, "images per forward pass")
+    batch_size: int = _opt(1024, "images per forward pass (on a CPU at most engine.CPU_FORWARD_BATCH)")
 
     def validate(self) -> None:
         _check(self.batch_size >= 1, "predict.batch_size", "must be >= 1", self.batch_size)
