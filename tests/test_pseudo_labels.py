@@ -335,3 +335,12 @@ def test_knn_smooth_matches_slow_reference(k):
         w = torch.exp(sims[top] / 0.07)
         want[i] = (w[:, None] * probs[top]).sum(0) / w.sum()
     torch.testing.assert_close(knn_smooth(probs, feats, k=k, chunk_size=7), want, rtol=1e-4, atol=1e-5)
+
+
+def test_knn_smooth_stays_finite_at_a_small_temperature():
+    """exp(1 / 0.005) overflows float32; the votes are shifted by the largest cosine, 1."""
+    g = torch.Generator().manual_seed(0)
+    feats, probs = torch.randn(30, 4, generator=g), torch.softmax(torch.randn(30, 3, generator=g), 1)
+    out = knn_smooth(probs, feats, k=3, temperature=0.005)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.sum(1), torch.ones(30))

@@ -45,7 +45,8 @@ def knn_predict(
 def knn_votes(bank_feats: torch.Tensor, bank_probs: torch.Tensor, query_feats: torch.Tensor, k: int,
               temperature: float = 0.07, chunk_size: int = 512) -> torch.Tensor:
     """(N_query, C) votes: each query's k nearest bank rows (cosine on L2-normalised features)
-    add their (N_bank, C) class probabilities, weighted exp(sim / T). Not normalised.
+    add their (N_bank, C) class probabilities, weighted exp(sim / T) (up to one common factor).
+    Not normalised.
 
     The kNN probe votes one-hot labels; the student's label smoothing votes soft labels with
     the pool as both bank and queries. ``k`` is clipped to the bank's size; on the bank's device.
@@ -58,5 +59,6 @@ def knn_votes(bank_feats: torch.Tensor, bank_probs: torch.Tensor, query_feats: t
     for start in range(0, query_feats.shape[0], chunk_size):
         q = F.normalize(query_feats[start : start + chunk_size].to(device).float(), dim=1)  # (B, D)
         sim, idx = (q @ bank.T).topk(k, dim=1)  # (B, k)
-        votes[start : start + chunk_size] = ((sim / temperature).exp().unsqueeze(-1) * probs[idx]).sum(1)
+        # exp((sim - 1) / T): every weight divided by the same exp(1 / T), so a small T never overflows
+        votes[start : start + chunk_size] = (((sim - 1.0) / temperature).exp().unsqueeze(-1) * probs[idx]).sum(1)
     return votes
