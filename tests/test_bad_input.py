@@ -168,6 +168,8 @@ CASES: list[Case] = [
     C("seeds-bool", ["pipeline.seeds=[true]"], "a non-empty list of integers", command="pipeline"),
     C("seeds-empty", ["pipeline.seeds=[]"], "a non-empty list of integers", command="pipeline"),
     C("stages-unknown", ["pipeline.stages=[bogus]"], "stages among", command="pipeline"),
+    C("tune-without-its-stage", ["pipeline.tune=true", "pipeline.stages=[pretrain,iterative]"],
+      "needs 'simclr_iterative'", command="pipeline"),
     C("unparsable-value", ["pretrain.lr=[1,2"], "cannot parse"),
     C("deeply-nested-value", ["pretrain.lr=" + "[" * 5000], "pretrain.lr"),
     C("yaml-tag-in-value", ["pretrain.epochs=!!python/object/apply:os.system [echo]"], "cannot parse"),

@@ -226,6 +226,7 @@ def test_unknown_key_without_close_match_points_to_help():
     ({"split.labels_per_class": 0}, "split.labels_per_class"),
     ({"pipeline.seeds": []}, "pipeline.seeds"),
     ({"pipeline.stages": ["pretrain", "finetune"]}, "pipeline.stages"),
+    ({"pipeline.tune": True, "pipeline.stages": ["pretrain", "iterative"]}, "pipeline.tune"),
     ({"tune.search": "grid"}, "tune.search"),
 ])
 def test_impossible_values_name_the_key(overrides, key):

@@ -246,6 +246,9 @@ class PipelineConfig:
         _check(all(isinstance(s, str) for s in self.stages), "pipeline.stages", "a list of stage names", self.stages)
         bad = [s for s in self.stages if s not in PIPELINE_STAGES]
         _check(not bad, "pipeline.stages", f"stages among {', '.join(PIPELINE_STAGES)}", self.stages)
+        # the search tunes the SimCLR-initialised stage's schedule: without that stage it would tune nothing
+        _check(not self.tune or "simclr_iterative" in self.stages, "pipeline.tune",
+               "true needs 'simclr_iterative' in pipeline.stages (the search tunes that stage's schedule)", self.tune)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """`toolkit pipeline`: the whole study as one parent MLflow run with a nested run per stage.
 
 pretrain -> probe -> supervised -> one-shot -> iterative -> SimCLR-initialised iterative
--> student (both iterative models relabel the whole pool; a student learns it), repeated over ``pipeline.seeds`` (split seeds) and summarised as mean ± std. Each stage's
+-> student (the iterative models relabel the whole pool; a student learns it), each stage
+unless ``pipeline.stages`` leaves it out, repeated over ``pipeline.seeds`` (split seeds) and
+summarised as mean ± std. Each stage's
 folder is keyed by the pipeline key, the seed and the stage, so re-running the same
 command skips finished stages and resumes an interrupted one where it stopped.
 """

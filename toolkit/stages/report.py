@@ -35,7 +35,7 @@ ROWS = [
     ("one-shot pseudo-labeling", "oneshot", "test_acc", "test_acc", 0.9412),
     ("iterative pseudo-labeling", "iterative", "test_acc", "test_acc", 0.9718),
     ("SimCLR-initialised iterative pseudo-labeling", "simclr_iterative", "test_acc", "test_acc", None),
-    ("student of both iterative models (whole pool relabeled)", "student", "test_acc", "test_acc", None),
+    ("student of the iterative models (whole pool relabeled)", "student", "test_acc", "test_acc", None),
 ]
 # reference rows: every training label is used, so they belong to neither few-label protocol
 ALL_LABEL_ROWS = [

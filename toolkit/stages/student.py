@@ -2,7 +2,8 @@
 
 The iterative pseudo-labelers each froze their early picks: an image taken in round 1
 keeps its round-1 label forever, and the last rounds leave the hardest images unlabeled.
-Here the teachers (the scratch and the SimCLR-initialised iterative models: two different
+Here the teachers (the finished iterative pseudo-labelers: the scratch one, and the
+SimCLR-initialised one when the pipeline runs that stage, as the gpu profile does; two
 starts make different mistakes) predict every pool image, their probabilities are
 averaged, then averaged again over each image's ``student.knn_k`` nearest neighbours in the
 SimCLR embedding (what the label-free features know: a teacher's isolated mistake is outvoted
