@@ -32,6 +32,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from toolkit.config import load_config  # noqa: E402
+from toolkit.stages.common import finished_result  # noqa: E402
 from toolkit.stages.report import mean_std_text  # noqa: E402
 from toolkit.stages.student import student  # noqa: E402
 
@@ -39,31 +40,34 @@ PROFILE = Path(__file__).resolve().parents[1] / "launch" / "configs" / "cpu.yaml
 
 
 def stage_models(stages: Path, prefix: str) -> list[tuple[dict, str]]:
-    """(config, model file) of each finished stage folder ``<prefix>-*`` under ``stages``."""
+    """(config, model file) of each stage folder ``<prefix>-*`` under ``stages`` that the
+    pipeline itself would count as finished (``finished_result``: its result saved, its model readable)."""
     found = []
     for folder in sorted(stages.glob(f"{prefix}-*")):
-        if (folder / "model.pt").is_file() and (folder / "config.yaml").is_file():
-            found.append((yaml.safe_load((folder / "config.yaml").read_text()), str(folder / "model.pt")))
+        done = finished_result(folder)
+        if done is not None and done.model_path:
+            found.append((yaml.safe_load((folder / "config.yaml").read_text()), done.model_path))
     return found
+
+
+def _first(models: list[str], what: str, seed: int, stages: Path) -> str:
+    if not models:
+        sys.exit(f"error: no finished {what} for split seed {seed} in {stages}")
+    return models[0]
 
 
 def teachers_for(stages: Path, seed: int, which: str) -> list[str]:
     """The model files that teach seed ``seed``'s student variant ``which``."""
+    if which == "second":
+        students = [m for c, m in stage_models(stages, "student") if c["split"]["seed"] == seed]
+        return [_first(students, "student", seed, stages)]
     iterative = [(c, m) for c, m in stage_models(stages, "pseudolabel-iterative") if c["split"]["seed"] == seed]
     scratch = [m for c, m in iterative if c["model"]["init"] == "scratch"]
-    simclr = [m for c, m in iterative if c["model"]["init"].startswith("simclr:")]
-    if not scratch:
-        sys.exit(f"error: no finished scratch iterative stage for split seed {seed} in {stages}")
-    if which == "scratch":
-        return scratch[:1]
+    teachers = [_first(scratch, "scratch iterative stage", seed, stages)]
     if which == "both":
-        if not simclr:
-            sys.exit(f"error: no SimCLR-initialised iterative stage for split seed {seed} in {stages}")
-        return scratch[:1] + simclr[:1]
-    students = [m for c, m in stage_models(stages, "student") if c["split"]["seed"] == seed]
-    if not students:
-        sys.exit(f"error: no finished student for split seed {seed} in {stages}")
-    return students[:1]
+        simclr = [m for c, m in iterative if c["model"]["init"].startswith("simclr:")]
+        teachers.append(_first(simclr, "SimCLR-initialised iterative stage", seed, stages))
+    return teachers
 
 
 def main() -> int:
@@ -81,7 +85,7 @@ def main() -> int:
     encoders = stage_models(stages, "pretrain")
     if not encoders:
         sys.exit(f"error: no finished SimCLR encoder in {stages}")
-    encoder = encoders[0][1]
+    encoder = encoders[0][1]  # the pipeline pretrains one encoder for all its seeds
     rows = []
     for seed in args.seeds:
         cfg = load_config(str(args.profile), args.overrides + [
