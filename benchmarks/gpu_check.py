@@ -56,8 +56,11 @@ def main(argv: list[str]) -> int:
     results = pipeline(cfg)
     seconds = time.perf_counter() - t0
 
+    # test_acc_plain: the student's network on one view (its test_acc averages augmented views)
     per_seed = {str(seed): {stage: {"test_acc": r.metrics.get("test_acc"), "val_acc": r.metrics.get("val_acc"),
-                                    "seconds": r.seconds, "skipped": r.skipped}
+                                    "seconds": r.seconds, "skipped": r.skipped,
+                                    **({"test_acc_plain": r.metrics["test_acc_plain"]}
+                                       if "test_acc_plain" in r.metrics else {})}
                             for stage, r in stages.items()}
                 for seed, stages in results.items()}
     stages = sorted({s for r in results.values() for s in r})

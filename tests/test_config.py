@@ -228,6 +228,8 @@ def test_unknown_key_without_close_match_points_to_help():
     ({"pipeline.stages": ["pretrain", "finetune"]}, "pipeline.stages"),
     ({"pipeline.tune": True, "pipeline.stages": ["pretrain", "iterative"]}, "pipeline.tune"),
     ({"tune.search": "grid"}, "tune.search"),
+    ({"student.tta_views": -1}, "student.tta_views"),
+    ({"student.tta_strength": -0.5}, "student.tta_strength"),
 ])
 def test_impossible_values_name_the_key(overrides, key):
     with pytest.raises(ConfigError) as e:

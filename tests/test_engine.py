@@ -154,3 +154,42 @@ def test_gpu_predictions_keep_the_callers_batch():
     images = torch.randint(0, 256, (3000, 28, 28), dtype=torch.uint8, device="cuda")
     assert predict_logits(model, images, batch_size=2048).shape == (3000, 10)
     assert model.seen == [2048, 952]
+
+
+def test_test_time_augmentation_averages_the_plain_image_and_seeded_views():
+    from dataclasses import replace
+
+    from toolkit.config import AugmentConfig
+    from toolkit.engine import predict_probs, predict_probs_tta, tta_recipe
+
+    torch.manual_seed(0)
+    model = BatchRecorder()
+    images = torch.randint(0, 256, (300, 28, 28), dtype=torch.uint8)
+    plain = predict_logits(model, images).softmax(1)
+    aug = AugmentConfig()
+    assert torch.allclose(predict_probs_tta(model, images, aug, views=0), plain)
+    assert tta_recipe(aug, 0, 0.5) is None and torch.allclose(predict_probs(model, images, None), plain)
+    model.seen.clear()
+    tta = predict_probs_tta(model, images, aug, views=3, seed=7)
+    # the plain pass and 3 augmented passes, each in the CPU's small forward passes
+    assert sum(model.seen) == 4 * 300 and max(model.seen) <= CPU_FORWARD_BATCH
+    assert torch.allclose(tta.sum(1), torch.ones(300), atol=1e-5)
+    assert (tta - plain).abs().max() > 1e-3  # the views are not the plain image
+    assert torch.allclose(tta, predict_probs_tta(model, images, aug, views=3, seed=7))  # seeded: it repeats
+    assert not torch.allclose(tta, predict_probs_tta(model, images, aug, views=3, seed=8))
+    # the mean itself: the plain softmax plus each view's, over 4
+    g = make_generator(7, "cpu")
+    from toolkit.augment import augment
+    from toolkit.data import to_float
+    manual = plain.clone()
+    for i in range(0, 300, CPU_FORWARD_BATCH):
+        x = to_float(images[i: i + CPU_FORWARD_BATCH])
+        for _ in range(3):
+            manual[i: i + CPU_FORWARD_BATCH] += model(augment(x, aug, g)).softmax(1)
+    assert torch.allclose(tta, manual / 4, atol=1e-5)
+    # the recipe a model file carries: plain types, the strength replaced, the same predictions
+    recipe = tta_recipe(aug, 3, 0.5)
+    assert recipe == {"views": 3, "augment": {**vars(replace(aug, strength=0.5))}}
+    assert torch.allclose(predict_probs(model, images, recipe),
+                          predict_probs_tta(model, images, replace(aug, strength=0.5), views=3), atol=1e-6)
+    assert model.training  # the mode it came in with

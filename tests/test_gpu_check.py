@@ -37,6 +37,11 @@ def test_gpu_check_runs_end_to_end_on_cpu_with_a_tiny_setting(data_root, tmp_pat
             row = report["per_seed"][seed][stage]
             assert row["seconds"] > 0 and 0 < row["val_acc"] <= 1
     assert "100-labels/linear/test_acc" in report["probe_test_acc"]
+    # the student's figure averages augmented views; its one-view figure is there beside it
+    for seed in ("0", "1"):
+        student = report["per_seed"][seed]["student"]
+        assert 0.2 < student["test_acc"] <= 1 and 0.2 < student["test_acc_plain"] <= 1
+    assert "student, one view (no test-time augmentation)" in {row["result"] for row in report["table"]}
 
 
 def test_gpu_check_without_an_output_folder_is_a_usage_line():

@@ -265,3 +265,21 @@ def test_predict_is_a_cli_command_and_a_submit_command():
     submit = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(submit)
     assert "predict" in submit.COMMANDS
+
+
+def test_a_student_file_predicts_with_its_test_time_augmentation(trained, cfg, data, reference, tmp_path):
+    """A model file that carries a TTA recipe (the student's) predicts as the mean over its views;
+    the same weights without the recipe predict plainly."""
+    from toolkit.engine import predict_probs_tta, tta_recipe
+
+    recipe = tta_recipe(cfg.augment, 4, 0.5)
+    path = tmp_path / "student.pt"
+    checkpoints.save(path, checkpoints.model_payload("classifier", cfg, trained.state_dict(), tta=recipe))
+    images = write_idx3(tmp_path / "imgs-idx3-ubyte", data.test_images.numpy())
+    out = predict_images(str(path), images)
+    from dataclasses import replace
+    expected = predict_probs_tta(trained, data.test_images, replace(cfg.augment, strength=0.5), views=4).numpy()
+    np.testing.assert_allclose(out.probs, expected, atol=1e-5)
+    assert np.abs(out.probs - reference).max() > 1e-3  # not the plain predictions
+    acc = float((out.labels == data.test_labels.numpy()).mean())
+    assert acc > 0.6, acc

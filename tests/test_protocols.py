@@ -125,6 +125,18 @@ def test_report_rows_give_mean_and_std_over_seeds_in_both_columns():
     assert final["stage"] == "final" and row["per_seed"] == "seed 0: 98.00%; seed 1: 99.00%; seed 2: 97.00%"
 
 
+def test_the_students_test_time_augmented_figure_and_its_one_view_figure_are_both_rows():
+    student = _result("student", 0.985, 0.984)
+    student.metrics["test_acc_plain"] = 0.981
+    rows = {r["result"]: r for r in table_rows({0: {"student": student}})}
+    assert rows["student of the iterative models (whole pool relabeled)"]["standard"] == "98.50%"
+    assert rows["student, one view (no test-time augmentation)"]["standard"] == "98.10%"
+    assert rows["student, one view (no test-time augmentation)"]["strict"] == "98.10%"
+    # an older student without the plain figure: no such row
+    assert "student, one view (no test-time augmentation)" not in {
+        r["result"] for r in table_rows({0: {"student": _result("student", 0.985, 0.984)}})}
+
+
 def test_ensemble_labels_average_the_teachers_and_keep_the_confident():
     a = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8]])
     b = torch.tensor([[0.7, 0.3], [0.2, 0.8], [0.4, 0.6]])

@@ -448,7 +448,7 @@ def test_pipeline_nests_a_run_per_stage_and_seed_and_reports(study):
     md = Path(client.download_artifacts(parent_id, "report/results.md")).read_text()
     for row in ("SimCLR linear probe, 100 labels", "CNN + augmentation, 100 labels", "one-shot pseudo-labeling",
                 "| iterative pseudo-labeling", "SimCLR-initialised iterative pseudo-labeling",
-                "student of the iterative models", "final model (standard: best on validation; strict: the last stage)"):
+                "student of the iterative models", "student, one view (no test-time augmentation)", "final model (standard: best on validation; strict: the last stage)"):
         assert row in md, row
     assert "±" in md and "| standard | strict |" in md and "200 validation labels decided" in md
     assert {"summary/cnn_augmentation_100_labels/standard_mean",

@@ -15,14 +15,14 @@ augmentation config, a ``torch.Generator`` and the Accelerate ``accelerator``.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .augment import augment, two_views
+from .augment import augment, make_generator, two_views
 from .config import AugmentConfig
 from .data import to_float
 from .losses import nt_xent_loss
@@ -222,6 +222,48 @@ def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 204
     if not outs:
         return torch.zeros(0, 0, device=images.device)
     return torch.cat(outs)
+
+
+@torch.no_grad()
+def predict_probs_tta(model: nn.Module, images: torch.Tensor, aug: AugmentConfig, views: int, seed: int = 0,
+                      batch_size: int = 2048) -> torch.Tensor:
+    """Softmax probabilities (N, C) of uint8 images (N, 28, 28), averaged over the plain image and
+    ``views`` augmented copies (test-time augmentation; ``views`` = 0: the plain softmax).
+
+    The copies are drawn from a generator seeded with ``seed``, so a model's predictions repeat
+    from run to run on one device.
+    """
+    probs = F.softmax(predict_logits(model, images, batch_size), dim=1)
+    if views == 0 or images.shape[0] == 0:
+        return probs
+    was_training = model.training
+    model.eval()
+    if images.device.type == "cpu":
+        batch_size = min(batch_size, CPU_FORWARD_BATCH)
+    gen = make_generator(seed, images.device)
+    for i in range(0, images.shape[0], batch_size):
+        x = to_float(images[i: i + batch_size])
+        for _ in range(views):
+            probs[i: i + batch_size] += F.softmax(model(_channels_last(augment(x, aug, gen))).float(), dim=1)
+    model.train(was_training)
+    return probs / (views + 1)
+
+
+def tta_recipe(aug: AugmentConfig, views: int, strength: float) -> dict[str, Any] | None:
+    """How a model file says it predicts: ``views`` copies augmented like ``aug`` at ``strength``
+    (plain types only, so the file still loads with ``weights_only=True``); None when ``views`` = 0."""
+    if views == 0:
+        return None
+    return {"views": int(views), "augment": {**asdict(aug), "strength": float(strength)}}
+
+
+def predict_probs(model: nn.Module, images: torch.Tensor, tta: dict[str, Any] | None = None,
+                  batch_size: int = 2048) -> torch.Tensor:
+    """Softmax probabilities of uint8 images, with the test-time augmentation ``tta`` (a
+    ``tta_recipe``) when given."""
+    if not tta:
+        return F.softmax(predict_logits(model, images, batch_size), dim=1)
+    return predict_probs_tta(model, images, AugmentConfig(**tta["augment"]), tta["views"], batch_size=batch_size)
 
 
 @torch.no_grad()

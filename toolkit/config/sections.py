@@ -222,11 +222,16 @@ class StudentConfig:
     warm_start: bool = _opt(True, "start from the first teacher (the scratch iterative model); false: from scratch")
     knn_k: int = _opt(5, "average the teachers' probabilities over each pool image's k nearest neighbours in the "
                          "SimCLR embedding (the 100 labeled images count as certain); 0: off. Needs the encoder")
+    tta_views: int = _opt(8, "the student predicts (its validation and test figures, `toolkit predict` on its model file) "
+                             "as the mean softmax over the plain image and this many augmented copies; 0: plain")
+    tta_strength: float = _opt(0.5, "augment.strength of those copies (the training augmentation, scaled)")
 
     def validate(self) -> None:
         _check(self.steps >= 1, "student.steps", "must be >= 1", self.steps)
         _check(self.knn_k >= 0, "student.knn_k", "must be >= 0", self.knn_k)
         _check(0.0 <= self.min_confidence <= 1.0, "student.min_confidence", "must be in [0, 1]", self.min_confidence)
+        _check(self.tta_views >= 0, "student.tta_views", "must be >= 0", self.tta_views)
+        _check(self.tta_strength >= 0, "student.tta_strength", "must be >= 0", self.tta_strength)
 
 
 PIPELINE_STAGES = ("pretrain", "probe", "supervised", "oneshot", "iterative", "simclr_iterative", "student")

@@ -17,7 +17,7 @@ import torch
 from .. import checkpoints
 from ..config import Config, ConfigError, stage_digest, to_yaml
 from ..data import Mnist, Split, check_mnist, load_mnist, make_split, resolve_root
-from ..engine import predict_logits
+from ..engine import predict_probs
 from ..inference import device_for
 from ..jobs import ModelWeights, TrainJob
 from ..models import Classifier, SimCLRModel
@@ -176,12 +176,14 @@ def data_root_for_workers(cfg: Config) -> str:
 def train_classifier(cfg: Config, tracker: Tracker, run_name: str, folder: Path, out_file: str, split: Split, *,
                      init: ModelWeights | None = None, encoder_pretrained: bool = False,
                      pseudo_indices: torch.Tensor | None = None, pseudo_labels: torch.Tensor | None = None,
-                     steps: int = 0, step_offset: int = 0, label: str = "supervised") -> tuple[Path, dict]:
+                     steps: int = 0, step_offset: int = 0, label: str = "supervised",
+                     file_extra: dict[str, Any] | None = None) -> tuple[Path, dict]:
     """Train on the labeled (+ pseudo-labeled) images; save the last weights as a model file.
 
     ``init``: a classifier to warm-start from, or a SimCLR model whose encoder starts the
     classifier. Returns (model file, {"state_dict", "val_acc", "step", ...}); ``val_acc`` is
-    the logged validation accuracy of those weights, which chose nothing.
+    the logged validation accuracy of those weights, which chose nothing. ``file_extra``: more
+    entries for the model file (the student's test-time augmentation).
     """
     from ..backends import run_training
     from ..train_loops import final_model_state
@@ -197,13 +199,17 @@ def train_classifier(cfg: Config, tracker: Tracker, run_name: str, folder: Path,
     payload, _ = run_training(cfg, job, run_name, MetricsLogger(tracker, "step", step_offset))
     final = final_model_state(payload)
     path = save_model_file(folder / out_file, "classifier", cfg, final["state_dict"], val_acc=final["val_acc"],
-                           step=final["step"], encoder_pretrained=final["encoder_pretrained"])
+                           step=final["step"], encoder_pretrained=final["encoder_pretrained"], **(file_extra or {}))
     return path, final
 
 
-def log_test_report(tracker: Tracker, cfg: Config, model_path: Path, data, folder: Path, title: str) -> dict[str, float]:
+def log_test_report(tracker: Tracker, cfg: Config, model_path: Path, data, folder: Path, title: str,
+                    tta: dict[str, Any] | None = None) -> dict[str, float]:
     """Test accuracy of the final model (once), per-digit accuracy and a confusion matrix plot; the model
-    itself as an MLflow Model (``tracking.log_models``), whose URI is the run's tag ``toolkit.model_uri``."""
+    itself as an MLflow Model (``tracking.log_models``), whose URI is the run's tag ``toolkit.model_uri``.
+
+    With ``tta`` (an ``engine.tta_recipe``) the figures are those of the test-time augmented
+    predictions, and ``test_acc_plain`` is the network's own accuracy without it."""
     from ..plots import plot_confusion_matrix
     from ..probes import confusion_matrix
 
@@ -215,19 +221,28 @@ def log_test_report(tracker: Tracker, cfg: Config, model_path: Path, data, folde
         uri = log_classifier(tracker, tracker.run_id, model, input_example=data.test_images[:4])
         tracker.set_tags({"toolkit.model_uri": uri})
         model_id = uri[len("models:/"):] if uri.startswith("models:/m-") else None
-    metrics, pred = report_test_metrics(model, data)
+    metrics, pred = report_test_metrics(model, data, tta=tta)
+    plain = report_test_metrics(model, data)[0] if tta else metrics
     cm = confusion_matrix(pred, data.test_labels, 10)
     png = plot_confusion_matrix(cm, folder / "confusion_test.png", f"{title}: test acc {metrics['test_acc']:.4f}")
     tracker.log_artifact(png, "plots")
-    tracker.log_metrics(metrics, model_id=model_id)  # on the run, and on the logged model's page
+    if tta:
+        # the logged MLflow Model is the plain network: its page gets the plain figure alone
+        metrics["test_acc_plain"] = plain["test_acc"]
+        tracker.log_metrics({k: v for k, v in metrics.items() if k != "test_acc_plain"})
+        tracker.log_metrics({"test_acc_plain": plain["test_acc"]}, model_id=model_id)
+    else:
+        tracker.log_metrics(metrics, model_id=model_id)  # on the run, and on the logged model's page
     return metrics
 
 
-def report_test_metrics(model: torch.nn.Module, data: Mnist, prefix: str = "test_") -> tuple[dict[str, float], torch.Tensor]:
-    """Test accuracy (reported, never used to decide anything) and the predictions."""
+def report_test_metrics(model: torch.nn.Module, data: Mnist, prefix: str = "test_",
+                        tta: dict[str, Any] | None = None) -> tuple[dict[str, float], torch.Tensor]:
+    """Test accuracy (reported, never used to decide anything) and the predictions (test-time
+    augmented with ``tta``, an ``engine.tta_recipe``, when given)."""
     dev = next(model.parameters()).device
     x, y = data.test_images.to(dev), data.test_labels.to(dev)
-    pred = predict_logits(model, x).argmax(1)
+    pred = predict_probs(model, x, tta).argmax(1)
     acc = float((pred == y).float().mean())
     per_class = {f"{prefix}acc_digit{c}": float((pred[y == c] == c).float().mean()) for c in range(10) if (y == c).any()}
     return {f"{prefix}acc": acc, **per_class}, pred.cpu()

@@ -145,7 +145,7 @@ def read_images(path: str | os.PathLike) -> tuple[torch.Tensor, list[str]]:
 
 
 def _toolkit_predictor(path: Path, device: torch.device, batch_size: int) -> Predictor:
-    from ..engine import predict_logits
+    from ..engine import predict_probs
     from ..models import Classifier
 
     try:
@@ -163,10 +163,11 @@ def _toolkit_predictor(path: Path, device: torch.device, batch_size: int) -> Pre
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {payload['path']} does not fit a classifier: {e}".splitlines()[0]) from None
     model = model.to(device).eval()
+    tta = payload.get("tta")  # a student predicts as the mean over augmented views: its file says how
 
     def run(images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return predict_logits(model, images.to(device), batch_size).softmax(1).cpu()
+            return predict_probs(model, images.to(device), tta, batch_size).cpu()
 
     return run
 

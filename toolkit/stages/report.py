@@ -36,6 +36,8 @@ ROWS = [
     ("iterative pseudo-labeling", "iterative", "test_acc", "test_acc", 0.9718),
     ("SimCLR-initialised iterative pseudo-labeling", "simclr_iterative", "test_acc", "test_acc", None),
     ("student of the iterative models (whole pool relabeled)", "student", "test_acc", "test_acc", None),
+    # the student predicts over augmented views (student.tta_views); its network on one view alone:
+    ("student, one view (no test-time augmentation)", "student", "test_acc_plain", "test_acc_plain", None),
 ]
 # reference rows: every training label is used, so they belong to neither few-label protocol
 ALL_LABEL_ROWS = [
