@@ -209,6 +209,9 @@ def bad_files(tmp_path_factory, data, cfg):
     (d / "notes.txt").write_text("hello")
     (d / "empty").mkdir()
     checkpoints.save(d / "simclr.pt", checkpoints.model_payload("simclr", cfg, SimCLRModel(cfg.model).state_dict()))
+    bad_recipe = {"views": 4, "augment": {"strength": 0.5, "swirl": 3.0}}  # a key no augmentation has
+    checkpoints.save(d / "bad_tta.pt", checkpoints.model_payload("classifier", cfg, Classifier(cfg.model).state_dict(),
+                                                                 tta=bad_recipe))
     return d
 
 
@@ -223,6 +226,7 @@ def bad_files(tmp_path_factory, data, cfg):
     ("MODEL", "empty", DataError, "no PNG/JPEG images"),
     ("missing-model.pt", "IMAGES", CheckpointError, "no such file, and not an MLflow run id or model URI"),
     ("simclr.pt", "IMAGES", CheckpointError, "SimCLR encoder gives features"),
+    ("bad_tta.pt", "IMAGES", CheckpointError, "unreadable test-time augmentation recipe"),
     ("models:/no-such-model/1", "IMAGES", CheckpointError, "not a loadable MLflow model"),
     ("runs:/0123456789abcdef0123456789abcdef/model", "IMAGES", CheckpointError, "not a loadable MLflow model"),
     ("0123456789abcdef0123456789abcdef", "IMAGES", CheckpointError, "no MLflow run with this id"),

@@ -33,7 +33,7 @@ import torch
 
 from .. import checkpoints
 from ..checkpoints import CheckpointError
-from ..config import Config, ConfigError, ModelConfig
+from ..config import AugmentConfig, Config, ConfigError, ModelConfig
 from ..data import IMAGE_SIZE, NUM_CLASSES, DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -164,6 +164,14 @@ def _toolkit_predictor(path: Path, device: torch.device, batch_size: int) -> Pre
         raise CheckpointError(f"checkpoint {payload['path']} does not fit a classifier: {e}".splitlines()[0]) from None
     model = model.to(device).eval()
     tta = payload.get("tta")  # a student predicts as the mean over augmented views: its file says how
+    if tta is not None:
+        try:
+            AugmentConfig(**tta["augment"]).validate()
+            if int(tta["views"]) < 0:
+                raise ValueError("negative views")
+        except Exception as e:  # noqa: BLE001 - any malformed recipe means the same thing to the user
+            raise CheckpointError(f"checkpoint {payload['path']} has an unreadable test-time augmentation recipe "
+                                  f"({type(e).__name__}: {e})".splitlines()[0]) from None
 
     def run(images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
