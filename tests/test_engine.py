@@ -192,4 +192,33 @@ def test_test_time_augmentation_averages_the_plain_image_and_seeded_views():
     assert recipe == {"views": 3, "augment": {**vars(replace(aug, strength=0.5))}}
     assert torch.allclose(predict_probs(model, images, recipe),
                           predict_probs_tta(model, images, replace(aug, strength=0.5), views=3), atol=1e-6)
+    # a plain softmax the caller already has is the mean's first term, and no plain pass runs for it
+    model.seen.clear()
+    given = predict_probs(model, images, recipe, plain=plain)
+    assert sum(model.seen) == 3 * 300  # the views alone
+    assert torch.allclose(given, predict_probs(model, images, recipe), atol=1e-6)
+    assert torch.equal(plain, predict_logits(model, images).softmax(1))  # the caller's tensor is left as it was
     assert model.training  # the mode it came in with
+
+
+@pytest.mark.parametrize("recipe, words", [
+    ({"views": 4, "augment": {"strength": 0.5, "swirl": 3.0}}, "swirl"),
+    ({"views": 4}, "KeyError"),
+    ({"views": -1, "augment": {"strength": 0.5}}, "views must be >= 0"),
+    ({"views": "many", "augment": {}}, "ValueError"),
+    ({"views": 4, "augment": {"blur_prob": 2.0}}, "augment.blur_prob"),
+])
+def test_a_recipe_that_does_not_read_is_one_valueerror_line(recipe, words):
+    from toolkit.engine import read_tta_recipe
+
+    with pytest.raises(ValueError) as e:
+        read_tta_recipe(recipe)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_written_recipe_reads_back():
+    from toolkit.config import AugmentConfig
+    from toolkit.engine import read_tta_recipe, tta_recipe
+
+    aug, views = read_tta_recipe(tta_recipe(AugmentConfig(), 8, 0.5))
+    assert views == 8 and aug == AugmentConfig(strength=0.5)

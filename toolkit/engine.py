@@ -226,14 +226,15 @@ def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 204
 
 @torch.no_grad()
 def predict_probs_tta(model: nn.Module, images: torch.Tensor, aug: AugmentConfig, views: int, seed: int = 0,
-                      batch_size: int = 2048) -> torch.Tensor:
+                      batch_size: int = 2048, plain: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax probabilities (N, C) of uint8 images (N, 28, 28), averaged over the plain image and
     ``views`` augmented copies (test-time augmentation; ``views`` = 0: the plain softmax).
 
     The copies are drawn from a generator seeded with ``seed``, so a model's predictions repeat
-    from run to run on one device.
+    from run to run on one device. ``plain``: the plain softmax of these images, when the caller
+    has it already (it is not recomputed).
     """
-    probs = F.softmax(predict_logits(model, images, batch_size), dim=1)
+    probs = (plain if plain is not None else F.softmax(predict_logits(model, images, batch_size), dim=1)).clone()
     if views == 0 or images.shape[0] == 0:
         return probs
     was_training = model.training
@@ -257,13 +258,30 @@ def tta_recipe(aug: AugmentConfig, views: int, strength: float) -> dict[str, Any
     return {"views": int(views), "augment": {**asdict(aug), "strength": float(strength)}}
 
 
+def read_tta_recipe(tta: dict[str, Any]) -> tuple[AugmentConfig, int]:
+    """The augmentation and the number of views of a ``tta_recipe`` (as read back from a file).
+
+    Raises ValueError, in one line, when the recipe does not read: a file written by hand or by
+    another version must not fail halfway through a prediction."""
+    try:
+        aug = AugmentConfig(**tta["augment"])
+        aug.validate()
+        views = int(tta["views"])
+    except Exception as e:  # noqa: BLE001 - any malformed recipe means the same thing to the caller
+        raise ValueError(f"{type(e).__name__}: {e}".splitlines()[0]) from None
+    if views < 0:
+        raise ValueError(f"views must be >= 0, got {views}")
+    return aug, views
+
+
 def predict_probs(model: nn.Module, images: torch.Tensor, tta: dict[str, Any] | None = None,
-                  batch_size: int = 2048) -> torch.Tensor:
+                  batch_size: int = 2048, plain: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax probabilities of uint8 images, with the test-time augmentation ``tta`` (a
-    ``tta_recipe``) when given."""
+    ``tta_recipe``) when given; ``plain`` as in ``predict_probs_tta``."""
     if not tta:
-        return F.softmax(predict_logits(model, images, batch_size), dim=1)
-    return predict_probs_tta(model, images, AugmentConfig(**tta["augment"]), tta["views"], batch_size=batch_size)
+        return plain if plain is not None else F.softmax(predict_logits(model, images, batch_size), dim=1)
+    aug, views = read_tta_recipe(tta)
+    return predict_probs_tta(model, images, aug, views, batch_size=batch_size, plain=plain)
 
 
 @torch.no_grad()

@@ -33,7 +33,7 @@ import torch
 
 from .. import checkpoints
 from ..checkpoints import CheckpointError
-from ..config import AugmentConfig, Config, ConfigError, ModelConfig
+from ..config import Config, ConfigError, ModelConfig
 from ..data import IMAGE_SIZE, NUM_CLASSES, DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -145,7 +145,7 @@ def read_images(path: str | os.PathLike) -> tuple[torch.Tensor, list[str]]:
 
 
 def _toolkit_predictor(path: Path, device: torch.device, batch_size: int) -> Predictor:
-    from ..engine import predict_probs
+    from ..engine import predict_probs, read_tta_recipe
     from ..models import Classifier
 
     try:
@@ -166,12 +166,10 @@ def _toolkit_predictor(path: Path, device: torch.device, batch_size: int) -> Pre
     tta = payload.get("tta")  # a student predicts as the mean over augmented views: its file says how
     if tta is not None:
         try:
-            AugmentConfig(**tta["augment"]).validate()
-            if int(tta["views"]) < 0:
-                raise ValueError("negative views")
-        except Exception as e:  # noqa: BLE001 - any malformed recipe means the same thing to the user
+            read_tta_recipe(tta)
+        except ValueError as e:
             raise CheckpointError(f"checkpoint {payload['path']} has an unreadable test-time augmentation recipe "
-                                  f"({type(e).__name__}: {e})".splitlines()[0]) from None
+                                  f"({e})") from None
 
     def run(images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
