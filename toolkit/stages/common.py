@@ -203,17 +203,17 @@ def train_classifier(cfg: Config, tracker: Tracker, run_name: str, folder: Path,
     return path, final
 
 
-def log_test_report(tracker: Tracker, cfg: Config, model_path: Path, data, folder: Path, title: str,
+def log_test_report(tracker: Tracker, cfg: Config, model: torch.nn.Module, data, folder: Path, title: str,
                     tta: dict[str, Any] | None = None) -> dict[str, float]:
     """Test accuracy of the final model (once), per-digit accuracy and a confusion matrix plot; the model
     itself as an MLflow Model (``tracking.log_models``), whose URI is the run's tag ``toolkit.model_uri``.
 
-    With ``tta`` (an ``engine.tta_recipe``) the figures are those of the test-time augmented
-    predictions, and ``test_acc_plain`` is the network's own accuracy without it."""
+    ``model``: the classifier, loaded (``load_classifier_file``). With ``tta`` (an ``engine.tta_recipe``)
+    the figures are those of the test-time augmented predictions, and ``test_acc_plain`` is the
+    network's own accuracy without it. The test set reports; it never decides anything."""
     from ..plots import plot_confusion_matrix
     from ..probes import confusion_matrix
 
-    model = load_classifier_file(model_path, device_for(cfg))
     model_id = None
     if tracker.enabled and cfg.tracking.log_models:
         from ..mlflow_models import log_classifier
@@ -221,31 +221,32 @@ def log_test_report(tracker: Tracker, cfg: Config, model_path: Path, data, folde
         uri = log_classifier(tracker, tracker.run_id, model, input_example=data.test_images[:4])
         tracker.set_tags({"toolkit.model_uri": uri})
         model_id = uri[len("models:/"):] if uri.startswith("models:/m-") else None
-    metrics, pred = report_test_metrics(model, data, tta=tta)
-    plain = report_test_metrics(model, data)[0] if tta else metrics
+    dev = next(model.parameters()).device
+    images = data.test_images.to(dev)
+    plain = predict_probs(model, images)  # once: the views' mean starts from it
+    probs = predict_probs(model, images, tta, plain=plain) if tta else plain
+    metrics, pred = accuracy_metrics(probs, data.test_labels)
     cm = confusion_matrix(pred, data.test_labels, 10)
     png = plot_confusion_matrix(cm, folder / "confusion_test.png", f"{title}: test acc {metrics['test_acc']:.4f}")
     tracker.log_artifact(png, "plots")
-    if tta:
-        # the logged MLflow Model is the plain network: its page gets the plain figure alone
-        metrics["test_acc_plain"] = plain["test_acc"]
-        tracker.log_metrics({k: v for k, v in metrics.items() if k != "test_acc_plain"})
-        tracker.log_metrics({"test_acc_plain": plain["test_acc"]}, model_id=model_id)
-    else:
+    if not tta:
         tracker.log_metrics(metrics, model_id=model_id)  # on the run, and on the logged model's page
-    return metrics
+        return metrics
+    tracker.log_metrics(metrics)
+    # the logged MLflow Model is the plain network: its page gets the plain figure alone
+    plain_acc = accuracy_metrics(plain, data.test_labels)[0]["test_acc"]
+    tracker.log_metrics({"test_acc_plain": plain_acc}, model_id=model_id)
+    return {**metrics, "test_acc_plain": plain_acc}
 
 
-def report_test_metrics(model: torch.nn.Module, data: Mnist, prefix: str = "test_",
-                        tta: dict[str, Any] | None = None) -> tuple[dict[str, float], torch.Tensor]:
-    """Test accuracy (reported, never used to decide anything) and the predictions (test-time
-    augmented with ``tta``, an ``engine.tta_recipe``, when given)."""
-    dev = next(model.parameters()).device
-    x, y = data.test_images.to(dev), data.test_labels.to(dev)
-    pred = predict_probs(model, x, tta).argmax(1)
-    acc = float((pred == y).float().mean())
-    per_class = {f"{prefix}acc_digit{c}": float((pred[y == c] == c).float().mean()) for c in range(10) if (y == c).any()}
-    return {f"{prefix}acc": acc, **per_class}, pred.cpu()
+def accuracy_metrics(probs: torch.Tensor, labels: torch.Tensor, prefix: str = "test_") -> tuple[dict[str, float], torch.Tensor]:
+    """Accuracy and per-digit accuracy of predicted probabilities (N, 10) against ``labels``, and the
+    predicted classes (on the CPU)."""
+    pred = probs.argmax(1).cpu()
+    acc = float((pred == labels).float().mean())
+    per_class = {f"{prefix}acc_digit{c}": float((pred[labels == c] == c).float().mean())
+                 for c in range(10) if (labels == c).any()}
+    return {f"{prefix}acc": acc, **per_class}, pred
 
 
 def save_model_file(path: Path, kind: str, cfg: Config, state_dict: dict, **extra: Any) -> Path:

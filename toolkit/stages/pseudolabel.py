@@ -14,8 +14,9 @@ from ..config import Config, stage_digest
 from ..jobs import ModelWeights
 from ..plots import plot_class_counts, plot_curves
 from ..tracking import Tracker
-from .common import (StageOutput, StageResult, StageRun, init_weights, log_test_report, run_key, run_stage, save_model_file,
-                     with_inputs)
+from ..inference import device_for
+from .common import (StageOutput, StageResult, StageRun, init_weights, load_classifier_file, log_test_report, run_key,
+                     run_stage, save_model_file, with_inputs)
 from .rounds import STATE_FILE, load_state, run_rounds, save_state
 
 def _round_plots(tracker: Tracker, state: dict, folder: Path, title: str) -> None:
@@ -63,7 +64,8 @@ def pseudolabel(cfg: Config, parent_run_id: str | None = None, key: str | None =
                                 encoder_pretrained=bool(state["encoder_pretrained"]))
         run.tracker.log_artifact(final, "model")
         _round_plots(run.tracker, state, run.folder, f"pseudo-labeling ({mode})")
-        metrics = log_test_report(run.tracker, cfg, final, run.data, run.folder, f"pseudo-labeling ({mode})")
+        model = load_classifier_file(final, device_for(cfg))
+        metrics = log_test_report(run.tracker, cfg, model, run.data, run.folder, f"pseudo-labeling ({mode})")
         last = state["history"][-1] if state["history"] else {}
         metrics.update({
             "val_acc": float(last.get("val_acc", float("nan"))),

@@ -127,11 +127,10 @@ def student(cfg: Config, teachers: list[str], parent_run_id: str | None = None, 
             file_extra={"tta": tta} if tta else None,
         )
         run.tracker.log_artifact(model_path, "model")
-        metrics = log_test_report(run.tracker, cfg, model_path, run.data, run.folder, "student of the pseudo-labelers",
-                                  tta=tta)
+        model = load_classifier_file(model_path, device_for(cfg))
+        metrics = log_test_report(run.tracker, cfg, model, run.data, run.folder, "student of the pseudo-labelers", tta=tta)
         val_acc = final["val_acc"]
         if tta:  # the validation figure the same way as the test figure (logged; it chooses nothing)
-            model = load_classifier_file(model_path, device_for(cfg))
             val_images = run.data.train_images[run.split.val].to(device_for(cfg))
             val_pred = predict_probs(model, val_images, tta).argmax(1).cpu()
             metrics["val_acc_plain"] = val_acc

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from .. import checkpoints
 from ..config import Config, stage_digest
-from .common import StageOutput, StageResult, StageRun, init_weights, log_test_report, run_key, run_stage, train_classifier
+from ..inference import device_for
+from .common import (StageOutput, StageResult, StageRun, init_weights, load_classifier_file, log_test_report, run_key,
+                     run_stage, train_classifier)
 
 
 def supervised(cfg: Config, parent_run_id: str | None = None, key: str | None = None) -> StageResult:
@@ -17,7 +19,8 @@ def supervised(cfg: Config, parent_run_id: str | None = None, key: str | None = 
         model_path, final = train_classifier(cfg, run.tracker, run.key, run.folder, checkpoints.MODEL_FILE, run.split,
                                             init=init)
         run.tracker.log_artifact(model_path, "model")
-        metrics = log_test_report(run.tracker, cfg, model_path, run.data, run.folder, "supervised CNN")
+        model = load_classifier_file(model_path, device_for(cfg))
+        metrics = log_test_report(run.tracker, cfg, model, run.data, run.folder, "supervised CNN")
         metrics["val_acc"] = final["val_acc"]
         run.tracker.log_metrics({"final/val_acc": final["val_acc"]})
         return StageOutput(model_path, metrics, f"val acc {final['val_acc']:.4f}, test acc {metrics['test_acc']:.4f}")

@@ -36,7 +36,9 @@ from ..jobs import ModelWeights
 from ..search_space import SearchSpace, base_point, best_overrides, nested, parse_space, read_space, trial_config
 from ..storage import check_shared, storage_path
 from ..tune_records import METRIC, TrialRow, close_trial_runs, collect, trial_runs_callback, write_csv
-from .common import StageOutput, StageResult, StageRun, init_weights, log_test_report, run_stage, save_model_file
+from ..inference import device_for
+from .common import (StageOutput, StageResult, StageRun, init_weights, load_classifier_file, log_test_report, run_stage,
+                     save_model_file)
 from .rounds import STATE_FILE, load_state
 from .tune_trial import SIMCLR_REF, TrialJob, _execution_overrides, _trial, _trial_cfg, reproduce_args
 
@@ -312,7 +314,8 @@ def _report(run: StageRun, rows: list[TrialRow], base: Config, space: SearchSpac
     final = save_model_file(folder / checkpoints.MODEL_FILE, "classifier", best_cfg, best_state["state_dict"],
                             encoder_pretrained=bool(best_state["encoder_pretrained"]))
     tracker.log_artifact(final, "model")
-    metrics = log_test_report(tracker, best_cfg, final, run.data, folder, f"tune: best trial ({best.kind})")
+    model = load_classifier_file(final, device_for(best_cfg))
+    metrics = log_test_report(tracker, best_cfg, model, run.data, folder, f"tune: best trial ({best.kind})")
     search = {"best_val_acc": best.val_acc, "trials": len(rows), "trials_completed": counts["completed"],
               "trials_stopped_early": counts["stopped_early"], "trials_failed": counts["failed"]}
     tracker.log_metrics(search)
