@@ -9,7 +9,6 @@ subprocess, gets SIGINT mid-run, and the same command is run again.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -453,6 +452,12 @@ def test_pipeline_nests_a_run_per_stage_and_seed_and_reports(study):
     assert "±" in md and "| standard | strict |" in md and "200 validation labels decided" in md
     assert {"summary/cnn_augmentation_100_labels/standard_mean",
             "summary/cnn_augmentation_100_labels/strict_mean"} <= set(parent.data.metrics)
+    # the one-view row is the students' own network: the test_acc_plain each logged, averaged over the seeds
+    students = [r for r in kids if r.data.tags["toolkit.stage"] == "student"]
+    plain = [r.data.metrics["test_acc_plain"] for r in students]
+    assert len(plain) == 2 and all("test_acc" in r.data.metrics for r in students)
+    one_view = parent.data.metrics["summary/student_one_view_no_test_time_augmentation/standard_mean"]
+    assert one_view == pytest.approx(sum(plain) / 2)
     # the iterative stage took its round 1 from the one-shot stage (same config and start model)
     iterative = [r for r in kids if r.data.tags["toolkit.stage"] == "iterative"]
     assert len(iterative) == 2 and all("toolkit.round1_from" in r.data.tags for r in iterative)
