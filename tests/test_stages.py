@@ -240,6 +240,61 @@ def test_probe_rejects_an_empty_reference_and_a_classifier_checkpoint(simclr, ma
     assert runs_with_key(cfg, "probe-bad-probe") == []
 
 
+# ------------------------------------------------------------------ the test report
+
+
+class _RecordingTracker:
+    """What ``log_test_report`` uses of a Tracker, recording every ``log_metrics`` call."""
+
+    enabled, run_id = True, "run-0"
+
+    def __init__(self):
+        self.calls: list[tuple[dict, str | None]] = []
+
+    def log_metrics(self, metrics, step=None, model_id=None):
+        self.calls.append((dict(metrics), model_id))
+
+    def log_artifact(self, path, artifact_path=None):
+        pass
+
+    def set_tags(self, tags):
+        pass
+
+
+class _CountingClassifier(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(28 * 28, 10)
+        self.images = 0
+
+    def forward(self, x):
+        self.images += x.shape[0]
+        return self.lin(x.flatten(1))
+
+
+def test_the_test_report_runs_the_plain_pass_once_and_gives_the_models_page_the_plain_figure_alone(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import toolkit.mlflow_models
+    from toolkit.engine import tta_recipe
+    from toolkit.stages.common import log_test_report
+
+    monkeypatch.setattr(toolkit.mlflow_models, "log_classifier", lambda *a, **k: "models:/m-0123")
+    torch.manual_seed(0)
+    data = SimpleNamespace(test_images=torch.randint(0, 256, (40, 28, 28), dtype=torch.uint8),
+                           test_labels=torch.randint(0, 10, (40,)))
+    cfg, model, tracker = Config(), _CountingClassifier(), _RecordingTracker()
+    metrics = log_test_report(tracker, cfg, model, data, tmp_path, "t", tta=tta_recipe(cfg.augment, 2, 0.5))
+    assert model.images == 40 * 3  # one plain pass and two views, not a second plain pass
+    (run_metrics, run_model), (page_metrics, page_model) = tracker.calls
+    assert run_model is None and "test_acc_plain" not in run_metrics and "test_acc" in run_metrics
+    assert page_model == "m-0123" and page_metrics == {"test_acc_plain": metrics["test_acc_plain"]}
+    # without views: one pass, every figure on the run and on the model's page
+    model.images, tracker.calls = 0, []
+    plain = log_test_report(tracker, cfg, model, data, tmp_path, "t")
+    assert model.images == 40 and tracker.calls == [(plain, "m-0123")] and "test_acc_plain" not in plain
+
+
 # ------------------------------------------------------------------ pseudo-labeling
 
 

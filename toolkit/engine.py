@@ -277,7 +277,8 @@ def read_tta_recipe(tta: dict[str, Any]) -> tuple[AugmentConfig, int]:
 def predict_probs(model: nn.Module, images: torch.Tensor, tta: dict[str, Any] | None = None,
                   batch_size: int = 2048, plain: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax probabilities of uint8 images, with the test-time augmentation ``tta`` (a
-    ``tta_recipe``) when given; ``plain`` as in ``predict_probs_tta``."""
+    ``tta_recipe``) when given. ``plain``: the plain softmax of these images when the caller has
+    it; without ``tta`` it is returned as it is, with ``tta`` the mean starts from a copy."""
     if not tta:
         return plain if plain is not None else F.softmax(predict_logits(model, images, batch_size), dim=1)
     aug, views = read_tta_recipe(tta)

@@ -241,8 +241,8 @@ def log_test_report(tracker: Tracker, cfg: Config, model: torch.nn.Module, data,
 
 def accuracy_metrics(probs: torch.Tensor, labels: torch.Tensor, prefix: str = "test_") -> tuple[dict[str, float], torch.Tensor]:
     """Accuracy and per-digit accuracy of predicted probabilities (N, 10) against ``labels``, and the
-    predicted classes (on the CPU)."""
-    pred = probs.argmax(1).cpu()
+    predicted classes (on the CPU, wherever the two came from)."""
+    pred, labels = probs.argmax(1).cpu(), labels.cpu()
     acc = float((pred == labels).float().mean())
     per_class = {f"{prefix}acc_digit{c}": float((pred[labels == c] == c).float().mean())
                  for c in range(10) if (labels == c).any()}

@@ -11,10 +11,10 @@ from pathlib import Path
 
 from .. import checkpoints
 from ..config import Config, stage_digest
+from ..inference import device_for
 from ..jobs import ModelWeights
 from ..plots import plot_class_counts, plot_curves
 from ..tracking import Tracker
-from ..inference import device_for
 from .common import (StageOutput, StageResult, StageRun, init_weights, load_classifier_file, log_test_report, run_key,
                      run_stage, save_model_file, with_inputs)
 from .rounds import STATE_FILE, load_state, run_rounds, save_state

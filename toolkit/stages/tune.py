@@ -32,11 +32,11 @@ import yaml
 from .. import checkpoints
 from ..config import Config, ConfigError, stage_digest
 from ..data import Mnist, make_split
+from ..inference import device_for
 from ..jobs import ModelWeights
 from ..search_space import SearchSpace, base_point, best_overrides, nested, parse_space, read_space, trial_config
 from ..storage import check_shared, storage_path
 from ..tune_records import METRIC, TrialRow, close_trial_runs, collect, trial_runs_callback, write_csv
-from ..inference import device_for
 from .common import (StageOutput, StageResult, StageRun, init_weights, load_classifier_file, log_test_report, run_stage,
                      save_model_file)
 from .rounds import STATE_FILE, load_state
