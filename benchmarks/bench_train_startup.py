@@ -1,14 +1,17 @@
-"""The fixed cost of one Ray Train run: empty ``TorchTrainer`` fits on the embedded Ray toolkit starts.
+"""The fixed cost of one Ray Train run: empty ``TorchTrainer`` fits on an embedded Ray.
 
     python benchmarks/bench_train_startup.py [--fits 3] [--workers 2] [--variants default no-watcher ...]
 
 Each fit starts a worker group as toolkit's training stages do (``--workers`` gloo workers of
-one CPU each), whose loop reports once and returns, so what is measured is what every
-training stage pays before and after its own steps. Each variant runs in a fresh process
+one CPU each), whose loop reports once and returns, so what is measured is close to what
+every training stage pays before and after its own steps. Ray is started with the resources
+``backends.init_ray`` asks for, but without its log-quieting worker setup hook, and the
+trainer is a plain ``TorchTrainer`` without toolkit's metrics callback, so toolkit's own runs
+pay a little more. Each variant runs in a fresh process
 (its own Ray), the variants in turn, ``--rounds`` times, so a machine that changes speed
 during the run touches every variant alike. Variants set Ray Train's environment variables:
 
-- ``default``: as toolkit runs;
+- ``default``: Ray Train's defaults (any ``RAY_TRAIN_*`` variable of the shell removed);
 - ``no-watcher``: ``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0`` (one actor fewer per fit);
 - ``fast-poll``: the above and ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.5`` (default 2 s).
 
@@ -74,9 +77,14 @@ def main() -> int:
     seconds: dict[str, list[float]] = {v: [] for v in args.variants}
     for _ in range(args.rounds):
         for v in args.variants:
+            env = {k: x for k, x in os.environ.items() if not k.startswith("RAY_TRAIN_")}
             out = subprocess.run([sys.executable, __file__, "--child", "--fits", str(args.fits),
-                                  "--workers", str(args.workers)], env={**os.environ, **VARIANTS[v]},
-                                 capture_output=True, text=True, check=True)
+                                  "--workers", str(args.workers)], env={**env, **VARIANTS[v]},
+                                 capture_output=True, text=True)
+            if out.returncode != 0:
+                sys.stderr.write(out.stderr)
+                print(f"variant {v}: the fits failed (exit {out.returncode}); its output is above", file=sys.stderr)
+                return 1
             seconds[v] += json.loads(out.stdout.strip().splitlines()[-1])
     for v, s in seconds.items():
         print(f"{v:>10}: {statistics.fmean(s):5.1f} s per fit (min {min(s):.1f}, max {max(s):.1f}; "
