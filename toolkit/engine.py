@@ -234,7 +234,8 @@ def predict_probs_tta(model: nn.Module, images: torch.Tensor, aug: AugmentConfig
     from run to run on one device. ``plain``: the plain softmax of these images, when the caller
     has it already (it is not recomputed).
     """
-    probs = (plain if plain is not None else F.softmax(predict_logits(model, images, batch_size), dim=1)).clone()
+    # the caller's tensor is copied (the views are added in place); a fresh one needs no copy
+    probs = plain.clone() if plain is not None else F.softmax(predict_logits(model, images, batch_size), dim=1)
     if views == 0 or images.shape[0] == 0:
         return probs
     was_training = model.training
