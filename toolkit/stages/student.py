@@ -38,8 +38,8 @@ from ..engine import extract_features, predict_probs, tta_recipe
 from ..inference import device_for, predict_pool
 from ..jobs import ModelWeights
 from ..pseudo_labels import knn_smooth
-from .common import (StageOutput, StageResult, StageRun, load_classifier_file, load_encoder, log_test_report, run_key,
-                     run_stage, train_classifier, with_inputs)
+from .common import (StageOutput, StageResult, StageRun, accuracy_metrics, load_classifier_file, load_encoder,
+                     log_test_report, run_key, run_stage, train_classifier, with_inputs)
 
 
 def ensemble_labels(probs: list[torch.Tensor], min_confidence: float,
@@ -131,10 +131,9 @@ def student(cfg: Config, teachers: list[str], parent_run_id: str | None = None, 
         metrics = log_test_report(run.tracker, cfg, model, run.data, run.folder, "student of the pseudo-labelers", tta=tta)
         val_acc = final["val_acc"]
         if tta:  # the validation figure the same way as the test figure (logged; it chooses nothing)
-            val_images = run.data.train_images[run.split.val].to(device_for(cfg))
-            val_pred = predict_probs(model, val_images, tta).argmax(1).cpu()
+            val_probs = predict_probs(model, run.data.train_images[run.split.val].to(device_for(cfg)), tta)
             metrics["val_acc_plain"] = val_acc
-            val_acc = float((val_pred == run.data.train_labels[run.split.val]).float().mean())
+            val_acc = accuracy_metrics(val_probs, run.data.train_labels[run.split.val], "val_")[0]["val_acc"]
         metrics.update({
             "val_acc": val_acc,
             "pseudo_labels": len(idx),
