@@ -14,7 +14,6 @@ profile (a tiny setting runs the same script on a CPU in the tests). The test se
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import sys
 import time
@@ -41,6 +40,7 @@ def main(argv: list[str]) -> int:
     from toolkit.config import ConfigError, load_config
     from toolkit.stages.pipeline import pipeline
     from toolkit.stages.report import final_model_figures, table_rows
+    from toolkit.tracking import machine_tags
 
     out = Path(argv[0]).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -50,7 +50,8 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"gpu_check: error: {e}", file=sys.stderr)
         return 2
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or 'unknown'})"
+    machine = machine_tags()  # the CPU model and the kernels torch chose: figures depend on them
+    device = machine.get("toolkit.gpu") or f"cpu {machine['toolkit.cpu']}"
     print(f"[gpu_check] device: {device}; seeds {cfg.pipeline.seeds}; output {out}", flush=True)
     t0 = time.perf_counter()
     results = pipeline(cfg)
@@ -79,6 +80,7 @@ def main(argv: list[str]) -> int:
         "date": time.strftime("%Y-%m-%d"),
         "device": device,
         "torch": torch.__version__,
+        "cpu": machine["toolkit.cpu"],
         "command": "bash benchmarks/gpu_check.sh " + " ".join(argv),
         "seeds": cfg.pipeline.seeds,
         "wall_seconds": seconds,

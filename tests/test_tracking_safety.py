@@ -180,3 +180,21 @@ def test_two_processes_creating_a_fresh_store_do_not_race(tmp_path):
         assert p.returncode == 0 and out.strip() == "ok", err[-2000:]
     prepare_sqlite_store(uri)  # and the store is usable afterwards
     assert (tmp_path / "race.db.lock").exists()
+
+
+# --- what a run records about its machine --------------------------------------------------------
+
+
+def test_a_run_names_the_torch_and_the_cpu_kernels_it_ran_on(tmp_path):
+    """The same seed gives other figures on another CPU's kernels: the run must say which it had."""
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    cfg = _cfg(tmp_path)
+    with mlflow_run(cfg, "pretrain", "machine-tags") as tracker:
+        run_id = tracker.run_id
+    tags = MlflowClient(tracking_uri=cfg.tracking.uri).get_run(run_id).data.tags
+    assert tags["toolkit.torch"] == torch.__version__
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert tags["toolkit.cpu"].endswith(f"({capability})") and len(tags["toolkit.cpu"]) > len(capability) + 3
+    assert ("toolkit.gpu" in tags) == torch.cuda.is_available()

@@ -54,6 +54,37 @@ def _user() -> str:
         return ""
 
 
+def _cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_tags() -> dict[str, str]:
+    """What the driver computes on, as run tags.
+
+    The same seeds give other last digits on another CPU: torch picks its kernels by the
+    vector instructions it finds (AVX2, AVX-512, ...), training runs drift apart from there, and
+    the cpu profile's figures moved by up to 0.3 points per seed between two 2-core AMD EPYC
+    machines with the same packages (benchmarks/RESULTS.md). A figure is comparable only with its machine named. Workers on other nodes may differ; their
+    throughput is in each training run's metrics.
+    """
+    import torch
+
+    tags = {"toolkit.torch": torch.__version__,
+            "toolkit.cpu": f"{_cpu_model()} ({torch.backends.cpu.get_cpu_capability()})"}
+    if torch.cuda.is_available():
+        tags["toolkit.gpu"] = torch.cuda.get_device_name(0)
+    return tags
+
+
 def safe_params(flat: dict[str, Any]) -> dict[str, str]:
     """Config as MLflow params, with anything that looks like a credential masked."""
     out = {}
@@ -306,6 +337,7 @@ def mlflow_run(cfg: Config, command: str, run_key: str, parent_run_id: str | Non
         "toolkit.host": socket.gethostname(),
         "toolkit.backend": cfg.run.backend,
         "toolkit.resumed": resumed,
+        **machine_tags(),
         **(extra_tags or {}),
     })
     tracker.log_params(cfg.flat())
