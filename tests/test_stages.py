@@ -349,6 +349,32 @@ def test_oneshot_trains_exactly_one_round_at_threshold_start(make_cfg):
     assert client_for(cfg).get_run(result.run_id).data.tags["toolkit.mode"] == "oneshot"
 
 
+def test_classifiers_local_trains_classifiers_in_process_while_pretraining_stays_on_ray_train(make_cfg, monkeypatch):
+    """run.classifiers_local (the cpu profile): under run.backend=ray a classifier stage never starts
+    Ray and trains in this process (its checkpoints in the local folder); pretraining still goes to
+    Ray Train, and without the switch so does the classifier."""
+    from toolkit import backends
+    from toolkit.stages.pretrain import pretrain
+    from toolkit.stages.supervised import supervised
+
+    class RayStarted(Exception):
+        pass
+
+    def refuse(*args, **kwargs):
+        raise RayStarted
+
+    monkeypatch.setattr(backends, "init_ray", refuse)
+    ray_run = {"run.backend": "ray", "tracking.enabled": False}
+    cfg = make_cfg(**{"run.name": "inproc", "run.classifiers_local": True, **ray_run})
+    done = supervised(cfg)
+    assert Path(done.model_path).is_file() and 0.0 < done.metrics["test_acc"] <= 1.0
+    assert local_checkpoint_root(cfg, "inproc-supervised").is_dir()
+    with pytest.raises(RayStarted):
+        pretrain(cfg)
+    with pytest.raises(RayStarted):
+        supervised(make_cfg(**{"run.name": "onray", **ray_run}))
+
+
 def test_iterative_takes_round_1_from_a_matching_oneshot_run(make_cfg):
     from toolkit.stages.pseudolabel import pseudolabel
     from toolkit.stages.supervised import supervised

@@ -35,7 +35,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
 INFRASTRUCTURE_SECTIONS = ("ray", "tracking", "report")
 INFRASTRUCTURE_KEYS = frozenset({
     "data.root", "data.download",
-    "run.name", "run.output_dir", "run.backend", "run.device", "run.threads", "run.verbose",
+    "run.name", "run.output_dir", "run.backend", "run.classifiers_local", "run.device", "run.threads", "run.verbose",
     "pseudolabel.inference", "pseudolabel.inference_actors", "pseudolabel.inference_batch_size",
     "tune.max_concurrent", "tune.cpus_per_trial", "tune.gpus_per_trial", "tune.max_failures",
     "probe.tsne_points",

@@ -189,14 +189,17 @@ def train_classifier(cfg: Config, tracker: Tracker, run_name: str, folder: Path,
     from ..train_loops import final_model_state
 
     none = torch.zeros(0, dtype=torch.long)
+    # run.classifiers_local: in this process whatever run.backend says; the job carries it, so the
+    # worker's device choice is the local backend's (run.device)
+    fit_cfg = cfg.replace(**{"run.backend": "local"}) if cfg.run.classifiers_local else cfg
     job = TrainJob(
-        loop="classifier", config=cfg.to_dict(), data_root=data_root_for_workers(cfg), split=split,
+        loop="classifier", config=fit_cfg.to_dict(), data_root=data_root_for_workers(cfg), split=split,
         steps=steps or cfg.classifier.steps, init_kind=init.kind if init else "",
         init_state=init.state_dict if init else None, encoder_pretrained=encoder_pretrained, label=label,
         pseudo_indices=none if pseudo_indices is None else pseudo_indices,
         pseudo_labels=none if pseudo_labels is None else pseudo_labels,
     )
-    payload, _ = run_training(cfg, job, run_name, MetricsLogger(tracker, "step", step_offset))
+    payload, _ = run_training(fit_cfg, job, run_name, MetricsLogger(tracker, "step", step_offset))
     final = final_model_state(payload)
     path = save_model_file(folder / out_file, "classifier", cfg, final["state_dict"], val_acc=final["val_acc"],
                            step=final["step"], encoder_pretrained=final["encoder_pretrained"], **(file_extra or {}))
