@@ -430,6 +430,31 @@ def test_cli_use_gpu_without_gpu(tmp_path, data_root, capsys, monkeypatch):
     assert "ray.use_gpu" in line and "GPU" in line
 
 
+def test_cli_in_process_classifiers_asked_for_a_gpu_without_one_fail_before_anything_runs(tmp_path, data_root, capsys,
+                                                                                           monkeypatch):
+    """run.classifiers_local with ray.use_gpu=true: the classifiers would train on this process's CPU.
+    The pipeline fails in one line naming the switch, before Ray starts (not after pretraining);
+    pretrain alone trains no classifier, so there the switch does not matter."""
+    import torch
+
+    import toolkit.backends as backends
+    import toolkit.cli as cli
+
+    def no_ray(cfg):
+        raise RuntimeError("Ray was started before the GPU was checked")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on a GPU machine
+    monkeypatch.setattr(backends, "init_ray", no_ray)
+    argv = ["ray.use_gpu=true", "run.classifiers_local=true", "data.train_subset=3000", "data.test_subset=500",
+            "split.val_size=200", "model.width=8", *_safe_args(tmp_path, data_root)]
+    assert main(["pipeline", *argv]) == 2
+    line = _one_error_line(capsys, "pipeline")
+    assert "run.classifiers_local=true is not allowed" in line and "GPU" in line
+    seen = []
+    monkeypatch.setattr(cli, "_dispatch", lambda command: seen.append)
+    assert cli.main(["pretrain", *argv]) == 0 and len(seen) == 1
+
+
 def test_cli_hands_the_resolved_config_to_the_command(tmp_path, monkeypatch):
     import toolkit.cli as cli
 

@@ -183,6 +183,33 @@ def test_a_signal_on_the_ray_backend_exits_130_marks_the_run_killed_and_a_rerun_
     rerun_resumes_in_the_same_run(over, "stop-ray-pretrain", killed.info.run_id)
 
 
+def test_sigterm_in_an_in_process_classifier_after_ray_started_exits_130_and_a_rerun_resumes(data_root, tmp_path):
+    """The cpu profile's shape (run.classifiers_local): pretraining starts Ray, whose ray.init installs
+    its own SIGTERM handler (sys.exit); a SIGTERM in the in-process classifier that follows must still
+    be an interrupt: exit 130, no run left FAILED or RUNNING, and a re-run resumes that classifier."""
+    over = settings(data_root, tmp_path, **{
+        "run.name": "term-mixed", "run.backend": "ray", "ray.num_workers": 2, "run.classifiers_local": True,
+        "pretrain.epochs": 1, "classifier.steps": 600, "pipeline.stages": "[pretrain,supervised]"})
+    run = Running(command("pipeline", over), tmp_path / "first.log")
+    try:
+        run.wait_for(lambda: "[supervised] step 10/600" in run.text(), "the classifier's first report")
+        run.proc.send_signal(signal.SIGTERM)
+        rc, out = run.finish(timeout=120), run.text()
+    finally:
+        run.close()
+    assert rc == 130, out[-3000:]
+    assert "interrupted; re-run the same command to resume" in out
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=over["tracking.uri"])
+    exp = client.get_experiment_by_name("toolkit")
+    statuses = {r.data.tags.get(RUN_KEY_TAG): r.info.status for r in client.search_runs([exp.experiment_id])}
+    assert "KILLED" in statuses.values() and not {"FAILED", "RUNNING"} & set(statuses.values()), statuses
+    again = subprocess.run(command("pipeline", over), env=env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    assert "[supervised] resuming at step" in again.stdout
+
+
 # ------------------------------------------------------------------ local backend
 
 

@@ -195,6 +195,27 @@ def embedded(cfg: Config) -> bool:
     return not (cfg.ray.address or os.environ.get("RAY_ADDRESS", ""))
 
 
+def _ray_init(**kwargs) -> None:
+    """``ray.init``, keeping this process's SIGTERM handler.
+
+    ``ray.init`` installs its own (``sys.exit(15)``) in the main thread. The CLI's handler turns
+    SIGTERM into an interrupt (exit 130, MLflow runs KILLED); without it, a SIGTERM during
+    in-process work after Ray started (``run.classifiers_local``, pool inference, the test
+    report) would end the command as a failure.
+    """
+    import threading
+
+    import ray
+
+    main = threading.current_thread() is threading.main_thread()
+    kept = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        ray.init(**kwargs)
+    finally:
+        if kept is not None:
+            signal.signal(signal.SIGTERM, kept)
+
+
 def init_ray(cfg: Config) -> None:
     """Connect to ``ray.address`` / ``$RAY_ADDRESS``, or start an embedded local Ray (dashboard off).
 
@@ -211,12 +232,12 @@ def init_ray(cfg: Config) -> None:
     if not cfg.run.verbose:
         quiet_loggers("ray")
     if not embedded(cfg):
-        ray.init(address=cfg.ray.address or None, log_to_driver=True)
+        _ray_init(address=cfg.ray.address or None, log_to_driver=True)
         show_toolkit_lines(cfg.run.verbose, None)
         return
     # logical CPUs may exceed cores: a Tune trial plus its 2 training workers must fit
     num_cpus = cfg.ray.num_cpus or max(4, os.cpu_count() or 1)
-    ray.init(
+    _ray_init(
         num_cpus=num_cpus,
         include_dashboard=False,
         dashboard_host="127.0.0.1",
@@ -227,13 +248,19 @@ def init_ray(cfg: Config) -> None:
     show_toolkit_lines(cfg.run.verbose, Path(ray._private.worker.global_worker.node.get_logs_dir_path()))
 
 
-def check_gpu_visible(cfg: Config) -> None:
-    """The local backend: ``ray.use_gpu`` or ``run.device=cuda`` need a GPU in this process."""
+def check_gpu_visible(cfg: Config, classifiers: bool = False) -> None:
+    """What trains in this process needs its GPU here: ``ray.use_gpu`` or ``run.device=cuda`` under
+    the local backend, and, when the command trains ``classifiers`` with ``run.classifiers_local``,
+    under the Ray backend too (they would train on this process's CPU instead of Ray's GPU workers)."""
     wants = cfg.ray.use_gpu or cfg.run.device == "cuda"
-    if wants and cfg.run.backend == "local":
+    in_process = cfg.run.backend == "local" or (classifiers and cfg.run.classifiers_local)
+    if wants and in_process:
         import torch
 
         if not torch.cuda.is_available():
+            if cfg.run.backend != "local":
+                raise ConfigError("run.classifiers_local=true is not allowed: the classifiers would train in this "
+                                  "process, which sees no CUDA GPU; set it false to train them on Ray Train's GPU workers")
             key = "ray.use_gpu=true" if cfg.ray.use_gpu else "run.device='cuda'"
             raise ConfigError(f"{key} is not allowed: no CUDA GPU is visible to this process")
 

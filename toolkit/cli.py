@@ -139,11 +139,11 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(cfg.run.threads)  # the driver's own work: probes, inference, evaluation
-        if cfg.run.backend == "local":
-            # fail before any folder or MLflow run exists (the Ray path checks after connecting)
-            from .backends import check_gpu_visible
+        # a GPU this process would train on must be here before any folder or MLflow run exists (Ray's
+        # workers are checked after connecting; tune's trials train in their actors on Tune's GPUs)
+        from .backends import check_gpu_visible
 
-            check_gpu_visible(cfg)
+        check_gpu_visible(cfg, classifiers="classifier" in sections and args.command != "tune")
         _dispatch(args.command)(cfg)
     except KeyboardInterrupt:
         print(f"toolkit {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)

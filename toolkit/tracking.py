@@ -72,14 +72,15 @@ def machine_tags() -> dict[str, str]:
 
     The same seeds give other last digits on another CPU: torch picks its kernels by the
     vector instructions it finds (AVX2, AVX-512, ...), training runs drift apart from there, and
-    the cpu profile's figures moved by up to 0.3 points per seed between two 2-core AMD EPYC
-    machines with the same packages (benchmarks/RESULTS.md). A figure is comparable only with its machine named. Workers on other nodes may differ; their
-    throughput is in each training run's metrics.
+    the cpu profile's figures moved by up to half a point per seed between two 2-core AMD EPYC
+    machines with the same packages (benchmarks/RESULTS.md). A figure is comparable only with
+    its machine named. Workers on other nodes may differ; their throughput is in each training
+    run's metrics.
     """
     import torch
 
-    tags = {"toolkit.torch": torch.__version__,
-            "toolkit.cpu": f"{_cpu_model()} ({torch.backends.cpu.get_cpu_capability()})"}
+    kernels = torch.backends.cpu.get_cpu_capability()
+    tags = {"toolkit.torch": torch.__version__, "toolkit.cpu": f"{_cpu_model()} ({kernels})"}
     if torch.cuda.is_available():
         tags["toolkit.gpu"] = torch.cuda.get_device_name(0)
     return tags
@@ -336,6 +337,7 @@ def mlflow_run(cfg: Config, command: str, run_key: str, parent_run_id: str | Non
         **({"mlflow.source.git.commit": commit} if commit != "unknown" else {}),
         "toolkit.host": socket.gethostname(),
         "toolkit.backend": cfg.run.backend,
+        **({"toolkit.classifiers": "in-process"} if cfg.run.classifiers_local else {}),
         "toolkit.resumed": resumed,
         **machine_tags(),
         **(extra_tags or {}),

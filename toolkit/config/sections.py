@@ -311,7 +311,9 @@ class RunConfig:
     classifiers_local: bool = _opt(False, "train the classifiers (supervised, pseudo-labeling rounds, student) in-process "
                                           "even when run.backend=ray; SimCLR pretraining stays on Ray Train. On one small "
                                           "machine a Ray Train run's fixed start-up (~23 s) and DDP over its few cores cost "
-                                          "more than they give; on a cluster keep false so they train on the GPU workers")
+                                          "more than they give; on a cluster keep false so they train on the GPU workers. "
+                                          "Switched mid-stage, that training restarts: each backend keeps its own "
+                                          "checkpoints")
     seed: int = _opt(0, "seed of model init and augmentation (the split has its own seed)")
     device: str = _opt("auto", "local backend: 'auto', 'cpu' or 'cuda'")
     threads: int = _opt(0, "torch threads per process (0: torch's default)")

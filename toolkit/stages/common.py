@@ -189,9 +189,9 @@ def train_classifier(cfg: Config, tracker: Tracker, run_name: str, folder: Path,
     from ..train_loops import final_model_state
 
     none = torch.zeros(0, dtype=torch.long)
-    # run.classifiers_local: in this process whatever run.backend says; the job carries it, so the
-    # worker's device choice is the local backend's (run.device)
-    fit_cfg = cfg.replace(**{"run.backend": "local"}) if cfg.run.classifiers_local else cfg
+    # run.classifiers_local: in this process whatever run.backend says, on the device the driver
+    # uses (run.device; ray.use_gpu asks for Ray's workers, and the CLI checked a GPU is here)
+    fit_cfg = cfg.replace(**{"run.backend": "local", "ray.use_gpu": False}) if cfg.run.classifiers_local else cfg
     job = TrainJob(
         loop="classifier", config=fit_cfg.to_dict(), data_root=data_root_for_workers(cfg), split=split,
         steps=steps or cfg.classifier.steps, init_kind=init.kind if init else "",
