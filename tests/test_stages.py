@@ -350,9 +350,9 @@ def test_oneshot_trains_exactly_one_round_at_threshold_start(make_cfg):
 
 
 def test_classifiers_local_trains_classifiers_in_process_while_pretraining_stays_on_ray_train(make_cfg, monkeypatch):
-    """run.classifiers_local (the cpu profile): under run.backend=ray a classifier stage never starts
-    Ray and trains in this process (its checkpoints in the local folder); pretraining still goes to
-    Ray Train, and without the switch so does the classifier."""
+    """run.classifiers_local (the cpu profile): under run.backend=ray with an embedded Ray, a classifier
+    stage never starts Ray and trains in this process (its checkpoints in the local folder);
+    pretraining still goes to Ray Train, and so does the classifier without the switch or on a cluster."""
     from toolkit import backends
     from toolkit.stages.pretrain import pretrain
     from toolkit.stages.supervised import supervised
@@ -373,6 +373,10 @@ def test_classifiers_local_trains_classifiers_in_process_while_pretraining_stays
         pretrain(cfg)
     with pytest.raises(RayStarted):
         supervised(make_cfg(**{"run.name": "onray", **ray_run}))
+    # on a Ray cluster (an address, as in a Ray Job) the classifiers stay on Ray Train's workers
+    with pytest.raises(RayStarted):
+        supervised(make_cfg(**{"run.name": "cluster", "run.classifiers_local": True, "ray.address": "10.0.0.1:6379",
+                               **ray_run}))
 
 
 def test_iterative_takes_round_1_from_a_matching_oneshot_run(make_cfg):

@@ -195,6 +195,13 @@ def embedded(cfg: Config) -> bool:
     return not (cfg.ray.address or os.environ.get("RAY_ADDRESS", ""))
 
 
+def classifiers_in_process(cfg: Config) -> bool:
+    """``run.classifiers_local`` on one machine: with an embedded Ray the classifiers train in this
+    process; on a Ray cluster (``ray.address`` / ``$RAY_ADDRESS``, as in a Ray Job) they stay on Ray
+    Train's workers, spread over its nodes."""
+    return cfg.run.classifiers_local and cfg.run.backend == "ray" and embedded(cfg)
+
+
 def _ray_init(**kwargs) -> None:
     """``ray.init``, keeping this process's SIGTERM handler.
 
@@ -253,7 +260,7 @@ def check_gpu_visible(cfg: Config, classifiers: bool = False) -> None:
     the local backend, and, when the command trains ``classifiers`` with ``run.classifiers_local``,
     under the Ray backend too (they would train on this process's CPU instead of Ray's GPU workers)."""
     wants = cfg.ray.use_gpu or cfg.run.device == "cuda"
-    in_process = cfg.run.backend == "local" or (classifiers and cfg.run.classifiers_local)
+    in_process = cfg.run.backend == "local" or (classifiers and classifiers_in_process(cfg))
     if wants and in_process:
         import torch
 

@@ -325,6 +325,8 @@ def mlflow_run(cfg: Config, command: str, run_key: str, parent_run_id: str | Non
             tags["mlflow.parentRunId"] = parent_run_id
         run_id = client.create_run(exp_id, run_name=run_key, tags=tags).info.run_id
         resumed = False
+    from .backends import classifiers_in_process
+
     tracker = Tracker(uri, run_id)
     commit = _git_commit()
     tracker.set_tags({
@@ -337,7 +339,7 @@ def mlflow_run(cfg: Config, command: str, run_key: str, parent_run_id: str | Non
         **({"mlflow.source.git.commit": commit} if commit != "unknown" else {}),
         "toolkit.host": socket.gethostname(),
         "toolkit.backend": cfg.run.backend,
-        **({"toolkit.classifiers": "in-process"} if cfg.run.classifiers_local else {}),
+        **({"toolkit.classifiers": "in-process"} if classifiers_in_process(cfg) else {}),
         "toolkit.resumed": resumed,
         **machine_tags(),
         **(extra_tags or {}),

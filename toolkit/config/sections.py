@@ -308,10 +308,11 @@ class RunConfig:
     name: str = _opt("", "run name: keys checkpoints and resumption (empty: derived from command and config)")
     output_dir: str = _opt("runs", "folder for checkpoints, Ray storage and the default MLflow store")
     backend: str = _opt("ray", "'ray' (Ray Train TorchTrainer) or 'local' (same loop in-process, no Ray)")
-    classifiers_local: bool = _opt(False, "train the classifiers (supervised, pseudo-labeling rounds, student) in-process "
-                                          "even when run.backend=ray; SimCLR pretraining stays on Ray Train. On one small "
-                                          "machine a Ray Train run's fixed start-up (~23 s) and DDP over its few cores cost "
-                                          "more than they give; on a cluster keep false so they train on the GPU workers. "
+    classifiers_local: bool = _opt(False, "on one machine (an embedded Ray), train the classifiers (supervised, "
+                                          "pseudo-labeling rounds, student) in-process even when run.backend=ray; SimCLR "
+                                          "pretraining stays on Ray Train. There a Ray Train run's fixed start-up (~23 s) "
+                                          "and DDP over a few cores cost more than they give. On a Ray cluster (ray.address "
+                                          "or $RAY_ADDRESS) it changes nothing: classifiers train on Ray Train's workers. "
                                           "Switched mid-stage, that training restarts: each backend keeps its own "
                                           "checkpoints")
     seed: int = _opt(0, "seed of model init and augmentation (the split has its own seed)")

@@ -185,13 +185,13 @@ def train_classifier(cfg: Config, tracker: Tracker, run_name: str, folder: Path,
     the logged validation accuracy of those weights, which chose nothing. ``file_extra``: more
     entries for the model file (the student's test-time augmentation).
     """
-    from ..backends import run_training
+    from ..backends import classifiers_in_process, run_training
     from ..train_loops import final_model_state
 
     none = torch.zeros(0, dtype=torch.long)
-    # run.classifiers_local: in this process whatever run.backend says, on the device the driver
-    # uses (run.device; ray.use_gpu asks for Ray's workers, and the CLI checked a GPU is here)
-    fit_cfg = cfg.replace(**{"run.backend": "local", "ray.use_gpu": False}) if cfg.run.classifiers_local else cfg
+    # in this process on the device the driver uses (run.device; ray.use_gpu asks for Ray's
+    # workers, and the CLI checked that a GPU is here)
+    fit_cfg = cfg.replace(**{"run.backend": "local", "ray.use_gpu": False}) if classifiers_in_process(cfg) else cfg
     job = TrainJob(
         loop="classifier", config=fit_cfg.to_dict(), data_root=data_root_for_workers(cfg), split=split,
         steps=steps or cfg.classifier.steps, init_kind=init.kind if init else "",
