@@ -15,7 +15,7 @@ views/s (two views per image). Augmentation alone is timed too, so the table
 shows where the difference comes from.
 
 Imports only torch, torchvision, accelerate and toolkit modules that do not
-import Ray or MLflow (augment, config, data, engine, losses, models), so it runs
+import Ray or MLflow (augment, config, data, engine, losses, models, tracking), so it runs
 on a bare GPU machine. Run from the repository root:
 
     python benchmarks/bench_pretrain.py                      # 2-core CPU: about 2 min
@@ -29,7 +29,6 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -49,6 +48,7 @@ from toolkit.data import load_mnist, to_float  # noqa: E402
 from toolkit.engine import EpochBatches, OptimState, simclr_epoch  # noqa: E402
 from toolkit.losses import nt_xent_loss  # noqa: E402
 from toolkit.models import SimCLRModel  # noqa: E402
+from toolkit.tracking import machine_tags  # noqa: E402  (imports no MLflow)
 
 SEED = 0
 
@@ -259,7 +259,7 @@ def main(argv=None) -> dict:
 
     meta = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu {machine_tags()['toolkit.cpu']}",
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "cpu_count": os.cpu_count(),

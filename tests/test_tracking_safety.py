@@ -198,3 +198,21 @@ def test_a_run_names_the_torch_and_the_cpu_kernels_it_ran_on(tmp_path):
     capability = torch.backends.cpu.get_cpu_capability()
     assert tags["toolkit.cpu"].endswith(f"({capability})") and len(tags["toolkit.cpu"]) > len(capability) + 3
     assert ("toolkit.gpu" in tags) == torch.cuda.is_available()
+    assert "toolkit.classifiers" not in tags  # classifiers on Ray Train: the default
+
+
+def test_a_run_says_when_its_classifiers_trained_in_process_and_only_then(tmp_path, monkeypatch):
+    """run.classifiers_local acts on one machine: the tag follows it there, and a cluster address drops it."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+    def tags_of(key: str, **over) -> dict:
+        cfg = _cfg(tmp_path, **over)
+        with mlflow_run(cfg, "supervised", key) as tracker:
+            run_id = tracker.run_id
+        return MlflowClient(tracking_uri=cfg.tracking.uri).get_run(run_id).data.tags
+
+    assert tags_of("one-machine", **{"run.classifiers_local": True})["toolkit.classifiers"] == "in-process"
+    assert "toolkit.classifiers" not in tags_of("cluster", **{"run.classifiers_local": True,
+                                                             "ray.address": "10.0.0.1:6379"})

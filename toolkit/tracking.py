@@ -8,6 +8,7 @@ tracking URI and run id in their config and log from rank 0 only.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import socket
 import subprocess
@@ -67,6 +68,17 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+@functools.lru_cache(maxsize=1)  # the machine does not change within a process; every run asks
+def _machine() -> tuple[tuple[str, str], ...]:
+    import torch
+
+    kernels = torch.backends.cpu.get_cpu_capability()
+    tags = {"toolkit.torch": torch.__version__, "toolkit.cpu": f"{_cpu_model()} ({kernels})"}
+    if torch.cuda.is_available():
+        tags["toolkit.gpu"] = torch.cuda.get_device_name(0)
+    return tuple(tags.items())
+
+
 def machine_tags() -> dict[str, str]:
     """What the driver computes on, as run tags.
 
@@ -77,13 +89,7 @@ def machine_tags() -> dict[str, str]:
     its machine named. Workers on other nodes may differ; their throughput is in each training
     run's metrics.
     """
-    import torch
-
-    kernels = torch.backends.cpu.get_cpu_capability()
-    tags = {"toolkit.torch": torch.__version__, "toolkit.cpu": f"{_cpu_model()} ({kernels})"}
-    if torch.cuda.is_available():
-        tags["toolkit.gpu"] = torch.cuda.get_device_name(0)
-    return tags
+    return dict(_machine())
 
 
 def safe_params(flat: dict[str, Any]) -> dict[str, str]:
