@@ -48,7 +48,7 @@ from toolkit.data import load_mnist, to_float  # noqa: E402
 from toolkit.engine import EpochBatches, OptimState, simclr_epoch  # noqa: E402
 from toolkit.losses import nt_xent_loss  # noqa: E402
 from toolkit.models import SimCLRModel  # noqa: E402
-from toolkit.tracking import machine_tags  # noqa: E402  (imports no MLflow)
+from toolkit.tracking import device_label  # noqa: E402  (imports no MLflow)
 
 SEED = 0
 
@@ -259,7 +259,7 @@ def main(argv=None) -> dict:
 
     meta = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu {machine_tags()['toolkit.cpu']}",
+        "device": device_label(device),
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "cpu_count": os.cpu_count(),

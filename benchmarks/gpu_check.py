@@ -40,7 +40,7 @@ def main(argv: list[str]) -> int:
     from toolkit.config import ConfigError, load_config
     from toolkit.stages.pipeline import pipeline
     from toolkit.stages.report import final_model_figures, table_rows
-    from toolkit.tracking import machine_tags
+    from toolkit.tracking import device_label, machine_tags
 
     out = Path(argv[0]).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -51,7 +51,7 @@ def main(argv: list[str]) -> int:
         print(f"gpu_check: error: {e}", file=sys.stderr)
         return 2
     machine = machine_tags()  # the CPU model and the kernels torch chose: figures depend on them
-    device = machine.get("toolkit.gpu") or f"cpu {machine['toolkit.cpu']}"
+    device = device_label("cuda" if torch.cuda.is_available() else "cpu")
     print(f"[gpu_check] device: {device}; seeds {cfg.pipeline.seeds}; output {out}", flush=True)
     t0 = time.perf_counter()
     results = pipeline(cfg)

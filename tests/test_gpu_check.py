@@ -29,7 +29,7 @@ def test_gpu_check_runs_end_to_end_on_cpu_with_a_tiny_setting(data_root, tmp_pat
     assert (out / "gpu_check.log").read_text().count("[gpu_check]") >= 2
     assert report["seeds"] == [0, 1] and report["device"].startswith("cpu")
     import torch  # which kernels the figures came from (they differ between CPU types)
-    assert report["cpu"].endswith(f"({torch.backends.cpu.get_cpu_capability()})")
+    assert report["cpu"].endswith(f"({torch.backends.cpu.get_cpu_capability()})") and report["cpu"] in report["device"]
     stages = {"supervised", "oneshot", "iterative", "simclr_iterative"}
     assert stages <= set(report["test_acc_mean_std"])
     for stage in stages:

@@ -92,6 +92,15 @@ def machine_tags() -> dict[str, str]:
     return dict(_machine())
 
 
+def device_label(device: Any) -> str:
+    """How a benchmark names what it computed on: the GPU's name on CUDA, else "cpu" and
+    ``toolkit.cpu`` (the CPU model and torch's kernel level)."""
+    import torch
+
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu {machine_tags()['toolkit.cpu']}"
+
+
 def safe_params(flat: dict[str, Any]) -> dict[str, str]:
     """Config as MLflow params, with anything that looks like a credential masked."""
     out = {}
