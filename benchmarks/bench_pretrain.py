@@ -48,7 +48,7 @@ from toolkit.data import load_mnist, to_float  # noqa: E402
 from toolkit.engine import EpochBatches, OptimState, simclr_epoch  # noqa: E402
 from toolkit.losses import nt_xent_loss  # noqa: E402
 from toolkit.models import SimCLRModel  # noqa: E402
-from toolkit.tracking import device_label  # noqa: E402  (imports no MLflow)
+from toolkit.machine import device_label  # noqa: E402  (imports no MLflow)
 
 SEED = 0
 

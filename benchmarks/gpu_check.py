@@ -1,4 +1,4 @@
-"""The GPU check, one command: the gpu profile in-process on split seeds 0-4, every figure into one JSON.
+"""The GPU check's local part: the gpu profile in-process on split seeds 0-4, every figure into one JSON.
 
     bash benchmarks/gpu_check.sh OUT_DIR [key=value ...]
 
@@ -9,10 +9,13 @@ and validation accuracy per seed, mean ± std over seeds, the probe accuracies, 
 seconds per stage, and the report's table under both protocols (standard: validation
 labels may choose; strict: only the 100 labels decide). ``key=value`` overrides the
 profile (a tiny setting runs the same script on a CPU in the tests). The test set only reports.
+What it needs is checked first: a missing package is one line, before any training. The Ray
+paths (Ray Train workers, Ray Data actors, Tune trials on the GPU) are ``gpu_check_ray.py``.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import statistics
 import sys
@@ -27,6 +30,22 @@ CHECK_OVERRIDES = ["run.backend=local", "ray.use_gpu=false", "pseudolabel.infere
                    "pipeline.seeds=[0,1,2,3,4]"]
 
 
+# import name -> pip name of what the local part imports (seaborn and pandas: every stage's plots)
+NEEDS = {"torch": "torch", "accelerate": "accelerate", "sklearn": "scikit-learn", "yaml": "pyyaml",
+         "matplotlib": "matplotlib", "seaborn": "seaborn", "pandas": "pandas"}
+
+
+def missing_packages() -> list[str]:
+    """The pip names of NEEDS that this Python cannot import (imported now: a broken install counts too)."""
+    missing = []
+    for module, pip in NEEDS.items():
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(pip)
+    return missing
+
+
 def summary(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
 
@@ -35,12 +54,17 @@ def main(argv: list[str]) -> int:
     if not argv:
         print("usage: bash benchmarks/gpu_check.sh OUT_DIR [key=value ...]", file=sys.stderr)
         return 2
+    missing = missing_packages()
+    if missing:  # found now, not after an hour of training when the first plot is drawn
+        print(f"gpu_check: error: missing packages: {', '.join(missing)} (pip install {' '.join(missing)})",
+              file=sys.stderr)
+        return 2
     import torch
 
     from toolkit.config import ConfigError, load_config
     from toolkit.stages.pipeline import pipeline
     from toolkit.stages.report import final_model_figures, table_rows
-    from toolkit.tracking import device_label, machine_tags
+    from toolkit.machine import device_label, machine_tags
 
     out = Path(argv[0]).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,9 @@ tunnel that ``ray dashboard ray_cluster.yaml`` opens.
 
 Only ``TOOLKIT_DATA_DIR``, ``TOOLKIT_OUTPUT_ROOT`` and ``MLFLOW_TRACKING_URI`` travel
 from your shell to the job, and only when set: a runtime_env is stored by the cluster and shown
-in its dashboard, so nothing else from the local environment goes there.
+in its dashboard, so nothing else from the local environment goes there. For the same reason
+a variable or a ``key=value`` that carries a credential (``s3://KEY:SECRET@bucket``,
+``?token=...``; ``toolkit.redaction`` decides) is refused, and what this script prints is masked.
 
 ``build_job_spec`` is the pure part (profile + arguments + environment ->
 ``submit_job`` keyword arguments); ``main`` adds the CLI, ``--dry-run`` and
@@ -27,7 +29,6 @@ import sys
 import time
 from pathlib import Path
 from typing import Mapping, Sequence
-from urllib.parse import urlsplit
 
 import yaml
 
@@ -105,15 +106,23 @@ def _check_config(profile_path: Path, overrides: list[str]) -> None:
         raise SubmitError(str(e).splitlines()[0]) from None
 
 
+def _redaction():
+    """``toolkit.redaction`` (what a credential looks like), imported when first needed: run as
+    a script, this checkout joins ``sys.path`` only in ``__main__``."""
+    from toolkit import redaction
+
+    return redaction
+
+
 def _passthrough_env(env: Mapping[str, str]) -> dict[str, str]:
     out = {k: env[k] for k in PASSTHROUGH_ENV if env.get(k)}
-    uri = out.get("MLFLOW_TRACKING_URI", "")
-    if "@" in urlsplit(uri).netloc:
-        # The runtime_env is stored by the cluster and shown in the dashboard.
-        raise SubmitError(
-            "MLFLOW_TRACKING_URI carries credentials (user:password@host); refusing to put them "
-            "in the job's runtime_env, configure MLFLOW_TRACKING_USERNAME/PASSWORD on the cluster instead"
-        )
+    for name, value in out.items():
+        if _redaction().holds_secret(value):
+            # The runtime_env is stored by the cluster and shown in the dashboard.
+            hint = ("configure MLFLOW_TRACKING_USERNAME/PASSWORD on the cluster instead"
+                    if name == "MLFLOW_TRACKING_URI" else "give the cluster's nodes their own credentials instead")
+            raise SubmitError(f"{name} carries credentials ({_redaction().redact(value)}); refusing to put them "
+                              f"in the job's runtime_env, {hint}")
     return out
 
 
@@ -147,6 +156,11 @@ def build_job_spec(
         if "=" not in arg or arg.startswith("-"):
             raise SubmitError(f"expected key=value after the command, got {arg!r} "
                               "(options too: e.g. run.backend=ray instead of --backend ray)")
+        if _redaction().holds_secret(arg):
+            # the entrypoint, like the runtime_env, is stored by the cluster and shown in its dashboard
+            raise SubmitError(f"{_redaction().redact(arg)}: the value carries credentials; refusing to put "
+                              "them in the job's entrypoint, give the cluster's nodes their own (for s3://, "
+                              "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or an instance role)")
 
     profile_path = _profile_path(profile, configs_dir, working_dir)
     if check_config:
@@ -191,13 +205,18 @@ def _split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv, []
 
 
+def _print(text: str, end: str = "\n", file=None) -> None:
+    """Every line this script prints, credentials masked (an address, an error or a job's log may quote one)."""
+    print(_redaction().redact(text), end=end, file=file or sys.stdout, flush=True)
+
+
 def _follow(client, job_id: str) -> str:
     """Print the job's logs as they come; return its final status."""
     import asyncio
 
     async def tail() -> None:
         async for lines in client.tail_job_logs(job_id):
-            print(lines, end="", flush=True)
+            _print(lines, end="")
 
     asyncio.run(tail())
     # The log stream can end (e.g. a dropped tunnel) before the job does.
@@ -216,15 +235,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         spec = build_job_spec(args.profile, [*args.toolkit_args, *theirs], os.environ,
                               configs_dir=args.configs_dir, working_dir=args.working_dir)
     except SubmitError as e:
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
+        parser.exit(2, _redaction().redact(f"{parser.prog}: error: {e}\n"))
 
     if args.dry_run:
-        print(json.dumps(spec, indent=2))
+        _print(json.dumps(spec, indent=2))
         return 0
 
     forwarded = sorted(spec["runtime_env"]["env_vars"])
     if forwarded:
-        print(f"forwarding {', '.join(forwarded)} to the job (must be valid on the cluster)", file=sys.stderr)
+        _print(f"forwarding {', '.join(forwarded)} to the job (must be valid on the cluster)", file=sys.stderr)
 
     from ray.job_submission import JobSubmissionClient
 
@@ -232,24 +251,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         client = JobSubmissionClient(args.address)
         job_id = client.submit_job(**spec)
     except (ConnectionError, RuntimeError) as e:
-        print(f"{parser.prog}: error: cannot submit to {args.address}: {str(e).splitlines()[0]} "
-              "(is `ray dashboard ray_cluster.yaml` running?)", file=sys.stderr)
+        _print(f"{parser.prog}: error: cannot submit to {args.address}: {str(e).splitlines()[0]} "
+               "(is `ray dashboard ray_cluster.yaml` running?)", file=sys.stderr)
         return 1
-    print(f"submitted {job_id}: {spec['entrypoint']}", file=sys.stderr)
+    _print(f"submitted {job_id}: {spec['entrypoint']}", file=sys.stderr)
 
     if not args.follow:
-        print(f"  logs:   ray job logs {job_id} --address {args.address} --follow\n"
-              f"  status: ray job status {job_id} --address {args.address}\n"
-              f"  stop:   ray job stop {job_id} --address {args.address}", file=sys.stderr)
-        print(job_id)
+        _print(f"  logs:   ray job logs {job_id} --address {args.address} --follow\n"
+               f"  status: ray job status {job_id} --address {args.address}\n"
+               f"  stop:   ray job stop {job_id} --address {args.address}", file=sys.stderr)
+        _print(job_id)
         return 0
     try:
         status = _follow(client, job_id)
     except KeyboardInterrupt:
-        print(f"\nstopped following; the job keeps running (ray job stop {job_id} --address {args.address})",
-              file=sys.stderr)
+        _print(f"\nstopped following; the job keeps running (ray job stop {job_id} --address {args.address})",
+               file=sys.stderr)
         return 130
-    print(f"job {job_id} {status}", file=sys.stderr)
+    _print(f"job {job_id} {status}", file=sys.stderr)
     return 0 if status == "SUCCEEDED" else 1
 
 

@@ -50,7 +50,11 @@ def mnist_small(data_root):
 
 
 def small_config(data_root: str, tmp_path: Path) -> Config:
-    """A validated config small enough for CPU tests: 3,000 images, width 8, local backend, sqlite MLflow in tmp_path."""
+    """A validated config small enough for CPU tests: 3,000 images, width 8, local backend, sqlite MLflow in tmp_path.
+
+    The device is pinned to the CPU: tests that compare two runs to the last digit hold there on every
+    host, while CUDA's backward of adaptive pooling and bf16 repeat only within training noise.
+    """
     return Config().replace(**{
         "data.root": data_root,
         "data.train_subset": 3000,
@@ -59,6 +63,7 @@ def small_config(data_root: str, tmp_path: Path) -> Config:
         "model.width": 8,
         "run.output_dir": str(tmp_path / "runs"),
         "run.backend": "local",
+        "run.device": "cpu",
         "tracking.uri": f"sqlite:///{tmp_path}/mlflow.db",
     })
 
@@ -125,3 +130,17 @@ def fake_mnist_root(tmp_path_factory) -> str:
 def fake_config(tmp_path, fake_mnist_root) -> Config:
     """``tiny_config`` on the synthetic digits: the same sizes, with no need for the real MNIST files."""
     return small_config(fake_mnist_root, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One embedded Ray per test module (4 logical CPUs, a small object store), unless one is already up."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=4, include_dashboard=False, object_store_memory=100 * 1024 * 1024)
+    yield ray
+    if started:
+        ray.shutdown()
+

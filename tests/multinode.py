@@ -5,11 +5,14 @@
 * the head node: ``ray start --head --block`` in its own mount namespace, 1 CPU, no GPU,
   dashboard / Jobs API on 127.0.0.1, its own ``--temp-dir`` (``<root>/ray``);
 * node b: ``ray start --address=... --block`` in a private mount namespace in which empty
-  tmpfs are mounted over the run folder (``<root>/work``), the MLflow server's store
-  (``<root>/mlflow``), the head's Ray temp dir (``<root>/ray``), the data folder
-  (``<root>/data``, into which node b copies its own MNIST, at the path the head uses) and
-  ``/tmp``: like a second machine, it sees none of the head's files there. 1 CPU and the
-  custom resource ``node_b``;
+  tmpfs are mounted over exactly the fixture's own folders (``node_b_hidden_paths``): the run
+  folder (``<root>/work``), the MLflow server's store (``<root>/mlflow``), the head's Ray temp
+  dir (``<root>/ray``), the data folder (``<root>/data``, into which node b copies its own
+  MNIST, at the path the head uses, from the head's copy) and node b's own temp dir
+  (``<root>/tmp-b``, its ``$TMPDIR``): like a second machine, it sees none of the head's files
+  there. The checkout, the interpreter's environment and the data folder the fixture was given
+  stay visible wherever they live (``/tmp``, ``/home``, ``/work``): a hidden path over one of
+  them is refused. 1 CPU and the custom resource ``node_b``;
 * ``<root>/shared``: visible to both nodes (the role of an NFS mount), for ``ray.storage_path``;
 * a real ``mlflow server`` (sqlite backend, proxied artifacts) on 127.0.0.1;
 * a ``moto_server`` (S3) on 127.0.0.1 with one bucket, reached by pyarrow inside Ray
@@ -34,7 +37,8 @@ groups (SIGTERM, up to 30 s, SIGKILL); finally any process still naming this clu
 private root in its command line (only this fixture's processes do) is killed by pid.
 ``ray stop`` is never called and nothing is killed by name.
 
-The root is outside ``/tmp`` (``/var/tmp/tkmn-*``) because node b's ``/tmp`` is private.
+The root is a fresh ``/var/tmp/tkmn-*`` (short and independent of ``$TMPDIR``: Ray's socket
+paths must stay under 108 characters).
 Set ``TOOLKIT_MULTINODE_KEEP=1`` to keep the root (logs under ``<root>/logs``) after tear-down.
 """
 
@@ -78,6 +82,24 @@ _SCRUB = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TO
 
 class ClusterError(RuntimeError):
     """The cluster could not be started (the message says which part and where its log is)."""
+
+
+def node_b_hidden_paths(root: str | os.PathLike, keep_visible: Sequence[str | os.PathLike]) -> tuple[Path, ...]:
+    """The folders node b gets an empty tmpfs over: the Ray temp dir, run folder, MLflow store, data folder and
+    node b's temp dir, all under the fixture's own ``root``, and nothing else.
+
+    Hiding a broader folder (``/tmp`` once) also hides a checkout, virtual environment or data folder that
+    happens to live there, and node b cannot start; so a hidden path that is, or holds, one of
+    ``keep_visible`` (as given or symlinks resolved) is refused.
+    """
+    root = Path(root).resolve()
+    hidden = tuple(root / name for name in ("ray", "work", "mlflow", "data", "tmp-b"))
+    for keep in keep_visible:
+        for k in {Path(os.path.abspath(keep)), Path(keep).resolve()}:
+            over = [h for h in hidden if h == k or h in k.parents]
+            if over:
+                raise ClusterError(f"node b would not see {k}: it lies in {over[0]}, which node b hides")
+    return hidden
 
 
 # ------------------------------------------------------------------ processes
@@ -236,18 +258,20 @@ class MultiNodeCluster:
         missing = [f for f in MNIST_FILES if not (self.mnist_raw / f).is_file()]
         if missing:
             raise ClusterError(f"MNIST files missing in {self.mnist_raw}: {', '.join(missing)}")
-        # short and outside /tmp: node b's /tmp is private; Ray's socket paths must stay < 108 chars
+        # short and whatever $TMPDIR is: Ray's socket paths must stay < 108 chars
         self.root = Path(root or tempfile.mkdtemp(prefix="tkmn-", dir="/var/tmp")).resolve()
         self.object_store_bytes = object_store_mb * 1024 * 1024
         self.start_timeout = start_timeout
-        self.ray_tmp = self.root / "ray"
-        self.run_dir = self.root / "work"        # run.output_dir of the jobs (the head's disk)
-        self.mlflow_dir = self.root / "mlflow"   # the MLflow server's store
-        self.data_dir = self.root / "data"       # TOOLKIT_DATA_DIR on both nodes (each its own copy)
+        # what node b must see wherever it lives: the checkout, the interpreter's environment, the data
+        self.keep_visible = (REPO, Path(sys.prefix), Path(sys.base_prefix), VENV_BIN, self.mnist_raw)
+        self.hidden_on_node_b = node_b_hidden_paths(self.root, self.keep_visible)
+        # run_dir: run.output_dir of the jobs (the head's disk); mlflow_dir: the MLflow server's store;
+        # data_dir: TOOLKIT_DATA_DIR on both nodes (each its own copy); node_b_tmp: node b's $TMPDIR
+        self.ray_tmp, self.run_dir, self.mlflow_dir, self.data_dir, self.node_b_tmp = self.hidden_on_node_b
+        self.node_b_source = self.root / "node-b-source"  # node b's view of the head's MNIST while it copies
         self.shared_dir = self.root / "shared"   # visible to both nodes: ray.storage_path
         self.logs_dir = self.root / "logs"
         self.token_path = self.root / "auth_token"
-        self.hidden_on_node_b = (self.ray_tmp, self.run_dir, self.mlflow_dir, self.data_dir, Path("/tmp"))
         self.token = ""
         self.ports: dict[str, Any] = {}
         self.head: subprocess.Popen | None = None
@@ -331,7 +355,7 @@ class MultiNodeCluster:
         return self
 
     def _start(self) -> None:
-        for d in (self.ray_tmp, self.run_dir, self.mlflow_dir, self.artifacts_dir, self.shared_dir, self.logs_dir,
+        for d in (*self.hidden_on_node_b, self.artifacts_dir, self.shared_dir, self.logs_dir, self.node_b_source,
                   self.data_dir / "MNIST" / "raw"):
             d.mkdir(parents=True, exist_ok=True)
         for f in MNIST_FILES:  # the head's own copy, at the path node b uses for its copy
@@ -410,15 +434,18 @@ class MultiNodeCluster:
             f"--dashboard-agent-listen-port={self.ports['agent_b']}",
             *self._ray_start_common(),
         ]
-        raw = self.data_dir / "MNIST" / "raw"
-        script = "set -e\n"
+        raw, source = shlex.quote(str(self.data_dir / "MNIST" / "raw")), shlex.quote(str(self.node_b_source))
+        # node b's own MNIST copy comes from the head's (the fixture's data folder, never the checkout's): bound
+        # before anything is hidden, so that it stays readable once data/ is, then unbound
+        script = f"set -e\nmount --bind {raw} {source}\n"
         for d in self.hidden_on_node_b:
             script += f"mount -t tmpfs -o size=4g,mode=1777 tmpfs {shlex.quote(str(d))}\n"
-        script += f"mkdir -p {shlex.quote(str(raw))}\n"
-        script += "".join(f"cp {shlex.quote(str(self.mnist_raw / f))} {shlex.quote(str(raw))}/\n" for f in MNIST_FILES)
-        script += f"cd {shlex.quote(str(self.root))}\nexec {shlex.join(ray_args)}\n"
+        script += f"mkdir -p {raw}\n"
+        script += "".join(f"cp {source}/{f} {raw}/\n" for f in MNIST_FILES)
+        script += f"umount {source}\ncd {shlex.quote(str(self.root))}\nexec {shlex.join(ray_args)}\n"
+        env = {**self.node_env(), "TMPDIR": str(self.node_b_tmp)}  # its own temp dir, as on another machine
         return _spawn(["unshare", "--mount", "--propagation", "private", "--", "bash", "-c", script],
-                      self.logs_dir / "node_b.log", self.node_env(), cwd=self.root)
+                      self.logs_dir / "node_b.log", env, cwd=self.root)
 
     def _wait(self, ready, what: str, proc: subprocess.Popen | None, log: str) -> None:
         deadline = time.monotonic() + self.start_timeout

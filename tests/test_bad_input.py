@@ -232,6 +232,17 @@ CASES: list[Case] = [
     C("config-not-utf8", lambda c: ["-c", c.file("c.yaml", "pretrain:\n  epochs: 3 # caf\xe9\n".encode("latin-1"))],
       "is not UTF-8 text"),
     C("config-binary", lambda c: ["-c", c.file("c.bin", bytes(range(256)))], "is not UTF-8 text"),
+    C("config-key-twice", lambda c: ["-c", c.file("c.yaml", "pretrain:\n  epochs: 3\n  epochs: 30\n")],
+      "key 'epochs' is given twice (lines 2 and 3)"),
+    C("config-section-twice", lambda c: ["-c", c.file("c.yaml", "pretrain:\n  epochs: 3\npretrain:\n  lr: 0.1\n")],
+      "key 'pretrain' is given twice"),
+    C("config-dotted-key-twice", lambda c: ["-c", c.file("c.yaml", "pretrain:\n  epochs: 3\npretrain.epochs: 4\n")],
+      "key 'pretrain.epochs' is given twice"),
+    C("config-value-hidden-by-assignment", lambda c: ["-c", c.file("c.yaml", "run:\n  backend: gpu\n"), "run.backend=local"],
+      "run.backend='gpu' is not allowed"),
+    # --- a value given twice: the later wins, but each one is checked ---------------------------------------
+    C("backend-flag-hides-bad-backend", ["run.backend=gpu", *LOCAL], "run.backend='gpu' is not allowed"),
+    C("assignment-hides-bad-value", ["pretrain.epochs=0", "pretrain.epochs=2"], "pretrain.epochs=0 is not allowed"),
     # --- names, ids and URIs ------------------------------------------------------------------------------------
     C("name-quote", ["run.name=it's"], "run.name=\"it's\" is not allowed"),
     C("name-double-quote", ['run.name=say"hi'], "run.name="),
@@ -314,6 +325,14 @@ CASES: list[Case] = [
       "model.width=8 in the checkpoint but 16 here", command="supervised"),
     C("init-missing", lambda c: [*LOCAL, "data.train_subset=3000", f"model.init=simclr:{c.tmp / 'gone.pt'}"],
       "neither an existing checkpoint", command="supervised"),
+    C("init-unknown-run-id", [*LOCAL, "data.train_subset=3000", f"model.init=simclr:{HEX_ID}"], HEX_ID, command="supervised"),
+    C("init-text-file-pseudolabel", lambda c: [*LOCAL, "data.train_subset=3000", f"model.init=simclr:{c.file('n.txt', 'hello')}"],
+      "not a readable toolkit checkpoint", command="pseudolabel"),
+    C("init-text-file-tune", lambda c: [f"model.init=simclr:{c.file('n.txt', 'hello')}"], "not a readable toolkit checkpoint",
+      command="tune"),
+    C("pipeline-data-missing", lambda c: [*LOCAL, f"data.root={c.tmp / 'nowhere'}"], "MNIST file missing", command="pipeline"),
+    C("pseudolabel-data-corrupt", lambda c: [*LOCAL, f"data.root={c.data('train-labels-idx1-ubyte', b'')}"], "truncated",
+      command="pseudolabel"),
     # --- Tune space files --------------------------------------------------------------------------------------
     C("space-missing", lambda c: [f"tune.space={c.tmp / 'nope.yaml'}"], "does not exist", command="tune"),
     C("space-unknown-key", lambda c: c.space('pseudolabel.treshold_start: {choice: [0.9]}\n'),
@@ -331,6 +350,8 @@ CASES: list[Case] = [
     C("space-invalid-yaml", lambda c: c.space('classifier.lr: {uniform: [0.1\n'),
       "is not valid YAML", command="tune"),
     C("space-list", lambda c: c.space('- 1\n'), "expected a mapping", command="tune"),
+    C("space-key-twice", lambda c: c.space('classifier.lr: {choice: [0.1]}\nclassifier.lr: {choice: [0.2]}\n'),
+      "key 'classifier.lr' is given twice (lines 1 and 2)", command="tune"),
     C("space-empty", lambda c: c.space('{}\n'), "nothing to search", command="tune"),
     C("space-bad-value", lambda c: c.space('pseudolabel.schedule: {choice: [sigmoid]}\n'),
       "pseudolabel.schedule='sigmoid'", command="tune"),
@@ -470,7 +491,7 @@ RAISED = [
 
 
 @pytest.mark.parametrize("make, expect", [pytest.param(m, e, id=i) for i, m, e in RAISED])
-def test_exceptions_reaching_the_cli_are_one_line(make, expect, tmp_path, capsys, monkeypatch):
+def test_exceptions_reaching_the_cli_are_one_line(make, expect, tmp_path, data_root, capsys, monkeypatch):
     exc = make(tmp_path)
 
     def command(cfg):
@@ -478,7 +499,8 @@ def test_exceptions_reaching_the_cli_are_one_line(make, expect, tmp_path, capsys
 
     monkeypatch.setattr(cli, "_dispatch", lambda name: command)
     capsys.readouterr()
-    rc = cli.main(["pretrain", "--backend", "local", f"run.output_dir={tmp_path / 'runs'}", "tracking.enabled=false"])
+    rc = cli.main(["pretrain", "--backend", "local", f"run.output_dir={tmp_path / 'runs'}", "tracking.enabled=false",
+                   f"data.root={data_root}"])
     err = capsys.readouterr().err
     assert rc == 2, err
     lines = err.strip("\n").splitlines()
@@ -488,34 +510,36 @@ def test_exceptions_reaching_the_cli_are_one_line(make, expect, tmp_path, capsys
     assert "s3cret" not in err
 
 
-def test_interrupt_is_exit_130(tmp_path, capsys, monkeypatch):
+def test_interrupt_is_exit_130(tmp_path, data_root, capsys, monkeypatch):
     def command(cfg):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli, "_dispatch", lambda name: command)
-    assert cli.main(["pretrain", "--backend", "local", f"run.output_dir={tmp_path}", "tracking.enabled=false"]) == 130
+    assert cli.main(["pretrain", "--backend", "local", f"run.output_dir={tmp_path}", "tracking.enabled=false",
+                     f"data.root={data_root}"]) == 130
     assert "interrupted" in capsys.readouterr().err
 
 
-def test_an_unexpected_exception_keeps_its_traceback(tmp_path, monkeypatch):
+def test_an_unexpected_exception_keeps_its_traceback(tmp_path, data_root, monkeypatch):
     """A bug is not bad input: it is not disguised as one line."""
     def command(cfg):
         raise RuntimeError("a bug")
 
     monkeypatch.setattr(cli, "_dispatch", lambda name: command)
     with pytest.raises(RuntimeError, match="a bug"):
-        cli.main(["pretrain", "--backend", "local", f"run.output_dir={tmp_path}", "tracking.enabled=false"])
+        cli.main(["pretrain", "--backend", "local", f"run.output_dir={tmp_path}", "tracking.enabled=false",
+                  f"data.root={data_root}"])
 
 
 # --- argument order -----------------------------------------------------------------------------------------
 
 
-def test_backend_between_assignments_is_accepted(tmp_path, monkeypatch):
+def test_backend_between_assignments_is_accepted(tmp_path, data_root, monkeypatch):
     seen = {}
     monkeypatch.setattr(cli, "_dispatch", lambda name: lambda cfg: seen.setdefault("cfg", cfg))
     argv = ["pretrain", "pretrain.epochs=2", "--backend", "local", "pretrain.epochs=3", "--config",
             str(Path(cli.__file__).parent / "profiles" / "cpu.yaml") if (Path(cli.__file__).parent / "profiles" / "cpu.yaml").is_file() else "",
-            f"run.output_dir={tmp_path}", "tracking.enabled=false"]
+            f"run.output_dir={tmp_path}", "tracking.enabled=false", f"data.root={data_root}"]
     if not argv[6]:
         del argv[5:7]
     assert cli.main(argv) == 0
@@ -523,11 +547,11 @@ def test_backend_between_assignments_is_accepted(tmp_path, monkeypatch):
     assert cfg.run.backend == "local" and cfg.pretrain.epochs == 3  # the later assignment still wins
 
 
-def test_backend_flag_wins_over_an_assignment(tmp_path, monkeypatch):
+def test_backend_flag_wins_over_an_assignment(tmp_path, data_root, monkeypatch):
     seen = {}
     monkeypatch.setattr(cli, "_dispatch", lambda name: lambda cfg: seen.setdefault("cfg", cfg))
     assert cli.main(["pretrain", "run.backend=ray", "--backend", "local", "pretrain.epochs=2",
-                     f"run.output_dir={tmp_path}", "tracking.enabled=false"]) == 0
+                     f"run.output_dir={tmp_path}", "tracking.enabled=false", f"data.root={data_root}"]) == 0
     assert seen["cfg"].run.backend == "local" and seen["cfg"].pretrain.epochs == 2
 
 

@@ -69,6 +69,47 @@ def test_later_assignment_wins():
     assert load_config(None, ["pretrain.epochs=5", "pretrain.epochs=7"]).pretrain.epochs == 7
 
 
+@pytest.mark.parametrize("text, words", [
+    ("pretrain:\n  epochs: 3\n  lr: 0.1\n  epochs: 30\n", "key 'epochs' is given twice (lines 2 and 4)"),
+    ("pretrain:\n  epochs: 3\npretrain:\n  lr: 0.1\n", "key 'pretrain' is given twice (lines 1 and 3)"),
+    ("pretrain: {epochs: 3, epochs: 4}\n", "key 'epochs' is given twice"),
+    ("pretrain:\n  epochs: 3\npretrain.epochs: 4\n", "key 'pretrain.epochs' is given twice"),
+])
+def test_a_key_given_twice_in_a_yaml_file_is_refused(tmp_path, text, words):
+    f = _write(tmp_path / "c.yaml", text)
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    assert words in str(e.value) and str(f) in str(e.value)
+
+
+def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
+    """Keys a merge (``<<: *base``) brings in are not duplicates: the mapping's own key wins, as in YAML."""
+    from toolkit.config.parsing import safe_load_unique
+
+    assert safe_load_unique("a: &b {x: 1, y: 2}\nc:\n  <<: *b\n  x: 5\n") == {"a": {"x": 1, "y": 2}, "c": {"x": 5, "y": 2}}
+    with pytest.raises(Exception, match="could not determine a constructor"):  # still safe_load's tags only
+        safe_load_unique("a: !!python/object/apply:os.system [echo]\n")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["run.backend=gpu", "run.backend=local"], "run.backend='gpu' is not allowed"),
+    (["pretrain.epochs=0", "pretrain.epochs=2"], "pretrain.epochs=0 is not allowed"),
+    (["pretrain.epochs=abc", "pretrain.epochs=2"], "expected an integer"),
+])
+def test_every_value_given_is_checked_even_when_a_later_one_wins(args, words):
+    with pytest.raises(ConfigError, match="overridden by a later value") as e:
+        load_config(None, args)
+    assert words in str(e.value)
+
+
+def test_a_file_value_overridden_on_the_command_line_is_still_checked(tmp_path):
+    f = _write(tmp_path / "c.yaml", "run:\n  backend: gpu\n")
+    with pytest.raises(ConfigError, match=r"run.backend='gpu' is not allowed.*given in config file"):
+        load_config(f, ["run.backend=local"])
+    # a valid value overridden later is fine: the later one wins
+    assert load_config(_write(tmp_path / "ok.yaml", "run:\n  backend: ray\n"), ["run.backend=local"]).run.backend == "local"
+
+
 def test_base_config_is_the_starting_point():
     base = Config().replace(**{"model.width": 16})
     cfg = load_config(None, ["model.depth=2"], base=base)

@@ -38,6 +38,7 @@ OTHER_VALUES = {
     "tune.space": "/elsewhere/space.yaml",
     "tune.search": "optuna",
     "pipeline.seeds": [0, 1],
+    "student.teachers": ["/elsewhere/model.pt"],
     "pipeline.stages": ["pretrain", "probe"],
     "report.run_id": "0123456789abcdef0123456789abcdef",
     "ray.address": "ray://head:10001",

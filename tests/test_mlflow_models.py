@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from toolkit import mlflow_models as mm
+from toolkit import model_package
 from toolkit.config import ModelConfig
 from toolkit.data import load_mnist, make_split
 from toolkit.models import Classifier, SimCLRModel
@@ -77,13 +78,17 @@ def logged(store, classifier, digits, tmp_path_factory):
 
 
 def _predict(uri, model_uri, images_u8) -> torch.Tensor:
-    """``mlflow.pytorch.load_model(model_uri)(images)`` against this store."""
+    """``mlflow.pyfunc.load_model(model_uri).predict(images)`` against this store: MLflow's own loader."""
     import mlflow
 
     with mm.using_tracking_uri(uri):
-        model = mlflow.pytorch.load_model(model_uri)
-    with torch.no_grad():
-        return model(images_u8)
+        model = mlflow.pyfunc.load_model(model_uri)
+    return torch.from_numpy(np.asarray(model.predict(images_u8.numpy())))
+
+
+def _read_as_toolkit(uri, model_uri, dst) -> "model_package.ImageModel":
+    """What ``toolkit predict`` does with a model URI: download the files, read weights and description."""
+    return model_package.read_mlflow_model(mm.download_model(uri, model_uri, str(dst)))[0]
 
 
 def test_logged_classifier_loads_back_with_the_same_predictions(store, logged, classifier, digits):
@@ -123,7 +128,15 @@ def test_signature_input_example_and_requirements(store, logged):
     assert info.metadata[mm.KIND_KEY] == mm.CLASSIFIER
     example = np.asarray(json.load(open(os.path.join(folder, "input_example.json"))))  # the images as nested lists
     assert example.shape == (4, 28, 28) and example.max() > 100  # real digits, not blanks
-    assert os.path.isfile(os.path.join(folder, "data", "model.pt2"))  # pt2: loads without pickle or toolkit
+    # the network is two plain files; MLflow's loader runs the toolkit's code file, and nothing is pickled
+    assert os.path.isfile(os.path.join(folder, "artifacts", model_package.WEIGHTS_FILE))
+    assert json.load(open(os.path.join(folder, "artifacts", model_package.DESCRIPTION_FILE)))["architecture"] == {
+        "width": 8, "depth": 2, "convs_per_stage": MODEL_CFG.convs_per_stage, "pool": MODEL_CFG.pool}
+    assert os.path.isfile(os.path.join(folder, "code", "toolkit", "models.py"))  # serving needs no installed toolkit
+    assert info.flavors.keys() == {"python_function"}
+    assert info.flavors["python_function"]["loader_module"] == "mlflow.pyfunc.loaders.code_model"
+    pickles = [f for _, _, files in os.walk(folder) for f in files if f.endswith((".pkl", ".pth", ".pickle"))]
+    assert pickles == []
     reqs = open(os.path.join(folder, "requirements.txt")).read().split()
     assert any(r.startswith("torch==") for r in reqs) and any(r.startswith("mlflow==") for r in reqs)
 
@@ -275,3 +288,92 @@ def test_disabled_tracker_is_a_no_op_and_bad_examples_are_refused(classifier, ru
     uri, _, _ = store
     with pytest.raises(ValueError, match="uint8"):
         mm.log_classifier(uri, run_id, classifier, input_example=np.zeros((2, 28, 28), np.float32))
+
+
+# ------------------------------------------------------------------ what `toolkit predict` reads
+
+
+def test_the_toolkit_reads_its_model_without_mlflow_loaders(store, logged, classifier, digits, tmp_path, monkeypatch):
+    """``toolkit predict``'s path: the files downloaded, weights and description read, the network
+    built by the toolkit; MLflow's loaders (which run a model's code) are never called."""
+    import mlflow
+
+    def refuse(*a, **k):
+        raise AssertionError("an MLflow loader was called")
+
+    for module, name in ((mlflow.pyfunc, "load_model"), (mlflow.pytorch, "load_model")):
+        monkeypatch.setattr(module, name, refuse)
+    uri, _, _ = store
+    rid, model_uri = logged
+    x = digits.test_images[:50]
+    for i, uri_form in enumerate((model_uri, f"runs:/{rid}/model")):
+        model = _read_as_toolkit(uri, uri_form, tmp_path / str(i))
+        assert (model.kind, model.out_dim, model.tta) == (mm.CLASSIFIER, 10, None)
+        np.testing.assert_allclose(model(x).numpy(), reference_probs(classifier, x), atol=1e-5)
+
+
+def test_the_test_time_recipe_travels_with_the_model(store, run_id, classifier, digits, tmp_path):
+    """A student's recipe (its model file's ``tta``) logged with it: MLflow and the toolkit both
+    predict the mean over the augmented views, as the model file does."""
+    from toolkit.config import AugmentConfig
+    from toolkit.engine import predict_probs, tta_recipe
+
+    uri, _, _ = store
+    recipe = tta_recipe(AugmentConfig(), views=3, strength=0.5)
+    model_uri = mm.log_classifier(uri, run_id, classifier, tta=recipe)
+    x = digits.test_images[:30]
+    with torch.no_grad():
+        plain_net = Classifier(MODEL_CFG)
+        plain_net.load_state_dict(classifier.state_dict())
+        expected = predict_probs(plain_net.eval(), x, recipe).numpy()
+    assert np.abs(expected - reference_probs(classifier, x)).max() > 1e-3  # not the plain predictions
+    np.testing.assert_allclose(_read_as_toolkit(uri, model_uri, tmp_path)(x).numpy(), expected, atol=1e-5)
+    np.testing.assert_allclose(_predict(uri, model_uri, x).numpy(), expected, atol=1e-5)
+
+
+def test_only_toolkit_networks_are_logged(store, run_id, classifier):
+    uri, client, _ = store
+    with pytest.raises(ValueError, match="not Linear"):
+        mm.log_classifier(uri, run_id, torch.nn.Linear(784, 10))
+    with pytest.raises(ValueError, match="log_classifier was given a encoder"):
+        mm.log_classifier(uri, run_id, SimCLRModel(MODEL_CFG))
+    with pytest.raises(ValueError, match="log_encoder was given a classifier"):
+        mm.log_encoder(uri, run_id, classifier)
+    with pytest.raises(TypeError):  # a misspelt option is not silently dropped
+        mm.log_classifier(uri, run_id, classifier, input_exmaple=None)
+    assert client.get_run(run_id).outputs.model_outputs == []  # refused before anything was logged
+
+
+class _Exec:
+    def __init__(self, code: str):
+        self.code = code
+
+    def __reduce__(self):
+        return (exec, (self.code,))
+
+
+def test_a_tampered_toolkit_model_runs_no_code(store, logged, tmp_path):
+    """The two files are all the toolkit reads, and neither can run code: a weights file that is a
+    crafted pickle and a description that names something else are each refused in one line."""
+    import pickle
+
+    from toolkit.checkpoints import CheckpointError
+
+    uri, _, _ = store
+    folder = mm.download_model(uri, logged[1], str(tmp_path / "model"))
+    weights = folder / "artifacts" / model_package.WEIGHTS_FILE
+    description = folder / "artifacts" / model_package.DESCRIPTION_FILE
+    good = description.read_text()
+    marker = tmp_path / "pwned"
+    description.write_text(good.replace(model_package.FORMAT, "someone-else/1"))
+    with pytest.raises(CheckpointError, match="not a toolkit model description"):
+        model_package.read_mlflow_model(folder)
+    description.write_text(good.replace('"width": 8', '"width": 16'))
+    with pytest.raises(CheckpointError, match="does not fit its description") as e:
+        model_package.read_mlflow_model(folder)
+    assert "\n" not in str(e.value)
+    description.write_text(good)
+    weights.write_bytes(pickle.dumps({"state_dict": _Exec(f"open({str(marker)!r}, 'w').write('pwned')")}))
+    with pytest.raises(CheckpointError, match="not a readable toolkit weights file") as e:
+        model_package.read_mlflow_model(folder)
+    assert "weights_only" not in str(e.value) and not marker.exists()

@@ -8,7 +8,7 @@ S3 bucket (moto), ``tracking.uri`` a real MLflow server with proxied artifacts.
 
 After each job: the MLflow server holds every run (nested ones too) with its artifacts,
 and node b's disk (its view of the run folder, the MLflow store, Ray's
-``session_*/artifacts`` and working-dir copies, its private /tmp) holds nothing the
+``session_*/artifacts`` and working-dir copies, its private ``$TMPDIR``) holds nothing the
 toolkit wrote.
 
     TOOLKIT_DATA_DIR=/path/to/data python -m pytest tests/test_multinode.py -x -q
@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -131,7 +132,7 @@ def node_b_toolkit_files(c: MultiNodeCluster) -> dict[str, list[str]]:
         "run folder": c.node_b_sees(c.run_dir),
         "mlflow store": c.node_b_sees(c.mlflow_dir),
         "data folder (besides MNIST)": [f for f in c.node_b_sees(c.data_dir) if not f.startswith("MNIST/raw/")],
-        "/tmp": [f for f in c.node_b_sees("/tmp") if _toolkit_like(f)],
+        "its $TMPDIR": [f for f in c.node_b_sees(c.node_b_tmp) if _toolkit_like(f)],
     }
     ray_files = c.node_b_sees(c.ray_tmp)
     found["ray session_*/artifacts"] = [f for f in ray_files if re.match(r"session_[^/]+/artifacts/", f)]
@@ -272,6 +273,7 @@ def test_cluster_fixture(cluster, tmp_path):
 
             @ray.remote(num_cpus=0.1)
             def probe(run_dir, shared_dir, bucket):
+                import tempfile
                 import pyarrow.fs as pafs
                 raw = os.path.join(os.environ["TOOLKIT_DATA_DIR"], "MNIST", "raw")
                 s3, path = pafs.FileSystem.from_uri(f"s3://{{bucket}}/probe")
@@ -284,6 +286,7 @@ def test_cluster_fixture(cluster, tmp_path):
                     "data_dir": os.environ["TOOLKIT_DATA_DIR"],
                     "mnist": {{f: os.path.getsize(os.path.join(raw, f)) for f in sorted(os.listdir(raw))}},
                     "auth": os.environ.get("RAY_AUTH_MODE"),
+                    "tmpdir": tempfile.gettempdir(),
                 }}
 
             ref = probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(b, soft=False)).remote(
@@ -305,7 +308,12 @@ def test_cluster_fixture(cluster, tmp_path):
     expected = {f: (c.mnist_raw / f).stat().st_size for f in MNIST_FILES}
     assert probe["mnist"] == expected, "node b lacks its own MNIST copy"
     assert probe["auth"] == "token"
+    assert probe["tmpdir"] == str(c.node_b_tmp), "node b's workers do not use its own temp dir"
     assert c.node_b_sees(c.run_dir) == []
+    # what node b hides is the fixture's own folders only: the checkout, the venv and the data stay visible
+    for path in (REPO / "pyproject.toml", Path(sys.executable), c.mnist_raw / MNIST_FILES[0]):
+        seen_by_b = c.node_b_run("test", "-e", str(path))
+        assert seen_by_b.returncode == 0, f"node b does not see {path}: {seen_by_b.stderr}"
     assert sorted(c.node_b_sees(c.data_dir)) == sorted(f"MNIST/raw/{f}" for f in expected)
     assert c.raylet_pid("b") and c.raylet_pid("head")
 

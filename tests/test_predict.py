@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -164,7 +165,9 @@ def mlflow_runs(cfg, trained, model_file, data):
 
     uri = tracking_uri(cfg)
     client = MlflowClient(tracking_uri=uri)
-    exp = client.create_experiment("predict-test")
+    # artifacts beside the store: left to MLflow they would go to ./mlruns in the current folder
+    artifacts = Path(uri[len("sqlite:///"):]).parent / "artifacts"
+    exp = client.create_experiment("predict-test", artifact_location=artifacts.as_uri())
     with_model = client.create_run(exp).info.run_id
     model_uri = mlflow_models.log_classifier(uri, with_model, trained, input_example=data.test_images[:3],
                                              registered_name="predict-test")

@@ -6,6 +6,13 @@ hidden ones) shifted by one digit. Every strict figure must come out identical, 
 validation accuracies (what the standard protocol may use) must change, which shows that
 the poison reached the code. The pure pieces (the ensemble labels, which model each
 protocol calls final, the cross-validated probe penalty) are tested on their own below.
+
+"Identical" needs two trainings that repeat to the last bit, which only the CPU gives: on
+CUDA the backward of adaptive average pooling accumulates with atomics in no fixed order
+(``torch.use_deterministic_algorithms`` has no deterministic version of it), bf16 autocast
+and cuDNN's autotuner add their own run-to-run noise. So the study runs on the CPU
+(``run.device=cpu``) on every host, GPU hosts included: what it checks is which labels the
+code reads, not the device.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ def study_config(data_root: str, tmp, name: str) -> Config:
         "classifier.steps": 20, "classifier.eval_every": 10, "classifier.batch_size": 64, "classifier.warmup_steps": 5,
         "classifier.lr": 0.01, "pseudolabel.rounds": 2, "pseudolabel.threshold_start": 0.6,
         "pseudolabel.threshold_floor": 0.3, "pseudolabel.steps_per_round": 20, "pseudolabel.inference": "local",
-        "student.steps": 20, "pipeline.seeds": [SEED], "run.backend": "local", "run.threads": 1,
+        "student.steps": 20, "pipeline.seeds": [SEED], "run.backend": "local", "run.device": "cpu", "run.threads": 1,
         "run.output_dir": str(tmp / name / "runs"), "tracking.uri": f"sqlite:///{tmp / name / 'mlflow.db'}",
         "tracking.log_models": False,
     })

@@ -132,6 +132,8 @@ def test_mlflow_run_checks_reachability_before_creating_anything(tmp_path):
     f"https://{SECRET}@mlflow.example.com",
     f"postgresql://alice:{SECRET}@db/mlflow",
     f"https://mlflow.example.com/?token={SECRET}",
+    f"https://mlflow.example.com/?page=1&sig={SECRET}",
+    f"sqlite:////tmp/mlflow.db?X-Amz-Signature={SECRET}",
 ])
 def test_uri_with_credentials_is_refused_without_echoing_them(uri, monkeypatch):
     with pytest.raises(ConfigError) as err:

@@ -26,6 +26,7 @@ from toolkit.config import Config, ConfigError, flatten_yaml, load_config, to_ya
 from toolkit.engine import predict_logits
 from toolkit.stages import tune as tune_stage
 from toolkit.stages.common import RESULT_FILE, load_classifier_file
+from toolkit.machine import device_label
 
 # learning rates from 1e-5 (barely moves) to 1e-2: trials differ clearly, so ASHA has something to stop;
 # the floor is threshold_start - threshold_gap (a derived key), so it never lies above the start
@@ -156,19 +157,27 @@ def test_missing_optuna_is_one_config_error(monkeypatch):
         tune_stage.tune(cfg)
 
 
+def test_a_trials_run_logs_the_device_the_trial_reported_not_the_drivers_guess(tmp_path):
+    """The driver cannot know where Ray places a trial: run.device is what the trial's first report says."""
+    from types import SimpleNamespace
+
+    from toolkit.tracking import mlflow_run
+    from toolkit.tune_records import trial_runs_callback
+
+    cfg = Config().replace(**{"run.output_dir": str(tmp_path / "runs"), "tracking.uri": f"sqlite:///{tmp_path}/mlflow.db"})
+    with mlflow_run(cfg, "tune", "search") as parent:
+        callback = trial_runs_callback(cfg, "search", parent.run_id, lambda point: cfg)
+        trial = SimpleNamespace(trial_id="t1", config={})
+        callback.on_trial_start(0, [], trial)
+        for r in (1, 2):
+            callback.on_trial_result(0, [], trial, {"val_acc": 0.5, "round": r, "device": "cuda",
+                                                    "device_name": "NVIDIA H100 80GB HBM3"})
+    (run,) = child_runs(cfg, parent.run_id)
+    assert run.data.params["run.device"] == "cuda" and run.data.tags["toolkit.device"] == "NVIDIA H100 80GB HBM3"
+    assert run.data.params["run.backend"] == cfg.run.backend  # the rest of the config, as before
+
+
 # --------------------------------------------------------------------------- real searches
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=4, include_dashboard=False, object_store_memory=100 * 1024 * 1024)
-    yield ray
-    if started:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -246,6 +255,8 @@ def test_one_nested_mlflow_run_per_trial_with_round_metrics(search):
         # params are the trial's config: the sampled values, in-process execution
         assert float(run.data.params["classifier.lr"]) == pytest.approx(float(rows[tid]["classifier.lr"]))
         assert run.data.params["run.backend"] == "local" and run.data.params["pseudolabel.inference"] == "local"
+        # where the trial ran, as it read it in its own process (this CPU: no GPU was asked for)
+        assert run.data.params["run.device"] == "cpu" and run.data.tags["toolkit.device"] == device_label("cpu")
         assert run.data.params["data.train_subset"] == str(100 + 200 + POOL_SUBSET)
         assert run.data.params["split.pool_size"] == str(POOL_SUBSET)
         rounds = list(range(1, int(rows[tid]["rounds_done"]) + 1))
@@ -286,7 +297,15 @@ def test_interrupted_search_is_restored_without_redoing_finished_trials(ray_sess
     proc = subprocess.Popen([sys.executable, "-m", "toolkit.cli", "tune", "--config", str(tmp_path / "cfg.yaml"),
                              f"ray.address={gcs}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 240
-    while len([p for p in trials.glob("*") if p.is_dir()]) < 2:  # trial 2 starts once Tune has recorded trial 1 as ended
+
+    def running_trial_runs() -> list:
+        try:
+            return [r for r in trial_runs(cfg) if r.info.status == "RUNNING"]
+        except Exception:  # noqa: BLE001 - the CLI has not created the store or experiment yet
+            return []
+
+    # trial 2 starts once Tune has recorded trial 1 as ended; its MLflow run is open (RUNNING) when Ctrl-C comes
+    while len([p for p in trials.glob("*") if p.is_dir()]) < 2 or not running_trial_runs():
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
         time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
@@ -296,6 +315,9 @@ def test_interrupted_search_is_restored_without_redoing_finished_trials(ray_sess
     client, exp = client_for(cfg)
     (parent,) = client.search_runs([exp], filter_string="tags.`toolkit.command` = 'tune'")
     assert parent.info.status == "KILLED"
+    # no trial run outlives its parent: the one Ctrl-C stopped mid-trial is KILLED too
+    children = {r.data.tags["toolkit.tune.trial_id"]: r.info.status for r in child_runs(cfg, parent.info.run_id)}
+    assert len(children) == 2 and "RUNNING" not in children.values() and "KILLED" in children.values(), children
     first = sorted(p for p in trials.glob("*") if p.is_dir())[0]  # the trial that ended before the signal
     done_before = {p: p.stat().st_mtime_ns for p in first.glob("checkpoint_*/rounds.pt")}
     assert done_before
@@ -312,6 +334,11 @@ def test_interrupted_search_is_restored_without_redoing_finished_trials(ray_sess
     assert {p: p.stat().st_mtime_ns for p in done_before} == done_before  # the finished trial did not run again
     assert len(trial_runs(cfg)) == 2 and len(child_runs(cfg, parent.info.run_id)) == 2  # nor got a second run
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+    # the resumed trial reopened its KILLED run and ended it as it ended
+    rows = {r["trial_id"]: r["status"] for r in read_rows(Path(result.model_path).parent)}
+    for run in child_runs(cfg, parent.info.run_id):
+        tid = run.data.tags["toolkit.tune.trial_id"]
+        assert run.info.status == {"completed": "FINISHED", "stopped_early": "KILLED"}[rows[tid]], (tid, rows)
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ from typing import Any, Callable, Protocol
 from . import checkpoints
 from .config import Config, ConfigError
 from .jobs import TrainJob
+from .ray_checkpoints import older_registered_checkpoints, remove_strays
 from .storage import check_shared, resolve_output_dir, storage_path
 
 MetricsSink = Callable[[dict[str, Any]], None]
@@ -97,14 +98,16 @@ class RaySession:
             with ckpt.as_directory() as d:  # downloads from cloud storage when needed, and cleans up
                 return checkpoints.load(d)
         except checkpoints.CheckpointError as e:
-            older = _older_checkpoints(ckpt)
-            for path in older:
+            # only checkpoints Ray registered before this one: a folder uploaded after it but never
+            # registered (a run stopped in between) holds epochs MLflow never saw
+            for older in older_registered_checkpoints(ckpt):
                 try:
-                    state = checkpoints.load(path)
+                    with older.as_directory() as d:
+                        state = checkpoints.load(d)
                 except checkpoints.CheckpointError:
                     continue
                 if self.rank == 0:
-                    sys.stdout.write(f"[warning] {e}; resuming from the previous checkpoint {path}\n")
+                    sys.stdout.write(f"[warning] {e}; resuming from the previous checkpoint {older.path}\n")
                 return state
             raise
 
@@ -122,15 +125,6 @@ class RaySession:
                              delete_local_checkpoint_after_upload=True)
         finally:
             shutil.rmtree(d, ignore_errors=True)
-
-
-def _older_checkpoints(ckpt) -> list[Path]:
-    """Checkpoint folders beside ``ckpt`` in local (or mounted) storage, newest first, ``ckpt`` excluded."""
-    if ckpt.filesystem.type_name != "local":
-        return []
-    here = Path(ckpt.path)
-    siblings = sorted((p for p in here.parent.glob("checkpoint_*") if p.is_dir() and p != here), reverse=True)
-    return siblings
 
 
 # ---------------------------------------------------------------- drivers
@@ -226,8 +220,9 @@ def _ray_init(**kwargs) -> None:
 def init_ray(cfg: Config) -> None:
     """Connect to ``ray.address`` / ``$RAY_ADDRESS``, or start an embedded local Ray (dashboard off).
 
-    Ray's token authentication stays on (Ray 2.60 enables it for a new local cluster):
-    the embedded cluster's ports are then useless to anyone without the session's token.
+    The embedded Ray listens on 127.0.0.1 only, with Ray's token authentication on and its
+    token file private (``embedded_ray.closed``): its ports are useless to other machines, and
+    to other local users without the token.
     """
     import ray
 
@@ -244,14 +239,17 @@ def init_ray(cfg: Config) -> None:
         return
     # logical CPUs may exceed cores: a Tune trial plus its 2 training workers must fit
     num_cpus = cfg.ray.num_cpus or max(4, os.cpu_count() or 1)
-    _ray_init(
-        num_cpus=num_cpus,
-        include_dashboard=False,
-        dashboard_host="127.0.0.1",
-        runtime_env={"worker_process_setup_hook": "toolkit.console.quiet_worker_logs"},
-        object_store_memory=200 * 1024 * 1024,
-        log_to_driver=True,
-    )
+    from .embedded_ray import closed
+
+    with closed():
+        _ray_init(
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            dashboard_host="127.0.0.1",
+            runtime_env={"worker_process_setup_hook": "toolkit.console.quiet_worker_logs"},
+            object_store_memory=200 * 1024 * 1024,
+            log_to_driver=True,
+        )
     show_toolkit_lines(cfg.run.verbose, Path(ray._private.worker.global_worker.node.get_logs_dir_path()))
 
 
@@ -337,6 +335,7 @@ def run_training(cfg: Config, job: TrainJob, run_name: str, sink: MetricsSink | 
                                  f"{', 1 GPU' if cfg.ray.use_gpu else ''} each)")
     storage = storage_path(cfg)
     check_shared(cfg, storage)
+    remove_strays(storage, run_name)  # left by an interrupted run: Ray would neither resume nor delete them
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
     resources = {"CPU": cfg.ray.cpus_per_worker}

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +14,7 @@ import torch
 
 from .config import Config, ModelConfig, config_from_dict
 from .models import architecture
+from .redaction import redact_tree
 
 CHECKPOINT_FILE = "checkpoint.pt"
 MODEL_FILE = "model.pt"
@@ -21,13 +25,25 @@ class CheckpointError(RuntimeError):
 
 
 def save(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
-    """Write atomically (temp file + rename): a crash mid-write never leaves a half checkpoint."""
+    """Write atomically (temp file + rename): a crash mid-write never leaves a half checkpoint.
+
+    Credentials in its strings are masked (``ray.storage_path=s3://KEY:SECRET@...`` in the stored
+    config): model files are shared and logged to MLflow. Nothing runs with them: a stored config
+    gives the model's architecture, and a resumed command takes its settings from its own config.
+    """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".tmp")
     os.close(fd)
     try:
-        torch.save(payload, tmp)
+        # serialised in memory, written by Python: a full disk is then OSError(ENOSPC) naming the file, where
+        # torch's own writer says only "unexpected pos ..." (the files are a few MB at most)
+        buf = io.BytesIO()
+        torch.save(redact_tree(payload), buf)
+        try:
+            Path(tmp).write_bytes(buf.getbuffer())
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(p)) from None
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -46,6 +62,29 @@ def model_payload(kind: str, cfg: Config, state_dict: dict, **extra: Any) -> dic
     }
 
 
+def load_plain(path: str | os.PathLike, what: str = "checkpoint") -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU; a file that does not load is one ``CheckpointError`` line.
+
+    torch's own message for a refused file advises loading it with ``weights_only=False``, which
+    runs whatever code the file holds: it is not passed on. Its warning about the pickle protocol
+    (a file written by plain ``pickle``, not ``torch.save``) would be a second line on stderr.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{what} {path} is not a readable toolkit {what}: not one the toolkit wrote, or "
+                              "damaged (it does not load as plain tensors; a file holding other Python objects "
+                              "or code is refused)") from None
+    except Exception as e:  # noqa: BLE001 - truncated zip, empty file, ...: the same thing to the user
+        reason = f"{type(e).__name__}: {e}".splitlines()[0]
+        if "weights_only" in reason:  # torch's advice again, in another wrapper: not passed on
+            reason = type(e).__name__
+        raise CheckpointError(f"{what} {path} is not a readable toolkit {what}: not one the toolkit wrote, or "
+                              f"damaged ({reason})") from None
+
+
 def load(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     if p.is_dir():
@@ -55,10 +94,7 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
                 break
     if not p.is_file():
         raise CheckpointError(f"checkpoint not found: {p}")
-    try:
-        payload = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        raise CheckpointError(f"checkpoint {p} is not a readable toolkit checkpoint: {type(e).__name__}: {e}".splitlines()[0]) from None
+    payload = load_plain(p)
     if not isinstance(payload, dict) or "kind" not in payload or "state_dict" not in payload:
         raise CheckpointError(f"checkpoint {p} is not a toolkit checkpoint (no 'kind'/'state_dict')")
     payload["path"] = str(p)

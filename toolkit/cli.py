@@ -7,8 +7,10 @@ from another model) ends with one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
-from typing import Callable
+from typing import Callable, Iterator
 
 from .config import STAGE_SECTIONS, ConfigError, Config, check_command_config, help_text, load_config
 
@@ -19,12 +21,14 @@ COMMANDS: dict[str, str] = {
     "probe": "linear / MLP / kNN probes on a frozen encoder, 100 labels and all labels",
     "supervised": "CNN on the labeled images with on-device augmentation",
     "pseudolabel": "one-shot or iterative pseudo-labeling with Ray Data inference",
-    "pipeline": "pretrain -> probe -> supervised -> one-shot -> iterative -> SimCLR-initialised iterative",
+    "student": "a student trained on the teachers' labels of the whole pool (student.teachers, student.encoder)",
+    "pipeline": "pretrain -> probe -> supervised -> one-shot -> iterative -> SimCLR-initialised iterative -> student",
     "tune": "Ray Tune search of the iterative pseudo-labeler's threshold schedule",
     "report": "results table and plots of a pipeline run",
     "predict": "labels and confidences for images (idx3, .npy, PNG/JPEG) from a model file, MLflow run or model URI",
 }
-_RUNS_ON = {"pretrain": ("ray",), "supervised": ("ray",), "pseudolabel": ("ray",), "tune": ("ray",), "pipeline": ("ray",)}
+_RUNS_ON = {"pretrain": ("ray",), "supervised": ("ray",), "pseudolabel": ("ray",), "student": ("ray",), "tune": ("ray",),
+            "pipeline": ("ray",)}
 
 
 def command_sections(command: str) -> tuple[str, ...]:
@@ -39,6 +43,9 @@ def _dispatch(command: str) -> Callable[[Config], object]:
     if command == "probe":
         from .stages.probe import probe
         return probe
+    if command == "student":
+        from .stages.student import student_command
+        return student_command
     if command == "supervised":
         from .stages.supervised import supervised
         return supervised
@@ -100,12 +107,48 @@ def _interrupt_on_signals() -> None:
     signal.signal(signal.SIGTERM, _raise)
 
 
-def main(argv: list[str] | None = None) -> int:
-    _interrupt_on_signals()
-    # MLflow announces creating a fresh sqlite store on stderr; an error must stay the only line there
+# Loggers that print a database error with its traceback and then raise it: MLflow's sqlite store ("SQLAlchemy
+# database error. The following exception is caught"), SQLAlchemy, alembic. The raised error is the command's
+# one line; a full disk printed 80-320 lines before it. MLflow's store also announces a fresh sqlite file (INFO).
+_STORE_LOGGERS = ("mlflow.store.db.utils", "sqlalchemy", "alembic")
+
+
+@contextlib.contextmanager
+def _quiet_store_loggers() -> Iterator[None]:
+    """For the command's duration: the store's loggers print nothing below CRITICAL (WARNING with
+    ``TOOLKIT_TRACEBACK=1``, which prints the traceback of the error itself)."""
     import logging
 
+    loggers = [logging.getLogger(name) for name in _STORE_LOGGERS]
+    before = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING if os.environ.get("TOOLKIT_TRACEBACK") else logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, before):
+            lg.setLevel(level)
+
+
+def _masked_excepthook(kind: type, value: BaseException, tb) -> None:
+    """What Python prints for an exception that leaves ``main``: its traceback, credentials masked."""
+    from .errors import print_traceback
+
+    print_traceback(value.with_traceback(tb))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    # MLflow announces creating a fresh sqlite store on stderr (INFO): never, also after the command
+    # (tests and notebooks call stages in the same process), since an error must stay the only line there
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    with _quiet_store_loggers():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    _interrupt_on_signals()
     parser = build_parser()
     # key=value arguments may come before and after options (`a=1 --backend local b=2`): argparse
     # hands those after an option back as extras; they keep their order, so a later one still wins
@@ -119,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from .errors import describe_error
+    from .redaction import redact
 
     try:
         overrides = list(args.overrides) + list(extras)
@@ -144,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         from .backends import check_gpu_visible
 
         check_gpu_visible(cfg, classifiers="classifier" in sections and args.command != "tune")
+        from .preflight import check_inputs
+
+        check_inputs(cfg, args.command)  # data, checkpoints, stores: bad input creates no folder, lock or run
         _dispatch(args.command)(cfg)
     except KeyboardInterrupt:
         print(f"toolkit {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
@@ -151,8 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - the known kinds become one line; anything else is a bug (traceback)
         line = describe_error(e)
         if line is None:
+            sys.excepthook = _masked_excepthook  # a bug keeps its traceback, with credentials masked
             raise
-        print(f"toolkit {args.command}: error: {line}", file=sys.stderr)
+        print(f"toolkit {args.command}: error: {redact(line)}", file=sys.stderr)
         return 2
     return 0
 

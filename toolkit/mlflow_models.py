@@ -7,14 +7,17 @@ What a logged model takes and gives (its signature says the same):
 * encoder:    uint8 images ``(N, 28, 28)`` -> float32 features ``(N, feature_dim)``.
 
 Raw uint8 in: a served model takes the pixels as MNIST stores them, and its user needs no
-knowledge of the toolkit's scaling. The networks themselves take float ``[0, 1]``
-``(N, 1, 28, 28)`` and standardise inside (``toolkit.models``); the exported wrapper adds the
-``/ 255`` and the softmax. Models are saved in MLflow's ``pt2`` format (``torch.export``): a
-traced graph that loads without pickle and without the ``toolkit`` package installed, with a
-dynamic batch dimension.
+knowledge of the toolkit's scaling. A logged model is a ``python_function`` MLflow model whose
+network is two plain files (``toolkit.model_package``): ``weights.pt`` (tensors only) and
+``toolkit_model.json`` (kind, architecture, input transform, test-time recipe). MLflow's own
+loaders (``mlflow.pyfunc.load_model``, ``mlflow models serve``) run ``toolkit/mlflow_pyfunc.py``
+("models from code", with a copy of the ``toolkit`` package as the model's ``code/``), which
+rebuilds the network from those files; nothing in the model is pickled. ``toolkit predict``
+calls no MLflow loader at all: it downloads the model's files (``download_model``) and reads
+the two files itself, so a model from elsewhere cannot run code in it.
 
 The toolkit logs through ``MlflowClient`` with explicit run ids (runs are opened by id, and
-there is no fluent active run). ``mlflow.pytorch.log_model`` accepts ``run_id=`` but finishes
+there is no fluent active run). MLflow's ``Model.log`` accepts ``run_id=`` but finishes
 its logged model through MLflow's *global* tracking URI, so each call here sets that URI (and
 the registry URI) for its own duration, under a lock, and restores both afterwards, including
 the ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI`` environment variables MLflow writes.
@@ -26,68 +29,36 @@ asked for; a disabled tracker makes every call a no-op)::
     uri = log_classifier(tracker, tracker.run_id, model, input_example=data.test_images[:4], step=steps)
     log_encoder(tracker, tracker.run_id, simclr_model, input_example=data.test_images[:4])
     register_best(tracker, uri, name)   # the pipeline, for its best model
-
-The first model logged in a process also pays for importing ``torch.export`` (seconds).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 import threading
-import warnings
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from . import model_package
 from .data import IMAGE_SIZE, NUM_CLASSES
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 # What the toolkit writes into each MLmodel's metadata; `toolkit predict` reads it back.
 KIND_KEY = "toolkit.kind"
-CLASSIFIER, ENCODER = "classifier", "encoder"
+CLASSIFIER, ENCODER = model_package.CLASSIFIER, model_package.ENCODER
 DEFAULT_REGISTERED_NAME = "toolkit-mnist-classifier"
 
 _GLOBAL_URI_LOCK = threading.RLock()
-
-
-# ----------------------------------------------------------------------------- exported wrappers
-
-
-class ImageClassifier(nn.Module):
-    """uint8 ``(N, 28, 28)`` -> class probabilities ``(N, 10)``: what a logged classifier computes."""
-
-    def __init__(self, classifier: nn.Module):
-        super().__init__()
-        self.classifier = classifier
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.unsqueeze(1).to(torch.float32) / 255.0  # (N, 1, 28, 28) in [0, 1]
-        return self.classifier(x).softmax(dim=1)
-
-
-class ImageEncoder(nn.Module):
-    """uint8 ``(N, 28, 28)`` -> features ``(N, feature_dim)``: what a logged encoder computes."""
-
-    def __init__(self, encoder: nn.Module):
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.encoder(images.unsqueeze(1).to(torch.float32) / 255.0)
-
-
-def _plain_cpu_eval(model: nn.Module) -> nn.Module:
-    """A CPU copy in eval mode (dropout off, BatchNorm on running statistics), unwrapped from DDP."""
-    model = getattr(model, "module", model)  # DistributedDataParallel / Accelerate wrappers
-    model = getattr(model, "_orig_mod", model)  # torch.compile
-    return copy.deepcopy(model).to("cpu").eval()
 
 
 # ----------------------------------------------------------------------------- tracking URI plumbing
@@ -166,7 +137,7 @@ def pip_requirements() -> list[str]:
 
 
 def _example_images(input_example: Any, most: int = 8) -> np.ndarray:
-    """uint8 ``(2..most, 28, 28)``; the batch must be > 1, or torch.export fixes the batch size to 1."""
+    """uint8 ``(2..most, 28, 28)``: at most ``most`` images (it is stored in the model as JSON)."""
     if input_example is None:
         return np.zeros((2, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
     x = input_example.detach().cpu().numpy() if isinstance(input_example, torch.Tensor) else np.asarray(input_example)
@@ -187,78 +158,104 @@ def _signature(out_dim: int):
     )
 
 
-def _log_pytorch(uri: str, run_id: str, wrapped: nn.Module, out_dim: int, name: str, kind: str,
-                 input_example: Any, registered_name: str | None, metadata: dict | None,
-                 step: int) -> str:
+@dataclass(frozen=True)
+class LogOptions:
+    """How ``log_classifier`` / ``log_encoder`` log a model, beyond the model itself.
+
+    ``input_example``: uint8 images ``(N, 28, 28)`` stored with the model and shown in the UI (a few
+    test digits are best; without one, two blank images). ``metadata``: extra MLmodel metadata.
+    ``step``: the run's step the model belongs to. ``tta``: the classifier's test-time augmentation
+    recipe (``engine.tta_recipe``), stored in its description: the model then predicts, in MLflow and
+    in ``toolkit predict``, as the mean over the augmented views, as its model file does.
+    """
+
+    input_example: Any = None
+    metadata: dict | None = None
+    step: int = 0
+    tta: dict | None = None
+
+
+def _toolkit_code(dest: Path) -> str:
+    """A copy of the ``toolkit`` package (sources only) at ``dest / "toolkit"``: the model's ``code/``."""
+    package = Path(__file__).resolve().parent
+    shutil.copytree(package, dest / "toolkit", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return str(dest / "toolkit")
+
+
+def _log_model(uri: str, run_id: str, model: nn.Module, name: str, kind: str, opts: LogOptions) -> str:
+    """Log ``model``, a toolkit network of ``kind``, as an MLflow model of run ``run_id``: its ``models:/<id>`` URI."""
     import mlflow
+    from mlflow.models import Model
 
     client = _client(uri)
     run = client.get_run(run_id)
-    example = _example_images(input_example)
-    meta = {
-        KIND_KEY: kind,
-        "toolkit.input": "uint8 (N, 28, 28), MNIST format: 0 background, 255 ink",
-        "toolkit.output": "float32 (N, 10) class probabilities" if kind == CLASSIFIER else f"float32 (N, {out_dim}) features",
-        **(metadata or {}),
-    }
-    with using_tracking_uri(uri), warnings.catch_warnings():
-        # torch.export's packager warns about weights it found on the CPU, where they are meant to be
-        warnings.filterwarnings("ignore", message="No complete tensor found", category=UserWarning)
-        # created here with the run's experiment: left to MLflow, an MLFLOW_EXPERIMENT_NAME in
-        # the environment would decide where the model goes
-        logged = client.create_logged_model(experiment_id=run.info.experiment_id, name=name, source_run_id=run_id,
-                                            tags={KIND_KEY: kind}, params=dict(run.data.params))
-        info = mlflow.pytorch.log_model(
-            wrapped,
-            name=name,
-            run_id=run_id,
-            model_id=logged.model_id,
-            signature=_signature(out_dim),
-            input_example=example,
-            serialization_format="pt2",
-            pip_requirements=pip_requirements(),
-            metadata=meta,
-            step=step,
-        )
-    model_uri = info.model_uri
-    if registered_name:
-        register_best(uri, model_uri, registered_name)
-    return model_uri
+    example = _example_images(opts.input_example)
+    with tempfile.TemporaryDirectory(prefix="toolkit-model-") as tmp:
+        got, weights, description = model_package.write(Path(tmp) / "files", model, opts.tta)
+        if got != kind:
+            raise ValueError(f"log_{kind} was given a {got} ({type(model).__name__})")
+        out_dim = json.loads(description.read_text())["output"]["shape"][-1]
+        meta = {
+            KIND_KEY: kind,
+            model_package.FORMAT_KEY: model_package.FORMAT,
+            "toolkit.input": "uint8 (N, 28, 28), MNIST format: 0 background, 255 ink",
+            "toolkit.output": f"float32 (N, {out_dim}) " + ("class probabilities" if kind == CLASSIFIER else "features"),
+            **(opts.metadata or {}),
+        }
+        with using_tracking_uri(uri):
+            # created here with the run's experiment: left to MLflow, an MLFLOW_EXPERIMENT_NAME in
+            # the environment would decide where the model goes
+            logged = client.create_logged_model(experiment_id=run.info.experiment_id, name=name, source_run_id=run_id,
+                                                tags={KIND_KEY: kind, model_package.FORMAT_KEY: model_package.FORMAT},
+                                                params=dict(run.data.params))
+            # mlflow.pyfunc.log_model is this call without run_id= (it would need a fluent active run)
+            info = Model.log(
+                artifact_path=None,
+                name=name,
+                flavor=mlflow.pyfunc,
+                run_id=run_id,
+                model_id=logged.model_id,
+                python_model=str(Path(__file__).resolve().with_name("mlflow_pyfunc.py")),  # models from code
+                artifacts={model_package.WEIGHTS: str(weights), model_package.DESCRIPTION: str(description)},
+                code_paths=[_toolkit_code(Path(tmp) / "code")],
+                signature=_signature(out_dim),
+                input_example=example,
+                pip_requirements=pip_requirements(),
+                metadata=meta,
+                step=opts.step,
+                flavor_name="pyfunc.ModelFromCode",
+            )
+    return info.model_uri
 
 
 def log_classifier(target: Any, run_id: str, model: nn.Module, name: str = "model",
-                   registered_name: str | None = None, *, input_example: Any = None,
-                   metadata: dict | None = None, step: int = 0) -> str:
-    """Log ``model`` (a ``toolkit.models.Classifier``) as an MLflow PyTorch model of run ``run_id``.
+                   registered_name: str | None = None, **options: Any) -> str:
+    """Log ``model`` (a ``toolkit.models.Classifier``) as an MLflow model of run ``run_id``.
 
     ``target``: the tracking URI, a ``Tracker`` or an ``MlflowClient``. The logged model maps uint8
-    ``(N, 28, 28)`` images to ``(N, 10)`` probabilities; ``input_example`` (uint8 images, a few
-    test digits are best) is stored with it and shown in the UI; without one, two blank images.
-    ``registered_name`` also registers it (see ``register_best``). Returns the model URI
-    (``models:/<model id>``), which ``mlflow.pytorch.load_model`` and ``toolkit predict`` accept.
+    ``(N, 28, 28)`` images to ``(N, 10)`` probabilities. ``options``: ``LogOptions``'s fields
+    (``input_example``, ``metadata``, ``step``, ``tta``). ``registered_name`` also registers it (see
+    ``register_best``). Returns the model URI (``models:/<model id>``), which ``toolkit predict``,
+    ``mlflow.pyfunc.load_model`` and ``mlflow models serve`` accept.
     """
     if _disabled(target):
         return ""
-    wrapped = ImageClassifier(_plain_cpu_eval(model)).eval()
-    return _log_pytorch(_uri_of(target), run_id, wrapped, NUM_CLASSES, name, CLASSIFIER,
-                        input_example, registered_name, metadata, step)
+    model_uri = _log_model(_uri_of(target), run_id, model, name, CLASSIFIER, LogOptions(**options))
+    if registered_name:
+        register_best(target, model_uri, registered_name)
+    return model_uri
 
 
-def log_encoder(target: Any, run_id: str, model: nn.Module, name: str = "encoder", *,
-                input_example: Any = None, metadata: dict | None = None, step: int = 0) -> str:
+def log_encoder(target: Any, run_id: str, model: nn.Module, name: str = "encoder", **options: Any) -> str:
     """Log a SimCLR encoder (a ``SimCLRModel``, whose ``.encoder`` is used, or an ``Encoder``).
 
     The logged model maps uint8 ``(N, 28, 28)`` images to the encoder's features (what the
-    probes use; the projection head is left out). Returns the model URI.
+    probes use; the projection head is left out). ``options`` as for ``log_classifier``.
+    Returns the model URI.
     """
     if _disabled(target):
         return ""
-    model = _plain_cpu_eval(model)
-    wrapped = ImageEncoder(getattr(model, "encoder", model)).eval()
-    with torch.no_grad():
-        out_dim = int(wrapped(torch.zeros(2, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)).shape[1])
-    return _log_pytorch(_uri_of(target), run_id, wrapped, out_dim, name, ENCODER,
-                        input_example, None, metadata, step)
+    return _log_model(_uri_of(target), run_id, model, name, ENCODER, LogOptions(**options))
 
 
 def register_best(target: Any, model_uri: str, name: str = DEFAULT_REGISTERED_NAME, *,
@@ -316,81 +313,51 @@ def _link_version_to_logged_model(client, model_id: str, name: str, version: int
         client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(versions + [entry])})
 
 
-# ----------------------------------------------------------------------------- datasets
+# ----------------------------------------------------------------------------- loading
 
 
-def split_digest(split) -> str:
-    """A stable 8-hex digest of a split's index arrays (same split -> same digest everywhere)."""
-    h = hashlib.sha256()
-    for part in (split.labeled, split.val, split.pool):
-        h.update(np.asarray(part.cpu() if isinstance(part, torch.Tensor) else part, dtype=np.int64).tobytes())
-        h.update(b"|")
-    return h.hexdigest()[:8]
+def download_model(uri: str, model_uri: str, dst: str) -> Path:
+    """The files of MLflow model ``model_uri`` (``runs:/``, ``models:/``, an artifact URI) under ``dst``.
 
-
-def log_split_dataset(target: Any, run_id: str, split, name: str | None = None, digest: str | None = None,
-                      source: str | None = None) -> list[str]:
-    """Log the labeled / validation / pool split as the run's MLflow dataset inputs.
-
-    Two datasets, both built with ``mlflow.data.from_numpy`` from the split's index arrays into
-    the MNIST training images: ``<name>`` (``labeled`` and ``pool`` indices, context
-    ``training``) and ``<name>-val`` (``val``, context ``validation``). Their profile and the
-    input tags hold the sizes (``labeled``, ``val``, ``pool``), the split seed and labels per
-    class. ``name`` defaults to ``mnist-seed<seed>-<labels_per_class>x10``, ``digest`` to
-    ``split_digest(split)``; ``source`` (e.g. the MNIST folder) is recorded as the dataset source.
-    Logging the same split again (a resumed run) adds nothing. Returns the two dataset names.
+    Only copies files: nothing in them is loaded or run (``toolkit predict`` then reads the
+    toolkit's own two files, ``model_package.read_mlflow_model``).
     """
-    if _disabled(target):
-        return []
-    import mlflow.data
-    from mlflow.entities import Dataset, DatasetInput, InputTag
+    import mlflow
 
-    uri = _uri_of(target)
-    name = name or f"mnist-seed{split.seed}-{split.labels_per_class}x{NUM_CLASSES}"
-    digest = digest or split_digest(split)
-
-    def arr(t) -> np.ndarray:
-        return np.asarray(t.cpu() if isinstance(t, torch.Tensor) else t, dtype=np.int64)
-
-    sizes = {"labeled": len(split.labeled), "val": len(split.val), "pool": len(split.pool)}
-    about = {**sizes, "seed": int(split.seed), "labels_per_class": int(split.labels_per_class),
-             "indices_into": "MNIST training images"}
-    parts = (
-        (name, {"labeled": arr(split.labeled), "pool": arr(split.pool)}, "training"),
-        (f"{name}-val", {"val": arr(split.val)}, "validation"),
-    )
-    inputs = []
-    with using_tracking_uri(uri):  # from_numpy without a source resolves one from the fluent context
-        for ds_name, features, context in parts:
-            with warnings.catch_warnings():  # a local folder "can be interpreted in multiple ways" (all local)
-                warnings.simplefilter("ignore", UserWarning)
-                ds = mlflow.data.from_numpy(features, source=source, name=ds_name, digest=digest)
-            entity = ds._to_mlflow_entity()
-            profile = {**about, **json.loads(entity.profile or "{}")}
-            entity = Dataset(name=entity.name, digest=entity.digest, source_type=entity.source_type,
-                             source=entity.source, schema=entity.schema, profile=json.dumps(profile))
-            tags = [InputTag(key="mlflow.data.context", value=context)]
-            tags += [InputTag(key=f"toolkit.{k}", value=str(v)) for k, v in sizes.items()]
-            inputs.append(DatasetInput(dataset=entity, tags=tags))
-    client = _client(uri)
-    have = {(d.dataset.name, d.dataset.digest) for d in client.get_run(run_id).inputs.dataset_inputs}
-    new = [d for d in inputs if (d.dataset.name, d.dataset.digest) not in have]
-    if new:
-        client.log_inputs(run_id, datasets=new)
-    return [p[0] for p in parts]
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per file on stderr otherwise
+    with using_tracking_uri(uri) if uri else contextlib.nullcontext():
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=dst))
 
 
-def load_logged_model(uri: str, model_uri: str) -> tuple[nn.Module, dict]:
-    """``mlflow.pytorch.load_model(model_uri)`` against tracking store ``uri``, with its MLmodel metadata."""
+def load_trusted_model(uri: str, model_uri: str):
+    """``mlflow.pyfunc.load_model(model_uri)``, which RUNS the model's code and unpickles what it holds.
+
+    Only for ``predict.trust_pickled_model=true``: a model the user vouches for that the toolkit did
+    not log (or logged before its models were plain files). MLflow refuses pickled models unless
+    ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION`` is true; the opt-in sets it for this call.
+    Returns (the pyfunc model, its MLmodel metadata with ``_signature``).
+    """
     import mlflow
     from mlflow.models import get_model_info
 
-    with using_tracking_uri(uri) if uri else contextlib.nullcontext():  # a local model folder needs no store
-        info = get_model_info(model_uri)
-        model = mlflow.pytorch.load_model(model_uri)
+    saved = os.environ.get("MLFLOW_ALLOW_PICKLE_DESERIALIZATION")
+    os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "true"
+    try:
+        with using_tracking_uri(uri) if uri else contextlib.nullcontext():
+            info = get_model_info(model_uri)
+            model = mlflow.pyfunc.load_model(model_uri)
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", None)
+        else:
+            os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = saved
     return model, dict(info.metadata or {}) | {"_signature": info.signature}
 
 
 def registered_versions(target: Any, name: str) -> Sequence:
     """The versions of registered model ``name`` (newest first)."""
     return _client(_uri_of(target)).search_model_versions(f"name = '{name}'", order_by=["version_number DESC"])
+
+
+# the run's dataset inputs live beside the models; stages import them from here
+from .mlflow_datasets import log_split_dataset, split_digest  # noqa: E402,F401

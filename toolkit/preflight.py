@@ -1,15 +1,23 @@
-"""Checks the CLI makes before a command starts work: cheap, with short timeouts, one ConfigError line each.
+"""Checks the CLI makes before a command starts work: cheap, with short timeouts, one line each.
 
-Without them an unreachable Ray cluster makes ``ray.init`` retry for minutes.
+Without them an unreachable Ray cluster makes ``ray.init`` retry for minutes, and a bad input
+found inside a stage leaves what the stage made before it: its folder and ``.lock``, a FAILED
+MLflow run holding ``config.yaml`` and ``split.json``. ``check_inputs`` reads every input a
+command names (the MNIST files and the split, the checkpoint it starts from, the store it
+reads runs from) and only then checks the tracking store it will write to: bad input leaves
+the output folder and the MLflow store as they were.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import socket
+import tempfile
+from pathlib import Path
 from urllib.parse import urlsplit
 
-from .config import Config, ConfigError
+from .config import STAGE_SECTIONS, Config, ConfigError
 
 RAY_CONNECT_TIMEOUT_S = 3.0
 
@@ -42,3 +50,123 @@ def check_ray_address_reachable(cfg: Config, timeout_s: float = RAY_CONNECT_TIME
         if isinstance(e, TimeoutError) or isinstance(e, socket.timeout):
             reason = f"no answer within {timeout_s:g} s"
         raise ConfigError(f"{key}={address!r} is not reachable: {reason} (is the Ray head running there?)") from None
+
+
+# the commands that read ``model.init`` (the pipeline sets it per stage, from its own pretraining)
+_READS_MODEL_INIT = ("supervised", "pseudolabel", "tune")
+# the commands that open MLflow runs (report and predict only read them)
+_WRITES_RUNS = ("pretrain", "probe", "supervised", "pseudolabel", "student", "tune", "pipeline")
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def readable_tracking_uri(cfg: Config, what: str) -> str:
+    """The tracking URI to read ``what`` from (``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else the sqlite
+    file in ``run.output_dir``); ConfigError when that is a sqlite file that does not exist.
+
+    Reading from a missing sqlite store would create it (and the output folder): a bad run id
+    would leave an empty store behind, and it cannot hold the run anyway.
+    """
+    from .storage import resolve_output_dir
+    from .tracking import configured_tracking_uri
+
+    uri = (configured_tracking_uri(cfg)
+           or f"sqlite:///{resolve_output_dir(cfg.run.output_dir) / 'mlflow.db'}")
+    path = uri[len("sqlite:///"):].split("?", 1)[0] if uri.startswith("sqlite:///") else ""
+    if path and path != ":memory:" and not Path(path).is_file():
+        raise ConfigError(f"{what}: the tracking store {path!r} does not exist (tracking.uri, else "
+                          "$MLFLOW_TRACKING_URI, else <run.output_dir>/mlflow.db)")
+    return uri
+
+
+def _check_simclr_ref(cfg: Config, ref: str, key: str, check_width: bool) -> None:
+    """``ref`` (a path or an MLflow run id) is a SimCLR model file (of ``cfg.model``'s width when ``check_width``)."""
+    from . import checkpoints
+    from .stages.common import resolve_model_ref
+
+    with tempfile.TemporaryDirectory(prefix="toolkit-preflight-") as tmp:  # a run's file is fetched here, then dropped
+        path = resolve_model_ref(cfg, ref, Path(tmp))
+        try:
+            checkpoints.load_model_file(path, "simclr", cfg.model if check_width else None)
+        except checkpoints.CheckpointError as e:
+            raise checkpoints.CheckpointError(f"{key}: {e}") from None
+
+
+def _check_student_inputs(cfg: Config) -> None:
+    """``student.teachers`` are classifier files of ``cfg.model``'s shape; ``student.encoder`` a SimCLR file."""
+    from . import checkpoints
+    from .stages.common import resolve_model_ref
+
+    if not cfg.student.teachers:
+        raise ConfigError("student.teachers is empty: give the teacher classifiers, e.g. "
+                          "'student.teachers=[runs/cpu/stages/<iterative key>/model.pt]' or MLflow run ids")
+    for i, ref in enumerate(cfg.student.teachers):
+        with tempfile.TemporaryDirectory(prefix="toolkit-preflight-") as tmp:
+            path = resolve_model_ref(cfg, ref, Path(tmp))
+            try:
+                checkpoints.load_model_file(path, "classifier", cfg.model)
+            except checkpoints.CheckpointError as e:
+                raise checkpoints.CheckpointError(f"student.teachers[{i}]: {e}") from None
+    if cfg.student.encoder:
+        _check_simclr_ref(cfg, cfg.student.encoder, "student.encoder", check_width=False)
+
+
+def _check_predict_model(cfg: Config) -> None:
+    """A run id, ``runs:/`` or ``models:/`` URI is read from the tracking store: that store must exist."""
+    ref = cfg.predict.model
+    if not ref or Path(ref).expanduser().exists():
+        return
+    if _RUN_ID.match(ref):
+        readable_tracking_uri(cfg, f"predict.model={ref}: no MLflow run with this id")
+    elif ref.startswith(("runs:/", "models:/")):
+        readable_tracking_uri(cfg, f"predict.model={ref}: not a loadable MLflow model")
+
+
+def check_inputs(cfg: Config, command: str) -> None:
+    """Everything ``command`` reads, checked before it creates a folder, a lock, a file or an MLflow run.
+
+    The MNIST files and every labeled split the command makes; the SimCLR checkpoint it
+    starts from (``probe.checkpoint``, ``model.init``); the store that ``report`` and
+    ``predict`` read runs from; the tracking store the command will write to. Nothing here writes.
+    """
+    if "data" in STAGE_SECTIONS.get(command, ()):
+        from .data import load_mnist, make_split
+
+        data = load_mnist(cfg.data.root, cfg.data.download, cfg.data.train_subset, cfg.data.test_subset)
+        for seed in cfg.pipeline.seeds if command == "pipeline" else [cfg.split.seed]:
+            make_split(data.train_labels, cfg.split.labels_per_class, cfg.split.val_size, seed)
+    if command == "probe" and cfg.probe.checkpoint:
+        _check_simclr_ref(cfg, cfg.probe.checkpoint, "probe.checkpoint", check_width=False)
+    if command in _READS_MODEL_INIT and cfg.model.init.startswith("simclr:"):
+        _check_simclr_ref(cfg, cfg.model.init[len("simclr:"):], "model.init", check_width=True)
+    if command == "student":
+        _check_student_inputs(cfg)
+    if command == "report":
+        readable_tracking_uri(cfg, "no runs to report")
+    if command == "predict":
+        _check_predict_model(cfg)
+    if command in _WRITES_RUNS and cfg.tracking.enabled:
+        _check_tracking_store(cfg)
+
+
+def _check_tracking_store(cfg: Config) -> None:
+    """The store runs will be written to can be used, checked without creating it.
+
+    A server answers within seconds; a sqlite file's folder exists (the default one, in
+    ``run.output_dir``, is made with the output folder). The store itself is created when the
+    first run opens, after every input was read (``tracking.prepare_sqlite_store``).
+    """
+    from .tracking import configured_tracking_uri
+
+    uri = configured_tracking_uri(cfg)
+    if not uri:
+        return
+    if uri.startswith("sqlite:///"):
+        from .redaction import redact
+
+        folder = Path(uri[len("sqlite:///"):].split("?", 1)[0]).parent
+        if not folder.is_dir():
+            raise ConfigError(f"tracking.uri={redact(uri)!r} is not usable: the folder {str(folder)!r} does not exist")
+        return
+    from .tracking import check_tracking_reachable
+
+    check_tracking_reachable(uri)

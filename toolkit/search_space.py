@@ -36,6 +36,7 @@ from typing import Any, Iterable
 import yaml
 
 from .config import Config, ConfigError, all_keys, is_infrastructure, read_text_file, result_keys
+from .config.parsing import safe_load_unique
 
 DOMAINS = ("choice", "uniform", "loguniform", "randint")
 CLASS_ADAPTIVE = "class-adaptive"  # schedule choice: FlexMatch thresholds on a constant base threshold
@@ -250,7 +251,7 @@ def parse_space(text: str, source: str, base: Config, simclr: str | None = None,
     not searched.
     """
     try:
-        tree = yaml.safe_load(text) or {}
+        tree = safe_load_unique(text) or {}  # a key given twice is an error, not silently the last one
     except yaml.YAMLError as e:
         raise ConfigError(f"tune.space ({source}) is not valid YAML: {e}".splitlines()[0]) from None
     if not isinstance(tree, dict):

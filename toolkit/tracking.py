@@ -8,25 +8,35 @@ tracking URI and run id in their config and log from rank 0 only.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import socket
-import subprocess
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from .config import RUN_ID_PATTERN, Config, ConfigError, redact_uri, uri_credentials_problem
+from .config import RUN_ID_PATTERN, Config, ConfigError, uri_credentials_problem
+from .machine import _git_commit, _user, machine_tags
+from .redaction import MASK, is_secret_name, redact, redact_tree
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 RUN_KEY_TAG = "toolkit.run_key"
-_SECRET_WORDS = ("password", "secret", "token", "key_id", "access_key")
+
+
+def configured_tracking_uri(cfg: Config) -> str:
+    """``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else ""; ConfigError (masked) when it holds a credential.
+
+    Every command reads it here (predict and report too), so a secret is refused before MLflow sees it.
+    """
+    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri:
+        _refuse_credentials(uri)
+    return uri
 
 
 def tracking_uri(cfg: Config) -> str:
     """``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else an absolute sqlite file under ``run.output_dir``."""
-    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    uri = configured_tracking_uri(cfg)
     if uri:
         return uri
     from .storage import resolve_output_dir
@@ -36,80 +46,9 @@ def tracking_uri(cfg: Config) -> str:
     return f"sqlite:///{out / 'mlflow.db'}"
 
 
-def _git_commit() -> str:
-    try:
-        here = Path(__file__).resolve().parent
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or "unknown"
-    except Exception:  # noqa: BLE001 - no git is fine
-        return "unknown"
-
-
-def _user() -> str:
-    """Who runs the command (MLflow's fluent runs tag it; the UI shows it as "Created by")."""
-    import getpass
-
-    try:
-        return getpass.getuser()
-    except Exception:  # noqa: BLE001 - no USER variable and no passwd entry (some containers)
-        return ""
-
-
-def _cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
-    import platform
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-@functools.lru_cache(maxsize=1)  # the machine does not change within a process; every run asks
-def _machine() -> tuple[tuple[str, str], ...]:
-    import torch
-
-    kernels = torch.backends.cpu.get_cpu_capability()
-    tags = {"toolkit.torch": torch.__version__, "toolkit.cpu": f"{_cpu_model()} ({kernels})"}
-    if torch.cuda.is_available():
-        tags["toolkit.gpu"] = torch.cuda.get_device_name(0)
-    return tuple(tags.items())
-
-
-def machine_tags() -> dict[str, str]:
-    """What the driver computes on, as run tags.
-
-    The same seeds give other last digits on another CPU: torch picks its kernels by the
-    vector instructions it finds (AVX2, AVX-512, ...), training runs drift apart from there, and
-    the cpu profile's figures moved by up to half a point per seed between two 2-core AMD EPYC
-    machines with the same packages (benchmarks/RESULTS.md). A figure is comparable only with
-    its machine named. Workers on other nodes may differ; their throughput is in each training
-    run's metrics.
-    """
-    return dict(_machine())
-
-
-def device_label(device: Any) -> str:
-    """How a benchmark names what it computed on: the GPU's name on CUDA, else "cpu" and
-    ``toolkit.cpu`` (the CPU model and torch's kernel level)."""
-    import torch
-
-    device = torch.device(device)
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu {machine_tags()['toolkit.cpu']}"
-
-
 def safe_params(flat: dict[str, Any]) -> dict[str, str]:
-    """Config as MLflow params, with anything that looks like a credential masked."""
-    out = {}
-    for k, v in flat.items():
-        s = str(v)
-        if any(w in k.lower() for w in _SECRET_WORDS) or ("://" in s and "@" in s):
-            s = "***"
-        out[k] = s[:6000]
-    return out
+    """Config as MLflow params, credentials masked (a param named like a secret is masked whole)."""
+    return {k: (MASK if is_secret_name(k) else redact(str(v)))[:6000] for k, v in flat.items()}
 
 
 class Tracker:
@@ -158,7 +97,7 @@ class Tracker:
             return
         from mlflow.entities import RunTag
 
-        self._client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self._client.log_batch(self.run_id, tags=[RunTag(k, redact(str(v))) for k, v in tags.items()])
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         if self.enabled:
@@ -166,7 +105,7 @@ class Tracker:
 
     def log_dict(self, d: dict, artifact_file: str) -> None:
         if self.enabled:
-            self._client.log_dict(self.run_id, d, artifact_file)
+            self._client.log_dict(self.run_id, redact_tree(d), artifact_file)
 
 
 def _experiment_id(client, name: str, uri: str) -> str:
@@ -232,7 +171,7 @@ def prepare_sqlite_store(uri: str, timeout_s: float = 120.0) -> None:
     if not path or path == ":memory:":
         return
     db = Path(path)
-    label = f"tracking.uri={redact_uri(uri)!r}"
+    label = _uri_label(uri)
     if not db.parent.is_dir():
         raise ConfigError(f"{label} is not usable: the folder {str(db.parent)!r} does not exist")
     lock = db.with_name(db.name + ".lock")
@@ -261,6 +200,18 @@ def prepare_sqlite_store(uri: str, timeout_s: float = 120.0) -> None:
             os.close(fd)  # releases the lock
 
 
+def _uri_label(uri: str) -> str:
+    """How an error line names the tracking URI: masked, and where it came from."""
+    label = f"tracking.uri={redact(uri)!r}"
+    return label + " (from $MLFLOW_TRACKING_URI)" if os.environ.get("MLFLOW_TRACKING_URI") == uri else label
+
+
+def _refuse_credentials(uri: str) -> None:
+    problem = uri_credentials_problem(uri)
+    if problem:
+        raise ConfigError(f"{_uri_label(uri)} is not allowed: {problem}")
+
+
 def check_tracking_reachable(uri: str, timeout_s: float = 5.0) -> None:
     """Fail fast, in one line, when the tracking store of ``uri`` cannot be used.
 
@@ -269,12 +220,8 @@ def check_tracking_reachable(uri: str, timeout_s: float = 5.0) -> None:
     sqlite: the store is created under a file lock (``prepare_sqlite_store``). A URI with
     credentials is refused: they would be copied into configs and artifacts.
     """
-    label = f"tracking.uri={redact_uri(uri)!r}"
-    if os.environ.get("MLFLOW_TRACKING_URI") == uri:
-        label += " (from $MLFLOW_TRACKING_URI)"
-    problem = uri_credentials_problem(uri)
-    if problem:
-        raise ConfigError(f"{label} is not allowed: {problem}")
+    label = _uri_label(uri)
+    _refuse_credentials(uri)
     scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""
     if scheme in ("http", "https"):
         import urllib.error
@@ -317,8 +264,11 @@ def mlflow_run(cfg: Config, command: str, run_key: str, parent_run_id: str | Non
                extra_tags: dict[str, Any] | None = None) -> Iterator[Tracker]:
     """Open (or resume) the MLflow run of ``run_key``; mark it FINISHED, FAILED or KILLED on exit.
 
-    Re-running the same command finds its unfinished run by the ``toolkit.run_key`` tag
-    and continues it, so an interrupted run keeps one history.
+    Re-running the same command finds its run by the ``toolkit.run_key`` tag and continues
+    it, so an interrupted run keeps one history. A finished run is reopened too when its
+    params are this config (a stage whose result or model file was damaged runs again), so
+    the key keeps one run and its training curve; a changed config under the same
+    ``run.name`` gets a new run (MLflow params cannot change).
     """
     if not cfg.tracking.enabled:
         yield Tracker.disabled()
@@ -330,9 +280,11 @@ def mlflow_run(cfg: Config, command: str, run_key: str, parent_run_id: str | Non
     client = MlflowClient(tracking_uri=uri)
     exp_id = _experiment_id(client, cfg.tracking.experiment, uri)
     previous = find_run(cfg, run_key, parent_run_id)
-    if previous is not None and previous.info.status != "FINISHED":
+    same_config = previous is not None and all(
+        previous.data.params.get(k) == v for k, v in safe_params(cfg.flat()).items())
+    if previous is not None and (previous.info.status != "FINISHED" or same_config):
         run_id = previous.info.run_id
-        client.update_run(run_id, status="RUNNING")
+        client.update_run(run_id, status="RUNNING")  # FINISHED, FAILED or KILLED before: running again
         resumed = True
     else:
         tags = {RUN_KEY_TAG: run_key, "toolkit.command": command}
@@ -360,6 +312,7 @@ def mlflow_run(cfg: Config, command: str, run_key: str, parent_run_id: str | Non
         **(extra_tags or {}),
     })
     tracker.log_params(cfg.flat())
+    monitor = _system_metrics(uri, run_id) if command in TRAINING_COMMANDS else None
     status = "FAILED"
     try:
         yield tracker
@@ -368,7 +321,36 @@ def mlflow_run(cfg: Config, command: str, run_key: str, parent_run_id: str | Non
         status = "KILLED"
         raise
     finally:
+        if monitor is not None:
+            monitor.finish()
         client.set_terminated(run_id, status)
+
+
+# the runs whose MLflow page shows system metrics (CPU, memory, disk, network; GPU utilisation and
+# memory where the driver has a GPU): the stages that train, and the pipeline and search around them
+TRAINING_COMMANDS = frozenset({"pretrain", "probe", "supervised", "pseudolabel", "oneshot", "iterative", "simclr_iterative",
+                               "student", "tune", "pipeline"})
+
+
+def _system_metrics(uri: str, run_id: str):
+    """Start MLflow's system-metrics sampler on the run (a daemon thread; every 10 s, or
+    ``$MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``), or None where it cannot start.
+
+    It samples the machine this process runs on, the driver's: on one machine that is where training
+    runs; on a cluster, workers on other nodes are not sampled (their images/s are in the run's metrics).
+    Its own log lines stay off the console: a failure to sample must never become a second stderr line.
+    """
+    import logging
+
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.CRITICAL)
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, resume_logging=True, tracking_uri=uri)
+        monitor.start()
+        return monitor
+    except Exception:  # noqa: BLE001 - no psutil, an exotic platform: the run goes on without them
+        return None
 
 
 def run_url(cfg: Config, tracker: Tracker) -> str:
@@ -396,15 +378,31 @@ class MetricsLogger:
     that logs is one that can reach the driver's tracking store. ``step_key`` names the
     metric that is the MLflow step (epoch or step), shifted by ``step_offset`` (rounds
     of pseudo-labeling log into one run, a million steps apart).
+
+    Each step is logged once: a step the run already holds for a metric is not logged
+    again. A resumed training re-trains the steps after its checkpoint, and some of them
+    may have been logged before the interruption (metrics go out before the checkpoint is
+    written; a damaged newest checkpoint falls back to an older one; a redone stage reopens
+    its finished run); MLflow cannot delete a point, so the first values stay.
     """
 
     def __init__(self, tracker: Tracker, step_key: str, step_offset: int = 0):
         self.uri, self.run_id = tracker.uri, tracker.run_id
         self.step_key, self.step_offset = step_key, step_offset
         self._tracker: Tracker | None = None
+        self._last_steps: dict[str, int | None] | None = None  # metric -> highest step in the run (None: unread)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_tracker": None}
+        return {**self.__dict__, "_tracker": None, "_last_steps": None}
+
+    def _last_step(self, key: str) -> int:
+        """The highest step of ``key`` in the run, -1 if it has none (each history read once, when first needed)."""
+        client = self._tracker._client
+        if self._last_steps is None:
+            self._last_steps = dict.fromkeys(client.get_run(self.run_id).data.metrics)
+        if key in self._last_steps and self._last_steps[key] is None:
+            self._last_steps[key] = max((m.step for m in client.get_metric_history(self.run_id, key)), default=-1)
+        return self._last_steps.get(key, -1)
 
     def __call__(self, metrics: dict[str, Any]) -> None:
         if not (self.uri and self.run_id):
@@ -412,4 +410,6 @@ class MetricsLogger:
         if self._tracker is None:
             self._tracker = Tracker(self.uri, self.run_id)
         step = int(metrics.get(self.step_key, 0)) + self.step_offset
-        self._tracker.log_metrics({k: v for k, v in metrics.items() if k != self.step_key}, step=step)
+        new = {k: v for k, v in metrics.items() if k != self.step_key and step > self._last_step(k)}
+        self._tracker.log_metrics(new, step=step)
+        self._last_steps.update(dict.fromkeys(new, step))

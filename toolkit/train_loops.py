@@ -84,25 +84,36 @@ def _maybe_sync_bn(cfg: Config, model: torch.nn.Module, world: int) -> torch.nn.
     return model
 
 
-def _resume(session, accelerator, model, opt: OptimState, counter: str, resumed: str):
+def _say(session, line: str) -> None:
+    """A line on rank 0's console."""
+    if session.rank == 0:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+
+def _resume(session, accelerator, model, opt: OptimState, counter: str, label: str):
     """Load the session's newest checkpoint (if any) into the model, optimizer and schedule, then hand model
     and optimizer to Accelerate. Returns (the checkpoint's ``counter``, 0 when starting fresh; the prepared
     model; its ``OptimState``).
 
     Written once for both workers: the checkpoint holds the unwrapped model's keys, so it is loaded
-    before ``prepare`` wraps the model, and rank 0 alone says where a resumed run picks up (``resumed``
-    with the counter filled in).
+    before ``prepare`` wraps the model, and rank 0 alone says where a resumed run picks up, or that
+    it starts over because no checkpoint could be read.
     """
     done = 0
     state = session.restore()
+    # the local session lists its checkpoint folders: some there and none read means every one is
+    # damaged (each named in a warning); starting over must not look like a resume or a fresh run
+    listed = session.checkpoints() if state is None and hasattr(session, "checkpoints") else []
+    if listed:
+        _say(session, f"[{label}] none of the {len(listed)} checkpoints in {listed[0].parent} could be read: "
+                      f"training starts over from {counter} 0")
     if state is not None:
         model.load_state_dict(state["state_dict"])
         opt.optimizer.load_state_dict(state["optimizer"])
         opt.scheduler.load_state_dict(state["scheduler"])
         done = int(state[counter])
-        if session.rank == 0:
-            sys.stdout.write(resumed.format(done) + "\n")
-            sys.stdout.flush()
+        _say(session, f"[{label}] resuming {'after epoch' if counter == 'epoch' else 'at step'} {done}")
     model, optimizer = accelerator.prepare(model, opt.optimizer)
     return done, model, OptimState(optimizer, opt.scheduler)
 
@@ -136,7 +147,7 @@ def simclr_worker(job: TrainJob, session) -> None:
         optimizer, warmup_cosine_lambda(total_steps, int(pc.warmup_epochs * steps_per_epoch), 0.0)
     )
     start_epoch, model, opt = _resume(session, accelerator, model, OptimState(optimizer, scheduler), "epoch",
-                                      "[pretrain] resuming after epoch {}")
+                                      "pretrain")
 
     progress = Progress("pretrain", pc.epochs, "epoch", rank, start_epoch)
     for epoch in range(start_epoch, pc.epochs):
@@ -218,8 +229,7 @@ def classifier_worker(job: TrainJob, session) -> None:
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine_lambda(steps, min(cc.warmup_steps, steps // 2), 0.0))
 
-    done, model, opt = _resume(session, accelerator, model, OptimState(optimizer, scheduler), "step",
-                               f"[{label}] resuming at step {{}}")
+    done, model, opt = _resume(session, accelerator, model, OptimState(optimizer, scheduler), "step", label)
 
     local_batch = max(1, cc.batch_size // world)
     progress = Progress(label, steps, "step", rank, done)

@@ -5,6 +5,7 @@ config and round metrics as Tune receives them. After the search, ``collect`` re
 result grid into one ``TrialRow`` per trial (what it tried, how far it got, how it ended),
 ``write_csv`` writes them as trials.csv, and ``close_trial_runs`` tags each run with how
 its trial ended (a trial stopped by ASHA is killed mid-run, so its run would stay RUNNING).
+After Ctrl-C, ``kill_trial_runs`` ends the runs of the trials that were still running.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from .tracking import RUN_KEY_TAG, Tracker, find_run, tracking_uri
 METRIC = "val_acc"  # what each trial reports after every round, and the search maximises
 ROUND_METRICS = ("val_acc", "threshold", "added", "pool_left")
 RUN_STATUS = {"completed": "FINISHED", "stopped_early": "KILLED", "failed": "FAILED"}
+# what a trial reports about where it ran (read inside the trial, beside its round metrics)
+DEVICE, DEVICE_NAME = "device", "device_name"
 
 
 @dataclass
@@ -86,7 +89,9 @@ def _trial_params(tcfg: Config) -> dict[str, Any]:
     """A trial's params: its config and the sizes of its split (as a stage's run logs them)."""
     n, sc = tcfg.data.train_subset or MNIST_TRAIN_IMAGES, tcfg.split
     labeled = 10 * sc.labels_per_class
-    return {**tcfg.flat(), "split.labeled_size": labeled, "split.val_size_actual": sc.val_size,
+    # run.device is left out: only the trial knows where Ray placed it (logged from its first report)
+    flat = {k: v for k, v in tcfg.flat().items() if k != "run.device"}
+    return {**flat, "split.labeled_size": labeled, "split.val_size_actual": sc.val_size,
             "split.pool_size": n - labeled - sc.val_size}
 
 
@@ -103,9 +108,10 @@ def trial_runs_callback(cfg: Config, key: str, parent_run_id: str | None, config
     class TrialRuns(Callback):
         def __init__(self):
             self.runs: dict[str, str] = {}
+            self.placed: set[str] = set()  # trials whose device is logged (once per start: a restart may move it)
 
         def __getstate__(self):
-            return {"runs": {}}
+            return {"runs": {}, "placed": set()}
 
         def _run(self, trial) -> Tracker:
             if uri is None:
@@ -121,6 +127,8 @@ def trial_runs_callback(cfg: Config, key: str, parent_run_id: str | None, config
             name = f"{key}-trial-{trial.trial_id}"
             found = find_run(cfg, name, parent_run_id)
             if found is not None:  # a restored search: the trial keeps its run
+                if found.info.status == "KILLED":  # Ctrl-C ended it (kill_trial_runs); the trial runs again
+                    client.update_run(found.info.run_id, status="RUNNING")
                 return found.info.run_id
             exp = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
             point = dict(trial.config or {})
@@ -143,10 +151,16 @@ def trial_runs_callback(cfg: Config, key: str, parent_run_id: str | None, config
 
         def on_trial_start(self, iteration, trials, trial, **info):
             self._run(trial)
+            self.placed.discard(trial.trial_id)
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            self._run(trial).log_metrics({f"round/{k}": result[k] for k in ROUND_METRICS if k in result},
-                                         step=int(result.get("round", 0)))
+            run = self._run(trial)
+            if DEVICE in result and trial.trial_id not in self.placed:
+                self.placed.add(trial.trial_id)
+                run.log_params({"run.device": result[DEVICE]})  # the first device it ran on (params are immutable)
+                run.set_tags({"toolkit.device": result.get(DEVICE_NAME, result[DEVICE])})  # where it runs now
+            run.log_metrics({f"round/{k}": result[k] for k in ROUND_METRICS if k in result},
+                            step=int(result.get("round", 0)))
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._end(trial, "FINISHED")
@@ -174,3 +188,29 @@ def close_trial_runs(cfg: Config, key: str, parent_run_id: str | None, rows: lis
             client.set_tag(run.info.run_id, "toolkit.tune.error", r.error)
         if run.info.status != RUN_STATUS[r.status]:
             client.set_terminated(run.info.run_id, RUN_STATUS[r.status])
+
+
+def kill_trial_runs(cfg: Config, parent_run_id: str | None) -> int:
+    """Mark KILLED every trial run of this search still RUNNING (after Ctrl-C); return how many.
+
+    Tune stops the running trials without calling its callbacks' end hooks, so their runs would
+    stay RUNNING beside a KILLED parent. Found by the parent tag, not by the callback's memory,
+    which a restored search does not keep (``__getstate__``). A resumed trial sets its run
+    RUNNING again (``_open``).
+    """
+    if not cfg.tracking.enabled or not parent_run_id:
+        return 0
+    from mlflow.tracking import MlflowClient
+
+    from .tracking import check_run_id, filter_value
+
+    client = MlflowClient(tracking_uri=tracking_uri(cfg))
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is None:
+        return 0
+    flt = (f"tags.`mlflow.parentRunId` = {filter_value(check_run_id(parent_run_id, 'parent run id'))} "
+           "and attributes.status = 'RUNNING'")
+    runs = client.search_runs([exp.experiment_id], filter_string=flt, max_results=10_000)
+    for run in runs:
+        client.set_terminated(run.info.run_id, "KILLED")
+    return len(runs)

@@ -9,12 +9,12 @@ path; the modules each hold one part:
 - ``stage_map``: which keys decide each stage's result (``STAGE_SECTIONS``, ``stage_digest``)
 - ``parsing``: defaults <- YAML file <- ``key=value`` arguments, and back to YAML
 - ``checks``: cross-section checks a command runs for the sections it uses
-- ``fields``, ``credentials``: the helpers sections are written with, and URI secret handling
+- ``fields``, ``credentials``: the helpers sections are written with, and why a URI with a secret is refused
 """
 
 from ..schedules import THRESHOLD_SCHEDULES, rate_problem
 from .checks import MNIST_TRAIN_IMAGES, check_command_config, embedded_ray_cpus
-from .credentials import _SECRET_QUERY_WORDS, redact_uri, uri_credentials_problem
+from .credentials import uri_credentials_problem
 from .fields import MAX_SEED, RUN_ID_PATTERN, RUN_NAME_PATTERN, ConfigError, _check, _opt
 from .parsing import (
     _coerce,
@@ -59,7 +59,7 @@ from .study import Config, _section_types, all_keys, help_text
 __all__ = [
     "THRESHOLD_SCHEDULES", "rate_problem",
     "MNIST_TRAIN_IMAGES", "check_command_config", "embedded_ray_cpus",
-    "redact_uri", "uri_credentials_problem",
+    "uri_credentials_problem",
     "MAX_SEED", "RUN_ID_PATTERN", "RUN_NAME_PATTERN", "ConfigError",
     "apply_overrides", "config_from_dict", "flatten_yaml", "load_config", "parse_assignments", "read_text_file",
     "to_yaml",

@@ -1,20 +1,13 @@
-"""Keeping secrets out of URIs: mask them for printing, and say why a URI that holds one is refused.
+"""Why a tracking URI that holds a credential is refused (what is a credential: ``toolkit.redaction``).
 
-A tracking URI ends up in config.yaml, checkpoints and MLflow params, so a password in it
-would be copied everywhere; ``TrackingConfig.validate`` refuses it with the reason below.
+What toolkit stores and shows is masked, but a tracking URI is what every process connects
+with, so it travels unmasked to each Ray worker and controller: one holding a password or a
+token is refused instead, with the reason below (credentials go in MLflow's own variables).
 """
 
 from __future__ import annotations
 
-import re
-
-_SECRET_QUERY_WORDS = ("password", "passwd", "secret", "token", "key", "auth", "credential", "signature")
-
-
-def redact_uri(uri: str) -> str:
-    """``uri`` with any user:password@ part and query string masked (safe to print or log)."""
-    out = re.sub(r"(://)[^/@\s]*@", r"\1***@", uri)
-    return re.sub(r"\?.*$", "?***", out) if "?" in out else out
+from ..redaction import holds_secret
 
 
 def uri_credentials_problem(uri: str) -> str | None:
@@ -27,13 +20,12 @@ def uri_credentials_problem(uri: str) -> str | None:
     except ValueError:
         return None
     http = parts.scheme.lower() in ("http", "https")
-    query = parts.query.lower()
-    if password is None and not (http and user) and not any(w in query for w in _SECRET_QUERY_WORDS):
+    # a user alone is no secret where a password file (~/.pgpass) holds the password; over HTTP it is basic auth
+    if password is None and not (http and user) and not holds_secret("?" + parts.query):
         return None
     if http:
-        return ("it holds credentials, which would end up in config.yaml, checkpoints and MLflow params; "
+        return ("it holds credentials, which would travel with every Ray job and worker config; "
                 "set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) instead")
-    return ("it holds a password, which would end up in config.yaml, checkpoints and MLflow params; keep it out "
+    return ("it holds a password or a token, which would travel with every Ray job and worker config; keep it out "
             "of the URI (e.g. ~/.pgpass for PostgreSQL) or use an MLflow server with MLFLOW_TRACKING_USERNAME / "
             "MLFLOW_TRACKING_PASSWORD")
-

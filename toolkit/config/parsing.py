@@ -42,6 +42,38 @@ def read_text_file(path: str | os.PathLike, what: str) -> str:
 
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (the same safe tags) that refuses a key given twice in one mapping.
+
+    PyYAML keeps the last of two equal keys without a word, so ``epochs: 3`` above a later
+    ``epochs: 30`` would be lost silently. Keys brought in by a merge (``<<: *base``) may
+    still be overridden: only the keys written in the mapping itself are compared.
+    """
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                line = key_node.start_mark.line + 1
+                try:
+                    seen = key in first_line
+                except TypeError:  # an unhashable key: the base class names it
+                    continue
+                if seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice (lines {first_line[key]} and {line}); keep one")
+                first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_load_unique(text: str) -> Any:
+    """``yaml.safe_load`` that raises ``yaml.YAMLError`` for a key given twice in one mapping."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass: safe_load's tags only
+
+
 def _yaml_problem(e: Exception) -> str:
     """A YAML error as one line: what is wrong and where (line, column)."""
     problem = getattr(e, "problem", None) or getattr(e, "context", None)
@@ -129,40 +161,67 @@ def flatten_yaml(tree: Any, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in tree.items():
         key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, dict):
-            out.update(flatten_yaml(v, key))
-        else:
-            out[key] = v
+        inner = flatten_yaml(v, key) if isinstance(v, dict) else {key: v}
+        for dotted in inner:  # `pretrain: {epochs: 3}` and `pretrain.epochs: 4` name one key
+            if dotted in out:
+                raise ConfigError(f"config file: key '{dotted}' is given twice; keep one")
+        out.update(inner)
     return out
 
 
-def parse_assignments(args: list[str]) -> dict[str, str]:
-    out = {}
+def _assignment_pairs(args: list[str]) -> list[tuple[str, str]]:
+    """``key=value`` arguments -> (key, value) pairs in order, repeats kept."""
+    out = []
     for a in args:
         if "=" not in a:
             raise ConfigError(f"expected key=value, got {a!r} (e.g. pretrain.epochs=5)")
         k, v = a.split("=", 1)
-        out[k.strip()] = v
+        out.append((k.strip(), v))
     return out
+
+
+def parse_assignments(args: list[str]) -> dict[str, str]:
+    return dict(_assignment_pairs(args))
+
+
+def _read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A YAML file of overrides -> its dotted keys; one ConfigError line naming the file otherwise."""
+    p = Path(path)
+    text = read_text_file(p, "config file")
+    try:
+        tree = safe_load_unique(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {_yaml_problem(e)}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {str(p)!r} is not allowed: nested too deeply") from None
+    try:
+        return flatten_yaml(tree)
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("config file:", f"config file {str(p)!r}:", 1)) from None
 
 
 def load_config(path: str | os.PathLike | None = None, assignments: list[str] | None = None,
                 base: Config | None = None) -> Config:
-    """Defaults <- YAML overrides (``path``) <- ``key=value`` assignments; validated."""
+    """Defaults <- YAML overrides (``path``) <- ``key=value`` assignments; validated.
+
+    A key given again later wins, but every value given is validated (in the final config),
+    so a bad ``run.backend=gpu`` is not hidden by a later ``--backend local``.
+    """
     cfg = base or Config()
-    overrides: dict[str, Any] = {}
+    given: list[tuple[str, Any, str]] = []  # (key, value, where), in the order they were given
     if path:
-        p = Path(path)
-        text = read_text_file(p, "config file")
-        try:
-            tree = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {_yaml_problem(e)}") from None
-        except RecursionError:
-            raise ConfigError(f"config file {str(p)!r} is not allowed: nested too deeply") from None
-        overrides.update(flatten_yaml(tree))
-    overrides.update(parse_assignments(assignments or []))
-    return apply_overrides(cfg, overrides)
+        given += [(k, v, f"in config file {str(Path(path))!r}") for k, v in _read_config_file(path).items()]
+    given += [(k, v, "on the command line") for k, v in _assignment_pairs(assignments or [])]
+    overrides = {k: v for k, v, _ in given}  # the last value of a key wins
+    final = apply_overrides(cfg, overrides)
+    for i, (key, value, where) in enumerate(given):
+        if any(k == key for k, _, _ in given[i + 1:]):  # overridden later: still checked, in the final config
+            try:
+                apply_overrides(cfg, {**overrides, key: value})
+            except ConfigError as e:
+                raise ConfigError(f"{e} (given {where}, overridden by a later value; each value given must be "
+                                  "valid)") from None
+    return final
 
 
 

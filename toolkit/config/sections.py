@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..redaction import redact
 from ..schedules import THRESHOLD_SCHEDULES, rate_problem
-from .credentials import redact_uri, uri_credentials_problem
+from .credentials import uri_credentials_problem
 from .fields import MAX_SEED, RUN_ID_PATTERN, RUN_NAME_PATTERN, ConfigError, _check, _opt
 
 
@@ -225,8 +226,14 @@ class StudentConfig:
     tta_views: int = _opt(8, "the student predicts (its validation and test figures, `toolkit predict` on its model file) "
                              "as the mean softmax over the plain image and this many augmented copies; 0: plain")
     tta_strength: float = _opt(0.5, "augment.strength of those copies (the training augmentation, scaled)")
+    teachers: list = _opt([], "`toolkit student`: the teacher classifiers (model.pt paths or MLflow run ids of "
+                              "pseudolabel/supervised runs); the pipeline passes its own")
+    encoder: str = _opt("", "`toolkit student`: the SimCLR checkpoint (path or pretrain run id) whose embedding "
+                            "smooths the teachers' labels; empty: no smoothing")
 
     def validate(self) -> None:
+        _check(all(isinstance(t, str) and t for t in self.teachers), "student.teachers",
+               "a list of model.pt paths or MLflow run ids", self.teachers)
         _check(self.steps >= 1, "student.steps", "must be >= 1", self.steps)
         _check(self.knn_k >= 0, "student.knn_k", "must be >= 0", self.knn_k)
         _check(0.0 <= self.min_confidence <= 1.0, "student.min_confidence", "must be in [0, 1]", self.min_confidence)
@@ -299,7 +306,7 @@ class TrackingConfig:
     def validate(self) -> None:
         problem = uri_credentials_problem(self.uri)
         if problem:  # never echo the secret itself
-            raise ConfigError(f"tracking.uri={redact_uri(self.uri)!r} is not allowed: {problem}")
+            raise ConfigError(f"tracking.uri={redact(self.uri)!r} is not allowed: {problem}")
         _check(bool(self.experiment.strip()), "tracking.experiment", "a non-empty name", self.experiment)
 
 
@@ -341,6 +348,8 @@ class PredictConfig:
                           "or a 28x28 PNG/JPEG image or folder of them")
     output: str = _opt("", "CSV file for image,label,confidence (empty: print the rows)")
     batch_size: int = _opt(1024, "images per forward pass (on a CPU at most engine.CPU_FORWARD_BATCH)")
+    trust_pickled_model: bool = _opt(False, "also load MLflow models the toolkit did not log, with MLflow's loader, "
+                                            "which runs the model's code: only for a model from a trusted source")
 
     def validate(self) -> None:
         _check(self.batch_size >= 1, "predict.batch_size", "must be >= 1", self.batch_size)

@@ -40,6 +40,7 @@ INFRASTRUCTURE_KEYS = frozenset({
     "tune.max_concurrent", "tune.cpus_per_trial", "tune.gpus_per_trial", "tune.max_failures",
     "probe.tsne_points",
     "tune.space",  # a file path: the search key hashes the space's text instead
+    "student.teachers", "student.encoder",  # input files: the student's key hashes them (with_inputs)
 })
 
 

@@ -21,6 +21,7 @@ from ..engine import predict_probs
 from ..inference import device_for
 from ..jobs import ModelWeights, TrainJob
 from ..models import Classifier, SimCLRModel
+from ..redaction import redact
 from ..storage import resolve_output_dir
 from ..tracking import MetricsLogger, Tracker
 
@@ -70,8 +71,14 @@ def with_inputs(key: str, inputs: list[str]) -> str:
     return key + "-from-" + hashlib.sha256("\n".join(str(i) for i in inputs).encode()).hexdigest()[:6]
 
 
+def stage_path(cfg: Config, key: str) -> Path:
+    """The folder of stage ``key``, not created."""
+    return resolve_output_dir(cfg.run.output_dir) / "stages" / key
+
+
 def stage_dir(cfg: Config, key: str) -> Path:
-    d = resolve_output_dir(cfg.run.output_dir) / "stages" / key
+    """The folder of stage ``key``, created if missing."""
+    d = stage_path(cfg, key)
     d.mkdir(parents=True, exist_ok=True)
     return d
 
@@ -109,7 +116,7 @@ def load_data_and_split(cfg: Config) -> tuple[Mnist, Split]:
 
 def log_config_and_split(tracker: Tracker, cfg: Config, split: Split, folder: Path) -> None:
     """The resolved config and the split indices as artifacts; the split sizes as params."""
-    (folder / "config.yaml").write_text(to_yaml(cfg))
+    (folder / "config.yaml").write_text(redact(to_yaml(cfg)))  # shown and logged: credentials masked
     split.save(folder / "split.json")
     tracker.log_artifact(folder / "config.yaml")
     tracker.log_artifact(folder / "split.json")
@@ -146,11 +153,13 @@ def resolve_model_ref(cfg: Config, ref: str, dest: Path) -> Path:
     if _RUN_ID.match(ref):
         import mlflow
 
-        from ..tracking import tracking_uri
+        from ..preflight import readable_tracking_uri
 
+        # a store that does not exist cannot hold the run: say so, without creating it
+        uri = readable_tracking_uri(cfg, f"cannot fetch model/{checkpoints.MODEL_FILE} of MLflow run {ref}")
         try:
             local = mlflow.artifacts.download_artifacts(
-                run_id=ref, artifact_path=f"model/{checkpoints.MODEL_FILE}", dst_path=str(dest), tracking_uri=tracking_uri(cfg)
+                run_id=ref, artifact_path=f"model/{checkpoints.MODEL_FILE}", dst_path=str(dest), tracking_uri=uri
             )
         except Exception as e:  # noqa: BLE001 - any MLflow failure means the reference is unusable
             raise ConfigError(f"cannot fetch model/{checkpoints.MODEL_FILE} of MLflow run {ref}: {e}".splitlines()[0]) from None
@@ -281,22 +290,23 @@ def run_stage(cfg: Config, name: str, key: str, digest: str, parent_run_id: str 
               body, skipped_line=None, command: str | None = None) -> StageResult:
     """The skeleton every stage shares, written once.
 
-    Skip if a finished result with this config exists -> hold the run's lock (one writer)
-    -> open (or resume) its MLflow run -> log the config and the split -> run ``body(StageRun)``
-    -> log the stage time, save ``result.json`` atomically, print one closing line.
+    Skip if a finished result with this config exists -> read the data and make the split
+    -> hold the run's lock (one writer; it creates the folder) -> open (or resume) its MLflow
+    run -> log the config and the split -> run ``body(StageRun)`` -> log the stage time, save
+    ``result.json`` atomically, print one closing line. Bad data fail before the folder exists.
     ``name``: the stage's name in results and lines; ``command``: its MLflow command tag (default: name).
     """
     from ..locks import run_lock
     from ..tracking import mlflow_run, run_url
 
-    folder = stage_dir(cfg, key)
+    folder = stage_path(cfg, key)
     done = finished_result(folder, digest)
     if done:
         print(f"[{name}] {key} already finished" + (f": {skipped_line(done)}" if skipped_line else ""), flush=True)
         return done
+    t0 = time.perf_counter()
+    data, split = load_data_and_split(cfg)  # only reads: a missing or corrupt file leaves no folder, lock or run
     with run_lock(folder, f"run '{key}'"):
-        t0 = time.perf_counter()
-        data, split = load_data_and_split(cfg)
         with mlflow_run(cfg, command or name, key, parent_run_id, tags) as tracker:
             log_config_and_split(tracker, cfg, split, folder)
             if tracker.enabled:  # the split as the run's MLflow dataset inputs (training / validation)

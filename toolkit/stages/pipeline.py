@@ -97,7 +97,28 @@ def _register_best(cfg: Config, parent: Tracker, results: dict[int, dict[str, St
                             description=f"{stage}, split seed {seed}: best validation accuracy of the pipeline")
     parent.set_tags({"toolkit.registered_model": version})
     print(f"[pipeline] registered {stage} (seed {seed}, val acc {val:.4f}) as {version} "
-          f"(alias: models:/{cfg.tracking.registered_model}@best)", flush=True)
+          f"(alias: models:/{cfg.tracking.registered_model}@best); predict with it:\n"
+          f"  {predict_command(parent.uri, f'models:/{cfg.tracking.registered_model}@best', cfg.data.root)}",
+          flush=True)
+
+
+def predict_command(uri: str, model_uri: str, data_root: str = "") -> str:
+    """The ``toolkit predict`` command for ``model_uri`` in store ``uri``, to paste into any shell, anywhere.
+
+    The store is named explicitly (masked of credentials: those come from MLFLOW_TRACKING_* in the
+    user's environment): without it, predict looks in ``<run.output_dir>/mlflow.db`` of the
+    default output folder, not the profile's (``runs/cpu``) where the pipeline registered the model.
+    The images are MNIST's test set (absolute path): the command runs as printed, and a user swaps
+    in their own idx3 / .npy / PNG folder.
+    """
+    import shlex
+
+    from ..data import resolve_root
+    from ..redaction import redact
+
+    images = resolve_root(data_root) / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
+    return " ".join(["toolkit", "predict", shlex.quote(f"tracking.uri={redact(uri)}"),
+                     shlex.quote(f"predict.model={model_uri}"), shlex.quote(f"predict.input={images}")])
 
 
 def pipeline(cfg: Config) -> dict:

@@ -12,6 +12,12 @@ Rows are written as CSV (``image,label,confidence``) to ``predict.output``, or p
 
 Nothing here trains or logs: no MLflow run is opened, and MLflow is only touched when the
 model comes from it. Bad input is a DataError / CheckpointError / ConfigError of one line.
+
+No model runs code here. A model file loads with ``torch.load(weights_only=True)``; an MLflow
+model is downloaded as files and only its ``weights.pt`` (tensors) and ``toolkit_model.json``
+are read (``toolkit.model_package``), the network built by the toolkit's own classes. MLflow's
+loaders import the model's ``code/`` and unpickle what it holds: they are used only for a model
+the toolkit did not log, and only with ``predict.trust_pickled_model=true``.
 """
 
 from __future__ import annotations
@@ -178,13 +184,12 @@ def _toolkit_predictor(path: Path, device: torch.device, batch_size: int) -> Pre
     return run
 
 
-def _mlflow_predictor(uri: str, model_uri: str) -> Predictor:
-    """A toolkit classifier logged as an MLflow model (uint8 (N, 28, 28) -> probabilities (N, 10))."""
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    from ..mlflow_models import CLASSIFIER, ENCODER, KIND_KEY, load_logged_model
+def _trusted_predictor(uri: str, model_uri: str) -> Predictor:
+    """Any MLflow model shaped uint8 (N, 28, 28) -> (N, 10), loaded by MLflow: it runs the model's code."""
+    from ..mlflow_models import CLASSIFIER, ENCODER, KIND_KEY, load_trusted_model
 
     try:
-        model, meta = load_logged_model(uri, model_uri)
+        model, meta = load_trusted_model(uri, model_uri)
     except Exception as e:  # noqa: BLE001 - any MLflow failure means "no model there"
         raise CheckpointError(f"predict.model={model_uri}: not a loadable MLflow model "
                               f"({type(e).__name__}: {e})".splitlines()[0]) from None
@@ -202,8 +207,43 @@ def _mlflow_predictor(uri: str, model_uri: str) -> Predictor:
                                   "(expected uint8 (-1, 28, 28) -> (-1, 10) in its signature)")
 
     def run(images: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return model(images.cpu()).float()
+        return torch.as_tensor(np.asarray(model.predict(images.cpu().numpy())), dtype=torch.float32)
+
+    return run
+
+
+def _mlflow_predictor(uri: str, model_uri: str, device: torch.device, batch_size: int,
+                      trust_pickled: bool = False) -> Predictor:
+    """A classifier the toolkit logged as an MLflow model (a local folder or a URI), from its plain files."""
+    from ..mlflow_models import download_model
+    from ..model_package import ENCODER, NotAToolkitModel, read_mlflow_model
+
+    local, tmp = Path(model_uri), None
+    try:
+        if not local.is_dir():
+            tmp = tempfile.mkdtemp(prefix="toolkit-predict-")
+            try:
+                local = download_model(uri, model_uri, tmp)  # files only: nothing in them is loaded
+            except Exception as e:  # noqa: BLE001 - any MLflow failure means "no model there"
+                raise CheckpointError(f"predict.model={model_uri}: not a loadable MLflow model "
+                                      f"({type(e).__name__}: {e})".splitlines()[0]) from None
+        try:
+            model, _ = read_mlflow_model(local)
+        except NotAToolkitModel as e:
+            if trust_pickled:
+                return _trusted_predictor(uri, model_uri)
+            raise CheckpointError(f"predict.model={model_uri}: {e}; loading it would run code it holds, so it is "
+                                  "refused (predict.trust_pickled_model=true loads it with MLflow: only for a "
+                                  "model from a source you trust)") from None
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if model.kind == ENCODER:
+        raise CheckpointError(f"predict.model={model_uri} is a SimCLR encoder (features out), not a classifier")
+    model.to(device)
+
+    def run(images: torch.Tensor) -> torch.Tensor:
+        return model(images, batch_size).cpu()
 
     return run
 
@@ -213,6 +253,7 @@ def _run_model_uri(uri: str, run_id: str) -> str | None:
     from mlflow.tracking import MlflowClient
 
     from ..mlflow_models import CLASSIFIER, KIND_KEY
+    from ..model_package import FORMAT, FORMAT_KEY
 
     client = MlflowClient(tracking_uri=uri)
     try:
@@ -225,14 +266,19 @@ def _run_model_uri(uri: str, run_id: str) -> str | None:
             logged = client.get_logged_model(out.model_id)
         except Exception:  # noqa: BLE001 - a deleted model is no candidate
             continue
-        if logged.tags.get(KIND_KEY) == CLASSIFIER:
+        # a model logged before the toolkit's models were plain files is passed over: the run's
+        # model/model.pt artifact is the same network, readable without running anything
+        if logged.tags.get(KIND_KEY) == CLASSIFIER and logged.tags.get(FORMAT_KEY) == FORMAT:
             return f"models:/{logged.model_id}"
     return None
 
 
 def load_predictor(ref: str, tracking_uri: str = "", device: torch.device | str = "cpu",
-                   batch_size: int = 1024) -> tuple[Predictor, str]:
-    """The classifier named by ``ref`` as a function of uint8 image batches, and what was loaded."""
+                   batch_size: int = 1024, trust_pickled: bool = False) -> tuple[Predictor, str]:
+    """The classifier named by ``ref`` as a function of uint8 image batches, and what was loaded.
+
+    ``trust_pickled``: an MLflow model the toolkit did not log is loaded by MLflow (running its
+    code) instead of being refused."""
     if not ref:
         raise ConfigError("predict.model is empty: give a toolkit model.pt path, an MLflow run id or an MLflow "
                           "model URI (runs:/<run id>/model, models:/<name>/<version>)")
@@ -240,14 +286,16 @@ def load_predictor(ref: str, tracking_uri: str = "", device: torch.device | str 
     p = Path(ref).expanduser()
     if p.exists():
         if p.is_dir() and (p / "MLmodel").is_file():
-            return _mlflow_predictor(tracking_uri, str(p.resolve())), str(p.resolve())
+            folder = str(p.resolve())
+            return _mlflow_predictor(tracking_uri, folder, device, batch_size, trust_pickled), folder
         return _toolkit_predictor(p, device, batch_size), str(p.resolve())
     if _URI.match(ref):
-        return _mlflow_predictor(tracking_uri, ref), ref
+        return _mlflow_predictor(tracking_uri, ref, device, batch_size, trust_pickled), ref
     if _RUN_ID.match(ref):
         model_uri = _run_model_uri(tracking_uri, ref)
         if model_uri:
-            return _mlflow_predictor(tracking_uri, model_uri), f"{model_uri} (run {ref})"
+            return (_mlflow_predictor(tracking_uri, model_uri, device, batch_size, trust_pickled),
+                    f"{model_uri} (run {ref})")
         import mlflow
 
         dest = tempfile.mkdtemp(prefix="toolkit-predict-")
@@ -270,10 +318,10 @@ def load_predictor(ref: str, tracking_uri: str = "", device: torch.device | str 
 
 
 def predict_images(model: str, input_path: str, output: str = "", batch_size: int = 1024, device: str = "cpu",
-                   tracking_uri: str = "") -> Predictions:
+                   tracking_uri: str = "", trust_pickled: bool = False) -> Predictions:
     """Load ``model``, read the images at ``input_path``, predict; write CSV to ``output`` (if given)."""
     images, names = read_images(input_path)  # first: a bad path should not wait for a model download
-    predictor, what = load_predictor(model, tracking_uri, device, batch_size)
+    predictor, what = load_predictor(model, tracking_uri, device, batch_size, trust_pickled)
     probs = torch.cat([predictor(images[i: i + batch_size]) for i in range(0, len(images), batch_size)])
     if probs.ndim != 2 or probs.shape[1] != NUM_CLASSES:
         raise CheckpointError(f"predict.model={model} gives outputs of shape {tuple(probs.shape)}, expected (N, 10)")
@@ -305,6 +353,25 @@ def _device(cfg: Config) -> str:
     return cfg.run.device
 
 
+def _store_of(cfg: Config) -> str:
+    """The tracking URI a run id or MLflow URI is looked up in; a missing default store is an error, not created.
+
+    Without ``tracking.uri`` (or ``$MLFLOW_TRACKING_URI``) that is ``<run.output_dir>/mlflow.db``: a
+    model the pipeline registered under another output folder (a profile's ``runs/cpu``) is not
+    there, and an empty store made here would only say "not found".
+    """
+    from ..storage import resolve_output_dir
+    from ..tracking import tracking_uri  # MLflow only for run ids and URIs: no store is created otherwise
+
+    if not (cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")):
+        db = resolve_output_dir(cfg.run.output_dir) / "mlflow.db"
+        if not db.is_file():
+            raise CheckpointError(f"predict.model={cfg.predict.model}: no MLflow store at {db} (tracking.uri is not set "
+                                  f"and run.output_dir={cfg.run.output_dir} holds none); give the tracking.uri=... "
+                                  "the pipeline printed with the model, or the --config it ran with")
+    return tracking_uri(cfg)
+
+
 def predict(cfg: Config) -> Predictions:
     """``toolkit predict``: CSV rows to ``predict.output`` (or stdout), a summary line on stderr."""
     pc = cfg.predict
@@ -315,10 +382,9 @@ def predict(cfg: Config) -> Predictions:
                           "or a PNG/JPEG image or folder of them")
     uri = ""
     if not Path(pc.model).expanduser().exists() and (_URI.match(pc.model) or _RUN_ID.match(pc.model)):
-        from ..tracking import tracking_uri  # MLflow only for run ids and URIs: no store is created otherwise
-
-        uri = tracking_uri(cfg)
-    result = predict_images(pc.model, pc.input, pc.output, pc.batch_size, _device(cfg), uri)
+        uri = _store_of(cfg)
+    result = predict_images(pc.model, pc.input, pc.output, pc.batch_size, _device(cfg), uri,
+                            pc.trust_pickled_model)
     if not pc.output:
         write_csv(result, sys.stdout)
     counts = np.bincount(result.labels, minlength=NUM_CLASSES)

@@ -61,6 +61,28 @@ def mean_std_text(values: list[float]) -> str:
     return f"{100 * mean:.2f} ± {100 * statistics.stdev(values):.2f}%"
 
 
+# two-sided 97.5% quantiles of Student's t for n - 1 = 1..30 degrees of freedom (scipy.stats.t.ppf);
+# beyond 30 the normal quantile is within 2% of t's
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)
+
+
+def interval95(values: list[float]) -> tuple[float, float] | None:
+    """The 95% confidence interval of the mean over split seeds, mean ± t(0.975, n-1)·std/√n (None below 2)."""
+    if len(values) < 2:
+        return None
+    t = _T975[len(values) - 2] if len(values) - 2 < len(_T975) else 1.960
+    mean, half = statistics.fmean(values), t * statistics.stdev(values) / math.sqrt(len(values))
+    return mean - half, mean + half
+
+
+def interval_text(values: list[float]) -> str:
+    """The 95% interval of the mean as "[97.40, 99.10]%" ("-" below two seeds)."""
+    ci = interval95(values)
+    return "-" if ci is None else f"[{100 * ci[0]:.2f}, {100 * ci[1]:.2f}]%"
+
+
 def _strict_value(stages: dict[str, StageResult], stage: str, metric: str | None) -> float | None:
     if metric is None or (stage in TUNED and "tune" in stages):
         return None  # chosen on validation labels: no strict figure
@@ -94,6 +116,7 @@ def _row(name: str, stage: str, standard: dict[int, float | None], strict: dict[
     return {
         "result": name, "stage": stage,
         "standard": mean_std_text(std_vals), "strict": mean_std_text(strict_vals),
+        "interval95": interval_text(std_vals), "strict_interval95": interval_text(strict_vals),
         "mean": statistics.fmean(std_vals) if std_vals else float("nan"),
         "std": statistics.stdev(std_vals) if len(std_vals) > 1 else 0.0,
         "strict_mean": statistics.fmean(strict_vals) if strict_vals else float("nan"),
@@ -126,7 +149,7 @@ def table_rows(results: dict[int, dict[str, StageResult]]) -> list[dict]:
         vals = {seed: r[stage].metrics.get(metric) for seed, r in results.items() if stage in r}
         if any(v is not None for v in vals.values()):
             row = _row(name, stage, vals, {}, None)
-            row["strict"] = "(all labels)"
+            row["strict"], row["strict_interval95"] = "(all labels)", "-"
             rows.append(row)
     return rows
 
@@ -141,11 +164,13 @@ def to_markdown(rows: list[dict], seeds: list[int], labeled: int | None = None, 
         "(no validation label was read by the training chain; probe C by cross-validation inside them; the final "
         "model is the last stage).",
         "",
-        "| result | standard | strict | reference | beats reference | per seed (standard) |",
-        "| --- | ---: | ---: | ---: | :---: | --- |",
+        "| result | standard | 95% interval | strict | 95% interval | reference | beats reference "
+        "| per seed (standard) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | :---: | --- |",
     ]
     for r in rows:
-        lines.append(f"| {r['result']} | {r['standard']} | {r['strict']} | {r['reference']} | {r['beats_reference']} "
+        lines.append(f"| {r['result']} | {r['standard']} | {r['interval95']} | {r['strict']} "
+                     f"| {r.get('strict_interval95', '-')} | {r['reference']} | {r['beats_reference']} "
                      f"| {r['per_seed']} |")
     return "\n".join(lines) + "\n"
 
@@ -161,8 +186,8 @@ def summarise(cfg: Config, tracker: Tracker, results: dict[int, dict[str, StageR
     md = to_markdown(rows, list(results), 10 * cfg.split.labels_per_class, val_size or cfg.split.val_size)
     (folder / "results.md").write_text(md)
     with (folder / "results.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["result", "stage", "mean", "std", "strict_mean", "strict_std", "reference_value",
-                                          "per_seed"],
+        w = csv.DictWriter(f, fieldnames=["result", "stage", "mean", "std", "interval95", "strict_mean", "strict_std",
+                                          "strict_interval95", "reference_value", "per_seed"],
                            extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import checkpoints
-from ..config import Config, stage_digest
+from ..config import Config, ConfigError, stage_digest
 from ..data import NUM_CLASSES, Mnist, Split
 from ..engine import extract_features, predict_probs, tta_recipe
 from ..inference import device_for, predict_pool
@@ -142,7 +142,8 @@ def student(cfg: Config, teachers: list[str], parent_run_id: str | None = None, 
             "diagnostic/pseudo_precision_total": precision,
         })
         run.tracker.log_metrics({f"final/{k}": v for k, v in metrics.items() if not k.startswith("test_")})
-        run.tracker.log_params({"student.teachers": ", ".join(teachers)[:500], "student.encoder": encoder or ""})
+        # the files actually used (student.teachers / student.encoder are what the command was given, if anything)
+        run.tracker.log_params({"student.teacher_files": ", ".join(teachers)[:500], "student.encoder_file": encoder or ""})
         plain = f" (plain {metrics['test_acc_plain']:.4f}; {sc.tta_views} augmented views averaged)" if tta else ""
         return StageOutput(model_path, metrics, f"{len(idx)} ensemble labels, val acc {val_acc:.4f}, "
                                                 f"test acc {metrics['test_acc']:.4f}{plain}")
@@ -150,3 +151,20 @@ def student(cfg: Config, teachers: list[str], parent_run_id: str | None = None, 
     return run_stage(cfg, "student", key, stage_digest(cfg, "student"), parent_run_id,
                      {"toolkit.teachers": len(teachers)}, body,
                      lambda done: f"test acc {done.metrics.get('test_acc', float('nan')):.4f}")
+
+
+def student_command(cfg: Config) -> StageResult:
+    """``toolkit student``: the student of ``student.teachers`` (paths or MLflow run ids), smoothed over
+    ``student.encoder``'s embedding when one is given; the teachers' files are fetched once, into the
+    stage's inputs folder, after the preflight has checked them."""
+    from .common import resolve_model_ref, stage_dir
+
+    if not cfg.student.teachers:
+        raise ConfigError("student.teachers is empty: give the teacher classifiers, e.g. "
+                          "'student.teachers=[runs/cpu/stages/<iterative key>/model.pt]' or MLflow run ids")
+    inputs = stage_dir(cfg, "student-inputs")
+    teachers = [str(resolve_model_ref(cfg, ref, inputs / f"teacher-{i}"))
+                for i, ref in enumerate(cfg.student.teachers)]
+    encoder = str(resolve_model_ref(cfg, cfg.student.encoder, inputs / "encoder")) if cfg.student.encoder else None
+    return student(cfg, teachers, encoder=encoder)
+

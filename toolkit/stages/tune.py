@@ -36,7 +36,7 @@ from ..inference import device_for
 from ..jobs import ModelWeights
 from ..search_space import SearchSpace, base_point, best_overrides, nested, parse_space, read_space, trial_config
 from ..storage import check_shared, storage_path
-from ..tune_records import METRIC, TrialRow, close_trial_runs, collect, trial_runs_callback, write_csv
+from ..tune_records import METRIC, TrialRow, close_trial_runs, collect, kill_trial_runs, trial_runs_callback, write_csv
 from .common import (StageOutput, StageResult, StageRun, init_weights, load_classifier_file, log_test_report, run_stage,
                      save_model_file)
 from .rounds import STATE_FILE, load_state
@@ -125,6 +125,22 @@ def _start_ray(cfg: Config) -> None:
     check_shared(cfg, storage_path(cfg))
 
 
+def trial_resources(cfg: Config) -> dict[str, float]:
+    """What each trial's Tune actor holds: ``tune.cpus_per_trial`` CPUs and ``tune.gpus_per_trial`` GPUs.
+
+    A fraction of a GPU lets several trials share one (0.25: four per GPU); the trial then
+    trains on it in-process (``tune_trial.placed_device``).
+    """
+    return {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial}
+
+
+def trial_trainable(cfg: Config, job: TrialJob):
+    """The trial function with its job bound by value and its resources attached (what the Tuner runs)."""
+    from ray import tune as ray_tune
+
+    return ray_tune.with_resources(ray_tune.with_parameters(_trial, job=job), trial_resources(cfg))
+
+
 def _fit(cfg: Config, key: str, space: SearchSpace, job: TrialJob, folder: Path, parent_run_id: str | None,
          start: dict[str, Any] | None = None):
     """Run (or restore and finish) the Tune experiment ``key``; return (ResultGrid, trials it was started with, path)."""
@@ -133,8 +149,7 @@ def _fit(cfg: Config, key: str, space: SearchSpace, job: TrialJob, folder: Path,
 
     storage = tune_storage(cfg)
     path = f"{storage}/{key}"
-    resources = {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial}
-    trainable = ray_tune.with_resources(ray_tune.with_parameters(_trial, job=job), resources)
+    trainable = trial_trainable(cfg, job)
     started = folder / SEARCH_FILE  # the restored search keeps the settings it started with
     if ray_tune.Tuner.can_restore(path):
         print(f"[tune] resuming the search in {path}", flush=True)
@@ -145,7 +160,8 @@ def _fit(cfg: Config, key: str, space: SearchSpace, job: TrialJob, folder: Path,
         started.write_text(json.dumps({"num_samples": num_samples, "max_rounds": space.max_rounds}))
         scheduler = ASHAScheduler(time_attr="round", max_t=space.max_rounds, grace_period=cfg.tune.grace_rounds,
                                   reduction_factor=cfg.tune.reduction_factor)
-        params = lambda point: _trial_cfg(job, point, "cpu")  # noqa: E731 - what each trial's MLflow run logs
+        # what each trial's MLflow run logs as params; run.device comes later, from the trial itself
+        params = lambda point: _trial_cfg(job, point, "auto")  # noqa: E731
         tuner = ray_tune.Tuner(
             trainable,
             param_space=space.param_space(),
@@ -270,12 +286,18 @@ def _search(run: StageRun, base: Config, space: SearchSpace, simclr: str | None,
     elif cfg.tune.include_base:
         print("[tune] tune.include_base: the base config's values lie outside the space; every trial is sampled",
               flush=True)
-    grid, num_samples, path = _fit(cfg, key, space, job, folder, tracker.run_id, first)
+    try:
+        grid, num_samples, path = _fit(cfg, key, space, job, folder, tracker.run_id, first)
+    except KeyboardInterrupt:  # a second Ctrl-C (or SIGTERM) inside Tune: its trials' runs end with the parent's
+        kill_trial_runs(cfg, tracker.run_id)
+        raise
     ended = _ended_trials(path)
     if ended < num_samples:
-        # Ctrl-C: Tune stopped gracefully and saved its state; the same command restores it
-        print(f"[tune] search interrupted after {ended}/{num_samples} trials; re-run the same command to resume it",
-              flush=True)
+        # Ctrl-C: Tune stopped gracefully and saved its state; the same command restores it. The trials it
+        # stopped got no end callback: their runs end KILLED like the parent (a resumed trial reopens its run)
+        killed = kill_trial_runs(cfg, tracker.run_id)
+        print(f"[tune] search interrupted after {ended}/{num_samples} trials ({killed} trial runs marked KILLED); "
+              "re-run the same command to resume it", flush=True)
         raise KeyboardInterrupt
     rows = collect(grid, base, space, simclr)
     close_trial_runs(cfg, key, tracker.run_id, rows)

@@ -5,7 +5,8 @@ checkpoint after each.
 Kept apart from the driver (``stages/tune.py``) because this code runs on whichever node Ray
 places the trial: it may read nothing from the driver's disk, only what ``TrialJob`` carries.
 Each trial runs in-process (backend and pool inference): a trial holding one CPU whose nested
-``TorchTrainer`` asked for more would starve on a small machine.
+``TorchTrainer`` asked for more would starve on a small machine. A trial that Ray gave a GPU
+(or a share of one: ``tune.gpus_per_trial``) trains on it; it reports the device it used.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from ..data import resolve_root
 from ..jobs import ModelWeights
 from ..search_space import trial_config
 from ..tracking import Tracker
-from ..tune_records import METRIC
+from ..tune_records import DEVICE, DEVICE_NAME, METRIC
 from .rounds import STATE_FILE, load_state, run_rounds, save_state
 
 SIMCLR_REF = "weights"  # model.init=simclr:weights: the trial's SimCLR weights came by value
@@ -45,7 +46,9 @@ def _execution_overrides(cfg: Config, train_subset: int) -> dict[str, Any]:
         "data.root": str(resolve_root(cfg.data.root)),  # each node's own copy, at the same path
         "run.backend": "local",
         "pseudolabel.inference": "local",
-        "ray.use_gpu": False,  # the trial's own GPU (if any) is used through run.device=cuda
+        # no Ray Train workers or Ray Data actors inside a trial: its own GPU (tune.gpus_per_trial) is
+        # used in-process through run.device, which the trial sets from what Ray gave it (placed_device)
+        "ray.use_gpu": False,
     }
     if train_subset:
         ov["data.train_subset"] = train_subset
@@ -65,9 +68,27 @@ def _trial_cfg(job: TrialJob, point: dict, device: str) -> Config:
     return trial_config(base, point, SIMCLR_REF if job.simclr else None).replace(**job.execution, **{"run.device": device})
 
 
-def _round_result(entry: dict) -> dict[str, Any]:
+def placed_device(gpu_ids: list) -> str:
+    """``run.device`` of a trial: ``cuda`` when Ray gave it (a share of) a GPU, ``ray.get_gpu_ids()``, else ``cpu``."""
+    return "cuda" if gpu_ids else "cpu"
+
+
+def device_report(cfg: Config) -> dict[str, str]:
+    """Where this trial trains, read in its own process: the device type and its name (a GPU's model, or the CPU's).
+
+    ``device_for`` is the device the rounds train and predict on; it fails (the trial fails,
+    readably) when Ray gave a GPU that torch cannot see.
+    """
+    from ..inference import device_for
+    from ..machine import device_label
+
+    device = device_for(cfg)
+    return {DEVICE: device.type, DEVICE_NAME: device_label(device)}
+
+
+def _round_result(entry: dict, placed: dict[str, str]) -> dict[str, Any]:
     return {METRIC: float(entry["val_acc"]), "round": int(entry["round"]), "threshold": float(entry["threshold"]),
-            "added": int(entry["added"]), "pool_left": int(entry["pool_left"])}
+            "added": int(entry["added"]), "pool_left": int(entry["pool_left"]), **placed}
 
 
 def _trial(point: dict, job: TrialJob) -> None:
@@ -75,7 +96,8 @@ def _trial(point: dict, job: TrialJob) -> None:
     import ray
     from ray import tune as ray_tune
 
-    cfg = _trial_cfg(job, point, "cuda" if ray.get_gpu_ids() else "cpu")  # a ConfigError fails the trial, readably
+    cfg = _trial_cfg(job, point, placed_device(ray.get_gpu_ids()))  # a ConfigError fails the trial, readably
+    placed = device_report(cfg)
     init = None
     if cfg.model.init.startswith("simclr:"):
         ref = cfg.model.init[len("simclr:"):]
@@ -91,7 +113,7 @@ def _trial(point: dict, job: TrialJob) -> None:
     def after_round(st: dict, metrics: dict) -> None:
         with tempfile.TemporaryDirectory(prefix="toolkit-trial-") as d:
             save_state(Path(d) / STATE_FILE, st)
-            ray_tune.report(_round_result(st["history"][-1]), checkpoint=ray_tune.Checkpoint.from_directory(d))
+            ray_tune.report(_round_result(st["history"][-1], placed), checkpoint=ray_tune.Checkpoint.from_directory(d))
         reported.append(st["rounds_done"])
 
     # scratch: this process's own training checkpoints, on this node, removed at the end
@@ -101,4 +123,4 @@ def _trial(point: dict, job: TrialJob) -> None:
                            start=job.start, start_id="base" if job.start else "round0", init=init)
     if not reported and final["history"]:
         # restored after its last round had finished: Tune still needs the final result
-        ray_tune.report(_round_result(final["history"][-1]))
+        ray_tune.report(_round_result(final["history"][-1], placed))
