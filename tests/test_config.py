@@ -490,9 +490,21 @@ def test_cli_in_process_classifiers_asked_for_a_gpu_without_one_fail_before_anyt
             "split.val_size=200", "model.width=8", *_safe_args(tmp_path, data_root)]
     assert main(["pipeline", *argv]) == 2
     line = _one_error_line(capsys, "pipeline")
-    assert "run.classifiers_local=true is not allowed" in line and "GPU" in line
+    # an embedded Ray has this machine's GPUs: none here, none there, whatever trains where
+    assert "ray.use_gpu=true is not allowed" in line and "GPU" in line
+    assert main(["pretrain", *argv]) == 2
+    assert "ray.use_gpu=true is not allowed" in _one_error_line(capsys, "pretrain")
+    # the in-process switch with a GPU asked of the driver's own device
+    device_argv = [a for a in argv if a != "ray.use_gpu=true"] + ["run.device=cuda"]
+    assert main(["pipeline", *device_argv]) == 2
+    assert "run.classifiers_local=true is not allowed" in _one_error_line(capsys, "pipeline")
+    # on a Ray cluster the GPUs are its nodes': pretraining goes ahead (Ray is asked once it is up)
     seen = []
     monkeypatch.setattr(cli, "_dispatch", lambda command: seen.append)
+    import toolkit.preflight as preflight
+
+    monkeypatch.setattr(preflight, "check_ray_address_reachable", lambda cfg: None)  # no head here
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
     assert cli.main(["pretrain", *argv]) == 0 and len(seen) == 1
 
 

@@ -258,11 +258,16 @@ def check_gpu_visible(cfg: Config, classifiers: bool = False) -> None:
     the local backend, and, when the command trains ``classifiers`` with ``run.classifiers_local``,
     under the Ray backend too (they would train on this process's CPU instead of Ray's GPU workers)."""
     wants = cfg.ray.use_gpu or cfg.run.device == "cuda"
-    in_process = cfg.run.backend == "local" or (classifiers and classifiers_in_process(cfg))
+    # an embedded Ray has this machine's GPUs and no others: none here means none there, known before
+    # anything starts (a Ray cluster is asked for its resources once Ray is up, and may grow)
+    in_process = cfg.run.backend == "local" or embedded(cfg) or (classifiers and classifiers_in_process(cfg))
     if wants and in_process:
         import torch
 
         if not torch.cuda.is_available():
+            if cfg.run.backend != "local" and cfg.ray.use_gpu:
+                raise ConfigError("ray.use_gpu=true is not allowed: the embedded Ray (no ray.address) has this "
+                                  "machine's GPUs, and no CUDA GPU is visible here")
             if cfg.run.backend != "local":
                 raise ConfigError("run.classifiers_local=true is not allowed: the classifiers would train in this "
                                   "process, which sees no CUDA GPU; set it false to train them on Ray Train's GPU workers")

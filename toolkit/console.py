@@ -12,8 +12,10 @@ import re
 import sys
 from pathlib import Path
 
-# a toolkit line: "[pretrain] ...", "[round 2/4] ...", "[warning] ..." (what Progress and the stages print)
-_TOOLKIT_LINE = re.compile(r"^\[[A-Za-z][\w ./-]*\] ")
+# a toolkit line: "[pretrain] ...", "[round 2/4] ...", "[warning] ..." (what Progress and the stages print);
+# Ray Train's controller writes "[FailurePolicy] RETRY/RAISE ..." in the same shape: its decision is Ray's
+# chatter (the command's own line says what failed), so it stays in Ray's log files
+_TOOLKIT_LINE = re.compile(r"^\[(?!FailurePolicy\])[A-Za-z][\w ./-]*\] ")
 
 
 class QuietRay:
