@@ -3,6 +3,8 @@ scenario's folder and tiny settings, its MLflow store read directly, and the che
 
 from __future__ import annotations
 
+import json
+
 import sqlite3
 import subprocess
 import time
@@ -151,6 +153,17 @@ class Ctx:
 
 def checkpoints_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("checkpoint_*") if p.is_dir() and not p.name.endswith(".tmp"))
+
+
+def ray_registered(folder: Path) -> bool:
+    """Ray has registered a checkpoint of this run (its snapshot names one). A folder Ray wrote but had not
+    registered when a signal landed is not resumed, by design: it may postdate the signal (README)."""
+    from toolkit.ray_checkpoints import SNAPSHOT_FILE, registered
+
+    try:
+        return bool(registered(json.loads((folder / SNAPSHOT_FILE).read_text())))
+    except (OSError, ValueError):
+        return False
 
 
 def one_line(c: Checks, err: str, word: str) -> None:

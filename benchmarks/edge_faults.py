@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Callable
 
 from edge_check import Outcome, Proc, run_cli
-from edge_fault_tools import Checks, Ctx, checkpoints_in, kill_tree, one_line, ray_workers, rerun_resumes, the_run
+from edge_fault_tools import (Checks, Ctx, checkpoints_in, kill_tree, one_line, ray_registered, ray_workers, rerun_resumes,
+                              the_run)
 
 TUNE_SPACE = "pseudolabel.threshold_start: {uniform: [0.9, 0.99]}\n"
 
@@ -28,7 +29,7 @@ def interrupt_and_resume(backend: str, sig: int) -> Callable[[Ctx, Checks], None
         run = ctx.start("pretrain", over)
         try:
             ready = run.wait_for(lambda: bool(checkpoints_in(folder)) and
-                                 (backend == "local" or "[pretrain] epoch 1/" in run.out()))
+                                 (backend == "local" or ray_registered(folder)))
             if not c("a checkpoint exists before the signal", ready, run.err()[-200:]):
                 return
             if sig == signal.SIGKILL:
@@ -80,7 +81,10 @@ def damaged_newest_checkpoint(backend: str, every: bool = False) -> Callable[[Ct
         else:
             c("resumes after epoch 1 (the older one, never forward)", "resuming after epoch 1" in again.out,
               again.out[-300:])
-        the_run(c, ctx, "damaged-pretrain", "FINISHED")
+        # epochs 2 -> 3 is another config under the same run.name: its own MLflow run (params cannot change)
+        runs = ctx.runs("damaged-pretrain")
+        c("two MLflow runs for damaged-pretrain (one per config), both FINISHED",
+          len(runs) == 2 and all(r[1] == "FINISHED" for r in runs), [(r[0][:8], r[1]) for r in runs])
     return scenario
 
 

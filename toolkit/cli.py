@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     # MLflow announces creating a fresh sqlite store on stderr (INFO): never, also after the command
     # (tests and notebooks call stages in the same process), since an error must stay the only line there
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    # MLflow draws a progress bar on stderr for every artifact it downloads (a model, a checkpoint by run id)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     with _quiet_store_loggers():
         return _main(argv)
 

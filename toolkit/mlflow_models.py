@@ -187,6 +187,12 @@ def _log_model(uri: str, run_id: str, model: nn.Module, name: str, kind: str, op
     import mlflow
     from mlflow.models import Model
 
+    import logging
+
+    # logging a model validates its input example (INFO) and copies files with progress bars: a command's
+    # console shows toolkit's lines only
+    logging.getLogger("mlflow.pyfunc").setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     client = _client(uri)
     run = client.get_run(run_id)
     example = _example_images(opts.input_example)

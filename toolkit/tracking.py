@@ -294,27 +294,27 @@ def mlflow_run(cfg: Config, command: str, run_key: str, parent_run_id: str | Non
         resumed = False
     from .backends import classifiers_in_process
 
-    tracker = Tracker(uri, run_id)
-    commit = _git_commit()
-    tracker.set_tags({
-        "toolkit.command": command,
-        "toolkit.git_commit": commit,
-        # what the MLflow UI shows as the run's source
-        "mlflow.source.type": "LOCAL",
-        "mlflow.source.name": f"toolkit {command}",
-        **({"mlflow.user": user} if (user := _user()) else {}),
-        **({"mlflow.source.git.commit": commit} if commit != "unknown" else {}),
-        "toolkit.host": socket.gethostname(),
-        "toolkit.backend": cfg.run.backend,
-        **({"toolkit.classifiers": "in-process"} if classifiers_in_process(cfg) else {}),
-        "toolkit.resumed": resumed,
-        **machine_tags(),
-        **(extra_tags or {}),
-    })
-    tracker.log_params(cfg.flat())
-    monitor = _system_metrics(uri, run_id) if command in TRAINING_COMMANDS else None
-    status = "FAILED"
-    try:
+    monitor, status = None, "FAILED"
+    try:  # from here the run exists: whatever happens next (a Ctrl-C while tagging included) ends it
+        tracker = Tracker(uri, run_id)
+        commit = _git_commit()
+        tracker.set_tags({
+            "toolkit.command": command,
+            "toolkit.git_commit": commit,
+            # what the MLflow UI shows as the run's source
+            "mlflow.source.type": "LOCAL",
+            "mlflow.source.name": f"toolkit {command}",
+            **({"mlflow.user": user} if (user := _user()) else {}),
+            **({"mlflow.source.git.commit": commit} if commit != "unknown" else {}),
+            "toolkit.host": socket.gethostname(),
+            "toolkit.backend": cfg.run.backend,
+            **({"toolkit.classifiers": "in-process"} if classifiers_in_process(cfg) else {}),
+            "toolkit.resumed": resumed,
+            **machine_tags(),
+            **(extra_tags or {}),
+        })
+        tracker.log_params(cfg.flat())
+        monitor = _system_metrics(uri, run_id) if command in TRAINING_COMMANDS else None
         yield tracker
         status = "FINISHED"
     except KeyboardInterrupt:
