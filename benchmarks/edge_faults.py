@@ -186,7 +186,7 @@ def lost_worker(max_failures: int) -> Callable[[Ctx, Checks], None]:
         over = ctx.settings("lost", run__backend="ray", ray__max_failures=max_failures)
         run = ctx.start("pretrain", over)
         try:
-            ok = run.wait_for(lambda: "[pretrain] epoch 1/" in run.out() and bool(checkpoints_in(ctx.ckpt_folder(over))))
+            ok = run.wait_for(lambda: "[pretrain] epoch 1/" in run.out() and ray_registered(ctx.ckpt_folder(over)))
             workers = ray_workers(run.proc) if ok else []
             if not c("a Ray Train worker is running after epoch 1", workers, run.err()[-200:]):
                 return
