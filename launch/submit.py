@@ -37,7 +37,7 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 
 # The toolkit CLI's commands (toolkit.cli.COMMANDS; a test keeps the two in
 # step), checked here so a typo fails before the code is uploaded.
-COMMANDS = ("pretrain", "probe", "supervised", "pseudolabel", "pipeline", "tune", "report", "predict")
+COMMANDS = ("pretrain", "probe", "supervised", "pseudolabel", "student", "pipeline", "tune", "report", "predict")
 
 # The only local environment variables a job inherits (when set).
 PASSTHROUGH_ENV = ("TOOLKIT_DATA_DIR", "TOOLKIT_OUTPUT_ROOT", "MLFLOW_TRACKING_URI")

@@ -534,7 +534,7 @@ def test_pipeline_nests_a_run_per_stage_and_seed_and_reports(study):
                 "| iterative pseudo-labeling", "SimCLR-initialised iterative pseudo-labeling",
                 "student of the iterative models", "student, one view (no test-time augmentation)", "final model (standard: best on validation; strict: the last stage)"):
         assert row in md, row
-    assert "±" in md and "| standard | strict |" in md and "200 validation labels decided" in md
+    assert "±" in md and "| standard | 95% interval | strict | 95% interval |" in md and "200 validation labels decided" in md
     assert {"summary/cnn_augmentation_100_labels/standard_mean",
             "summary/cnn_augmentation_100_labels/strict_mean"} <= set(parent.data.metrics)
     # the one-view row is the students' own network: the test_acc_plain each logged, averaged over the seeds
