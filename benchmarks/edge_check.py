@@ -96,18 +96,23 @@ def run_cli(argv: list[str], cwd: Path, timeout: float, env: dict | None = None)
         return Proc(None, out, err)
 
 
-def mlflow_runs(db: Path) -> list[tuple[str, str, str]]:
-    """(run id, status, run key tag) of every run in a sqlite MLflow store (read directly: no MLflow import)."""
+def query_store(db: Path, sql: str, args: tuple = ()) -> list[tuple]:
+    """Rows of ``sql`` in a sqlite MLflow store, read-only and directly (no MLflow import); [] when there is none."""
     if not db.is_file():
         return []
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
     try:
-        return list(con.execute("select r.run_uuid, r.status, coalesce(t.value, '') from runs r left join tags t "
-                                "on t.run_uuid = r.run_uuid and t.key = 'toolkit.run_key'"))
+        return list(con.execute(sql, args))
     except sqlite3.Error:
         return []
     finally:
         con.close()
+
+
+def mlflow_runs(db: Path) -> list[tuple[str, str, str]]:
+    """(run id, status, run key tag) of every run in a sqlite MLflow store."""
+    return query_store(db, "select r.run_uuid, r.status, coalesce(t.value, '') from runs r left join tags t "
+                           "on t.run_uuid = r.run_uuid and t.key = 'toolkit.run_key'")
 
 
 def all_runs(root: Path) -> set[str]:

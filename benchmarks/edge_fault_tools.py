@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 
-import sqlite3
 import subprocess
 import time
 from pathlib import Path
 from typing import Callable
 
-from edge_check import Proc, kill_group, mlflow_runs, run_cli, toolkit_argv, toolkit_env
+from edge_check import Proc, kill_group, mlflow_runs, query_store, run_cli, toolkit_argv, toolkit_env
 
 class Checks:
     """Expectations in the order a scenario meets them, each with what was seen."""
@@ -128,24 +127,12 @@ class Ctx:
         return [r for r in mlflow_runs(self.db) if key is None or r[2] == key]
 
     def trial_runs(self) -> list[tuple[str, str]]:
-        if not self.db.is_file():
-            return []
-        con = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=30)
-        try:
-            return list(con.execute("select r.run_uuid, r.status from runs r join tags t on t.run_uuid = r.run_uuid "
-                                    "and t.key = 'mlflow.parentRunId'"))
-        except sqlite3.Error:
-            return []
-        finally:
-            con.close()
+        return query_store(self.db, "select r.run_uuid, r.status from runs r join tags t on t.run_uuid = r.run_uuid "
+                                    "and t.key = 'mlflow.parentRunId'")
 
     def steps(self, run_id: str, metric: str) -> list[int]:
-        con = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=30)
-        try:
-            return sorted(s for (s,) in con.execute("select step from metrics where run_uuid = ? and key = ?",
-                                                    (run_id, metric)))
-        finally:
-            con.close()
+        rows = query_store(self.db, "select step from metrics where run_uuid = ? and key = ?", (run_id, metric))
+        return sorted(s for (s,) in rows)
 
     def ckpt_folder(self, over: dict, command: str = "pretrain") -> Path:
         return self.root / "runs" / over["run.backend"] / f"{over['run.name']}-{command}"
