@@ -14,20 +14,19 @@ from pathlib import Path
 
 import torch
 
+from .datasets.checks import DataError  # noqa: F401 - one error class for every data file (toolkit.data.DataError)
+from .datasets.idx import check_idx, read_idx
+
 NUM_CLASSES = 10
 IMAGE_SIZE = 28
 
-# file name -> (idx magic number, expected shape)
+# file name -> expected shape (the idx magic number follows from it: unsigned bytes, len(shape) dims)
 _FILES = {
-    "train-images-idx3-ubyte": (2051, (60000, 28, 28)),
-    "train-labels-idx1-ubyte": (2049, (60000,)),
-    "t10k-images-idx3-ubyte": (2051, (10000, 28, 28)),
-    "t10k-labels-idx1-ubyte": (2049, (10000,)),
+    "train-images-idx3-ubyte": (60000, 28, 28),
+    "train-labels-idx1-ubyte": (60000,),
+    "t10k-images-idx3-ubyte": (10000, 28, 28),
+    "t10k-labels-idx1-ubyte": (10000,),
 }
-
-
-class DataError(RuntimeError):
-    """A missing, truncated or corrupt data file; the message names the file."""
 
 
 def resolve_root(root: str = "") -> Path:
@@ -35,36 +34,16 @@ def resolve_root(root: str = "") -> Path:
     return Path(root or os.environ.get("TOOLKIT_DATA_DIR") or "data").expanduser().resolve()
 
 
-def check_idx_file(path: Path, magic: int, shape: tuple[int, ...]) -> None:
-    """Raise DataError unless ``path`` is an idx file with this magic number and shape."""
-    if not path.is_file():
-        raise DataError(f"MNIST file missing: {path} (set data.root or TOOLKIT_DATA_DIR to the folder holding MNIST/raw)")
-    size = path.stat().st_size
-    header = 4 * (1 + len(shape))
-    with path.open("rb") as f:
-        head = f.read(header)
-    if len(head) < header:
-        raise DataError(f"MNIST file truncated: {path} has {size} bytes, less than its {header}-byte header")
-    got_magic = int.from_bytes(head[:4], "big")
-    if got_magic != magic:
-        raise DataError(f"MNIST file corrupt: {path} starts with magic number {got_magic}, expected {magic}")
-    dims = tuple(int.from_bytes(head[4 + 4 * i: 8 + 4 * i], "big") for i in range(len(shape)))
-    if dims != shape:
-        raise DataError(f"MNIST file corrupt: {path} declares shape {dims}, expected {shape}")
-    expected = header + int(torch.tensor(shape).prod())
-    if size != expected:
-        raise DataError(f"MNIST file truncated or corrupt: {path} has {size} bytes, expected {expected}")
+def check_idx_file(path: Path, shape: tuple[int, ...]) -> None:
+    """Raise DataError unless ``path`` is an idx file of unsigned bytes with this shape (header and size only)."""
+    got = check_idx(path, len(shape), "MNIST")
+    if got != shape:
+        raise DataError(f"MNIST file corrupt: {path} declares shape {got}, expected {shape}")
 
 
 def _read_idx(path: Path) -> torch.Tensor:
-    """An idx file (already checked) as a uint8 tensor of its declared shape."""
-    import numpy as np
-
-    raw = path.read_bytes()
-    ndim = raw[3]
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    arr = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-    return torch.from_numpy(arr.copy())
+    """One of MNIST's idx files (already checked) as a uint8 tensor of its declared shape."""
+    return torch.from_numpy(read_idx(path, len(_FILES[path.name]), "MNIST"))
 
 
 @dataclass(frozen=True)
@@ -94,8 +73,8 @@ def check_mnist(root: str = "", download: bool = False) -> Path:
 
         torchvision.datasets.MNIST(root=str(base), train=True, download=True)
         torchvision.datasets.MNIST(root=str(base), train=False, download=True)
-    for name, (magic, shape) in _FILES.items():
-        check_idx_file(raw / name, magic, shape)
+    for name, shape in _FILES.items():
+        check_idx_file(raw / name, shape)
     return raw
 
 

@@ -53,7 +53,7 @@ def check_idx(path: Path, ndim: int, what: str = "idx") -> tuple[int, ...]:
     size = found.stat().st_size
     expected = len(head) + int(np.prod(shape, dtype=np.int64))
     if size != expected:
-        raise DataError(f"{what} file truncated or corrupt: {found} has {size} bytes, its header declares {expected}")
+        raise DataError(f"{what} file truncated or corrupt: {found} has {size} bytes, expected {expected} (from its header)")
     return shape
 
 
@@ -72,5 +72,5 @@ def read_idx(path: Path, ndim: int, what: str = "idx") -> np.ndarray:
     expected = header + int(np.prod(shape, dtype=np.int64))
     if len(raw) != expected:
         raise DataError(f"{what} file truncated or corrupt: {found} holds {len(raw)} bytes, "
-                        f"its header declares {expected}")
+                        f"expected {expected} (from its header)")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape).copy()

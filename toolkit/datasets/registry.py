@@ -86,8 +86,10 @@ BENCHMARKS = {
 
 
 def resolve_root(root: str | os.PathLike = "") -> Path:
-    """``root``, else ``$TOOLKIT_DATA_DIR``, else ``./data``; always absolute (Ray workers run elsewhere)."""
-    return Path(root or os.environ.get("TOOLKIT_DATA_DIR") or "data").expanduser().resolve()
+    """``root``, else ``$TOOLKIT_DATA_DIR``, else ``./data`` (``toolkit.data.resolve_root``, the one rule)."""
+    from ..data import resolve_root as data_root  # here: toolkit.data imports this package's idx reader
+
+    return data_root(str(root))
 
 
 def _file_stats(folder: Path, names: tuple[str, ...]) -> tuple[tuple[str, int, int], ...]:
