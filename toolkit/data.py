@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .datasets.checks import DataError  # noqa: F401 - one error class for every data file (toolkit.data.DataError)
-from .datasets.idx import check_idx, read_idx
+from .datasets.idx import check_idx, header_shape, read_idx
 
 NUM_CLASSES = 10
 IMAGE_SIZE = 28
@@ -36,9 +36,11 @@ def resolve_root(root: str = "") -> Path:
 
 def check_idx_file(path: Path, shape: tuple[int, ...]) -> None:
     """Raise DataError unless ``path`` is an idx file of unsigned bytes with this shape (header and size only)."""
-    got = check_idx(path, len(shape), "MNIST")
+    # the declared shape first: a label file in the wrong place is named as such, not as truncated
+    got = header_shape(path, len(shape), "MNIST") if path.is_file() else check_idx(path, len(shape), "MNIST")  # .gz
     if got != shape:
         raise DataError(f"MNIST file corrupt: {path} declares shape {got}, expected {shape}")
+    check_idx(path, len(shape), "MNIST")
 
 
 def _read_idx(path: Path) -> torch.Tensor:

@@ -23,7 +23,8 @@ def _locate(path: Path, what: str) -> Path:
     gz = path.with_name(path.name + ".gz")
     if gz.is_file():
         return gz
-    raise DataError(f"{what} file missing: {path} (set data.root to the folder holding it, or data.download=true)")
+    raise DataError(f"{what} file missing: {path} (set data.root or TOOLKIT_DATA_DIR to the folder holding it, "
+                    "or data.download=true)")
 
 
 def _parse_header(head: bytes, path: Path, ndim: int, what: str) -> tuple[int, ...]:
@@ -39,6 +40,13 @@ def _parse_header(head: bytes, path: Path, ndim: int, what: str) -> tuple[int, .
     return tuple(int.from_bytes(head[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
 
 
+def header_shape(path: Path, ndim: int, what: str = "idx") -> tuple[int, ...]:
+    """The shape a plain (not gzipped) idx file's header declares (magic number checked; its length is not)."""
+    found = Path(path)
+    with found.open("rb") as f:
+        return _parse_header(f.read(4 * (1 + ndim)), found, ndim, what)
+
+
 def check_idx(path: Path, ndim: int, what: str = "idx") -> tuple[int, ...]:
     """The shape of the idx file at ``path`` (or ``path.gz``) after checking its header and length.
 
@@ -47,11 +55,9 @@ def check_idx(path: Path, ndim: int, what: str = "idx") -> tuple[int, ...]:
     found = _locate(Path(path), what)
     if found.suffix == ".gz":
         return read_idx(path, ndim, what).shape
-    with found.open("rb") as f:
-        head = f.read(4 * (1 + ndim))
-    shape = _parse_header(head, found, ndim, what)
+    shape = header_shape(found, ndim, what)
     size = found.stat().st_size
-    expected = len(head) + int(np.prod(shape, dtype=np.int64))
+    expected = 4 * (1 + ndim) + int(np.prod(shape, dtype=np.int64))
     if size != expected:
         raise DataError(f"{what} file truncated or corrupt: {found} has {size} bytes, expected {expected} (from its header)")
     return shape
