@@ -63,7 +63,8 @@ def test_rejected_input_creates_nothing(case, tmp_path, data_root, capsys):
     args = case.argv(ctx) if callable(case.argv) else list(case.argv)
     # tracking on, its store in the output folder: an MLflow run would show there (a case's own values win)
     safe = [f"run.output_dir={tmp_path / 'runs'}", "tracking.enabled=true", f"data.root={data_root}"]
-    _run_and_check(tmp_path, case.command, [*safe, *args], capsys)
+    err = _run_and_check(tmp_path, case.command, [*safe, *args], capsys)
+    assert case.expect.lower() in err.lower(), err  # refused for its own bad input, not for the settings around it
 
 
 # bad `toolkit predict` inputs: (model, images); MODEL / IMAGES: a valid classifier file / idx3 file

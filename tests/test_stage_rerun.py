@@ -130,3 +130,16 @@ def test_every_checkpoint_damaged_starts_over_with_a_line_and_logs_no_step_twice
     assert "resuming at step" not in out
     (run,) = runs_with_key(cfg, result.run_key)
     assert steps_of(cfg, run.info.run_id, "train_loss") == [10, 20, 30, 40]
+
+
+def test_a_report_of_the_step_alone_logs_nothing_and_does_not_fail(tmp_path):
+    """MetricsLogger with a report that holds only its step key: nothing to log, no error."""
+    from toolkit.config import Config
+    from toolkit.tracking import MetricsLogger, mlflow_run
+
+    cfg = Config().replace(**{"tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "run.output_dir": str(tmp_path)})
+    with mlflow_run(cfg, "report", "steps-only") as tracker:
+        log = MetricsLogger(tracker, "step")
+        log({"step": 5})
+        log({"step": 6, "loss": 1.0})
+        assert steps_of(cfg, tracker.run_id, "loss") == [6]

@@ -42,5 +42,7 @@ def test_a_bad_teacher_is_one_line_and_creates_nothing(data_root, tmp_path, caps
              "none": []}[teacher]
     assert cli.main(["student", "--backend", "local", *_tiny(data_root, out), *given]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "student" in err[0], err
-    assert not out.exists() or not any(out.rglob("*")), list(out.rglob("*"))
+    cause = {"text": "student.teachers[0]", "missing": "neither an existing checkpoint file nor an MLflow run id",
+             "none": "student.teachers is empty"}[teacher]
+    assert len(err) == 1 and cause in err[0], err
+    assert not out.exists(), list(out.rglob("*"))  # checked before the output folder is made

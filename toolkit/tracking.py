@@ -411,5 +411,6 @@ class MetricsLogger:
             self._tracker = Tracker(self.uri, self.run_id)
         step = int(metrics.get(self.step_key, 0)) + self.step_offset
         new = {k: v for k, v in metrics.items() if k != self.step_key and step > self._last_step(k)}
-        self._tracker.log_metrics(new, step=step)
-        self._last_steps.update(dict.fromkeys(new, step))
+        if new:  # a report of the step alone has nothing to log (and read nothing above)
+            self._tracker.log_metrics(new, step=step)
+            self._last_steps.update(dict.fromkeys(new, step))

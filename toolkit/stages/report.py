@@ -149,7 +149,7 @@ def table_rows(results: dict[int, dict[str, StageResult]]) -> list[dict]:
         vals = {seed: r[stage].metrics.get(metric) for seed, r in results.items() if stage in r}
         if any(v is not None for v in vals.values()):
             row = _row(name, stage, vals, {}, None)
-            row["strict"], row["strict_interval95"] = "(all labels)", "-"
+            row["strict"] = "(all labels)"
             rows.append(row)
     return rows
 
@@ -170,7 +170,7 @@ def to_markdown(rows: list[dict], seeds: list[int], labeled: int | None = None, 
     ]
     for r in rows:
         lines.append(f"| {r['result']} | {r['standard']} | {r['interval95']} | {r['strict']} "
-                     f"| {r.get('strict_interval95', '-')} | {r['reference']} | {r['beats_reference']} "
+                     f"| {r['strict_interval95']} | {r['reference']} | {r['beats_reference']} "
                      f"| {r['per_seed']} |")
     return "\n".join(lines) + "\n"
 
