@@ -78,36 +78,28 @@ def readable_tracking_uri(cfg: Config, what: str) -> str:
     return uri
 
 
-def _check_simclr_ref(cfg: Config, ref: str, key: str, check_width: bool) -> None:
-    """``ref`` (a path or an MLflow run id) is a SimCLR model file (of ``cfg.model``'s width when ``check_width``)."""
+def _check_model_ref(cfg: Config, ref: str, key: str, kind: str, model_cfg=None) -> None:
+    """``ref`` (a path or an MLflow run id) is a ``kind`` model file (of ``model_cfg``'s architecture, when given)."""
     from . import checkpoints
     from .stages.common import resolve_model_ref
 
     with tempfile.TemporaryDirectory(prefix="toolkit-preflight-") as tmp:  # a run's file is fetched here, then dropped
         path = resolve_model_ref(cfg, ref, Path(tmp))
         try:
-            checkpoints.load_model_file(path, "simclr", cfg.model if check_width else None)
+            checkpoints.load_model_file(path, kind, model_cfg)
         except checkpoints.CheckpointError as e:
             raise checkpoints.CheckpointError(f"{key}: {e}") from None
 
 
 def _check_student_inputs(cfg: Config) -> None:
     """``student.teachers`` are classifier files of ``cfg.model``'s shape; ``student.encoder`` a SimCLR file."""
-    from . import checkpoints
-    from .stages.common import resolve_model_ref
+    from .stages.student import require_teachers
 
-    if not cfg.student.teachers:
-        raise ConfigError("student.teachers is empty: give the teacher classifiers, e.g. "
-                          "'student.teachers=[runs/cpu/stages/<iterative key>/model.pt]' or MLflow run ids")
+    require_teachers(cfg.student.teachers)
     for i, ref in enumerate(cfg.student.teachers):
-        with tempfile.TemporaryDirectory(prefix="toolkit-preflight-") as tmp:
-            path = resolve_model_ref(cfg, ref, Path(tmp))
-            try:
-                checkpoints.load_model_file(path, "classifier", cfg.model)
-            except checkpoints.CheckpointError as e:
-                raise checkpoints.CheckpointError(f"student.teachers[{i}]: {e}") from None
+        _check_model_ref(cfg, ref, f"student.teachers[{i}]", "classifier", cfg.model)
     if cfg.student.encoder:
-        _check_simclr_ref(cfg, cfg.student.encoder, "student.encoder", check_width=False)
+        _check_model_ref(cfg, cfg.student.encoder, "student.encoder", "simclr")
 
 
 def _check_predict_model(cfg: Config) -> None:
@@ -135,9 +127,9 @@ def check_inputs(cfg: Config, command: str) -> None:
         for seed in cfg.pipeline.seeds if command == "pipeline" else [cfg.split.seed]:
             make_split(data.train_labels, cfg.split.labels_per_class, cfg.split.val_size, seed)
     if command == "probe" and cfg.probe.checkpoint:
-        _check_simclr_ref(cfg, cfg.probe.checkpoint, "probe.checkpoint", check_width=False)
+        _check_model_ref(cfg, cfg.probe.checkpoint, "probe.checkpoint", "simclr")
     if command in _READS_MODEL_INIT and cfg.model.init.startswith("simclr:"):
-        _check_simclr_ref(cfg, cfg.model.init[len("simclr:"):], "model.init", check_width=True)
+        _check_model_ref(cfg, cfg.model.init[len("simclr:"):], "model.init", "simclr", cfg.model)
     if command == "student":
         _check_student_inputs(cfg)
     if command == "report":

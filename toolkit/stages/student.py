@@ -159,12 +159,17 @@ def student_command(cfg: Config) -> StageResult:
     stage's inputs folder, after the preflight has checked them."""
     from .common import resolve_model_ref, stage_dir
 
-    if not cfg.student.teachers:
-        raise ConfigError("student.teachers is empty: give the teacher classifiers, e.g. "
-                          "'student.teachers=[runs/cpu/stages/<iterative key>/model.pt]' or MLflow run ids")
+    require_teachers(cfg.student.teachers)
     inputs = stage_dir(cfg, "student-inputs")
     teachers = [str(resolve_model_ref(cfg, ref, inputs / f"teacher-{i}"))
                 for i, ref in enumerate(cfg.student.teachers)]
     encoder = str(resolve_model_ref(cfg, cfg.student.encoder, inputs / "encoder")) if cfg.student.encoder else None
     return student(cfg, teachers, encoder=encoder)
+
+
+def require_teachers(teachers: list) -> None:
+    """ConfigError unless ``student.teachers`` names at least one model."""
+    if not teachers:
+        raise ConfigError("student.teachers is empty: give the teacher classifiers, e.g. "
+                          "'student.teachers=[runs/cpu/stages/<iterative key>/model.pt]' or MLflow run ids")
 
