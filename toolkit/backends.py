@@ -35,6 +35,10 @@ class Session(Protocol):
 
     def restore(self) -> dict | None: ...
 
+    def unreadable(self) -> int:
+        """How many checkpoints the last ``restore`` found but could not read (it returned None)."""
+        ...
+
     def report(self, metrics: dict[str, Any], payload: dict | None) -> None: ...
 
 
@@ -62,6 +66,10 @@ class LocalSession:
                 print(f"[warning] {e}; falling back to the previous checkpoint", flush=True)
         return None
 
+    def unreadable(self) -> int:
+        # restore() returns None with folders left only when every one of them failed to load
+        return len(self.checkpoints())
+
     def report(self, metrics: dict[str, Any], payload: dict | None) -> None:
         self.last_metrics = dict(metrics)
         if self.sink:
@@ -87,6 +95,9 @@ class RaySession:
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         self.world = ctx.get_world_size()
+
+    def unreadable(self) -> int:
+        return 0  # a damaged Ray checkpoint with no older registered one fails the run loudly (restore raises)
 
     def restore(self) -> dict | None:
         import ray.train

@@ -102,11 +102,10 @@ def _resume(session, accelerator, model, opt: OptimState, counter: str, label: s
     """
     done = 0
     state = session.restore()
-    # the local session lists its checkpoint folders: some there and none read means every one is
-    # damaged (each named in a warning); starting over must not look like a resume or a fresh run
-    listed = session.checkpoints() if state is None and hasattr(session, "checkpoints") else []
-    if listed:
-        _say(session, f"[{label}] none of the {len(listed)} checkpoints in {listed[0].parent} could be read: "
+    # every checkpoint damaged (each named in a warning): starting over must not look like a resume or a fresh run
+    damaged = session.unreadable() if state is None else 0
+    if damaged:
+        _say(session, f"[{label}] none of the {damaged} checkpoints in {session.root} could be read: "
                       f"training starts over from {counter} 0")
     if state is not None:
         model.load_state_dict(state["state_dict"])
