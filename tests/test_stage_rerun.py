@@ -79,6 +79,9 @@ def test_a_redone_finished_stage_reopens_its_run_which_keeps_its_training_curve(
     assert again.run_id == first.run_id == run.info.run_id
     assert run.info.status == "FINISHED" and run.data.tags["toolkit.resumed"] == "True"
     assert steps_of(cfg, run.info.run_id, "loss") == [1, 2]
+    from toolkit import checkpoints
+
+    assert checkpoints.load_model_file(again.model_path, "simclr")  # the damaged model file was written anew
 
 
 def test_a_changed_config_under_the_same_run_name_gets_a_new_run(make_cfg):
