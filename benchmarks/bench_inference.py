@@ -44,8 +44,8 @@ def main() -> None:
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
 
-    cfg = Config().replace(**{"data.root": args.data_root, "model.width": args.width,
-                              "pseudolabel.inference_batch_size": args.batch_size})
+    cfg = Config().replace(**{"run.data_root": args.data_root, "model.width": args.width,
+                              "inference.batch_size": args.batch_size})
     data = load_mnist(args.data_root)
     pool = make_split(data.train_labels, cfg.split.labels_per_class, cfg.split.val_size, cfg.split.seed).pool
     if args.pool:
@@ -53,14 +53,16 @@ def main() -> None:
     torch.manual_seed(0)
     model = Classifier(cfg.model)
     model_file = Path(tempfile.mkdtemp()) / "model.pt"
-    checkpoints.save(model_file, checkpoints.model_payload("classifier", cfg, model.state_dict()))
+    checkpoints.save(model_file, checkpoints.model_payload("classifier", cfg.study.to_dict(), model.state_dict()))
     weights = weights_from_file(str(model_file))  # what a round hands to either path
 
-    on_cpu = device_for(cfg).type == "cpu"
+    device = device_for(cfg.execution)
+    on_cpu = device.type == "cpu"
     rows = []
-    predict_pool_local(weights, cfg, pool[:256])  # warm-up: imports, first kernels
+    # the in-process path reads the driver's images (as a round does); the actors load their own
+    predict_pool_local(weights, data.train_images, pool[:256], device=device)  # warm-up: imports, first kernels
     t0 = time.perf_counter()
-    ref = predict_pool_local(weights, cfg, pool, batch_size=args.batch_size)
+    ref = predict_pool_local(weights, data.train_images, pool, batch_size=args.batch_size, device=device)
     dt = time.perf_counter() - t0
     passes = f" (CPU forward passes of {engine.CPU_FORWARD_BATCH})" if on_cpu else ""
     rows.append({"path": f"in-process loop{passes}", "seconds": dt, "images_per_s": len(pool) / dt, "max_abs_diff": 0.0})
@@ -68,7 +70,7 @@ def main() -> None:
         capped, engine.CPU_FORWARD_BATCH = engine.CPU_FORWARD_BATCH, args.batch_size
         try:
             t0 = time.perf_counter()
-            probs = predict_pool_local(weights, cfg, pool, batch_size=args.batch_size)
+            probs = predict_pool_local(weights, data.train_images, pool, batch_size=args.batch_size, device=device)
             dt = time.perf_counter() - t0
         finally:
             engine.CPU_FORWARD_BATCH = capped
@@ -79,10 +81,10 @@ def main() -> None:
 
     from toolkit.backends import init_ray
 
-    init_ray(cfg)
+    init_ray(cfg.execution)
     for n in args.actors:
         t0 = time.perf_counter()
-        probs = predict_pool_ray(cfg, weights, pool, num_actors=n, batch_size=args.batch_size)
+        probs = predict_pool_ray(cfg.execution, cfg.study.data, weights, pool, num_actors=n, batch_size=args.batch_size)
         dt = time.perf_counter() - t0
         max_diff = float(np.abs(probs - ref).max())
         rows.append({"path": f"Ray Data, {n} actor(s)", "seconds": dt, "images_per_s": len(pool) / dt, "max_abs_diff": max_diff})

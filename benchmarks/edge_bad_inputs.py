@@ -53,7 +53,7 @@ class CaseFiles:
         cfg = Config().replace(**{"model.width": width})
         model = SimCLRModel(cfg.model) if kind == "simclr" else Classifier(cfg.model)
         path = self.root / f"{kind}-w{width}.pt"
-        checkpoints.save(path, checkpoints.model_payload(kind, cfg, model.state_dict()))
+        checkpoints.save(path, checkpoints.model_payload(kind, cfg.study.to_dict(), model.state_dict()))
         if cut:
             path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
         return str(path)
@@ -138,7 +138,7 @@ def space_case(name: str, text: str | bytes, mentions: str) -> BadCase:
 
 
 def data_case(name: str, broken: str, content: Callable[[CaseFiles], bytes | None], mentions: str) -> BadCase:
-    return B(name, "pretrain", lambda c: ["--backend", "local", f"data.root={c.data(broken, content(c))}"], mentions)
+    return B(name, "pretrain", lambda c: ["--backend", "local", f"run.data_root={c.data(broken, content(c))}"], mentions)
 
 
 LOCAL = ["--backend", "local"]
@@ -163,7 +163,7 @@ BAD_CASES: list[BadCase] = [
     B("negative-classifier-lr", "supervised", [*LOCAL, "classifier.lr=-1"], "classifier.lr"),
     B("zero-epochs", "pretrain", ["pretrain.epochs=0"], "pretrain.epochs"),
     B("zero-workers", "pretrain", ["ray.num_workers=0"], "ray.num_workers"),
-    B("zero-inference-actors", "pseudolabel", ["pseudolabel.inference_actors=0"], "pseudolabel.inference_actors"),
+    B("zero-inference-actors", "pseudolabel", ["inference.actors=0"], "inference.actors"),
     B("zero-trials", "tune", ["tune.num_samples=0"], "tune.num_samples"),
     B("zero-predict-batch", "predict", ["predict.batch_size=0"], "predict.batch_size"),
     B("threshold-zero", "pseudolabel", ["pseudolabel.threshold_start=0"], "pseudolabel.threshold_start"),
@@ -213,12 +213,12 @@ BAD_CASES: list[BadCase] = [
     # resources larger than the embedded Ray, a GPU that is not there
     B("workers-beyond-embedded-ray", "pretrain", ["ray.num_workers=64"], "ray.num_workers"),
     B("embedded-ray-one-cpu", "pretrain", ["ray.num_cpus=1"], "ray.num_cpus"),
-    B("trial-cpus-beyond-ray", "tune", ["ray.num_cpus=4", "tune.cpus_per_trial=64"], "tune.cpus_per_trial"),
+    B("trial-cpus-beyond-ray", "tune", ["ray.num_cpus=4", "trials.cpus=64"], "trials.cpus"),
     B("batch-beyond-subset", "pretrain", ["pretrain.batch_size=100000"], "pretrain.batch_size"),
     B("use-gpu-without-gpu", "pretrain", ["ray.use_gpu=true"], "GPU"),
     B("local-cuda-without-gpu", "supervised", [*LOCAL, "run.device=cuda"], "cuda"),
     # MNIST files (copies in a temporary root, damaged there)
-    B("data-root-missing", "pretrain", lambda c: [*LOCAL, f"data.root={c.root / 'nowhere'}"], "MNIST"),
+    B("data-root-missing", "pretrain", lambda c: [*LOCAL, f"run.data_root={c.root / 'nowhere'}"], "MNIST"),
     data_case("data-file-missing", TEST_LABELS, lambda c: None, TEST_LABELS),
     data_case("data-empty-file", TRAIN_IMAGES, lambda c: b"", TRAIN_IMAGES),
     data_case("data-truncated-images", TRAIN_IMAGES, lambda c: c.real(TRAIN_IMAGES)[:4_000_000], TRAIN_IMAGES),

@@ -167,7 +167,7 @@ def run_bad(case: BadCase, root: Path, pristine: Path, timeout: float) -> Outcom
     except Exception as e:  # noqa: BLE001 - a case that cannot be built is reported, not fatal
         return Outcome(case.name, "bad", "", f"could not build the case: {type(e).__name__}: {e}", False, 0.0)
     runs_before = all_runs(case_root)
-    safe = [f"run.output_dir={case_root / 'runs'}", f"data.root={pristine}", *SAFETY_NET]
+    safe = [f"run.output_dir={case_root / 'runs'}", f"run.data_root={pristine}", *SAFETY_NET]
     proc = run_cli(toolkit_argv(case.command, [*safe, *args]), case_root, timeout, case.env)
     observed, ok = judge_bad(case, proc, files, runs_before)
     expected = f"exit 2, one line naming {case.mentions!r}, nothing created"

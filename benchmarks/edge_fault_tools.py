@@ -102,7 +102,7 @@ class Ctx:
         self.runs_done = 0
 
     def settings(self, name: str, **over) -> dict:
-        base = {"data.root": str(self.pristine), "data.train_subset": 1500, "data.test_subset": 200,
+        base = {"run.data_root": str(self.pristine), "data.train_subset": 1500, "data.test_subset": 200,
                 "split.val_size": 200, "model.width": 8, "pretrain.epochs": 4, "pretrain.batch_size": 128,
                 "pretrain.warmup_epochs": 0.0, "classifier.steps": 40, "classifier.eval_every": 10,
                 "classifier.batch_size": 64, "run.name": name, "run.backend": "local", "ray.num_workers": 2,

@@ -247,7 +247,7 @@ def tune_interrupt(ctx: Ctx, c: Checks) -> None:
     over = ctx.settings("search", run__backend="ray", data__train_subset=3000, data__test_subset=500,
                         classifier__steps=30, classifier__eval_every=30, classifier__warmup_steps=5,
                         pseudolabel__rounds=3, pseudolabel__steps_per_round=20, tune__num_samples=4,
-                        tune__max_concurrent=2, tune__max_failures=0, tune__pool_subset=1500,
+                        trials__max_concurrent=2, trials__max_failures=0, tune__pool_subset=1500,
                         tune__space=str(ctx.root / "space.yaml"))
     run = ctx.start("tune", over)
     try:

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 # on top of the profile: in-process, no MLflow, the five split seeds
-CHECK_OVERRIDES = ["run.backend=local", "ray.use_gpu=false", "pseudolabel.inference=local", "tracking.enabled=false",
+CHECK_OVERRIDES = ["run.backend=local", "ray.use_gpu=false", "inference.backend=local", "tracking.enabled=false",
                    "pipeline.seeds=[0,1,2,3,4]"]
 
 
@@ -78,7 +78,7 @@ def main(argv: list[str]) -> int:
     device = device_label("cuda" if torch.cuda.is_available() else "cpu")
     print(f"[gpu_check] device: {device}; seeds {cfg.pipeline.seeds}; output {out}", flush=True)
     t0 = time.perf_counter()
-    results = pipeline(cfg)
+    results = pipeline(cfg.study, cfg.execution)
     seconds = time.perf_counter() - t0
 
     # test_acc_plain: the student's network on one view (its test_acc averages augmented views)

@@ -9,7 +9,7 @@
 #   toolkit's full install (ray[train,tune,data], mlflow); where Ray is missing it says so in one line.
 # GPU_CHECK_PARTS="local" (or "ray") runs one part; a part that fails does not stop the other, and the
 # exit status is the last failing part's.
-# MNIST: data.root=... or $TOOLKIT_DATA_DIR (a folder holding MNIST/raw).
+# MNIST: run.data_root=... or $TOOLKIT_DATA_DIR (a folder holding MNIST/raw).
 set -euo pipefail
 if [ $# -lt 1 ]; then echo "usage: bash benchmarks/gpu_check.sh OUT_DIR [key=value ...]" >&2; exit 2; fi
 out="$1"; mkdir -p "$out"

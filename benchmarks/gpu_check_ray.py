@@ -7,8 +7,8 @@
    precision and process group its ``make_accelerator`` got (on CUDA: cuda, bf16, NCCL) after a
    real training step, then ``toolkit pretrain`` trains SimCLR on Ray Train.
 2. Ray Data actors with ``num_gpus``: ``toolkit pseudolabel`` (one-shot) labels its pool with
-   ``pseudolabel.inference=ray``, one actor holding the GPU.
-3. GPU Tune trials: ``toolkit tune`` with the gpu profile's ``tune.gpus_per_trial`` (a quarter of
+   ``inference.backend=ray``, one actor holding the GPU.
+3. GPU Tune trials: ``toolkit tune`` with the gpu profile's ``trials.gpus`` (a quarter of
    a GPU each); every trial's MLflow run says the device it trained on (read in the trial).
 
 Writes ``OUT_DIR/gpu_check_ray.json``. On a GPU host, a path that did not run where it should
@@ -35,18 +35,18 @@ SMALL = ["pretrain.epochs=2", "pretrain.max_images=8192", "classifier.steps=300"
 
 
 def train_worker_probe(config: dict) -> None:
-    """Inside a Ray Train worker: one bf16 (on GPU) step of the real classifier through ``make_accelerator``."""
+    """Inside a Ray Train worker: one bf16 (on GPU) step of the real classifier through ``make_accelerator``,
+    given the SimCLR job ``toolkit pretrain`` sends its workers (device from ``jobs.worker_device``)."""
     import ray.train
     import torch
     import torch.distributed as dist
 
-    from toolkit.config import config_from_dict
     from toolkit.models import Classifier
     from toolkit.train_loops import make_accelerator
 
-    cfg = config_from_dict(config["cfg"])
-    accelerator = make_accelerator(cfg)
-    model = Classifier(cfg.model)
+    job = config["job"]
+    accelerator = make_accelerator(job)
+    model = Classifier(job.model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     model, opt = accelerator.prepare(model, opt)
     x = torch.rand(64, 1, 28, 28, device=accelerator.device)
@@ -65,33 +65,37 @@ def train_worker_probe(config: dict) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
-def probe_train_worker(cfg) -> dict:
-    """Run ``train_worker_probe`` on one Ray Train worker with the config's GPU settings."""
+def probe_train_worker(study, execution) -> dict:
+    """Run ``train_worker_probe`` on one Ray Train worker with the execution's GPU settings."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from toolkit.jobs import TrainJob
+    from toolkit.stages.data_inputs import data_root_for_workers, load_data_and_split
     from toolkit.storage import storage_path
 
-    resources = {"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if cfg.ray.use_gpu else {})}
-    trainer = TorchTrainer(train_worker_probe, train_loop_config={"cfg": cfg.to_dict()},
-                           scaling_config=ScalingConfig(num_workers=1, use_gpu=cfg.ray.use_gpu,
+    _, split = load_data_and_split(study, execution)
+    job = TrainJob.simclr(study, execution, data_root_for_workers(execution), split)
+    resources = {"CPU": execution.ray.cpus_per_worker, **({"GPU": 1} if execution.ray.use_gpu else {})}
+    trainer = TorchTrainer(train_worker_probe, train_loop_config={"job": job},
+                           scaling_config=ScalingConfig(num_workers=1, use_gpu=execution.ray.use_gpu,
                                                         resources_per_worker=resources),
-                           run_config=RunConfig(name="gpu-check-worker-probe", storage_path=storage_path(cfg)))
+                           run_config=RunConfig(name="gpu-check-worker-probe", storage_path=storage_path(execution)))
     return dict(trainer.fit().metrics)
 
 
-def trial_devices(cfg, parent_run_id: str | None) -> list[dict]:
-    """Each trial's logged device (param ``run.device``, tag ``toolkit.device``) from its MLflow run."""
+def trial_devices(execution, parent_run_id: str | None) -> list[dict]:
+    """Each trial's logged device (tags ``execution.run.device`` and ``toolkit.device``) from its MLflow run."""
     if not parent_run_id:
         return []
     from mlflow.tracking import MlflowClient
 
     from toolkit.tracking import tracking_uri
 
-    client = MlflowClient(tracking_uri=tracking_uri(cfg))
-    exp = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+    client = MlflowClient(tracking_uri=tracking_uri(execution))
+    exp = client.get_experiment_by_name(execution.tracking.experiment).experiment_id
     runs = client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
-    return [{"trial": r.data.tags.get("toolkit.tune.trial_id"), "run.device": r.data.params.get("run.device"),
+    return [{"trial": r.data.tags.get("toolkit.tune.trial_id"), "run.device": r.data.tags.get("execution.run.device"),
              "device": r.data.tags.get("toolkit.device")} for r in runs]
 
 
@@ -133,17 +137,18 @@ def main(argv: list[str]) -> int:
     on_gpu = torch.cuda.is_available()
     # without a GPU the same paths run on the CPU: one trial per CPU, no GPU asked for
     device_settings = (["ray.use_gpu=true"] if on_gpu else
-                       ["ray.use_gpu=false", "tune.gpus_per_trial=0", "tune.cpus_per_trial=1", "tune.max_concurrent=2"])
+                       ["ray.use_gpu=false", "trials.gpus=0", "trials.cpus=1", "trials.max_concurrent=2"])
     tracking = importlib.util.find_spec("mlflow") is not None  # the trials' devices are read from their runs
     try:
         cfg = load_config(REPO / "launch" / "configs" / "gpu.yaml", [
-            *SMALL, *device_settings, "run.backend=ray", "ray.num_workers=1", "pseudolabel.inference=ray",
-            "pseudolabel.inference_actors=1", "pseudolabel.mode=oneshot", "run.classifiers_local=true",
+            *SMALL, *device_settings, "run.backend=ray", "ray.num_workers=1", "inference.backend=ray",
+            "inference.actors=1", "pseudolabel.mode=oneshot", "run.classifiers_local=true",
             f"tracking.enabled={str(tracking).lower()}", f"tracking.uri=sqlite:///{out / 'ray_part' / 'mlflow.db'}",
             f"run.output_dir={out / 'ray_part' / 'runs'}", *argv[1:]])
     except ConfigError as e:
         print(f"gpu_check: error: {e}", file=sys.stderr)
         return 2
+    study, execution = cfg.study, cfg.execution
     print(f"[gpu_check] Ray part on {device_label('cuda' if on_gpu else 'cpu')}"
           f"{'' if on_gpu else ' (no CUDA GPU visible: the GPU paths run on the CPU)'}", flush=True)
     report: dict = {"date": time.strftime("%Y-%m-%d"), "device": device_label("cuda" if on_gpu else "cpu"),
@@ -151,24 +156,24 @@ def main(argv: list[str]) -> int:
                     "command": "bash benchmarks/gpu_check.sh " + " ".join(argv)}
     from toolkit.backends import init_ray
 
-    init_ray(cfg)
+    init_ray(execution)
     t0 = time.perf_counter()
-    report["train_worker"] = probe_train_worker(cfg)
-    done = pretrain(cfg)
+    report["train_worker"] = probe_train_worker(study, execution)
+    done = pretrain(study, execution)
     report["pretrain"] = {"seconds": time.perf_counter() - t0, "metrics": done.metrics}
     print(f"[gpu_check] Ray Train worker: {report['train_worker']}", flush=True)
 
     t0 = time.perf_counter()
-    done = pseudolabel(cfg)  # classifiers in-process (run.classifiers_local), the pool through Ray Data actors
+    done = pseudolabel(study, execution)  # classifiers in-process (run.classifiers_local), the pool through Ray Data actors
     report["pseudolabel"] = {"seconds": time.perf_counter() - t0, "test_acc": done.metrics.get("test_acc"),
-                             "val_acc": done.metrics.get("val_acc"), "actor_resources": _actor_bundle(cfg.ray.use_gpu)}
+                             "val_acc": done.metrics.get("val_acc"), "actor_resources": _actor_bundle(execution.ray.use_gpu)}
     print(f"[gpu_check] Ray Data: {report['pseudolabel']}", flush=True)
 
     t0 = time.perf_counter()
-    done = tune(cfg)
-    report["tune"] = {"seconds": time.perf_counter() - t0, "trial_resources": trial_resources(cfg),
+    done = tune(study, execution)
+    report["tune"] = {"seconds": time.perf_counter() - t0, "trial_resources": trial_resources(execution),
                       "trials": done.metrics.get("trials"), "best_val_acc": done.metrics.get("best_val_acc"),
-                      "trial_devices": trial_devices(cfg, done.run_id)}
+                      "trial_devices": trial_devices(execution, done.run_id)}
     print(f"[gpu_check] Tune: {report['tune']}", flush=True)
 
     report["problems"] = problems(on_gpu, report)

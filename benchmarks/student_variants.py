@@ -32,7 +32,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from toolkit.config import load_config  # noqa: E402
-from toolkit.stages.common import finished_result  # noqa: E402
+from toolkit.stages.skeleton import finished_result  # noqa: E402
 from toolkit.stages.report import mean_std_text  # noqa: E402
 from toolkit.stages.student import student  # noqa: E402
 
@@ -89,10 +89,10 @@ def main() -> int:
     rows = []
     for seed in args.seeds:
         cfg = load_config(str(args.profile), args.overrides + [
-            f"split.seed={seed}", f"run.seed={seed}", "tracking.enabled=false", f"run.output_dir={args.out_dir}"])
+            f"split.seed={seed}", f"model.seed={seed}", "tracking.enabled=false", f"run.output_dir={args.out_dir}"])
         teachers = teachers_for(stages, seed, args.teachers)
         t0 = time.time()
-        result = student(cfg, teachers, encoder=encoder)
+        result = student(cfg.study, cfg.execution, teachers, encoder=encoder)
         m = result.metrics
         rows.append({"seed": seed, "test_acc": m["test_acc"], "val_acc": m["val_acc"],
                      "label_precision": m.get("diagnostic/pseudo_precision_total"), "seconds": time.time() - t0})

@@ -33,7 +33,7 @@ from toolkit.stages.tune import best_config_path, tune  # noqa: E402
 
 PROFILE = Path(__file__).resolve().parents[1] / "launch" / "configs" / "tune_cpu.yaml"
 # the trials' own conditions, for the final trainings of both arms
-SAME_AS_TRIALS = ["run.backend=local", "pseudolabel.inference=local", "run.threads=1"]
+SAME_AS_TRIALS = ["run.backend=local", "inference.backend=local", "run.threads=1"]
 
 
 def main() -> int:
@@ -44,19 +44,20 @@ def main() -> int:
     out = Path(args.out_dir).resolve()
     rows = []
     for seed in args.seeds:
-        common = overrides + [f"split.seed={seed}", f"run.seed={seed}", f"run.output_dir={out / f'seed{seed}'}",
+        common = overrides + [f"split.seed={seed}", f"model.seed={seed}", f"run.output_dir={out / f'seed{seed}'}",
                               "tune.pool_subset=0"]
         base = load_config(PROFILE, common)
         t0 = time.perf_counter()
-        searched = tune(base)
+        searched = tune(base.study, base.execution)
         tune_s = time.perf_counter() - t0
-        # best.yaml holds every result key that differs from a default run (not data.*, not where
-        # it runs): loaded onto the defaults, as `toolkit pseudolabel --config best.yaml` would
+        # best.yaml holds every result key that differs from a default run (not data.*, no execution
+        # key): loaded onto the defaults, as `toolkit pseudolabel --config best.yaml` would
         best = best_config_path(searched)
-        tuned_cfg = load_config(best, overrides + [f"split.seed={seed}", f"run.seed={seed}",
+        tuned_cfg = load_config(best, overrides + [f"split.seed={seed}", f"model.seed={seed}",
                                 f"run.output_dir={out / f'seed{seed}'}"] + SAME_AS_TRIALS)
         hand_cfg = load_config(PROFILE, common + SAME_AS_TRIALS)
-        tuned, hand = pseudolabel(tuned_cfg), pseudolabel(hand_cfg)
+        tuned = pseudolabel(tuned_cfg.study, tuned_cfg.execution)
+        hand = pseudolabel(hand_cfg.study, hand_cfg.execution)
         rows.append({
             "seed": seed, "tune_seconds": tune_s,
             "tuned": {"val_acc": tuned.metrics["val_acc"], "test_acc": tuned.metrics["test_acc"],

@@ -56,7 +56,7 @@ def small_config(data_root: str, tmp_path: Path) -> Config:
     host, while CUDA's backward of adaptive pooling and bf16 repeat only within training noise.
     """
     return Config().replace(**{
-        "data.root": data_root,
+        "run.data_root": data_root,
         "data.train_subset": 3000,
         "data.test_subset": 500,
         "split.val_size": 200,

@@ -70,7 +70,7 @@ class Ctx:
         cfg = Config().replace(**{"model.width": width})
         model = SimCLRModel(cfg.model) if kind == "simclr" else Classifier(cfg.model)
         path = self.tmp / (name or f"{kind}-w{width}.pt")
-        checkpoints.save(path, checkpoints.model_payload(kind, cfg, model.state_dict()))
+        checkpoints.save(path, checkpoints.model_payload(kind, cfg.study.to_dict(), model.state_dict()))
         return str(path)
 
     def truncated_ckpt(self) -> str:
@@ -185,7 +185,7 @@ CASES: list[Case] = [
     C("labels-zero", ["split.labels_per_class=0"], "split.labels_per_class=0"),
     C("negative-subset", ["data.train_subset=-5"], "data.train_subset=-5"),
     C("negative-split-seed", ["split.seed=-1"], "split.seed=-1"),
-    C("huge-run-seed", ["run.seed=8589934592"], "run.seed=8589934592"),
+    C("huge-run-seed", ["model.seed=8589934592"], "model.seed=8589934592"),
     C("duplicate-seeds", ["pipeline.seeds=[0, 0]"], "each seed once", command="pipeline"),
     C("threshold-above-one", ["pseudolabel.threshold_start=1.5"], "pseudolabel.threshold_start=1.5", command="pseudolabel"),
     C("floor-above-start", ["pseudolabel.threshold_floor=0.995"], "must be <= threshold_start", command="pseudolabel"),
@@ -276,7 +276,7 @@ CASES: list[Case] = [
     C("workers-beyond-embedded-ray", ["ray.num_workers=64"], "ray.num_workers=64 is not allowed"),
     C("num-cpus-one", ["ray.num_cpus=1"], "need 2 CPUs but the embedded Ray has 1"),
     C("cpus-per-worker", ["ray.num_cpus=4", "ray.cpus_per_worker=8"], "need 16 CPUs"),
-    C("trial-cpus", ["ray.num_cpus=4", "tune.cpus_per_trial=64"], "tune.cpus_per_trial=64", command="tune"),
+    C("trial-cpus", ["ray.num_cpus=4", "trials.cpus=64"], "trials.cpus=64", command="tune"),
     C("batch-beyond-mnist", ["pretrain.batch_size=100000"], "pretrain.batch_size=100000 is not allowed"),
     C("batch-beyond-subset", ["data.train_subset=500", "split.val_size=100"], "pretrain.batch_size=512 is not allowed"),
     C("batch-beyond-max-images", ["pretrain.max_images=100"], "at most the 100 images"),
@@ -286,19 +286,19 @@ CASES: list[Case] = [
     C("ray-address-malformed", ["ray.address=head:port"], "expected host:port"),
     C("labels-beyond-class", [*LOCAL, "data.train_subset=3000", "split.labels_per_class=1000"], "training images"),
     # --- data ------------------------------------------------------------------------------------------------
-    C("data-root-missing", lambda c: [*LOCAL, f"data.root={c.tmp / 'nowhere'}"], "MNIST file missing"),
-    C("data-file-missing", lambda c: [*LOCAL, f"data.root={c.data('t10k-labels-idx1-ubyte', None)}"],
+    C("data-root-missing", lambda c: [*LOCAL, f"run.data_root={c.tmp / 'nowhere'}"], "MNIST file missing"),
+    C("data-file-missing", lambda c: [*LOCAL, f"run.data_root={c.data('t10k-labels-idx1-ubyte', None)}"],
       "MNIST file missing"),
-    C("data-empty-file", lambda c: [*LOCAL, f"data.root={c.data('train-labels-idx1-ubyte', b'')}"], "truncated"),
-    C("data-truncated-images", lambda c: [*LOCAL, f"data.root={c.data('train-images-idx3-ubyte', _idx(2051, (60000, 28, 28), bytes(4000)))}"],
+    C("data-empty-file", lambda c: [*LOCAL, f"run.data_root={c.data('train-labels-idx1-ubyte', b'')}"], "truncated"),
+    C("data-truncated-images", lambda c: [*LOCAL, f"run.data_root={c.data('train-images-idx3-ubyte', _idx(2051, (60000, 28, 28), bytes(4000)))}"],
       "truncated"),
-    C("data-wrong-magic", lambda c: [*LOCAL, f"data.root={c.data('t10k-labels-idx1-ubyte', _idx(2051, (10000,), bytes(10000)))}"],
+    C("data-wrong-magic", lambda c: [*LOCAL, f"run.data_root={c.data('t10k-labels-idx1-ubyte', _idx(2051, (10000,), bytes(10000)))}"],
       "magic number 2051, expected 2049"),
-    C("data-wrong-shape", lambda c: [*LOCAL, f"data.root={c.data('t10k-labels-idx1-ubyte', _idx(2049, (9999,), bytes(9999)))}"],
+    C("data-wrong-shape", lambda c: [*LOCAL, f"run.data_root={c.data('t10k-labels-idx1-ubyte', _idx(2049, (9999,), bytes(9999)))}"],
       "declares shape"),
-    C("data-labels-out-of-range", lambda c: [*LOCAL, f"data.root={c.data('t10k-labels-idx1-ubyte', c.real('t10k-labels-idx1-ubyte')[:-1] + bytes([11]))}"],
+    C("data-labels-out-of-range", lambda c: [*LOCAL, f"run.data_root={c.data('t10k-labels-idx1-ubyte', c.real('t10k-labels-idx1-ubyte')[:-1] + bytes([11]))}"],
       "labels corrupt"),
-    C("data-root-is-a-file", lambda c: [*LOCAL, f"data.root={c.file('f.txt', 'x')}"], "MNIST file missing"),
+    C("data-root-is-a-file", lambda c: [*LOCAL, f"run.data_root={c.file('f.txt', 'x')}"], "MNIST file missing"),
     C("output-dir-under-a-file", lambda c: [*LOCAL, "data.train_subset=3000", f"run.output_dir={c.file('f.txt', 'x')}/runs"],
       "ENOTDIR"),
     # --- checkpoints -----------------------------------------------------------------------------------------
@@ -330,8 +330,8 @@ CASES: list[Case] = [
       "not a readable toolkit checkpoint", command="pseudolabel"),
     C("init-text-file-tune", lambda c: [f"model.init=simclr:{c.file('n.txt', 'hello')}"], "not a readable toolkit checkpoint",
       command="tune"),
-    C("pipeline-data-missing", lambda c: [*LOCAL, f"data.root={c.tmp / 'nowhere'}"], "MNIST file missing", command="pipeline"),
-    C("pseudolabel-data-corrupt", lambda c: [*LOCAL, f"data.root={c.data('train-labels-idx1-ubyte', b'')}"], "truncated",
+    C("pipeline-data-missing", lambda c: [*LOCAL, f"run.data_root={c.tmp / 'nowhere'}"], "MNIST file missing", command="pipeline"),
+    C("pseudolabel-data-corrupt", lambda c: [*LOCAL, f"run.data_root={c.data('train-labels-idx1-ubyte', b'')}"], "truncated",
       command="pseudolabel"),
     # --- Tune space files --------------------------------------------------------------------------------------
     C("space-missing", lambda c: [f"tune.space={c.tmp / 'nope.yaml'}"], "does not exist", command="tune"),
@@ -404,7 +404,7 @@ def test_bad_input_is_one_line_and_exit_2(case, tmp_path, data_root, capsys):
     ctx = Ctx(tmp_path, data_root)
     args = case.argv(ctx) if callable(case.argv) else list(case.argv)
     # safe defaults first (a case's own assignments come later and win)
-    safe = [f"run.output_dir={tmp_path / 'runs'}", "tracking.enabled=false", f"data.root={data_root}"]
+    safe = [f"run.output_dir={tmp_path / 'runs'}", "tracking.enabled=false", f"run.data_root={data_root}"]
     argv = [case.command, *safe, *args]
     capsys.readouterr()
     try:
@@ -494,13 +494,13 @@ RAISED = [
 def test_exceptions_reaching_the_cli_are_one_line(make, expect, tmp_path, data_root, capsys, monkeypatch):
     exc = make(tmp_path)
 
-    def command(cfg):
+    def command(study, execution):
         raise exc
 
     monkeypatch.setattr(cli, "_dispatch", lambda name: command)
     capsys.readouterr()
     rc = cli.main(["pretrain", "--backend", "local", f"run.output_dir={tmp_path / 'runs'}", "tracking.enabled=false",
-                   f"data.root={data_root}"])
+                   f"run.data_root={data_root}"])
     err = capsys.readouterr().err
     assert rc == 2, err
     lines = err.strip("\n").splitlines()
@@ -511,24 +511,24 @@ def test_exceptions_reaching_the_cli_are_one_line(make, expect, tmp_path, data_r
 
 
 def test_interrupt_is_exit_130(tmp_path, data_root, capsys, monkeypatch):
-    def command(cfg):
+    def command(study, execution):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli, "_dispatch", lambda name: command)
     assert cli.main(["pretrain", "--backend", "local", f"run.output_dir={tmp_path}", "tracking.enabled=false",
-                     f"data.root={data_root}"]) == 130
+                     f"run.data_root={data_root}"]) == 130
     assert "interrupted" in capsys.readouterr().err
 
 
 def test_an_unexpected_exception_keeps_its_traceback(tmp_path, data_root, monkeypatch):
     """A bug is not bad input: it is not disguised as one line."""
-    def command(cfg):
+    def command(study, execution):
         raise RuntimeError("a bug")
 
     monkeypatch.setattr(cli, "_dispatch", lambda name: command)
     with pytest.raises(RuntimeError, match="a bug"):
         cli.main(["pretrain", "--backend", "local", f"run.output_dir={tmp_path}", "tracking.enabled=false",
-                  f"data.root={data_root}"])
+                  f"run.data_root={data_root}"])
 
 
 # --- argument order -----------------------------------------------------------------------------------------
@@ -536,23 +536,22 @@ def test_an_unexpected_exception_keeps_its_traceback(tmp_path, data_root, monkey
 
 def test_backend_between_assignments_is_accepted(tmp_path, data_root, monkeypatch):
     seen = {}
-    monkeypatch.setattr(cli, "_dispatch", lambda name: lambda cfg: seen.setdefault("cfg", cfg))
+    monkeypatch.setattr(cli, "_dispatch", lambda name: lambda study, execution: seen.update(study=study, execution=execution))
     argv = ["pretrain", "pretrain.epochs=2", "--backend", "local", "pretrain.epochs=3", "--config",
             str(Path(cli.__file__).parent / "profiles" / "cpu.yaml") if (Path(cli.__file__).parent / "profiles" / "cpu.yaml").is_file() else "",
-            f"run.output_dir={tmp_path}", "tracking.enabled=false", f"data.root={data_root}"]
+            f"run.output_dir={tmp_path}", "tracking.enabled=false", f"run.data_root={data_root}"]
     if not argv[6]:
         del argv[5:7]
     assert cli.main(argv) == 0
-    cfg = seen["cfg"]
-    assert cfg.run.backend == "local" and cfg.pretrain.epochs == 3  # the later assignment still wins
+    assert seen["execution"].run.backend == "local" and seen["study"].pretrain.epochs == 3  # the later assignment still wins
 
 
 def test_backend_flag_wins_over_an_assignment(tmp_path, data_root, monkeypatch):
     seen = {}
-    monkeypatch.setattr(cli, "_dispatch", lambda name: lambda cfg: seen.setdefault("cfg", cfg))
+    monkeypatch.setattr(cli, "_dispatch", lambda name: lambda study, execution: seen.update(study=study, execution=execution))
     assert cli.main(["pretrain", "run.backend=ray", "--backend", "local", "pretrain.epochs=2",
-                     f"run.output_dir={tmp_path}", "tracking.enabled=false", f"data.root={data_root}"]) == 0
-    assert seen["cfg"].run.backend == "local" and seen["cfg"].pretrain.epochs == 2
+                     f"run.output_dir={tmp_path}", "tracking.enabled=false", f"run.data_root={data_root}"]) == 0
+    assert seen["execution"].run.backend == "local" and seen["study"].pretrain.epochs == 2
 
 
 # --- the config helpers on their own -----------------------------------------------------------------------------

@@ -73,9 +73,9 @@ ray = pytest.importorskip("ray")
 @pytest.fixture(scope="module")
 def ray_session():
     from toolkit.backends import init_ray
-    from toolkit.config import Config
+    from toolkit.config import Execution
 
-    init_ray(Config())  # as every command starts it: on 127.0.0.1, with the token (gloo included)
+    init_ray(Execution())  # as every command starts it: on 127.0.0.1, with the token (gloo included)
     yield
     ray.shutdown()
 
@@ -89,7 +89,7 @@ def _loss_steps(cfg, run_id: str) -> list[int]:
 
     from toolkit.tracking import tracking_uri
 
-    return [m.step for m in MlflowClient(tracking_uri=tracking_uri(cfg)).get_metric_history(run_id, "loss")]
+    return [m.step for m in MlflowClient(tracking_uri=tracking_uri(cfg.execution)).get_metric_history(run_id, "loss")]
 
 
 @pytest.mark.slow
@@ -103,7 +103,7 @@ def test_a_rerun_with_a_stray_and_a_damaged_latest_checkpoint_resumes_backwards(
     cfg = tiny_config.replace(**{"run.backend": "ray", "ray.num_workers": 1, "data.train_subset": 600,
                                  "pretrain.batch_size": 128, "pretrain.warmup_epochs": 0.0,
                                  "pretrain.epochs": 3, "run.name": "fallback"})
-    first = pretrain(cfg)
+    first = pretrain(cfg.study, cfg.execution)
     assert _loss_steps(cfg, first.run_id) == [1, 2, 3]
     ray_dir = Path(cfg.run.output_dir).resolve() / "ray" / "fallback-pretrain"
     snapshot = read_snapshot(pyarrow.fs.LocalFileSystem(), str(ray_dir))
@@ -124,10 +124,11 @@ def test_a_rerun_with_a_stray_and_a_damaged_latest_checkpoint_resumes_backwards(
     fallback = older_registered_checkpoints(ray.train.Checkpoint(path=str(latest)))
     assert [Path(c.path).name for c in fallback] == [previous.name]
 
-    again = pretrain(cfg.replace(**{"pretrain.epochs": 6}))
+    more = cfg.replace(**{"pretrain.epochs": 6})
+    again = pretrain(more.study, more.execution)
     # resumed after epoch 2 (the previous registered checkpoint), not after the stray's epoch 4: the
     # loss history has every epoch (each logged once), where resuming forward left a hole at 4
-    # (6 epochs instead of 3 is another config: a run of its own, as tracking.mlflow_run decides)
+    # (6 epochs instead of 3 is another study: a run of its own, as tracking.mlflow_run decides)
     assert again.run_id != first.run_id
     assert _loss_steps(cfg, again.run_id) == [3, 4, 5, 6]
     assert checkpoints.load(again.model_path)["epoch"] == 6

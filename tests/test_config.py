@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 
@@ -396,7 +397,7 @@ def _safe_args(tmp_path, data_root=None) -> list[str]:
     # keep anything a command might write inside tmp_path, and MLflow off unless a test wants it
     args = [f"run.output_dir={tmp_path / 'runs'}", "tracking.enabled=false"]
     if data_root:
-        args.append(f"data.root={data_root}")
+        args.append(f"run.data_root={data_root}")
     return args
 
 
@@ -455,7 +456,7 @@ def test_cli_missing_data_on_the_ray_backend_is_one_line_before_ray_starts(tmp_p
         raise RuntimeError("Ray was started before the data was checked")
 
     monkeypatch.setattr(backends, "init_ray", no_ray)
-    assert main(["pretrain", f"data.root={tmp_path / 'nodata'}", *_safe_args(tmp_path)]) == 2
+    assert main(["pretrain", f"run.data_root={tmp_path / 'nodata'}", *_safe_args(tmp_path)]) == 2
     line = _one_error_line(capsys)
     assert "MNIST file missing" in line and str(tmp_path / "nodata") in line
 
@@ -500,7 +501,7 @@ def test_cli_in_process_classifiers_asked_for_a_gpu_without_one_fail_before_anyt
     assert "run.classifiers_local=true is not allowed" in _one_error_line(capsys, "pipeline")
     # on a Ray cluster the GPUs are its nodes': pretraining goes ahead (Ray is asked once it is up)
     seen = []
-    monkeypatch.setattr(cli, "_dispatch", lambda command: seen.append)
+    monkeypatch.setattr(cli, "_dispatch", lambda command: lambda study, execution: seen.append((study, execution)))
     import toolkit.preflight as preflight
 
     monkeypatch.setattr(preflight, "check_ray_address_reachable", lambda cfg: None)  # no head here
@@ -508,16 +509,19 @@ def test_cli_in_process_classifiers_asked_for_a_gpu_without_one_fail_before_anyt
     assert cli.main(["pretrain", *argv]) == 0 and len(seen) == 1
 
 
-def test_cli_hands_the_resolved_config_to_the_command(tmp_path, monkeypatch):
+def test_cli_hands_the_study_and_the_execution_to_the_command(tmp_path, monkeypatch):
     import toolkit.cli as cli
+    from toolkit.config import Execution, Study
 
     seen = []
-    monkeypatch.setattr(cli, "_dispatch", lambda command: seen.append)
+    monkeypatch.setattr(cli, "_dispatch", lambda command: lambda study, execution: seen.append((study, execution)))
     f = _write(tmp_path / "c.yaml", "run:\n  backend: ray\npretrain:\n  epochs: 3\n")
     assert cli.main(["pretrain", "-c", str(f), "--backend", "local", "pretrain.epochs=4", "run.backend=ray"]) == 0
-    (cfg,) = seen
-    assert cfg.run.backend == "local"  # --backend is the last override
-    assert cfg.pretrain.epochs == 4
+    ((study, execution),) = seen
+    assert type(study) is Study and type(execution) is Execution  # two objects, never the whole config
+    assert execution.run.backend == "local"  # --backend is the last override
+    assert study.pretrain.epochs == 4
+    assert Path(execution.run.output_dir).is_absolute()  # resolved once, at the CLI
 
 
 def test_apply_overrides_reports_the_first_bad_key_only():

@@ -1,10 +1,10 @@
-"""The one map from stage to config (``config.STAGE_SECTIONS``) and one default per setting.
+"""The one map from stage to study sections (``config.STAGE_SECTIONS``), the study / execution
+split, and one default per setting.
 
-Every config key either decides a stage's result, and then changing it changes the stage
-key of every stage whose sections hold it (and of no other), or it is declared
-infrastructure (where and how a run executes), and then it changes no stage key. A key in
-neither is an error: a new section must be given to the stages that read it or declared
-infrastructure. No data are needed: these tests look at configs only.
+A stage's key is a plain hash of the study sections it uses. Every study key changes the key of
+every stage whose sections hold it (and of no other); every execution key (where and how a run
+executes) changes no stage key, by construction: the execution is another object, and no list
+of exceptions exists. No data are needed: these tests look at configs only.
 """
 
 from __future__ import annotations
@@ -16,25 +16,26 @@ import pytest
 
 from toolkit import config, data, engine, losses, probes, pseudo_labels, schedules
 from toolkit.config import (
-    INFRASTRUCTURE_KEYS,
-    INFRASTRUCTURE_SECTIONS,
+    EXECUTION_SECTIONS,
     STAGE_SECTIONS,
+    STUDY_SECTIONS,
     Config,
     ConfigError,
+    Execution,
+    Study,
     all_keys,
-    is_infrastructure,
     stage_digest,
 )
 
 # A valid value other than the default, for keys whose default cannot simply be nudged
 # (strings with a fixed vocabulary or a format, lists). Other keys are found by _other_value.
 OTHER_VALUES = {
-    "data.root": "/elsewhere/mnist",
+    "run.data_root": "/elsewhere/mnist",
     "model.init": "simclr:/elsewhere/model.pt",
     "probe.checkpoint": "/elsewhere/simclr.pt",
     "pseudolabel.mode": "oneshot",
     "pseudolabel.schedule": "cosine",
-    "pseudolabel.inference": "local",
+    "inference.backend": "local",
     "tune.space": "/elsewhere/space.yaml",
     "tune.search": "optuna",
     "pipeline.seeds": [0, 1],
@@ -84,35 +85,57 @@ def _other_value(key: str, default):
 
 
 KEYS = list(all_keys().items())
+STUDY_KEYS = [(k, f) for k, f in KEYS if k.split(".")[0] in STUDY_SECTIONS]
+EXECUTION_KEYS = [(k, f) for k, f in KEYS if k.split(".")[0] in EXECUTION_SECTIONS]
 
 
-@pytest.mark.parametrize("key,field", KEYS, ids=[k for k, _ in KEYS])
-def test_each_key_changes_exactly_the_stage_keys_that_use_it(key, field):
+def test_every_key_belongs_to_the_study_or_the_execution_and_not_both():
+    assert set(STUDY_SECTIONS).isdisjoint(EXECUTION_SECTIONS)
+    assert {k.split(".")[0] for k in all_keys()} == set(STUDY_SECTIONS) | set(EXECUTION_SECTIONS)
+    assert set(all_keys()) == set(all_keys(Study)) | set(all_keys(Execution))
+
+
+@pytest.mark.parametrize("key,field", STUDY_KEYS, ids=[k for k, _ in STUDY_KEYS])
+def test_each_study_key_changes_exactly_the_stage_keys_that_use_it(key, field):
     section = key.split(".")[0]
     base = Config()
     changed = base.replace(**{key: _other_value(key, _default(field))})
     for stage, sections in STAGE_SECTIONS.items():
-        uses = section in sections and not is_infrastructure(key)
-        moved = stage_digest(changed, stage) != stage_digest(base, stage)
+        uses = section in sections
+        moved = stage_digest(changed.study, stage) != stage_digest(base.study, stage)
         assert moved == uses, (
             f"{key}: the {stage} stage key {'changed' if moved else 'did not change'}, but {key} "
             f"{'decides' if uses else 'does not decide'} its result")
 
 
-def test_every_key_is_used_by_a_stage_or_declared_infrastructure():
+@pytest.mark.parametrize("key,field", EXECUTION_KEYS, ids=[k for k, _ in EXECUTION_KEYS])
+def test_each_execution_key_changes_no_stage_key(key, field):
+    base = Config()
+    changed = base.replace(**{key: _other_value(key, _default(field))})
+    assert changed.execution != base.execution and changed.study == base.study
+    for stage in STAGE_SECTIONS:
+        assert stage_digest(changed.study, stage) == stage_digest(base.study, stage), (key, stage)
+
+
+def test_a_stage_key_is_a_plain_hash_of_its_study_sections():
+    import hashlib
+    import json
+
+    study = Config().replace(**{"split.seed": 3, "model.width": 16}).study
+    for stage, sections in STAGE_SECTIONS.items():
+        d = {s: dataclasses.asdict(getattr(study, s)) for s in sections}
+        assert stage_digest(study, stage) == hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def test_every_study_section_decides_some_stage():
     used = {s for sections in STAGE_SECTIONS.values() for s in sections}
-    orphans = [k for k in all_keys() if k.split(".")[0] not in used and not is_infrastructure(k)]
-    assert not orphans, (f"{orphans} decide no stage's result and are not infrastructure: add their section to "
-                         "config.STAGE_SECTIONS or declare them in INFRASTRUCTURE_SECTIONS / INFRASTRUCTURE_KEYS")
+    assert used == set(STUDY_SECTIONS), set(STUDY_SECTIONS) - used
 
 
-def test_the_map_names_only_real_sections_and_keys():
-    # a typo here would silently turn a key into a result key, or drop a section from a stage key
-    sections = {k.split(".")[0] for k in all_keys()}
+def test_the_map_names_only_study_sections():
+    # a typo here would silently drop a section from a stage key; an execution section would move keys
     for stage, stage_sections in STAGE_SECTIONS.items():
-        assert set(stage_sections) <= sections, stage
-    assert set(INFRASTRUCTURE_SECTIONS) <= sections
-    assert INFRASTRUCTURE_KEYS <= set(all_keys())
+        assert set(stage_sections) <= set(STUDY_SECTIONS), stage
 
 
 def test_every_training_stage_depends_on_some_result_key():
@@ -120,23 +143,32 @@ def test_every_training_stage_depends_on_some_result_key():
         assert config.result_keys(stage), stage
 
 
-@pytest.mark.parametrize("key", ["run.seed", "split.seed"])
+@pytest.mark.parametrize("key", ["model.seed", "split.seed"])
 def test_seeds_change_the_key_of_every_training_stage(key):
     base = Config()
     changed = base.replace(**{key: 1})
     for stage in TRAINING_STAGES:
-        assert stage_digest(changed, stage) != stage_digest(base, stage), f"{key} does not change the {stage} key"
+        assert stage_digest(changed.study, stage) != stage_digest(base.study, stage), f"{key} does not change the {stage} key"
 
 
-def test_where_and_how_a_run_executes_changes_no_stage_key():
-    base = Config()
-    changed = base.replace(**{
-        "ray.num_workers": 4, "ray.use_gpu": True, "tracking.uri": "sqlite:///other.db", "run.output_dir": "other",
-        "run.backend": "local", "run.device": "cpu", "run.threads": 2, "data.root": "/other",
-        "pseudolabel.inference": "local", "tune.max_concurrent": 4,
-    })
-    for stage in STAGE_SECTIONS:
-        assert stage_digest(changed, stage) == stage_digest(base, stage), stage
+def test_the_study_and_the_execution_refuse_each_others_keys():
+    with pytest.raises(ConfigError, match="'run.backend' is not a key of the study"):
+        Study().replace(**{"run.backend": "local"})
+    with pytest.raises(ConfigError, match="'split.seed' is not a key of the execution"):
+        Execution().replace(**{"split.seed": 1})
+    cfg = Config().replace(**{"split.seed": 4, "run.backend": "local"})
+    assert Config.of(cfg.study, cfg.execution) == cfg
+
+
+def test_the_classifiers_backend_is_chosen_not_rewritten(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    one_machine = Execution().replace(**{"run.classifiers_local": True})
+    assert one_machine.backend_for("classifier") == "local" and one_machine.backend_for("simclr") == "ray"
+    assert one_machine.run.backend == "ray"  # the setting itself is left as the user wrote it
+    cluster = one_machine.replace(**{"ray.address": "ray://head:10001"})
+    assert cluster.backend_for("classifier") == "ray"
+    local = Execution().replace(**{"run.backend": "local"})
+    assert local.backend_for("simclr") == local.backend_for("classifier") == "local"
 
 
 # --- one default per setting ---------------------------------------------------------------------
@@ -154,7 +186,7 @@ SAME_SETTING = [
     (data.make_split, "seed", "split.seed"),
     (data.load_mnist, "train_subset", "data.train_subset"),
     (data.load_mnist, "test_subset", "data.test_subset"),
-    (data.load_mnist, "download", "data.download"),
+    (data.load_mnist, "download", "run.download"),
     (engine.classifier_steps, "label_smoothing", "classifier.label_smoothing"),
     (pseudo_labels.select_pseudo_labels, "class_adaptive", "pseudolabel.class_adaptive"),
 ]

@@ -159,8 +159,8 @@ def test_split_validation_too_large(mnist_small):
 def test_fake_mnist_loads_like_mnist(fake_config):
     from conftest import fake_digit_templates
 
-    d = fake_config.data
-    fake = load_mnist(d.root, d.download, d.train_subset, d.test_subset)
+    d, r = fake_config.data, fake_config.run
+    fake = load_mnist(r.data_root, r.download, d.train_subset, d.test_subset)
     assert fake.train_images.shape == (3000, 28, 28) and fake.test_images.shape == (500, 28, 28)
     assert fake.train_images.dtype == torch.uint8 and fake.train_labels.dtype == torch.int64
     assert torch.bincount(fake.train_labels, minlength=NUM_CLASSES).min() > 250  # every prefix is balanced
@@ -299,7 +299,7 @@ def test_labels_out_of_range_name_the_file(fake_mnist_root, tmp_path, name):
 
 def test_cli_missing_data_root_is_exit_2(tmp_path, capsys):
     root = tmp_path / "no-data"
-    argv = ["pretrain", "--backend", "local", f"data.root={root}", f"run.output_dir={tmp_path / 'runs'}",
+    argv = ["pretrain", "--backend", "local", f"run.data_root={root}", f"run.output_dir={tmp_path / 'runs'}",
             "tracking.enabled=false"]
     assert main(argv) == 2
     lines = capsys.readouterr().err.strip("\n").splitlines()
@@ -311,7 +311,7 @@ def test_cli_missing_data_root_is_exit_2(tmp_path, capsys):
 def test_cli_corrupt_file_is_exit_2(fake_mnist_root, tmp_path, capsys):
     raw = _raw_copy(fake_mnist_root, tmp_path / "data")
     _replace(raw / TEST_LABELS, b"\0\0\x08\x01")
-    argv = ["pretrain", "--backend", "local", f"data.root={tmp_path / 'data'}", f"run.output_dir={tmp_path / 'runs'}", "tracking.enabled=false"]
+    argv = ["pretrain", "--backend", "local", f"run.data_root={tmp_path / 'data'}", f"run.output_dir={tmp_path / 'runs'}", "tracking.enabled=false"]
     assert main(argv) == 2
     lines = capsys.readouterr().err.strip("\n").splitlines()
     assert len(lines) == 1 and str(raw / TEST_LABELS) in lines[0]

@@ -95,7 +95,7 @@ def test_download_is_asked_only_for_missing_files(tmp_path, monkeypatch):
 
 
 def test_a_missing_benchmark_says_how_to_get_it(tmp_path):
-    with pytest.raises(DataError, match="KMNIST file missing: .*data.download=true"):
+    with pytest.raises(DataError, match="KMNIST file missing: .*run.download=true"):
         load_dataset("kmnist", tmp_path)
 
 
@@ -240,7 +240,7 @@ def test_registry_refuses_unknown_names_and_targets(tmp_path):
         load_dataset("mnist", tmp_path, image_size=0)
     with pytest.raises(DataError, match="data.channels=2 is not allowed"):
         load_dataset("mnist", tmp_path, channels=2)
-    with pytest.raises(DataError, match="data.name=folder needs data.root"):
+    with pytest.raises(DataError, match="data.name=folder needs run.data_root"):
         load_dataset("folder", "")
 
 

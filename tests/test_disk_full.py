@@ -24,7 +24,7 @@ THREADS_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 def tiny(data_root: str, out: Path, **over) -> dict:
     """SimCLR on 1,500 images at width 8 (about 10 steps an epoch, ~300 KB a checkpoint), no MLflow model."""
     base = {
-        "data.root": data_root, "data.train_subset": 1500, "data.test_subset": 200, "split.val_size": 200,
+        "run.data_root": data_root, "data.train_subset": 1500, "data.test_subset": 200, "split.val_size": 200,
         "model.width": 8, "pretrain.epochs": 2, "pretrain.batch_size": 128, "pretrain.warmup_epochs": 0.0,
         "run.backend": "local", "run.threads": 1, "run.output_dir": str(out), "tracking.log_models": "false",
     }

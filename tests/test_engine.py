@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from toolkit.augment import make_generator
-from toolkit.config import Config
+from toolkit.config import Study
 from toolkit.data import load_mnist
 from toolkit.engine import (CPU_FORWARD_BATCH, EpochBatches, MixedBatches, OptimState, classifier_steps, evaluate,
                             predict_logits, simclr_epoch)
@@ -84,7 +84,7 @@ def test_optim_state_steps_the_schedule_after_the_optimizer():
 
 def test_classifier_steps_learn_the_fake_digits(fake):
     # no augmentation: the fake classes differ by where their bars are, which shifts would blur
-    cfg = Config().replace(**{"model.width": 8, "augment.strength": 0.0})
+    cfg = Study().replace(**{"model.width": 8, "augment.strength": 0.0})
     torch.manual_seed(0)
     model = Classifier(cfg.model).to(memory_format=torch.channels_last)
     before = evaluate(model, fake.test_images, fake.test_labels)
@@ -102,7 +102,7 @@ def test_classifier_steps_learn_the_fake_digits(fake):
 
 
 def test_simclr_epoch_is_deterministic_and_moves_the_weights(fake):
-    cfg = Config().replace(**{"model.width": 8})
+    cfg = Study().replace(**{"model.width": 8})
 
     def run():
         torch.manual_seed(0)

@@ -30,7 +30,7 @@ THREADS_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 def settings(data_root: str, tmp_path: Path, **over) -> dict:
     """A tiny SimCLR run: 1,500 images, width 8, batch 128 (about 10 steps an epoch)."""
     base = {
-        "data.root": data_root,
+        "run.data_root": data_root,
         "data.train_subset": 1500,
         "data.test_subset": 200,
         "split.val_size": 200,

@@ -20,8 +20,8 @@ def test_gpu_check_runs_end_to_end_on_cpu_with_a_tiny_setting(data_root, tmp_pat
     tiny = ["data.train_subset=1500", "data.test_subset=300", "split.val_size=200", "model.width=8",
             "model.convs_per_stage=1", "pretrain.epochs=1", "pretrain.batch_size=128", "pretrain.warmup_epochs=0",
             "classifier.steps=20", "classifier.eval_every=10", "classifier.batch_size=64", "pseudolabel.rounds=2",
-            "pseudolabel.steps_per_round=10", "probe.tsne_points=0", "probe.all_labels=false", "pipeline.seeds=[0,1]",
-            "run.threads=1", f"data.root={data_root}"]
+            "pseudolabel.steps_per_round=10", "tracking.tsne_points=0", "probe.all_labels=false", "pipeline.seeds=[0,1]",
+            "run.threads=1", f"run.data_root={data_root}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "GPU_CHECK_PARTS": "local",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(out), *tiny], env=env,
@@ -70,7 +70,7 @@ def test_gpu_check_ray_part_runs_the_three_ray_paths(data_root, tmp_path):
             "model.convs_per_stage=1", "pretrain.epochs=1", "pretrain.max_images=256", "pretrain.batch_size=128",
             "pretrain.warmup_epochs=0", "classifier.steps=20", "classifier.eval_every=20", "classifier.batch_size=64",
             "pseudolabel.steps_per_round=10", "pseudolabel.rounds=2", "tune.num_samples=2", "tune.pool_subset=500",
-            "ray.cpus_per_worker=0.5", "run.threads=1", f"data.root={data_root}"]
+            "ray.cpus_per_worker=0.5", "run.threads=1", f"run.data_root={data_root}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "GPU_CHECK_PARTS": "ray",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(out), *tiny], env=env,

@@ -16,12 +16,11 @@ import subprocess
 import sys
 import typing
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from toolkit.config import Config, ConfigError, load_config
+from toolkit.config import Config, ConfigError, Execution, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 GPU_PROFILE = REPO / "launch" / "configs" / "gpu.yaml"
@@ -35,6 +34,13 @@ def gpu_profile(*overrides: str) -> Config:
     return load_config(GPU_PROFILE, list(overrides))
 
 
+def tiny_split():
+    """A split as the driver computes it once (labeled / val / pool indices) for a job that never loads data."""
+    from toolkit.data import Split
+
+    return Split(torch.arange(0, 10), torch.arange(10, 20), torch.arange(20, 100), seed=0, labels_per_class=1)
+
+
 def load_script(name: str):
     spec = importlib.util.spec_from_file_location(name.replace(".py", ""), REPO / "benchmarks" / name)
     module = importlib.util.module_from_spec(spec)
@@ -45,6 +51,7 @@ def load_script(name: str):
 def test_every_gpu_branch_imports_and_its_annotations_resolve():
     import toolkit.backends as backends
     import toolkit.inference as inference
+    import toolkit.jobs as jobs
     import toolkit.stages.tune as tune_stage
     import toolkit.stages.tune_trial as tune_trial
     import toolkit.train_loops as train_loops
@@ -52,10 +59,12 @@ def test_every_gpu_branch_imports_and_its_annotations_resolve():
 
     ray_part = load_script("gpu_check_ray.py")
     local_part = load_script("gpu_check.py")
-    branches = [train_loops.make_accelerator, backends.run_training, backends.check_gpu_visible,
+    branches = [train_loops.make_accelerator, jobs.worker_device, jobs.TrainJob.simclr, jobs.TrainJob.for_classifier,
+                backends.run_training, backends.check_gpu_visible,
                 inference.PoolPredictor.__init__, inference.predict_pool_ray, inference._actor_bundle,
                 tune_stage.trial_resources, tune_stage.trial_trainable, tune_stage._start_ray,
-                tune_trial.placed_device, tune_trial.device_report, tune_trial._trial, tune_records.kill_trial_runs,
+                tune_trial.trial_execution, tune_trial.placed_device, tune_trial.device_report, tune_trial._trial,
+                tune_records.kill_trial_runs,
                 ray_part.main, ray_part.train_worker_probe, ray_part.problems, local_part.main]
     for fn in branches:
         hints = typing.get_type_hints(fn)  # every name in the annotations exists (a NameError otherwise)
@@ -64,23 +73,28 @@ def test_every_gpu_branch_imports_and_its_annotations_resolve():
 
 
 def test_gpu_profile_tune_trials_hold_a_quarter_gpu_each_and_train_on_it():
+    from toolkit.jobs import worker_device
     from toolkit.stages import tune as tune_stage
-    from toolkit.stages.tune_trial import TrialJob, _execution_overrides, _trial_cfg, placed_device
+    from toolkit.stages.tune_trial import TrialJob, _trial_study, placed_device, trial_execution
 
     cfg = gpu_profile()
-    job = TrialJob(base=cfg.to_dict(), execution=_execution_overrides(cfg, 0), key="k", simclr=None, start=None,
+    job = TrialJob(base=cfg.study, execution=trial_execution(cfg.execution), key="k", simclr=None, start=None,
                    simclr_choices={})
-    trainable = tune_stage.trial_trainable(cfg, job)
+    trainable = tune_stage.trial_trainable(cfg.execution, job)
     # what the Tuner asks Ray for, per trial (Tune resolves with_resources' factory when it wraps the function)
     assert trainable._resources.required_resources == {"CPU": 2.0, "GPU": 0.25}
     assert trainable._resources.bundles == [{"CPU": 2.0, "GPU": 0.25}]
-    assert cfg.tune.max_concurrent == 4  # four trials fill one GPU
+    assert cfg.trials.max_concurrent == 4  # four trials fill one GPU
     # the trial trains in-process on what Ray gave it, with one thread per reserved CPU
-    assert job.execution["run.threads"] == 2 and job.execution["run.backend"] == "local"
+    assert job.execution.run.threads == 2 and job.execution.run.backend == "local"
     assert placed_device([0]) == "cuda" and placed_device([]) == "cpu"
-    assert _trial_cfg(job, {}, placed_device([0])).run.device == "cuda"
+    # what _trial runs: the base study at the point, and the trial's execution with the device Ray placed it on
+    assert _trial_study(job, {}) == cfg.study
+    placed = job.execution.replace(**{"run.device": placed_device([0])})
+    assert placed.run.device == "cuda"
+    assert worker_device(placed, "classifier") == "cuda" and worker_device(placed, "simclr") == "cuda"
     # the default (cpu) profile: a whole CPU, no GPU
-    assert tune_stage.trial_resources(Config()) == {"cpu": 1.0, "gpu": 0.0}
+    assert tune_stage.trial_resources(Execution()) == {"cpu": 1.0, "gpu": 0.0}
 
 
 def test_the_tune_driver_asks_ray_for_the_trials_gpu_share(monkeypatch):
@@ -91,7 +105,7 @@ def test_the_tune_driver_asks_ray_for_the_trials_gpu_share(monkeypatch):
     monkeypatch.setattr(backends, "init_ray", lambda cfg: None)
     monkeypatch.setattr(backends, "require_resources", lambda cfg, need, what: asked.append(need))
     monkeypatch.setattr(tune_stage, "check_shared", lambda cfg, path: None)
-    tune_stage._start_ray(gpu_profile())
+    tune_stage._start_ray(gpu_profile().execution)
     assert asked == [{"CPU": 2.0, "GPU": 0.25}]
 
 
@@ -99,9 +113,9 @@ def test_a_trial_given_a_gpu_torch_cannot_see_fails_readably_else_reports_cuda()
     from toolkit.stages.tune_trial import device_report
     from toolkit.machine import device_label
 
-    assert device_report(Config().replace(**{"run.device": "cpu"})) == {"device": "cpu",
-                                                                        "device_name": device_label("cpu")}
-    cuda = Config().replace(**{"run.device": "cuda"})
+    assert device_report(Execution().replace(**{"run.device": "cpu"})) == {"device": "cpu",
+                                                                           "device_name": device_label("cpu")}
+    cuda = Execution().replace(**{"run.device": "cuda"})
     if torch.cuda.is_available():
         assert device_report(cuda) == {"device": "cuda", "device_name": device_label("cuda")}
     else:
@@ -113,9 +127,11 @@ def test_ray_train_workers_ask_for_one_gpu_each_and_accelerate_for_bf16(monkeypa
     import accelerate
 
     import toolkit.backends as backends
+    from toolkit.jobs import TrainJob
     from toolkit.train_loops import make_accelerator
 
     cfg = gpu_profile("ray.num_workers=2")
+    job = TrainJob.simclr(cfg.study, cfg.execution, "/data", tiny_split())
     asked, built = [], []
 
     class RecordingTrainer:
@@ -132,16 +148,21 @@ def test_ray_train_workers_ask_for_one_gpu_each_and_accelerate_for_bf16(monkeypa
     monkeypatch.setattr(backends, "check_shared", lambda cfg, path: None)
     monkeypatch.setattr(backends, "_interruptible_trainer_class", lambda: RecordingTrainer)
     with pytest.raises(Stop):
-        backends.run_training(cfg, SimpleNamespace(loop="simclr"), "probe")
+        backends.run_training(cfg.execution, job, "probe")
     assert asked == [{"CPU": 2.0, "GPU": 2}]
     scaling = built[0]["scaling_config"]
     assert scaling.num_workers == 2 and scaling.use_gpu and scaling.resources_per_worker == {"CPU": 1.0, "GPU": 1}
+    # what the workers get: the job alone (Ray carries it by value), no config or execution beside it
+    assert list(built[0]["train_loop_config"]) == ["job"] and built[0]["train_loop_config"]["job"] is job
+    assert job.device == "cuda"  # ray.use_gpu: the worker uses the GPU Ray gave it (jobs.worker_device)
 
     made = []
     monkeypatch.setattr(accelerate, "Accelerator", lambda **kwargs: made.append(kwargs) or kwargs)
-    make_accelerator(cfg)  # inside a GPU worker: Accelerate on the GPU, bf16 autocast
+    make_accelerator(job)  # inside a GPU worker: Accelerate on the GPU, bf16 autocast
     assert made == [{"cpu": False, "mixed_precision": "bf16"}]
-    make_accelerator(cfg.replace(**{"ray.use_gpu": False}))
+    cpu_job = TrainJob.simclr(cfg.study, cfg.execution.replace(**{"ray.use_gpu": False}), "/data", tiny_split())
+    assert cpu_job.device == "cpu"
+    make_accelerator(cpu_job)
     assert made[-1] == {"cpu": True, "mixed_precision": "no"}
 
 
@@ -153,7 +174,7 @@ def test_ray_data_actors_ask_for_one_gpu_each(ray_session, monkeypatch, fake_mni
     from toolkit.jobs import ModelWeights
     from toolkit.models import Classifier
 
-    cfg = gpu_profile(f"data.root={fake_mnist_root}", "data.train_subset=1000", "model.width=8")
+    cfg = gpu_profile(f"run.data_root={fake_mnist_root}", "data.train_subset=1000", "model.width=8")
     asked, mapped = [], []
     monkeypatch.setattr(backends, "require_resources", lambda cfg, need, what: asked.append(need))
 
@@ -162,9 +183,9 @@ def test_ray_data_actors_ask_for_one_gpu_each(ray_session, monkeypatch, fake_mni
         raise Stop
 
     monkeypatch.setattr(ray.data.Dataset, "map_batches", recording_map_batches)
-    weights = ModelWeights("classifier", cfg.to_dict(), Classifier(cfg.model).state_dict())
+    weights = ModelWeights("classifier", cfg.study.to_dict(), Classifier(cfg.model).state_dict())
     with pytest.raises(Stop):
-        inference.predict_pool_ray(cfg, weights, list(range(100)), num_actors=1, batch_size=50)
+        inference.predict_pool_ray(cfg.execution, cfg.study.data, weights, list(range(100)), num_actors=1, batch_size=50)
     assert asked == [{"GPU": 1}]
     fn, kwargs = mapped[0]
     assert fn is inference.PoolPredictor and kwargs["num_gpus"] == 1 and kwargs["fn_constructor_kwargs"]["use_gpu"]

@@ -17,6 +17,7 @@ import torch
 from toolkit import checkpoints, inference
 from toolkit.checkpoints import CheckpointError
 from toolkit.config import Config, ConfigError
+from toolkit.data import load_mnist
 from toolkit.models import Classifier, SimCLRModel
 
 DATA_ROOT = os.environ.get("TOOLKIT_DATA_DIR") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
@@ -28,11 +29,11 @@ POOL_SIZE = 600
 def cfg() -> Config:
     return Config().replace(
         **{
-            "data.root": DATA_ROOT,
+            "run.data_root": DATA_ROOT,
             "data.train_subset": TRAIN_SUBSET,
             "model.width": 8,
             "model.depth": 2,
-            "pseudolabel.inference_batch_size": 256,
+            "inference.batch_size": 256,
         }
     )
 
@@ -42,8 +43,14 @@ def model_path(cfg, tmp_path_factory) -> str:
     torch.manual_seed(0)
     model = Classifier(cfg.model)
     path = tmp_path_factory.mktemp("inference") / "model.pt"
-    checkpoints.save(path, checkpoints.model_payload("classifier", cfg, model.state_dict()))
+    checkpoints.save(path, checkpoints.model_payload("classifier", cfg.study.to_dict(), model.state_dict()))
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def images(cfg) -> torch.Tensor:
+    """The uint8 training images the driver holds (in-process inference takes them; Ray actors load their own)."""
+    return load_mnist(cfg.run.data_root, train_subset=cfg.data.train_subset).train_images
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +66,8 @@ def pool() -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def local_probs(cfg, weights, pool) -> np.ndarray:
-    return inference.predict_pool_local(weights, cfg, pool, batch_size=256, device="cpu")
+def local_probs(weights, images, pool) -> np.ndarray:
+    return inference.predict_pool_local(weights, images, pool, batch_size=256, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -85,17 +92,19 @@ def test_local_probs_are_float32_rows_summing_to_one(local_probs, pool):
     assert np.abs(np.diff(local_probs, axis=0)).max(1).min() > 1e-4
 
 
-def test_local_follows_the_order_of_indices(cfg, weights, pool, local_probs):
+def test_local_follows_the_order_of_indices(weights, images, pool, local_probs):
     # the same images in sorted order give the same rows, permuted
     order = np.argsort(pool)
-    sorted_probs = inference.predict_pool_local(weights, cfg, torch.from_numpy(pool[order]), batch_size=100, device="cpu")
+    sorted_probs = inference.predict_pool_local(weights, images, torch.from_numpy(pool[order]), batch_size=100,
+                                                device="cpu")
     np.testing.assert_allclose(sorted_probs, local_probs[order], atol=1e-5)  # other batches: other kernels
 
 
 @pytest.mark.parametrize("num_actors", [1, 2])
 def test_ray_data_matches_local(ray_session, cfg, weights, pool, local_probs, num_actors):
     t0 = time.perf_counter()
-    probs = inference.predict_pool_ray(cfg, weights, pool, num_actors=num_actors, batch_size=256)
+    probs = inference.predict_pool_ray(cfg.execution, cfg.study.data, weights, pool, num_actors=num_actors,
+                                       batch_size=256)
     print(f"\nRay Data map, {num_actors} actor(s), {POOL_SIZE} images: {time.perf_counter() - t0:.2f}s")
     assert probs.shape == (POOL_SIZE, 10) and probs.dtype == np.float32
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
@@ -103,15 +112,17 @@ def test_ray_data_matches_local(ray_session, cfg, weights, pool, local_probs, nu
     np.testing.assert_allclose(probs, local_probs, atol=1e-5)
 
 
-def test_predict_pool_dispatches_on_config(cfg, weights, pool, local_probs, monkeypatch):
+def test_predict_pool_dispatches_on_config(cfg, weights, images, pool, local_probs, monkeypatch):
     calls = []
     monkeypatch.setattr(inference, "predict_pool_ray", lambda *a, **kw: calls.append((a, kw)) or "ray")
-    ray_cfg = cfg.replace(**{"pseudolabel.inference": "ray", "pseudolabel.inference_actors": 3, "run.backend": "ray"})
-    assert inference.predict_pool(ray_cfg, weights, pool) == "ray"
-    assert calls == [((ray_cfg, weights, pool, 3, 256), {})]
-    # run.backend=local wins over inference=ray: that backend must work without Ray
-    local_cfg = cfg.replace(**{"pseudolabel.inference": "ray", "run.backend": "local", "run.device": "cpu"})
-    np.testing.assert_allclose(inference.predict_pool(local_cfg, weights, pool), local_probs, atol=1e-5)
+    ray_cfg = cfg.replace(**{"inference.backend": "ray", "inference.actors": 3, "run.backend": "ray"})
+    assert inference.predict_pool(ray_cfg.study, ray_cfg.execution, weights, pool, images) == "ray"
+    # the actors get the execution, the data section and the indices, never the driver's images
+    assert calls == [((ray_cfg.execution, ray_cfg.study.data, weights, pool, 3, 256), {})]
+    # run.backend=local wins over inference.backend=ray: that backend must work without Ray
+    local_cfg = cfg.replace(**{"inference.backend": "ray", "run.backend": "local", "run.device": "cpu"})
+    np.testing.assert_allclose(inference.predict_pool(local_cfg.study, local_cfg.execution, weights, pool, images),
+                               local_probs, atol=1e-5)
     assert len(calls) == 1
 
 
@@ -119,7 +130,8 @@ def test_ray_use_gpu_without_gpu_fails_fast(ray_session, cfg, weights, pool):
     if ray_session.cluster_resources().get("GPU", 0) >= 1:
         pytest.skip("this Ray cluster has a GPU")
     with pytest.raises(ConfigError, match="ray.use_gpu"):
-        inference.predict_pool_ray(cfg.replace(**{"ray.use_gpu": True}), weights, pool, num_actors=1, batch_size=256)
+        inference.predict_pool_ray(cfg.execution.replace(**{"ray.use_gpu": True}), cfg.study.data, weights, pool,
+                                   num_actors=1, batch_size=256)
 
 
 def _node(alive=True, **resources):
@@ -157,11 +169,11 @@ def test_reorder_names_missing_and_duplicated_indices():
     np.testing.assert_array_equal(got.argmax(1), [3, 2, 1, 0])
 
 
-def test_wrong_kind_model_file_is_a_clear_checkpoint_error(cfg, tmp_path):
+def test_wrong_kind_model_file_is_a_clear_checkpoint_error(cfg, images, tmp_path):
     path = tmp_path / "simclr.pt"
-    checkpoints.save(path, checkpoints.model_payload("simclr", cfg, SimCLRModel(cfg.model).state_dict()))
+    checkpoints.save(path, checkpoints.model_payload("simclr", cfg.study.to_dict(), SimCLRModel(cfg.model).state_dict()))
     with pytest.raises(CheckpointError, match="holds a 'simclr' model, expected 'classifier'"):
         inference.weights_from_file(str(path))
     simclr = inference.ModelWeights.from_payload(checkpoints.load(path))
     with pytest.raises(CheckpointError, match="simclr"):
-        inference.predict_pool_local(simclr, cfg, [0, 1, 2], device="cpu")
+        inference.predict_pool_local(simclr, images, [0, 1, 2], device="cpu")

@@ -251,7 +251,7 @@ def test_runs_name_their_user_for_the_ui(store, tmp_path):
 
     uri, client, _ = store
     cfg = Config().replace(**{"tracking.uri": uri, "tracking.experiment": "toolkit", "run.output_dir": str(tmp_path)})
-    with mlflow_run(cfg, "supervised", "user-tag-test") as tracker:
+    with mlflow_run(cfg.study, cfg.execution, "supervised", "user-tag-test") as tracker:
         pass
     tags = client.get_run(tracker.run_id).data.tags
     assert tags["mlflow.user"] == getpass.getuser()

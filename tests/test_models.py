@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from toolkit import checkpoints, models
-from toolkit.checkpoints import CheckpointError, config_of, load, load_model_file, model_payload, save
-from toolkit.config import Config, ModelConfig
+from toolkit.checkpoints import CheckpointError, load, load_model_file, model_config_of, model_payload, save
+from toolkit.config import ModelConfig, Study
 from toolkit.models import Classifier, Encoder, ProjectionHead, SimCLRModel, architecture
 
 
@@ -20,8 +20,8 @@ def _x(n: int = 4, seed: int = 0) -> torch.Tensor:
     return torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
 
 
-def _cfg(**model) -> Config:
-    return Config().replace(**{f"model.{k}": v for k, v in model.items()})
+def _cfg(**model) -> Study:
+    return Study().replace(**{f"model.{k}": v for k, v in model.items()})
 
 
 # --- shapes ----------------------------------------------------------------------------------------
@@ -142,13 +142,13 @@ def test_model_on_cuda():
 # --- model files -----------------------------------------------------------------------------------
 
 
-def _save_model(path: Path, kind: str, cfg: Config, **extra) -> tuple[Path, nn.Module]:
+def _save_model(path: Path, kind: str, cfg: Study, **extra) -> tuple[Path, nn.Module]:
     with torch.random.fork_rng():
         torch.manual_seed(1)
         model = {"simclr": SimCLRModel, "classifier": Classifier}[kind](cfg.model)
     # non-trivial BatchNorm buffers, so that the round trip covers them
     model.train()(_x(8, seed=3))
-    return save(path, model_payload(kind, cfg, model.state_dict(), **extra)), model
+    return save(path, model_payload(kind, cfg.to_dict(), model.state_dict(), **extra)), model
 
 
 def test_classifier_round_trip(tmp_path):
@@ -161,16 +161,27 @@ def test_classifier_round_trip(tmp_path):
     assert payload["architecture"] == architecture(cfg.model)
     assert payload["path"] == str(path)
     assert (payload["epoch"], payload["val_acc"]) == (3, 0.5)
-    assert config_of(payload) == cfg
+    assert payload["config"] == cfg.to_dict()  # the study sections that made it
+    assert model_config_of(payload) == cfg.model
     sd = model.state_dict()
     assert set(payload["state_dict"]) == set(sd)
     for k, v in sd.items():
         assert payload["state_dict"][k].device.type == "cpu"
         assert torch.equal(payload["state_dict"][k], v), k
-    fresh = Classifier(config_of(payload).model)
+    fresh = Classifier(model_config_of(payload))
     fresh.load_state_dict(payload["state_dict"])
     x = _x(5, seed=9)
     torch.testing.assert_close(fresh.eval()(x), model.eval()(x))
+
+
+def test_model_config_of_a_file_from_another_version(tmp_path):
+    # a model file whose config names a model key this version does not know still gives its ModelConfig
+    cfg = _cfg(width=8, depth=2)
+    payload = model_payload("classifier", cfg.to_dict(), {})
+    payload["config"]["model"]["retired_knob"] = 3
+    assert model_config_of(payload) == cfg.model
+    # ModelWeights.config (the config alone, as weights travel to Ray actors) reads the same
+    assert model_config_of(payload["config"]) == cfg.model
 
 
 def test_load_from_a_folder(tmp_path):
@@ -184,17 +195,17 @@ def test_load_from_a_folder(tmp_path):
 def test_save_overwrites(tmp_path):
     cfg = _cfg(width=8)
     path = tmp_path / "model.pt"
-    save(path, model_payload("classifier", cfg, {}, epoch=1))
-    save(path, model_payload("classifier", cfg, {}, epoch=2))
+    save(path, model_payload("classifier", cfg.to_dict(), {}, epoch=1))
+    save(path, model_payload("classifier", cfg.to_dict(), {}, epoch=2))
     assert load(path)["epoch"] == 2
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
 
 
 def test_payload_detaches_and_moves_to_cpu():
     w = torch.ones(2, requires_grad=True) * 2
-    payload = model_payload("classifier", Config(), {"w": w})
+    payload = model_payload("classifier", Study().to_dict(), {"w": w})
     assert not payload["state_dict"]["w"].requires_grad
-    assert payload["config"] == Config().to_dict()
+    assert payload["config"] == Study().to_dict()
 
 
 def test_simclr_file_as_classifier(tmp_path):
@@ -308,7 +319,7 @@ def _touch(path: str) -> str:
 def test_pickled_objects_are_refused(tmp_path):
     marker = tmp_path / "marker"
     path = tmp_path / "model.pt"
-    payload = model_payload("classifier", _cfg(width=8), {})
+    payload = model_payload("classifier", _cfg(width=8).to_dict(), {})
     payload["evil"] = _Exploit(marker)
     torch.save(payload, path)
     with pytest.raises(CheckpointError, match="not a readable toolkit checkpoint") as e:

@@ -344,7 +344,7 @@ def test_pretrain_two_workers_one_per_node(cluster, pretrain_job):
 def test_pseudolabel_iterative_ray_data_on_both_nodes(cluster):
     c = cluster
     rc, logs = c.submit(["pseudolabel", *overrides(c, "pseudolabel", **{
-        "pseudolabel.mode": "iterative", "pseudolabel.inference": "ray", "pseudolabel.inference_actors": 2})],
+        "pseudolabel.mode": "iterative", "inference.backend": "ray", "inference.actors": 2})],
         timeout=JOB_TIMEOUT)
     assert_succeeded(rc, logs, "pseudolabel (iterative, Ray Data actors)")
     assert_on_both_nodes(c, logs, "PoolPredictor", "Ray Data inference actors")
@@ -358,7 +358,7 @@ def test_pseudolabel_simclr_init(cluster, pretrain_job):
     assert_succeeded(*pretrain_job, "pretrain (needed for the SimCLR init)")
     pretrain_run = top_run(c, "mn-pretrain").info.run_id
     rc, logs = c.submit(["pseudolabel", *overrides(c, "simclr-pl", **{
-        "model.init": f"simclr:{pretrain_run}", "pseudolabel.inference": "ray"})], timeout=JOB_TIMEOUT)
+        "model.init": f"simclr:{pretrain_run}", "inference.backend": "ray"})], timeout=JOB_TIMEOUT)
     assert_succeeded(rc, logs, "pseudolabel model.init=simclr:<run id>")
     assert_on_both_nodes(c, logs, "RayTrainWorker", "SimCLR-initialised classifier training")
     assert_mlflow_complete(c, "mn-simclr-pl")
@@ -385,7 +385,7 @@ def test_tune_two_trials_best_yaml_is_best_of_all(cluster, tmp_path):
     space.write_text("pseudolabel.threshold_start: {uniform: [0.9, 0.99]}\n"
                      "classifier.lr: {loguniform: [0.001, 0.01]}\n")
     rc, logs = c.submit(["tune", *overrides(c, "tune", **{
-        "tune.space": str(space), "tune.num_samples": 2, "tune.max_concurrent": 2, "tune.cpus_per_trial": 1,
+        "tune.space": str(space), "tune.num_samples": 2, "trials.max_concurrent": 2, "trials.cpus": 1,
         "tune.grace_rounds": 2})], timeout=JOB_TIMEOUT)
     assert_succeeded(rc, logs, "tune")
     assert_on_both_nodes(c, logs, "ImplicitFunc", "Tune trials (function trainables)")
@@ -493,7 +493,7 @@ def test_two_nodes_give_the_figures_of_one_node(cluster, pretrain_job, data_root
         (two,) = [r for r in mlflow_runs(cluster, "mn-pretrain") if "mlflow.parentRunId" not in r.data.tags]
         two_loss = {m.step: m.value for m in cluster.mlflow_client().get_metric_history(two.info.run_id, "loss")}
     db = tmp_path / "one.db"
-    kv = dict(SMALL, **{"run.name": "one-node", "run.output_dir": str(tmp_path / "runs"), "data.root": data_root,
+    kv = dict(SMALL, **{"run.name": "one-node", "run.output_dir": str(tmp_path / "runs"), "run.data_root": data_root,
                         "tracking.uri": f"sqlite:///{db}", "tracking.log_models": False})
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_API_SERVER", "MLFLOW_TRACKING"))}
     done = subprocess.run([str(VENV_BIN / "toolkit"), "pretrain", "--config", str(REPO / "launch" / "configs" / "cpu.yaml"),

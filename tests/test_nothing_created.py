@@ -62,7 +62,7 @@ def test_rejected_input_creates_nothing(case, tmp_path, data_root, capsys):
     ctx = Ctx(tmp_path, data_root)
     args = case.argv(ctx) if callable(case.argv) else list(case.argv)
     # tracking on, its store in the output folder: an MLflow run would show there (a case's own values win)
-    safe = [f"run.output_dir={tmp_path / 'runs'}", "tracking.enabled=true", f"data.root={data_root}"]
+    safe = [f"run.output_dir={tmp_path / 'runs'}", "tracking.enabled=true", f"run.data_root={data_root}"]
     err = _run_and_check(tmp_path, case.command, [*safe, *args], capsys)
     assert case.expect.lower() in err.lower(), err  # refused for its own bad input, not for the settings around it
 
@@ -110,9 +110,9 @@ def test_a_stage_reads_its_data_before_it_makes_its_folder(tmp_path, data_root):
     from toolkit.stages.pretrain import pretrain
 
     ctx = Ctx(tmp_path, data_root)
-    cfg = Config().replace(**{"data.root": ctx.data("train-labels-idx1-ubyte", b""), "run.output_dir": str(tmp_path / "runs"),
+    cfg = Config().replace(**{"run.data_root": ctx.data("train-labels-idx1-ubyte", b""), "run.output_dir": str(tmp_path / "runs"),
                               "run.backend": "local", "tracking.uri": f"sqlite:///{tmp_path}/mlflow.db"})
     before = _paths(tmp_path)
     with pytest.raises(DataError, match="truncated"):
-        pretrain(cfg)
+        pretrain(cfg.study, cfg.execution)
     assert sorted(_paths(tmp_path) - before) == []

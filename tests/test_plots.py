@@ -34,22 +34,23 @@ def test_plot_embedding_2d_subsamples(tmp_path):
     labels = torch.arange(10).repeat_interleave(30)  # 300 points, 64-d: exercises the PCA step
     feats = 4 * torch.randn(10, 64, generator=g)[labels] + torch.randn(300, 64, generator=g)
     path = tmp_path / "tsne.png"
-    assert_png(plots.plot_embedding_2d(
-        feats, labels, path, "encoder features", max_points=150, seed=1, max_iter=250, n_threads=1
-    ), path)
+    tsne = plots.TSNESettings(max_points=150, seed=1, max_iter=250, n_threads=1)
+    assert_png(plots.plot_embedding_2d(feats, labels, path, "encoder features", tsne), path)
 
 
 def test_plot_embedding_2d_tiny_input(tmp_path):
     feats = np.random.default_rng(0).normal(size=(12, 5))
     path = tmp_path / "tiny.png"
-    assert_png(plots.plot_embedding_2d(feats, np.arange(12) % 3, str(path), "tiny", max_iter=250, n_threads=1), path)
+    tsne = plots.TSNESettings(max_iter=250, n_threads=1)
+    assert_png(plots.plot_embedding_2d(feats, np.arange(12) % 3, str(path), "tiny", tsne), path)
 
 
 def test_plot_embedding_2d_defaults_are_pinned():
     import inspect
 
-    params = inspect.signature(plots.plot_embedding_2d).parameters
-    assert (params["max_points"].default, params["seed"].default, params["max_iter"].default) == (2000, 0, 1000)
+    tsne = plots.TSNESettings()
+    assert (tsne.max_points, tsne.seed, tsne.max_iter, tsne.n_threads) == (2000, 0, 1000, None)
+    assert inspect.signature(plots.plot_embedding_2d).parameters["tsne"].default == tsne
 
 
 def test_plot_curves(tmp_path):
@@ -79,12 +80,13 @@ def test_plot_class_counts(tmp_path):
 def test_plot_search(tmp_path):
     path = tmp_path / "search.png"
     panels = {"threshold start": [0.95, 0.99, 0.9, float("nan")], "threshold floor": [0.8, 0.9, 0.7, 0.75]}
-    scores, kinds, stopped = [0.8, 0.85, 0.6, 0.7], ["linear", "cosine", "linear", "class-adaptive"], [False, False, True, True]
-    assert_png(plots.plot_search(panels, scores, kinds, stopped, path, "4 trials"), path)
+    trials = plots.SearchTrials(scores=[0.8, 0.85, 0.6, 0.7], kinds=["linear", "cosine", "linear", "class-adaptive"],
+                                stopped=[False, False, True, True])
+    assert_png(plots.plot_search(panels, trials, path, "4 trials"), path)
     one = tmp_path / "one.png"  # one panel, no trial at all
-    assert_png(plots.plot_search({"trial": []}, [], [], [], one, "nothing finished"), one)
+    assert_png(plots.plot_search({"trial": []}, plots.SearchTrials([], [], []), one, "nothing finished"), one)
     with pytest.raises(ValueError, match="3 scores"):
-        plots.plot_search({"x": [1.0, 2.0]}, [0.1, 0.2, 0.3], ["a"] * 3, [False] * 3, path, "t")
+        plots.plot_search({"x": [1.0, 2.0]}, plots.SearchTrials([0.1, 0.2, 0.3], ["a"] * 3, [False] * 3), path, "t")
 
 
 def test_plots_leave_no_pyplot_figures_open(tmp_path):

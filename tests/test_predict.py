@@ -39,7 +39,7 @@ def data(data_root):
 def cfg(tmp_path_factory, data_root) -> Config:
     root = tmp_path_factory.mktemp("predict")
     return Config().replace(**{
-        "data.root": data_root,
+        "run.data_root": data_root,
         "model.width": 8,
         "model.depth": 2,
         "run.output_dir": str(root / "runs"),
@@ -67,7 +67,7 @@ def trained(cfg, data):
 @pytest.fixture(scope="module")
 def model_file(trained, cfg, tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "model.pt"
-    checkpoints.save(path, checkpoints.model_payload("classifier", cfg, trained.state_dict()))
+    checkpoints.save(path, checkpoints.model_payload("classifier", cfg.study.to_dict(), trained.state_dict()))
     return str(path)
 
 
@@ -163,7 +163,7 @@ def mlflow_runs(cfg, trained, model_file, data):
     from toolkit import mlflow_models
     from toolkit.tracking import tracking_uri
 
-    uri = tracking_uri(cfg)
+    uri = tracking_uri(cfg.execution)
     client = MlflowClient(tracking_uri=uri)
     # artifacts beside the store: left to MLflow they would go to ./mlruns in the current folder
     artifacts = Path(uri[len("sqlite:///"):]).parent / "artifacts"
@@ -190,7 +190,8 @@ def test_models_from_mlflow_run_ids_and_uris(cfg, mlflow_runs, data, reference, 
         "models:/<name>@best": "models:/predict-test@best",
     }
     for what, ref in refs.items():
-        out = predict(cfg.replace(**{"predict.model": ref, "predict.input": path, "predict.output": str(tmp_path / "o.csv")}))
+        run_cfg = cfg.replace(**{"predict.model": ref, "predict.input": path, "predict.output": str(tmp_path / "o.csv")})
+        out = predict(run_cfg.study, run_cfg.execution)
         np.testing.assert_allclose(out.probs, reference[:50], atol=1e-5, err_msg=what)
         assert (out.labels == reference[:50].argmax(1)).mean() >= 0.98, what  # a near-tie may flip
 
@@ -211,9 +212,9 @@ def bad_files(tmp_path_factory, data, cfg):
     (d / "truncated-idx3-ubyte").write_bytes(open(write_idx3(d / "full", data.test_images[:3].numpy()), "rb").read()[:-10])
     (d / "notes.txt").write_text("hello")
     (d / "empty").mkdir()
-    checkpoints.save(d / "simclr.pt", checkpoints.model_payload("simclr", cfg, SimCLRModel(cfg.model).state_dict()))
+    checkpoints.save(d / "simclr.pt", checkpoints.model_payload("simclr", cfg.study.to_dict(), SimCLRModel(cfg.model).state_dict()))
     bad_recipe = {"views": 4, "augment": {"strength": 0.5, "swirl": 3.0}}  # a key no augmentation has
-    checkpoints.save(d / "bad_tta.pt", checkpoints.model_payload("classifier", cfg, Classifier(cfg.model).state_dict(),
+    checkpoints.save(d / "bad_tta.pt", checkpoints.model_payload("classifier", cfg.study.to_dict(), Classifier(cfg.model).state_dict(),
                                                                  tta=bad_recipe))
     return d
 
@@ -240,7 +241,7 @@ def test_bad_input_is_one_line_and_exit_2(cfg, bad_files, model_file, data, tmp_
     model_ref = model_file if model == "MODEL" else (str(bad_files / model) if model.endswith(".pt") else model)
     run_cfg = cfg.replace(**{"predict.model": model_ref, "predict.input": images_path})
     with pytest.raises(error, match=__import__("re").escape(words)):
-        predict(run_cfg)
+        predict(run_cfg.study, run_cfg.execution)
     # the CLI: one line on stderr, exit code 2, nothing on stdout
     over = [f"{k}={v}" for k, v in {"predict.model": model_ref, "predict.input": images_path,
                                     "tracking.uri": cfg.tracking.uri, "run.output_dir": cfg.run.output_dir}.items()]
@@ -254,10 +255,12 @@ def test_bad_input_is_one_line_and_exit_2(cfg, bad_files, model_file, data, tmp_
 def test_an_mlflow_encoder_is_refused(cfg, mlflow_runs, data, tmp_path):
     path = write_idx3(tmp_path / "imgs-idx3-ubyte", data.test_images[:3].numpy())
     with pytest.raises(CheckpointError, match="SimCLR encoder"):
-        predict(cfg.replace(**{"predict.model": mlflow_runs["encoder_uri"], "predict.input": path}))
+        run_cfg = cfg.replace(**{"predict.model": mlflow_runs["encoder_uri"], "predict.input": path})
+        predict(run_cfg.study, run_cfg.execution)
     # a run that logged only an encoder has no classifier to offer
     with pytest.raises(CheckpointError, match="has no classifier"):
-        predict(cfg.replace(**{"predict.model": mlflow_runs["encoder_run"], "predict.input": path}))
+        run_cfg = cfg.replace(**{"predict.model": mlflow_runs["encoder_run"], "predict.input": path})
+        predict(run_cfg.study, run_cfg.execution)
 
 
 def test_predict_is_a_cli_command_and_a_submit_command():
@@ -281,7 +284,7 @@ def test_a_student_file_predicts_with_its_test_time_augmentation(trained, cfg, d
 
     recipe = tta_recipe(cfg.augment, 4, 0.5)
     path = tmp_path / "student.pt"
-    checkpoints.save(path, checkpoints.model_payload("classifier", cfg, trained.state_dict(), tta=recipe))
+    checkpoints.save(path, checkpoints.model_payload("classifier", cfg.study.to_dict(), trained.state_dict(), tta=recipe))
     images = write_idx3(tmp_path / "imgs-idx3-ubyte", data.test_images.numpy())
     out = predict_images(str(path), images)
     from dataclasses import replace

@@ -203,7 +203,7 @@ def test_the_predict_command_the_pipeline_prints_works_as_pasted(tmp_path, data_
     from toolkit.engine import predict_probs
     from toolkit.mlflow_models import log_classifier
     from toolkit.models import Classifier
-    from toolkit.stages.common import StageResult
+    from toolkit.stages.skeleton import StageResult
     from toolkit.stages.pipeline import _register_best
     from toolkit.tracking import Tracker
 
@@ -216,9 +216,9 @@ def test_the_predict_command_the_pipeline_prints_works_as_pasted(tmp_path, data_
         torch.manual_seed(0)
         net = Classifier(ModelConfig(width=8, depth=2)).eval()
     client.set_tag(stage_run, "toolkit.model_uri", log_classifier(uri, stage_run, net))
-    cfg = Config().replace(**{"tracking.uri": uri, "data.root": data_root})
+    cfg = Config().replace(**{"tracking.uri": uri, "run.data_root": data_root})
     results = {0: {"supervised": StageResult("supervised", "key", run_id=stage_run, metrics={"val_acc": 0.9})}}
-    _register_best(cfg, Tracker(uri, parent_run), results)
+    _register_best(cfg.execution, Tracker(uri, parent_run), results)
     printed = [ln.strip() for ln in capsys.readouterr().out.splitlines() if ln.strip().startswith("toolkit predict")]
     assert len(printed) == 1, printed
     argv = shlex.split(printed[0])
@@ -248,6 +248,7 @@ def test_the_predict_command_the_pipeline_prints_works_as_pasted(tmp_path, data_
     from toolkit.stages.predict import predict
 
     with pytest.raises(CheckpointError, match="no MLflow store at"):  # the same without the CLI's own checks
-        predict(Config().replace(**{"predict.model": "models:/toolkit-mnist-classifier@best",
-                                    "predict.input": argv[-1].split("=", 1)[1], "run.output_dir": str(fresh / "runs")}))
+        cfg = Config().replace(**{"predict.model": "models:/toolkit-mnist-classifier@best",
+                                  "predict.input": argv[-1].split("=", 1)[1], "run.output_dir": str(fresh / "runs")})
+        predict(cfg.study, cfg.execution)
     assert list(fresh.iterdir()) == []

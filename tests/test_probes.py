@@ -1,5 +1,6 @@
 """Probes on synthetic Gaussian clusters, kNN against a brute-force reference, pinned defaults."""
 
+import dataclasses
 import inspect
 import math
 
@@ -9,6 +10,9 @@ import torch
 
 from toolkit import probes
 from toolkit.probes import (
+    LabeledFeatures,
+    MLPProbeSettings,
+    ProbeSettings,
     accuracy,
     confusion_matrix,
     knn_predict,
@@ -20,7 +24,7 @@ from toolkit.probes import (
 )
 
 # Small MLP settings so each test takes well under a second on a busy 2-core CPU.
-FAST_MLP = {"hidden_dim": 64, "steps": 100}
+FAST_MLP = MLPProbeSettings(hidden_dim=64, steps=100)
 
 
 def clusters(n_per_class, d=16, sep=3.0, seed=0, num_classes=10):
@@ -62,12 +66,11 @@ def test_evaluation_defaults_are_pinned():
     assert default(train_linear_probe, "C") == 1.0
     assert default(train_linear_probe, "max_iter") == 200
     assert default(train_linear_probe, "batch_size") == 16384
-    assert default(train_mlp_probe, "hidden_dim") == 512
-    assert default(train_mlp_probe, "dropout") == 0.0
-    assert default(train_mlp_probe, "steps") == 500
-    assert default(train_mlp_probe, "lr") == 1e-3
-    assert default(train_mlp_probe, "weight_decay") == 1e-2
-    assert default(train_mlp_probe, "batch_size") == 1024
+    mlp = MLPProbeSettings()
+    assert (mlp.hidden_dim, mlp.dropout, mlp.steps) == (512, 0.0, 500)
+    assert (mlp.lr, mlp.weight_decay, mlp.batch_size) == (1e-3, 1e-2, 1024)
+    assert default(train_mlp_probe, "settings") == mlp
+    assert ProbeSettings().mlp == mlp and not ProbeSettings().linear and not ProbeSettings().knn
     for fn in (train_linear_probe, train_mlp_probe):
         assert default(fn, "num_classes") == 10
         assert default(fn, "seed") == 0
@@ -77,7 +80,8 @@ def test_evaluation_defaults_are_pinned():
 def test_run_probes_reports_resolved_settings_as_params():
     xtr, ytr = clusters(10)
     xte, yte = clusters(5, seed=1)
-    out = run_probes(xtr, ytr, xte, yte, protocol="100-labels", mlp_kwargs=FAST_MLP)
+    out = run_probes(LabeledFeatures(xtr, ytr), LabeledFeatures(xte, yte), protocol="100-labels",
+                     settings=ProbeSettings(mlp=FAST_MLP))
     p = out["params"]
     assert p["100-labels/knn/k"] == 20 and p["100-labels/knn/temperature"] == 0.07
     assert p["100-labels/linear/C"] == 1.0 and p["100-labels/linear/max_iter"] == 200
@@ -154,7 +158,7 @@ def test_logistic_objective_check_can_fail():
 def test_mlp_probe_separates_clusters_from_100_labels():
     xtr, ytr = clusters(10)
     xte, yte = clusters(50, seed=1)
-    probe = train_mlp_probe(xtr, ytr, **FAST_MLP)
+    probe = train_mlp_probe(xtr, ytr, settings=FAST_MLP)
     assert accuracy(predict(probe, xte), yte) >= 0.95
 
 
@@ -162,10 +166,11 @@ def test_mlp_probe_is_deterministic_and_leaves_global_rng_alone():
     xtr, ytr = clusters(10)
     torch.manual_seed(123)
     before = torch.random.get_rng_state()
-    a = train_mlp_probe(xtr, ytr, seed=3, dropout=0.2, **FAST_MLP)
+    with_dropout = dataclasses.replace(FAST_MLP, dropout=0.2)
+    a = train_mlp_probe(xtr, ytr, settings=with_dropout, seed=3)
     assert torch.equal(torch.random.get_rng_state(), before)
-    b = train_mlp_probe(xtr, ytr, seed=3, dropout=0.2, **FAST_MLP)
-    c = train_mlp_probe(xtr, ytr, seed=4, dropout=0.2, **FAST_MLP)
+    b = train_mlp_probe(xtr, ytr, settings=with_dropout, seed=3)
+    c = train_mlp_probe(xtr, ytr, settings=with_dropout, seed=4)
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(pa, pb), name
     assert not torch.equal(a[1].weight, c[1].weight)
@@ -183,7 +188,7 @@ def test_probes_with_mini_batches_on_more_points():
     w_chunked, w_full = lin_chunked[1].weight.detach(), lin_full[1].weight.detach()
     assert float((w_chunked - w_full).norm()) < 2e-3 * float(w_full.norm())
     acc_lin = accuracy(predict(lin_chunked, xte), yte)
-    mlp = train_mlp_probe(xtr, ytr, batch_size=256, **FAST_MLP)
+    mlp = train_mlp_probe(xtr, ytr, settings=dataclasses.replace(FAST_MLP, batch_size=256))
     acc_mlp = accuracy(predict(mlp, xte), yte)
     assert acc_lin >= 0.9 and acc_mlp >= 0.9, (acc_lin, acc_mlp)
 
@@ -192,7 +197,7 @@ def test_probes_with_mini_batches_on_more_points():
 def test_standardisation_is_stored_in_the_module(train):
     xtr, ytr = clusters(10)
     xte, _ = clusters(50, seed=1)
-    kwargs = FAST_MLP if train is train_mlp_probe else {}
+    kwargs = {"settings": FAST_MLP} if train is train_mlp_probe else {}
     probe = train(xtr, ytr, **kwargs)
     state = probe.state_dict()
     torch.testing.assert_close(state["0.mean"], xtr.mean(0))
@@ -226,6 +231,15 @@ def test_probe_rejects_bad_inputs_with_a_named_argument():
         train_linear_probe(xtr, ytr, num_classes=5)
     with pytest.raises(ValueError, match="train_feats"):
         train_mlp_probe(xtr[0], ytr)
+
+
+def test_mlp_probe_settings_reject_bad_values():
+    with pytest.raises(ValueError, match="steps, batch_size and hidden_dim must be >= 1"):
+        MLPProbeSettings(steps=0)
+    with pytest.raises(ValueError, match="dropout"):
+        MLPProbeSettings(dropout=1.0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        FAST_MLP.steps = 1
 
 
 # ----------------------------------------------------------------------------- kNN
@@ -298,7 +312,8 @@ def test_run_probes_returns_named_metrics_and_results():
     xtr, ytr = clusters(10)
     xval, yval = clusters(5, seed=2)
     xte, yte = clusters(30, seed=1)
-    out = run_probes(xtr, ytr, xte, yte, xval, yval, protocol="100-labels", seed=1, mlp_kwargs=FAST_MLP)
+    out = run_probes(LabeledFeatures(xtr, ytr), LabeledFeatures(xte, yte), LabeledFeatures(xval, yval),
+                     protocol="100-labels", seed=1, settings=ProbeSettings(mlp=FAST_MLP))
     assert out["protocol"] == "100-labels"
     m = out["metrics"]
     for name in ("linear", "mlp", "knn"):
@@ -321,7 +336,8 @@ def test_run_probes_returns_named_metrics_and_results():
 def test_run_probes_without_val_and_with_clipped_k():
     xtr, ytr = clusters(1)
     xte, yte = clusters(5, seed=1)
-    out = run_probes(xtr, ytr, xte, yte, protocol="all-labels", mlp_kwargs=FAST_MLP)
+    out = run_probes(LabeledFeatures(xtr, ytr), LabeledFeatures(xte, yte), protocol="all-labels",
+                     settings=ProbeSettings(mlp=FAST_MLP))
     assert not any(k.endswith("val_acc") for k in out["metrics"])
     assert all(out[name]["val_acc"] is None for name in ("linear", "mlp", "knn"))
     assert out["params"]["all-labels/knn/k"] == 10  # the k actually used
@@ -329,14 +345,21 @@ def test_run_probes_without_val_and_with_clipped_k():
 
 def test_run_probes_rejects_bad_protocol_and_unknown_settings():
     xtr, ytr = clusters(2)
+    data = LabeledFeatures(xtr, ytr)
     with pytest.raises(ValueError, match="protocol"):
-        run_probes(xtr, ytr, xtr, ytr, protocol="")
+        run_probes(data, data, protocol="")
     with pytest.raises(ValueError, match="protocol"):
-        run_probes(xtr, ytr, xtr, ytr, protocol="a/b")
+        run_probes(data, data, protocol="a/b")
     with pytest.raises(TypeError, match="'epochs'"):
-        run_probes(xtr, ytr, xtr, ytr, protocol="x", mlp_kwargs={"epochs": 3})
-    with pytest.raises(ValueError, match="together"):
-        run_probes(xtr, ytr, xtr, ytr, xtr, None, protocol="x")
+        run_probes(data, data, protocol="x", settings=ProbeSettings(linear={"epochs": 3}))
+    with pytest.raises(TypeError, match="'epochs'"):
+        run_probes(data, data, protocol="x", settings=ProbeSettings(knn={"epochs": 3}))
+    with pytest.raises(TypeError, match="'epochs'"):
+        MLPProbeSettings(epochs=3)
+    with pytest.raises(TypeError, match="labels as tensors"):
+        LabeledFeatures(xtr, None)
+    with pytest.raises(ValueError, match="val_labels must be 1-D"):
+        run_probes(data, data, LabeledFeatures(xtr, ytr[:-1]), protocol="x")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -344,7 +367,8 @@ def test_run_probes_on_cuda_features():
     xtr, ytr = clusters(10)
     xte, yte = clusters(30, seed=1)
     dev = torch.device("cuda")
-    out = run_probes(xtr.to(dev), ytr.to(dev), xte.to(dev), yte.to(dev), protocol="100-labels", mlp_kwargs=FAST_MLP)
+    out = run_probes(LabeledFeatures(xtr.to(dev), ytr.to(dev)), LabeledFeatures(xte.to(dev), yte.to(dev)),
+                     protocol="100-labels", settings=ProbeSettings(mlp=FAST_MLP))
     for name in ("linear", "mlp", "knn"):
         assert out[name]["test_pred"].device.type == "cuda"
         assert out[name]["test_acc"] >= 0.95

@@ -17,12 +17,14 @@ code reads, not the device.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from toolkit.config import Config
 from toolkit.data import Mnist, make_split
-from toolkit.stages.common import StageResult
+from toolkit.stages.skeleton import StageResult
 from toolkit.stages.report import final_model_figures, table_rows
 from toolkit.stages.student import ensemble_labels
 
@@ -33,12 +35,12 @@ SEED = 0
 
 def study_config(data_root: str, tmp, name: str) -> Config:
     return Config().replace(**{
-        "data.root": data_root, "data.train_subset": 1500, "data.test_subset": 500, "split.val_size": 200,
+        "run.data_root": data_root, "data.train_subset": 1500, "data.test_subset": 500, "split.val_size": 200,
         "model.width": 8, "pretrain.epochs": 1, "pretrain.batch_size": 128, "pretrain.warmup_epochs": 0.0,
-        "pretrain.max_images": 512, "probe.tsne_points": 0, "probe.all_labels": False,
+        "pretrain.max_images": 512, "tracking.tsne_points": 0, "probe.all_labels": False,
         "classifier.steps": 20, "classifier.eval_every": 10, "classifier.batch_size": 64, "classifier.warmup_steps": 5,
         "classifier.lr": 0.01, "pseudolabel.rounds": 2, "pseudolabel.threshold_start": 0.6,
-        "pseudolabel.threshold_floor": 0.3, "pseudolabel.steps_per_round": 20, "pseudolabel.inference": "local",
+        "pseudolabel.threshold_floor": 0.3, "pseudolabel.steps_per_round": 20, "inference.backend": "local",
         "student.steps": 20, "pipeline.seeds": [SEED], "run.backend": "local", "run.device": "cpu", "run.threads": 1,
         "run.output_dir": str(tmp / name / "runs"), "tracking.uri": f"sqlite:///{tmp / name / 'mlflow.db'}",
         "tracking.log_models": False,
@@ -52,11 +54,11 @@ def poison_outside_labeled(monkeypatch, cfg: Config) -> None:
     could read about the other images changes).
     """
     import toolkit.inference
-    import toolkit.stages.common
+    import toolkit.stages.data_inputs
     import toolkit.train_loops
     from toolkit.data import load_mnist
 
-    real = load_mnist(cfg.data.root, False, cfg.data.train_subset, cfg.data.test_subset)
+    real = load_mnist(cfg.run.data_root, False, cfg.data.train_subset, cfg.data.test_subset)
     split = make_split(real.train_labels, cfg.split.labels_per_class, cfg.split.val_size, SEED)
     shifted = (real.train_labels + 1) % 10
     shifted[split.labeled] = real.train_labels[split.labeled]
@@ -69,20 +71,21 @@ def poison_outside_labeled(monkeypatch, cfg: Config) -> None:
     def real_split(labels, labels_per_class, val_size, seed):
         return make_split(real.train_labels[: len(labels)], labels_per_class, val_size, seed)
 
-    for module in (toolkit.stages.common, toolkit.train_loops, toolkit.inference):
+    for module in (toolkit.stages.data_inputs, toolkit.train_loops, toolkit.inference):
         monkeypatch.setattr(module, "load_mnist", poisoned_load)
-    monkeypatch.setattr(toolkit.stages.common, "make_split", real_split)
+    monkeypatch.setattr(toolkit.stages.data_inputs, "make_split", real_split)
 
 
 @pytest.mark.slow
 def test_strict_figures_do_not_move_when_every_label_outside_the_100_changes(data_root, tmp_path, monkeypatch):
     from toolkit.stages.pipeline import pipeline
 
-    honest = pipeline(study_config(data_root, tmp_path, "honest"))[SEED]
+    honest_cfg = study_config(data_root, tmp_path, "honest")
+    honest = pipeline(honest_cfg.study, honest_cfg.execution)[SEED]
     cfg = study_config(data_root, tmp_path, "poisoned")
     with monkeypatch.context() as m:
         poison_outside_labeled(m, cfg)
-        poisoned = pipeline(cfg)[SEED]
+        poisoned = pipeline(cfg.study, cfg.execution)[SEED]
 
     chain = ("supervised", "oneshot", "iterative", "simclr_iterative", "student")
     assert set(chain) | {"probe"} <= set(honest) == set(poisoned)
@@ -178,7 +181,7 @@ def test_ensemble_labels_smooth_the_average_before_choosing():
 
 
 def test_a_stage_key_names_the_files_it_starts_from():
-    from toolkit.stages.common import with_inputs
+    from toolkit.stages.skeleton import with_inputs
 
     key = with_inputs("student-abc", ["/runs/a/model.pt", "/runs/enc/model.pt"])
     assert key.startswith("student-abc-from-") and key == with_inputs("student-abc", ["/runs/a/model.pt", "/runs/enc/model.pt"])
@@ -189,17 +192,20 @@ def test_the_student_key_names_its_encoder_only_when_it_smooths():
     from toolkit.stages.student import student_key
 
     cfg, teachers = Config(), ["/runs/a/model.pt", "/runs/b/model.pt"]
-    assert cfg.student.knn_k > 0
-    smoothed = student_key(cfg, teachers, "/runs/enc/model.pt")
-    assert smoothed != student_key(cfg, teachers, "/runs/other-enc/model.pt") != student_key(cfg, teachers, None)
-    off = cfg.replace(**{"student.knn_k": 0})
-    assert student_key(off, teachers, "/runs/enc/model.pt") == student_key(off, teachers, None)
+    study, execution = cfg.study, cfg.execution
+    assert study.student.knn_k > 0
+    smoothed = student_key(study, execution, teachers, "/runs/enc/model.pt")
+    assert smoothed != student_key(study, execution, teachers, "/runs/other-enc/model.pt") != \
+        student_key(study, execution, teachers, None)
+    off = study.replace(**{"student.knn_k": 0})
+    assert student_key(off, execution, teachers, "/runs/enc/model.pt") == student_key(off, execution, teachers, None)
 
 
 def test_the_smoother_sees_labeled_and_pool_images_only_and_keeps_pool_order(monkeypatch):
     """Which images reach the encoder, and that row i of the result is pool image i."""
     import toolkit.stages.student as student_mod
     from toolkit.data import Split
+    from toolkit.stages.skeleton import StageRun
 
     n = 40
     images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1).expand(n, 28, 28).clone()  # image i is all i
@@ -218,7 +224,8 @@ def test_the_smoother_sees_labeled_and_pool_images_only_and_keeps_pool_order(mon
     monkeypatch.setattr(student_mod, "load_encoder", lambda path, device: None)
     monkeypatch.setattr(student_mod, "extract_features", fake_features)
     cfg = Config().replace(**{"student.knn_k": 3, "run.device": "cpu"})
-    smooth = student_mod.embedding_smoother(cfg, "enc.pt", data, split)
+    run = StageRun(cfg.study, cfg.execution, "student-key", Path("unused"), tracker=None, data=data, split=split)
+    smooth = student_mod.embedding_smoother(run, "enc.pt")
     assert seen[0].tolist() == [0, 1] + list(range(5, n))  # labeled, then pool; never validation
     probs = torch.nn.functional.one_hot(labels[split.pool] % 10, 10).float()
     probs[0] = torch.nn.functional.one_hot(torch.tensor(9), 10).float()  # pool image 5 (class 5) mislabeled 9

@@ -81,7 +81,7 @@ SERVER = """
 import time
 from toolkit.backends import init_ray
 from toolkit.config import Config
-init_ray(Config())
+init_ray(Config().execution)
 import ray
 print("GCS", ray.get_runtime_context().gcs_address, flush=True)
 time.sleep(300)

@@ -89,15 +89,18 @@ def test_mlflow_params_tags_and_dicts_of_a_real_run_are_masked(store, tmp_path):
 
     from toolkit.tracking import mlflow_run
 
-    cfg = _secret_cfg(store, tmp_path)
-    with mlflow_run(cfg, "pretrain", "masked", extra_tags={"toolkit.source": f"https://h/x?token={SECRET}"}) as tracker:
+    cfg = _secret_cfg(store, tmp_path, **{"student.encoder": f"s3://k:{SECRET}@b/enc.pt"})
+    with mlflow_run(cfg.study, cfg.execution, "pretrain", "masked",
+                    extra_tags={"toolkit.source": f"https://h/x?token={SECRET}"}) as tracker:
         tracker.log_params({"api_key": "plain-looking-value", "student.encoder_file": f"s3://k:{SECRET}@b/enc.pt",
                             "student.teacher_files": f"https://h/t.pt?sig={SECRET}"})
         tracker.log_dict({"where": STORAGE}, "where.json")
         run_id = tracker.run_id
     client = MlflowClient(tracking_uri=cfg.tracking.uri)
     data = client.get_run(run_id).data
-    assert data.params["ray.storage_path"] == MASKED_STORAGE  # masked, still readable
+    # the execution is the run's tags (execution.<key>), the study its params: both masked, still readable
+    assert data.tags["execution.ray.storage_path"] == MASKED_STORAGE and "ray.storage_path" not in data.params
+    assert data.params["student.encoder"] == "s3://***@b/enc.pt"
     assert data.params["api_key"] == "***" and data.params["student.encoder_file"] == "s3://***@b/enc.pt"
     assert data.params["student.teacher_files"] == "https://h/t.pt?sig=***"
     assert data.tags["toolkit.source"] == "https://h/x?token=***"
@@ -108,15 +111,16 @@ def test_mlflow_params_tags_and_dicts_of_a_real_run_are_masked(store, tmp_path):
 
 def test_config_yaml_in_the_run_folder_is_masked_and_still_a_config(store, tmp_path):
     from toolkit.data import make_split
-    from toolkit.stages.common import log_config_and_split
+    from toolkit.stages.skeleton import StageRun, log_config_and_split
     from toolkit.tracking import mlflow_run
 
     cfg = _secret_cfg(store, tmp_path)
     folder = tmp_path / "runs" / "stages" / "k"
     folder.mkdir(parents=True)
     split = make_split(torch.arange(10).repeat(30), 2, 20, 0)
-    with mlflow_run(cfg, "supervised", "config-yaml") as tracker:
-        log_config_and_split(tracker, cfg, split, folder)
+    with mlflow_run(cfg.study, cfg.execution, "supervised", "config-yaml") as tracker:
+        # the data are not read by log_config_and_split: the run's folder and split are what it writes
+        log_config_and_split(tracker, StageRun(cfg.study, cfg.execution, "k", folder, tracker, None, split))
     text = (folder / "config.yaml").read_text()
     assert SECRET not in text and MASKED_STORAGE in text
     assert config_from_dict(yaml.safe_load(text)).ray.storage_path == MASKED_STORAGE  # still a loadable config
@@ -127,19 +131,23 @@ def test_config_yaml_in_the_run_folder_is_masked_and_still_a_config(store, tmp_p
 
 
 def test_a_checkpoints_stored_config_is_masked_and_gives_the_model_back(tmp_path):
-    """A stored config is read back for the model's architecture only (``config_of(...).model``); a
-    resumed command takes ``ray.storage_path`` from its own config, so the masked copy loses nothing."""
-    cfg = _secret_cfg(tmp_path, tmp_path, **{"model.width": 8})
-    payload = checkpoints.model_payload("classifier", cfg, {"w": torch.ones(2)}, step=3)
+    """A model file stores the study (never the execution: no ``ray.storage_path`` in it), read back for the
+    model's architecture only (``model_config_of``); a study string with a credential (``student.encoder``)
+    is stored masked, and a resumed command takes its inputs from its own config, so the masked copy loses nothing."""
+    encoder = f"s3://k:{SECRET}@b/enc.pt"
+    cfg = _secret_cfg(tmp_path, tmp_path, **{"model.width": 8, "student.encoder": encoder})
+    payload = checkpoints.model_payload("classifier", cfg.study.to_dict(), {"w": torch.ones(2)}, step=3)
     path = checkpoints.save(tmp_path / "model.pt", payload)
-    assert payload["config"]["ray"]["storage_path"] == STORAGE  # the caller's payload is untouched
+    assert payload["config"]["student"]["encoder"] == encoder  # the caller's payload is untouched
+    assert "ray" not in payload["config"] and "run" not in payload["config"]  # the study only
     raw = path.read_bytes()
     assert SECRET.encode() not in raw
     back = checkpoints.load(path)
-    assert checkpoints.config_of(back).ray.storage_path == MASKED_STORAGE
-    assert checkpoints.config_of(back).model == cfg.model and torch.equal(back["state_dict"]["w"], torch.ones(2))
+    assert back["config"]["student"]["encoder"] == "s3://***@b/enc.pt"
+    assert checkpoints.model_config_of(back) == cfg.model and torch.equal(back["state_dict"]["w"], torch.ones(2))
     # a pseudo-labeling round state (its own config under another key) goes through the same writer
-    state = checkpoints.save(tmp_path / "state.pt", {"kind": "state", "state_dict": {}, "model_config": cfg.to_dict()})
+    state = checkpoints.save(tmp_path / "state.pt",
+                             {"kind": "state", "state_dict": {}, "model_config": cfg.study.to_dict()})
     assert SECRET.encode() not in state.read_bytes()
 
 
@@ -173,7 +181,7 @@ def test_a_secret_in_mlflow_tracking_uri_is_refused_in_one_masked_line(command, 
 
 
 def test_the_toolkit_traceback_is_masked(tmp_path, capsys, monkeypatch):
-    def command(cfg):
+    def command(study, execution):
         raise OSError(f"cannot reach https://bob:{SECRET}@host/api?sig={SECRET}")
 
     monkeypatch.setattr(cli, "_dispatch", lambda name: command)
@@ -188,7 +196,7 @@ BUG = textwrap.dedent("""
     import sys
     from toolkit import cli
 
-    def command(cfg):
+    def command(study, execution):
         raise RuntimeError("a bug near " + sys.argv[1])
 
     cli._dispatch = lambda name: command

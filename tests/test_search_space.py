@@ -3,7 +3,6 @@ map, the base point and best.yaml. Pure: no Ray, no MLflow, milliseconds per tes
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
 import subprocess
@@ -14,13 +13,18 @@ import yaml
 
 from toolkit import search_space as ss
 from toolkit.config import (
-    INFRASTRUCTURE_KEYS, Config, ConfigError, all_keys, is_infrastructure, load_config, result_keys,
+    EXECUTION_SECTIONS, Config, ConfigError, Execution, Study, all_keys, load_config, result_keys,
 )
 
 GAP, FLOOR, START = ss.GAP, "pseudolabel.threshold_floor", "pseudolabel.threshold_start"
+EXECUTION_KEYS = set(all_keys(Execution))  # where or how a run executes: exactly the keys of EXECUTION_SECTIONS
 
 
-def builtin(base: Config = Config(), **kw) -> ss.SearchSpace:
+def is_execution(key: str) -> bool:
+    return key.split(".")[0] in EXECUTION_SECTIONS
+
+
+def builtin(base: Study = Study(), **kw) -> ss.SearchSpace:
     text, source = ss.read_space(base)
     return ss.parse_space(text, source, base, **kw)
 
@@ -49,24 +53,25 @@ def test_tunable_keys_derive_from_the_stage_map():
     assert GAP in tunable and FLOOR in tunable and "classifier.lr" in tunable and "augment.strength" in tunable
     # everything else that decides a pseudo-labeling result is tunable, less the shared images, seed and mode
     assert tunable - {GAP} == {k for k in decides if k.split(".")[0] not in ("data", "split")} - set(ss.FIXED_KEYS)
-    assert not {k for k in tunable if k != GAP and is_infrastructure(k)}
-    assert not INFRASTRUCTURE_KEYS & tunable
-    assert not {"pretrain.epochs", "probe.knn_k", "tune.num_samples", "run.seed", "split.seed"} & tunable
+    assert EXECUTION_KEYS and all(is_execution(k) for k in EXECUTION_KEYS)
+    assert not {k for k in tunable if k != GAP and is_execution(k)}
+    assert not EXECUTION_KEYS & tunable
+    assert not {"pretrain.epochs", "probe.knn_k", "tune.num_samples", "model.seed", "split.seed"} & tunable
 
 
 def test_reproduce_keys_are_the_result_keys_less_the_images():
     keys = ss.reproduce_keys()
     assert set(keys) == {k for k in result_keys("pseudolabel") if not k.startswith("data.")}
-    assert "run.seed" in keys and "split.seed" in keys and "pseudolabel.mode" in keys
-    assert not any(is_infrastructure(k) for k in keys)
+    assert "model.seed" in keys and "split.seed" in keys and "pseudolabel.mode" in keys
+    assert not any(is_execution(k) for k in keys) and not EXECUTION_KEYS & set(keys)
 
 
 @pytest.mark.parametrize("key, why", [
     ("split.seed", "same images"),
     ("data.train_subset", "same images"),
-    ("run.seed", "seed is noise"),
+    ("model.seed", "seed is noise"),
     ("pseudolabel.mode", "iterative"),
-    ("pseudolabel.inference", "where or how a run executes"),
+    ("inference.backend", "where or how a run executes"),
     ("run.threads", "where or how a run executes"),
     ("ray.num_workers", "where or how a run executes"),
     ("pretrain.epochs", "does not decide a pseudo-labeling"),
@@ -75,7 +80,7 @@ def test_reproduce_keys_are_the_result_keys_less_the_images():
 def test_untunable_keys_say_why(key, why):
     default = all_keys()[key].default
     with pytest.raises(ConfigError) as e:
-        ss.parse_space(f"{key}: {{choice: [{yaml.safe_dump(default).splitlines()[0]}]}}\n", "t", Config())
+        ss.parse_space(f"{key}: {{choice: [{yaml.safe_dump(default).splitlines()[0]}]}}\n", "t", Study())
     assert f"'{key}' cannot be tuned" in str(e.value) and why in str(e.value)
 
 
@@ -97,13 +102,13 @@ def test_builtin_space_parses_and_drops_simclr_without_a_checkpoint():
 
 
 def test_launch_cpu_space_parses_on_its_profile():
-    cfg = load_config("launch/configs/tune_cpu.yaml")
-    space = ss.parse_space(open(cfg.tune.space).read(), cfg.tune.space, cfg)
+    study = load_config("launch/configs/tune_cpu.yaml").study
+    space = ss.parse_space(open(study.tune.space).read(), study.tune.space, study)
     assert GAP in space.entries and FLOOR not in space.entries and space.max_rounds == 4
     # the profile's hand-picked linear 0.99 -> 0.9 is a point of it: the search starts there
-    point = ss.base_point(cfg, space)
+    point = ss.base_point(study, space)
     assert point is not None and point[GAP] == pytest.approx(0.09)
-    assert ss.trial_config(cfg, point).pseudolabel == cfg.pseudolabel
+    assert ss.trial_config(study, point).pseudolabel == study.pseudolabel
 
 
 @pytest.mark.parametrize("text, words", [
@@ -116,7 +121,7 @@ def test_launch_cpu_space_parses_on_its_profile():
     ("classifier.lr: {normal: [0, 0.1]}", ["classifier.lr", "choice"]),
     ("classifier.lr: {uniform: [0.1, .inf]}", ["must be a finite number"]),
     ("split.seed: {choice: [0, 1]}", ["split.seed", "cannot be tuned"]),
-    ("pseudolabel.inference: {choice: [ray, local]}", ["pseudolabel.inference", "cannot be tuned"]),
+    ("inference.backend: {choice: [ray, local]}", ["inference.backend", "cannot be tuned"]),
     ("augment.strength: {choice: [class-adaptive]}", ["only a value of pseudolabel.schedule"]),
     # the reparametrisation: nothing the file allows may need moving later
     ("pseudolabel.threshold_gap: {uniform: [-0.1, 0.1]}", [GAP, "lo >= 0"]),
@@ -137,7 +142,7 @@ def test_launch_cpu_space_parses_on_its_profile():
     ("pseudolabel.rounds: {randint: [1, 2]}\n", ["tune.grace_rounds=3"]),  # fine alone; grace_rounds=3 is not
 ])
 def test_bad_space_is_a_config_error_naming_the_key(text, words):
-    cfg = Config().replace(**{"tune.grace_rounds": 3})
+    cfg = Study().replace(**{"tune.grace_rounds": 3})
     with pytest.raises(ConfigError) as e:
         ss.parse_space(text, "space.yaml", cfg)
     for w in words:
@@ -146,25 +151,25 @@ def test_bad_space_is_a_config_error_naming_the_key(text, words):
 
 def test_rate_range_checked_against_the_base_schedule_when_the_schedule_is_not_searched():
     text = "pseudolabel.threshold_rate: {uniform: [0.1, 1.0]}\n"
-    assert ss.parse_space(text, "t", Config().replace(**{"pseudolabel.schedule": "step"})).entries
+    assert ss.parse_space(text, "t", Study().replace(**{"pseudolabel.schedule": "step"})).entries
     with pytest.raises(ConfigError, match="exponential"):
-        ss.parse_space(text, "t", Config().replace(**{"pseudolabel.schedule": "exponential",
+        ss.parse_space(text, "t", Study().replace(**{"pseudolabel.schedule": "exponential",
                                                       "pseudolabel.threshold_rate": 0.5}))
 
 
 def test_a_clash_outside_the_threshold_keys_is_left_to_the_trial():
     # each value is valid alone; every pair is not (scale_min > scale_max): the trials fail, readably
-    space = ss.parse_space("augment.scale_min: {choice: [1.15]}\naugment.scale_max: {choice: [0.9, 0.95]}\n", "t", Config())
+    space = ss.parse_space("augment.scale_min: {choice: [1.15]}\naugment.scale_max: {choice: [0.9, 0.95]}\n", "t", Study())
     with pytest.raises(ConfigError, match="augment.scale_min"):
-        ss.trial_config(Config(), {"augment.scale_min": 1.15, "augment.scale_max": 0.9})
+        ss.trial_config(Study(), {"augment.scale_min": 1.15, "augment.scale_max": 0.9})
     assert set(space.entries) == {"augment.scale_min", "augment.scale_max"}
 
 
 def test_read_space_names_a_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="tune.space .*does not exist"):
-        ss.read_space(Config().replace(**{"tune.space": str(tmp_path / "nope.yaml")}))
+        ss.read_space(Study().replace(**{"tune.space": str(tmp_path / "nope.yaml")}))
     (tmp_path / "s.yaml").write_text("classifier.lr: {choice: [0.001]}\n")
-    text, source = ss.read_space(Config().replace(**{"tune.space": str(tmp_path / "s.yaml")}))
+    text, source = ss.read_space(Study().replace(**{"tune.space": str(tmp_path / "s.yaml")}))
     assert text.startswith("classifier.lr") and source == str(tmp_path / "s.yaml")
 
 
@@ -173,7 +178,7 @@ def test_read_space_names_a_missing_file(tmp_path):
 
 def test_every_sampled_point_runs_exactly_as_sampled():
     """The reparametrised built-in space: 1,000 random points, each a valid config holding the sampled values."""
-    base = Config()
+    base = Study()
     space = builtin(simclr="/ckpt/simclr.pt")
     rng = random.Random(0)
     kinds = set()
@@ -192,7 +197,7 @@ def test_every_sampled_point_runs_exactly_as_sampled():
 
 
 def test_point_overrides_map_the_special_values_and_the_gap():
-    base = Config()
+    base = Study()
     ov = ss.point_overrides(base, {"pseudolabel.schedule": ss.CLASS_ADAPTIVE, GAP: 0.25})
     assert ov == {"pseudolabel.schedule": "constant", "pseudolabel.class_adaptive": True, FLOOR: 0.74}  # not 0.7399999999999999
     assert ss.point_overrides(base, {START: 0.95, GAP: 0.0}) == {START: 0.95, FLOOR: 0.95}
@@ -202,7 +207,7 @@ def test_point_overrides_map_the_special_values_and_the_gap():
 
 
 def test_an_invalid_point_is_an_error_never_a_moved_point():
-    base = Config()
+    base = Study()
     with pytest.raises(ConfigError, match="pseudolabel.threshold_floor"):  # a floor above the start
         ss.trial_config(base, {START: 0.9, FLOOR: 0.95})
     with pytest.raises(ConfigError, match="pseudolabel.threshold_rate"):
@@ -214,17 +219,17 @@ def test_an_invalid_point_is_an_error_never_a_moved_point():
 def test_trial_values_hold_the_gap_as_sampled_and_the_floor_it_set():
     space = ss.parse_space("pseudolabel.threshold_start: {uniform: [0.9, 0.99]}\n"
                            "pseudolabel.threshold_gap: {uniform: [0.0, 0.2]}\n"
-                           "pseudolabel.schedule: {choice: [linear, class-adaptive]}\n", "t", Config())
+                           "pseudolabel.schedule: {choice: [linear, class-adaptive]}\n", "t", Study())
     assert space.columns() == [START, GAP, FLOOR, "pseudolabel.schedule"]
     assert space.config_keys() == [START, FLOOR, "pseudolabel.schedule"]
     point = {START: 0.95, GAP: 0.1, "pseudolabel.schedule": ss.CLASS_ADAPTIVE}
-    values = ss.trial_values(space, ss.trial_config(Config(), point), point)
+    values = ss.trial_values(space, ss.trial_config(Study(), point), point)
     assert values == {START: 0.95, GAP: 0.1, FLOOR: 0.85, "pseudolabel.schedule": "constant"}
 
 
 def test_param_space_is_the_only_place_ray_is_imported():
-    code = ("import sys, toolkit.search_space as s; from toolkit.config import Config;"
-            "text, src = s.read_space(Config()); s.parse_space(text, src, Config());"
+    code = ("import sys, toolkit.search_space as s; from toolkit.config import Study;"
+            "text, src = s.read_space(Study()); s.parse_space(text, src, Study());"
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'mlflow', 'torch'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -240,7 +245,7 @@ pseudolabel.threshold_start: {uniform: [0.9, 0.999]}
 pseudolabel.rounds: {randint: [2, 4]}
 pseudolabel.warm_start: {choice: [true, false]}
 """
-    base = Config().replace(**{"pseudolabel.rounds": 3})
+    base = Study().replace(**{"pseudolabel.rounds": 3})
     space = ss.parse_space(space_text, "test", base)
     assert ss.base_point(base, space) == {"pseudolabel.schedule": "linear", START: 0.99,
                                           "pseudolabel.rounds": 3, "pseudolabel.warm_start": True}
@@ -252,20 +257,20 @@ pseudolabel.warm_start: {choice: [true, false]}
 
 
 def test_base_point_gap_gives_the_base_floor_back_exactly():
-    space = ss.parse_space("pseudolabel.threshold_gap: {uniform: [0.0, 0.99]}\n", "t", Config().replace(**{START: 1.0}))
+    space = ss.parse_space("pseudolabel.threshold_gap: {uniform: [0.0, 0.99]}\n", "t", Study().replace(**{START: 1.0}))
     for start in [s / 1000 for s in range(500, 1001, 23)]:  # floors as people write them, far below the start too
         for floor in [f / 1000 for f in range(10, int(start * 1000) + 1, 41)]:
-            base = Config().replace(**{START: start, FLOOR: floor})
+            base = Study().replace(**{START: start, FLOOR: floor})
             point = ss.base_point(base, space)
             assert point is not None and ss.trial_config(base, point) == base, (start, floor)
     rng = random.Random(1)
     for _ in range(200):  # any float: off by at most a float step of the start
         start = rng.uniform(0.5, 1.0)
-        base = Config().replace(**{START: start, FLOOR: rng.uniform(0.01, start)})
+        base = Study().replace(**{START: start, FLOOR: rng.uniform(0.01, start)})
         floor = ss.trial_config(base, ss.base_point(base, space)).pseudolabel.threshold_floor
         assert abs(floor - base.pseudolabel.threshold_floor) <= math.ulp(start)
-    narrow = ss.parse_space("pseudolabel.threshold_gap: {uniform: [0.0, 0.05]}\n", "t", Config())
-    assert ss.base_point(Config(), narrow) is None  # the default gap 0.99 - 0.9 lies outside
+    narrow = ss.parse_space("pseudolabel.threshold_gap: {uniform: [0.0, 0.05]}\n", "t", Study())
+    assert ss.base_point(Study(), narrow) is None  # the default gap 0.99 - 0.9 lies outside
 
 
 # --------------------------------------------------------------------------- best.yaml
@@ -273,29 +278,33 @@ def test_base_point_gap_gives_the_base_floor_back_exactly():
 
 def test_best_overrides_carry_what_decides_the_result_and_load_on_the_defaults(tmp_path):
     # the base config's floor (0.5) is non-default and the tuned start (0.7) is below the default floor (0.9)
-    base = Config().replace(**{FLOOR: 0.5, "classifier.steps": 30, "model.width": 8,
-                               "data.train_subset": 3000, "run.output_dir": "/elsewhere", "run.seed": 3,
-                               "pseudolabel.inference_actors": 4, "run.threads": 2, "tracking.experiment": "x"})
+    # the config file also sets where and how it ran (execution keys): the study alone reaches best.yaml
+    cfg = Config().replace(**{FLOOR: 0.5, "classifier.steps": 30, "model.width": 8,
+                              "data.train_subset": 3000, "run.output_dir": "/elsewhere", "model.seed": 3,
+                              "inference.actors": 4, "run.threads": 2, "tracking.experiment": "x"})
+    base = cfg.study
     tuned = ss.trial_config(base, {START: 0.7, "pseudolabel.schedule": "linear"})
     ov = ss.best_overrides(base, tuned, [START, "pseudolabel.schedule"])
     # the trial's model and training, not the default ones
     assert ov[FLOOR] == 0.5 and ov["classifier.steps"] == 30 and ov["model.width"] == 8
-    assert ov["run.seed"] == 3 and ov["pseudolabel.mode"] == "iterative"
+    assert ov["model.seed"] == 3 and ov["pseudolabel.mode"] == "iterative"
     assert ov["pseudolabel.schedule"] == "linear" and ov["pseudolabel.class_adaptive"] is False
     # never where or how it ran, nor the images
-    assert not any(is_infrastructure(k) or k.startswith("data.") for k in ov)
+    assert not any(is_execution(k) or k.startswith("data.") for k in ov) and not EXECUTION_KEYS & set(ov)
     p = tmp_path / "best.yaml"
     p.write_text(yaml.safe_dump(ss.nested(ov)))
     loaded = load_config(p)
     assert loaded.pseudolabel.threshold_start == 0.7 and loaded.pseudolabel.threshold_floor == 0.5
-    assert dataclasses.replace(loaded.pseudolabel, inference_actors=4) == tuned.pseudolabel
+    assert loaded.pseudolabel == tuned.pseudolabel
+    # the execution the base config set stays behind: best.yaml loads onto the default execution
+    assert loaded.execution == Execution() and loaded.inference.actors != cfg.inference.actors
     assert loaded.model == tuned.model and loaded.classifier == tuned.classifier and loaded.split == tuned.split
 
 
 def test_best_yaml_of_a_gap_space_holds_the_floor_not_the_gap(tmp_path):
-    space = ss.parse_space("pseudolabel.threshold_gap: {uniform: [0.0, 0.3]}\n", "t", Config())
-    tuned = ss.trial_config(Config(), {GAP: 0.2})
-    ov = ss.best_overrides(Config(), tuned, space.config_keys())
+    space = ss.parse_space("pseudolabel.threshold_gap: {uniform: [0.0, 0.3]}\n", "t", Study())
+    tuned = ss.trial_config(Study(), {GAP: 0.2})
+    ov = ss.best_overrides(Study(), tuned, space.config_keys())
     assert GAP not in ov and ov[FLOOR] == 0.79
     p = tmp_path / "best.yaml"
     p.write_text(yaml.safe_dump(ss.nested(ov)))

@@ -2,7 +2,7 @@
 stage key, each step logged once, and a console line when training starts over.
 
 * A finished stage whose model file is damaged runs again in its own (reopened) MLflow run, which keeps
-  its training curve; a changed config under the same ``run.name`` gets a new run.
+  its training curve; a changed study under the same ``run.name`` gets a new run.
 * A command stopped after a step's metrics went out but before its checkpoint was written re-trains that
   step on the re-run; the step is not logged a second time.
 * When every checkpoint is damaged, training starts over from step 0, says so, and logs no step twice.
@@ -16,7 +16,7 @@ import pytest
 
 from toolkit.backends import LocalSession, local_checkpoint_root
 from toolkit.config import Config
-from toolkit.stages.common import run_key
+from toolkit.stages.skeleton import run_key
 from toolkit.tracking import RUN_KEY_TAG
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch single-threaded
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch single-thr
 def make_cfg(data_root, tmp_path):
     def make(name: str, **over) -> Config:
         return Config().replace(**{
-            "data.root": data_root, "data.train_subset": 1500, "data.test_subset": 200, "split.val_size": 200,
+            "run.data_root": data_root, "data.train_subset": 1500, "data.test_subset": 200, "split.val_size": 200,
             "model.width": 8, "pretrain.epochs": 2, "pretrain.batch_size": 128, "pretrain.warmup_epochs": 0.0,
             "classifier.steps": 40, "classifier.eval_every": 10, "classifier.batch_size": 64,
             "classifier.warmup_steps": 5, "run.backend": "local", "run.threads": 1, "run.name": name,
@@ -70,10 +70,10 @@ def test_a_redone_finished_stage_reopens_its_run_which_keeps_its_training_curve(
     from toolkit.stages.pretrain import pretrain
 
     cfg = make_cfg("redo")
-    first = pretrain(cfg)
+    first = pretrain(cfg.study, cfg.execution)
     model = Path(first.model_path)
     model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])  # damaged, as by a full disk
-    again = pretrain(cfg)
+    again = pretrain(cfg.study, cfg.execution)
     assert "already finished" not in capsys.readouterr().out
     (run,) = runs_with_key(cfg, first.run_key)
     assert again.run_id == first.run_id == run.info.run_id
@@ -85,12 +85,13 @@ def test_a_redone_finished_stage_reopens_its_run_which_keeps_its_training_curve(
 
 
 def test_a_changed_config_under_the_same_run_name_gets_a_new_run(make_cfg):
-    """MLflow params cannot change: more epochs under the same ``run.name`` continue the training from
-    its checkpoint, in a run of their own."""
+    """MLflow params (the study) cannot change: more epochs under the same ``run.name`` continue the
+    training from its checkpoint, in a run of their own."""
     from toolkit.stages.pretrain import pretrain
 
-    first = pretrain(make_cfg("more", **{"pretrain.epochs": 1}))
-    second = pretrain(make_cfg("more", **{"pretrain.epochs": 2}))
+    one, two = make_cfg("more", **{"pretrain.epochs": 1}), make_cfg("more", **{"pretrain.epochs": 2})
+    first = pretrain(one.study, one.execution)
+    second = pretrain(two.study, two.execution)
     cfg = make_cfg("more")
     assert second.run_id != first.run_id and len(runs_with_key(cfg, first.run_key)) == 2
     assert steps_of(cfg, second.run_id, "loss") == [2]
@@ -102,9 +103,9 @@ def test_a_step_logged_before_its_checkpoint_is_not_logged_again_on_resume(make_
     cfg = make_cfg("between")
     stop_after_logging_step(monkeypatch, 30)
     with pytest.raises(KeyboardInterrupt):
-        supervised(cfg)
+        supervised(cfg.study, cfg.execution)
     monkeypatch.undo()
-    result = supervised(cfg)
+    result = supervised(cfg.study, cfg.execution)
     assert "[supervised] resuming at step 20" in capsys.readouterr().out
     (run,) = runs_with_key(cfg, result.run_key)
     for metric in ("train_loss", "val_acc", "lr"):
@@ -117,16 +118,16 @@ def test_every_checkpoint_damaged_starts_over_with_a_line_and_logs_no_step_twice
     cfg = make_cfg("damaged")
     stop_after_logging_step(monkeypatch, 30)
     with pytest.raises(KeyboardInterrupt):
-        supervised(cfg)
+        supervised(cfg.study, cfg.execution)
     monkeypatch.undo()
-    folder = local_checkpoint_root(cfg, run_key(cfg, "supervised"))
+    folder = local_checkpoint_root(cfg.execution, run_key(cfg.study, cfg.execution, "supervised"))
     saved = LocalSession(folder).checkpoints()
     assert len(saved) == 2
     for ckpt in saved:
         f = ckpt / "checkpoint.pt"
         f.write_bytes(f.read_bytes()[:100])
     capsys.readouterr()
-    result = supervised(cfg)
+    result = supervised(cfg.study, cfg.execution)
     out = capsys.readouterr().out
     assert f"[supervised] none of the 2 checkpoints in {folder} could be read: training starts over from step 0" \
         in out, out
@@ -141,7 +142,7 @@ def test_a_report_of_the_step_alone_logs_nothing_and_does_not_fail(tmp_path):
     from toolkit.tracking import MetricsLogger, mlflow_run
 
     cfg = Config().replace(**{"tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "run.output_dir": str(tmp_path)})
-    with mlflow_run(cfg, "report", "steps-only") as tracker:
+    with mlflow_run(cfg.study, cfg.execution, "report", "steps-only") as tracker:
         log = MetricsLogger(tracker, "step")
         log({"step": 5})
         log({"step": 6, "loss": 1.0})

@@ -46,7 +46,7 @@ def tracking(tmp_path_factory) -> str:
 def overrides(data_root: str, tracking_uri: str, output_dir: Path, **over) -> dict:
     """Dotted overrides of a tiny local study: 1,500 images, width 8, 40 + 20-step rounds."""
     base = {
-        "data.root": data_root,
+        "run.data_root": data_root,
         "data.train_subset": 1500,
         "data.test_subset": 500,
         "split.val_size": 200,
@@ -54,7 +54,7 @@ def overrides(data_root: str, tracking_uri: str, output_dir: Path, **over) -> di
         "pretrain.epochs": 1,
         "pretrain.batch_size": 128,
         "pretrain.warmup_epochs": 0.0,
-        "probe.tsne_points": 0,
+        "tracking.tsne_points": 0,
         "classifier.steps": 40,
         "classifier.eval_every": 20,
         "classifier.batch_size": 64,
@@ -67,7 +67,7 @@ def overrides(data_root: str, tracking_uri: str, output_dir: Path, **over) -> di
         "pseudolabel.threshold_start": 0.6,
         "pseudolabel.threshold_floor": 0.3,
         "pseudolabel.steps_per_round": 20,
-        "pseudolabel.inference": "local",
+        "inference.backend": "local",
         "run.backend": "local",
         "run.threads": 1,
         "run.output_dir": str(output_dir),
@@ -165,7 +165,7 @@ def simclr(data_root, tracking, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("simclr") / "runs"
     cfg = Config().replace(**overrides(data_root, tracking, out, **{"run.name": "encoder"}))
-    result = pretrain(cfg)
+    result = pretrain(cfg.study, cfg.execution)
     assert Path(result.model_path).is_file()
     return cfg, result
 
@@ -179,8 +179,8 @@ def test_probe_logs_both_protocols_confusion_matrices_and_tsne(simclr, make_cfg)
     from toolkit.stages.probe import probe
 
     _, pre = simclr
-    cfg = make_cfg(**{"probe.checkpoint": pre.model_path, "probe.tsne_points": 100, "run.name": "probe-path"})
-    result = probe(cfg)
+    cfg = make_cfg(**{"probe.checkpoint": pre.model_path, "tracking.tsne_points": 100, "run.name": "probe-path"})
+    result = probe(cfg.study, cfg.execution)
     run = client_for(cfg).get_run(result.run_id)
     assert run.info.status == "FINISHED"
     # The probes learn even from a one-epoch encoder, well above chance (10%). Seen on this
@@ -207,12 +207,12 @@ def test_probe_fetches_the_encoder_from_a_pretrain_run_id(simclr, make_cfg):
 
     _, pre = simclr
     cfg = make_cfg(**{"probe.checkpoint": pre.run_id, "probe.all_labels": False, "run.name": "probe-runid"})
-    result = probe(cfg)
+    result = probe(cfg.study, cfg.execution)
     run = client_for(cfg).get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert {f"100-labels/{n}/test_acc" for n in PROBES} <= set(run.data.metrics)
     assert not any(k.startswith("all-labels/") for k in run.data.metrics)  # probe.all_labels=false
-    assert "plots/tsne_test.png" not in artifact_paths(cfg, result.run_id, "plots")  # probe.tsne_points=0
+    assert "plots/tsne_test.png" not in artifact_paths(cfg, result.run_id, "plots")  # tracking.tsne_points=0
     # the model came from the pretrain run's artifacts, into the probe's stage folder
     fetched = Path(run.data.tags["toolkit.encoder"])
     assert fetched.is_file() and fetched != Path(pre.model_path)
@@ -223,19 +223,20 @@ def test_probe_fetches_the_encoder_from_a_pretrain_run_id(simclr, make_cfg):
 def test_probe_rejects_an_empty_reference_and_a_classifier_checkpoint(simclr, make_cfg, tmp_path, capsys):
     from toolkit.cli import main
     from toolkit.models import Classifier
-    from toolkit.stages.common import save_model_file
+    from toolkit.stages.model_files import save_model_file
     from toolkit.stages.probe import probe
 
     cfg = make_cfg(**{"run.name": "probe-bad"})
     with pytest.raises(ConfigError, match="probe.checkpoint"):
-        probe(cfg)
+        probe(cfg.study, cfg.execution)
     # the CLI turns it into one line on stderr and exit code 2
-    assert main(["probe", *(f"{k}={v}" for k, v in overrides(cfg.data.root, cfg.tracking.uri, tmp_path / "cli").items())]) == 2
+    assert main(["probe", *(f"{k}={v}" for k, v in overrides(cfg.run.data_root, cfg.tracking.uri, tmp_path / "cli").items())]) == 2
     assert "probe.checkpoint is empty" in capsys.readouterr().err
 
-    clf = save_model_file(tmp_path / "classifier.pt", "classifier", cfg, Classifier(cfg.model).state_dict())
+    clf = save_model_file(tmp_path / "classifier.pt", "classifier", cfg.study, Classifier(cfg.model).state_dict())
+    with_clf = cfg.replace(**{"probe.checkpoint": str(clf)})
     with pytest.raises(CheckpointError, match="'classifier' model, expected 'simclr'"):
-        probe(cfg.replace(**{"probe.checkpoint": str(clf)}))
+        probe(with_clf.study, with_clf.execution)
     # neither got as far as an MLflow run
     assert runs_with_key(cfg, "probe-bad-probe") == []
 
@@ -277,21 +278,24 @@ def test_the_test_report_runs_the_plain_pass_once_and_gives_the_models_page_the_
 
     import toolkit.mlflow_models
     from toolkit.engine import tta_recipe
-    from toolkit.stages.common import log_test_report
+    from toolkit.stages.skeleton import StageRun
+    from toolkit.stages.test_report import log_test_report
 
     monkeypatch.setattr(toolkit.mlflow_models, "log_classifier", lambda *a, **k: "models:/m-0123")
     torch.manual_seed(0)
     data = SimpleNamespace(test_images=torch.randint(0, 256, (40, 28, 28), dtype=torch.uint8),
                            test_labels=torch.randint(0, 10, (40,)))
     cfg, model, tracker = Config(), _CountingClassifier(), _RecordingTracker()
-    metrics = log_test_report(tracker, cfg, model, data, tmp_path, "t", tta=tta_recipe(cfg.augment, 2, 0.5))
+    # the report reads the run's tracker, execution (tracking.log_models), data and folder; no split
+    run = StageRun(cfg.study, cfg.execution, "t-key", tmp_path, tracker, data, split=None)
+    metrics = log_test_report(run, model, "t", tta=tta_recipe(cfg.study.augment, 2, 0.5))
     assert model.images == 40 * 3  # one plain pass and two views, not a second plain pass
     (run_metrics, run_model), (page_metrics, page_model) = tracker.calls
     assert run_model is None and "test_acc_plain" not in run_metrics and "test_acc" in run_metrics
     assert page_model == "m-0123" and page_metrics == {"test_acc_plain": metrics["test_acc_plain"]}
     # without views: one pass, every figure on the run and on the model's page
     model.images, tracker.calls = 0, []
-    plain = log_test_report(tracker, cfg, model, data, tmp_path, "t")
+    plain = log_test_report(run, model, "t")
     assert model.images == 40 and tracker.calls == [(plain, "m-0123")] and "test_acc_plain" not in plain
 
 
@@ -302,7 +306,7 @@ def test_iterative_pseudolabel_logs_each_round_and_the_final_model(make_cfg):
     from toolkit.stages.pseudolabel import pseudolabel
 
     cfg = make_cfg(**{"run.name": "iter"})
-    result = pseudolabel(cfg)
+    result = pseudolabel(cfg.study, cfg.execution)
     client = client_for(cfg)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
@@ -338,7 +342,7 @@ def test_oneshot_trains_exactly_one_round_at_threshold_start(make_cfg):
     from toolkit.stages.pseudolabel import pseudolabel
 
     cfg = make_cfg(**{"run.name": "once", "pseudolabel.mode": "oneshot", "pseudolabel.threshold_start": 0.4})
-    result = pseudolabel(cfg)
+    result = pseudolabel(cfg.study, cfg.execution)
     assert result.stage == "pseudolabel-oneshot"
     folder = Path(cfg.run.output_dir).resolve() / "stages" / "once-pseudolabel-oneshot"
     state = load_state(folder / STATE_FILE)
@@ -366,27 +370,31 @@ def test_classifiers_local_trains_classifiers_in_process_while_pretraining_stays
     monkeypatch.setattr(backends, "init_ray", refuse)
     ray_run = {"run.backend": "ray", "tracking.enabled": False}
     cfg = make_cfg(**{"run.name": "inproc", "run.classifiers_local": True, **ray_run})
-    done = supervised(cfg)
+    done = supervised(cfg.study, cfg.execution)
     assert Path(done.model_path).is_file() and 0.0 < done.metrics["test_acc"] <= 1.0
-    assert local_checkpoint_root(cfg, "inproc-supervised").is_dir()
+    assert local_checkpoint_root(cfg.execution, "inproc-supervised").is_dir()
     with pytest.raises(RayStarted):
-        pretrain(cfg)
+        pretrain(cfg.study, cfg.execution)
+    onray = make_cfg(**{"run.name": "onray", **ray_run})
     with pytest.raises(RayStarted):
-        supervised(make_cfg(**{"run.name": "onray", **ray_run}))
+        supervised(onray.study, onray.execution)
     # on a Ray cluster (an address, as in a Ray Job) the classifiers stay on Ray Train's workers
+    cluster = make_cfg(**{"run.name": "cluster", "run.classifiers_local": True, "ray.address": "10.0.0.1:6379",
+                          **ray_run})
     with pytest.raises(RayStarted):
-        supervised(make_cfg(**{"run.name": "cluster", "run.classifiers_local": True, "ray.address": "10.0.0.1:6379",
-                               **ray_run}))
+        supervised(cluster.study, cluster.execution)
 
 
 def test_iterative_takes_round_1_from_a_matching_oneshot_run(make_cfg):
     from toolkit.stages.pseudolabel import pseudolabel
     from toolkit.stages.supervised import supervised
 
-    base = supervised(make_cfg(**{"run.name": "base"})).model_path
-    once = pseudolabel(make_cfg(**{"run.name": "r1", "pseudolabel.mode": "oneshot"}), base_model=base)
+    base_cfg = make_cfg(**{"run.name": "base"})
+    base = supervised(base_cfg.study, base_cfg.execution).model_path
+    once_cfg = make_cfg(**{"run.name": "r1", "pseudolabel.mode": "oneshot"})
+    once = pseudolabel(once_cfg.study, once_cfg.execution, base_model=base)
     cfg = make_cfg(**{"run.name": "r1it"})
-    it = pseudolabel(cfg, base_model=base, first_round_from=once)
+    it = pseudolabel(cfg.study, cfg.execution, base_model=base, first_round_from=once)
     stages = Path(cfg.run.output_dir).resolve() / "stages"
     once_state = load_state(stages / "r1-pseudolabel-oneshot" / STATE_FILE)
     it_state = load_state(stages / "r1it-pseudolabel-iterative" / STATE_FILE)
@@ -396,8 +404,8 @@ def test_iterative_takes_round_1_from_a_matching_oneshot_run(make_cfg):
     assert steps_of(cfg, it.run_id, "round/val_acc") == [1, 2, 3]  # round 1 logged in this run too
     assert client_for(cfg).get_run(it.run_id).data.tags["toolkit.round1_from"] == str(stages / "r1-pseudolabel-oneshot")
     # round 1 was not trained again (local training leaves a checkpoint folder per trained round)
-    assert not local_checkpoint_root(cfg, "r1it-pseudolabel-iterative-round1").exists()
-    assert local_checkpoint_root(cfg, "r1it-pseudolabel-iterative-round2").is_dir()
+    assert not local_checkpoint_root(cfg.execution, "r1it-pseudolabel-iterative-round1").exists()
+    assert local_checkpoint_root(cfg.execution, "r1it-pseudolabel-iterative-round2").is_dir()
 
     # another training config, another start model, or none: round 1 is trained, not taken
     other_base = Path(cfg.run.output_dir) / "other-base.pt"
@@ -405,10 +413,10 @@ def test_iterative_takes_round_1_from_a_matching_oneshot_run(make_cfg):
     for name, over, start in (("r1steps", {"pseudolabel.steps_per_round": 10}, base),
                               ("r1other", {}, str(other_base)), ("r1none", {}, None)):
         other = make_cfg(**{"run.name": name, **over})
-        pseudolabel(other, base_model=start, first_round_from=once)
+        pseudolabel(other.study, other.execution, base_model=start, first_round_from=once)
         state = load_state(stages / f"{name}-pseudolabel-iterative" / STATE_FILE)
         assert "adopted_from" not in state and state["rounds_done"] == 3, name
-        assert local_checkpoint_root(other, f"{name}-pseudolabel-iterative-round1").is_dir(), name
+        assert local_checkpoint_root(other.execution, f"{name}-pseudolabel-iterative-round1").is_dir(), name
 
 
 # ------------------------------------------------------------------ Ctrl-C and resume (subprocesses)
@@ -504,7 +512,7 @@ def study(data_root, tracking, tmp_path_factory):
         "classifier.eval_every": 10,
         "pseudolabel.rounds": 2,
     }))
-    results = pipeline(cfg)
+    results = pipeline(cfg.study, cfg.execution)
     assert sorted(results) == [0, 1]
     (parent,) = runs_with_key(cfg, "study-pipeline")
     return cfg, parent.info.run_id
@@ -570,7 +578,7 @@ def test_rerunning_the_pipeline_skips_every_finished_stage(study, capsys):
     exp = client.get_experiment_by_name(EXPERIMENT).experiment_id
     stage_runs = client.search_runs([exp], filter_string="tags.`toolkit.command` != 'pipeline'")
     capsys.readouterr()
-    results = pipeline(cfg)
+    results = pipeline(cfg.study, cfg.execution)
     out = capsys.readouterr().out
     assert all(r.skipped for by_stage in results.values() for r in by_stage.values())
     assert out.count("already finished") == 1 + len(STAGES) * 2, out
@@ -589,7 +597,7 @@ def test_report_after_a_rerun_still_has_every_stage(study, tmp_path, capsys):
     from toolkit.stages.pipeline import pipeline
 
     cfg, _ = study
-    pipeline(cfg)  # a no-op re-run (all stages finished); a no-op again if the test above ran first
+    pipeline(cfg.study, cfg.execution)  # a no-op re-run (all stages finished); a no-op again if the test above ran first
     capsys.readouterr()
     args = [f"tracking.uri={cfg.tracking.uri}", f"tracking.experiment={EXPERIMENT}", f"run.output_dir={tmp_path / 'runs'}"]
     assert main(["report", *args]) == 0

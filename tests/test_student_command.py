@@ -13,7 +13,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch single-thr
 
 
 def _tiny(data_root: str, out: Path) -> list[str]:
-    return [f"data.root={data_root}", "data.train_subset=1500", "data.test_subset=200", "split.val_size=200",
+    return [f"run.data_root={data_root}", "data.train_subset=1500", "data.test_subset=200", "split.val_size=200",
             "model.width=8", "classifier.steps=30", "classifier.eval_every=15", "classifier.batch_size=64",
             "student.steps=30", "student.knn_k=0", "student.tta_views=0", "run.threads=1",
             f"run.output_dir={out}", "tracking.enabled=false"]

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from toolkit import checkpoints
-from toolkit.stages.common import StageResult
+from toolkit.stages.skeleton import StageResult
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,9 +78,10 @@ def test_main_trains_each_seed_from_its_teachers_and_writes_mean_and_std(stages,
     sv = _script()
     calls = []
 
-    def fake_student(cfg, teachers, encoder=None):
-        calls.append((cfg.split.seed, cfg.run.seed, cfg.student.steps, cfg.tracking.enabled, teachers, encoder))
-        acc = {0: 0.98, 1: 0.96}[cfg.split.seed]
+    def fake_student(study, execution, teachers, encoder=None):
+        calls.append((study.split.seed, study.model.seed, study.student.steps, execution.tracking.enabled, teachers,
+                      encoder))
+        acc = {0: 0.98, 1: 0.96}[study.split.seed]
         return StageResult("student", "k", metrics={"test_acc": acc, "val_acc": acc + 0.01,
                                                     "diagnostic/pseudo_precision_total": 0.97})
 

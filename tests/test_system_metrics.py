@@ -22,12 +22,12 @@ def test_a_training_stage_logs_cpu_and_memory_utilisation(data_root, tmp_path, m
 
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # 10 s by default: a tiny run is shorter
     cfg = Config().replace(**{
-        "data.root": data_root, "data.train_subset": 1500, "data.test_subset": 200, "split.val_size": 200,
+        "run.data_root": data_root, "data.train_subset": 1500, "data.test_subset": 200, "split.val_size": 200,
         "model.width": 8, "classifier.steps": 60, "classifier.eval_every": 30, "classifier.batch_size": 64,
         "run.backend": "local", "run.threads": 1, "run.output_dir": str(tmp_path / "runs"),
         "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "tracking.log_models": False,
     })
-    result = supervised(cfg)
+    result = supervised(cfg.study, cfg.execution)
     keys = _metric_keys(cfg.tracking.uri, result.run_id)
     assert "system/cpu_utilization_percentage" in keys and "system/system_memory_usage_percentage" in keys, keys
     assert "system" not in capsys.readouterr().err  # the sampler's own lines stay off the console
@@ -40,9 +40,9 @@ def test_commands_that_only_read_start_no_sampler(tmp_path, monkeypatch):
     monkeypatch.setattr(tracking, "_system_metrics", lambda uri, run_id: started.append(run_id))
     cfg = Config().replace(**{"tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "run.output_dir": str(tmp_path)})
     for command in ("report", "predict"):
-        with mlflow_run(cfg, command, f"key-{command}"):
+        with mlflow_run(cfg.study, cfg.execution, command, f"key-{command}"):
             pass
     assert not started and {"pretrain", "supervised", "student", "pipeline"} <= TRAINING_COMMANDS
-    with mlflow_run(cfg, "pretrain", "key-pretrain"):
+    with mlflow_run(cfg.study, cfg.execution, "pretrain", "key-pretrain"):
         pass
     assert len(started) == 1

@@ -54,19 +54,19 @@ def test_check_run_id_refuses_anything_but_32_hex(run_id):
 @pytest.mark.slow
 def test_find_run_with_quotes_and_injection_in_the_key(tmp_path):
     cfg = _cfg(tmp_path)
-    with mlflow_run(cfg, "pretrain", "it's") as quoted:
+    with mlflow_run(cfg.study, cfg.execution, "pretrain", "it's") as quoted:
         pass
-    with mlflow_run(cfg, "pretrain", "other") as other:
+    with mlflow_run(cfg.study, cfg.execution, "pretrain", "other") as other:
         pass
-    assert find_run(cfg, "it's").info.run_id == quoted.run_id
-    assert find_run(cfg, "other").info.run_id == other.run_id
+    assert find_run(cfg.execution, "it's").info.run_id == quoted.run_id
+    assert find_run(cfg.execution, "other").info.run_id == other.run_id
     # an injected condition matches nothing (rather than every run, or a traceback)
-    assert find_run(cfg, "x' or '1'='1") is None
-    assert find_run(cfg, "x\" or \"1\"=\"1") is None
+    assert find_run(cfg.execution, "x' or '1'='1") is None
+    assert find_run(cfg.execution, "x\" or \"1\"=\"1") is None
     with pytest.raises(ConfigError, match="not an MLflow run id"):
-        find_run(cfg, "other", parent_run_id="x' or '1'='1")
+        find_run(cfg.execution, "other", parent_run_id="x' or '1'='1")
     runs = __import__("mlflow").tracking.MlflowClient(cfg.tracking.uri).search_runs(
-        [quoted.run_id and find_run(cfg, "other").info.experiment_id])
+        [quoted.run_id and find_run(cfg.execution, "other").info.experiment_id])
     assert {r.data.tags[RUN_KEY_TAG] for r in runs} == {"it's", "other"}
 
 
@@ -122,7 +122,7 @@ def test_mlflow_run_checks_reachability_before_creating_anything(tmp_path):
     cfg = _cfg(tmp_path, **{"tracking.uri": f"http://127.0.0.1:{_free_port()}"})
     t0 = time.monotonic()
     with pytest.raises(ConfigError, match="is not reachable"):
-        with mlflow_run(cfg, "pretrain", "k"):
+        with mlflow_run(cfg.study, cfg.execution, "pretrain", "k"):
             pytest.fail("a run was opened on an unreachable server")
     assert time.monotonic() - t0 < 30
 
@@ -193,7 +193,7 @@ def test_a_run_names_the_torch_and_the_cpu_kernels_it_ran_on(tmp_path):
     from mlflow.tracking import MlflowClient
 
     cfg = _cfg(tmp_path)
-    with mlflow_run(cfg, "pretrain", "machine-tags") as tracker:
+    with mlflow_run(cfg.study, cfg.execution, "pretrain", "machine-tags") as tracker:
         run_id = tracker.run_id
     tags = MlflowClient(tracking_uri=cfg.tracking.uri).get_run(run_id).data.tags
     assert tags["toolkit.torch"] == torch.__version__
@@ -211,10 +211,32 @@ def test_a_run_says_when_its_classifiers_trained_in_process_and_only_then(tmp_pa
 
     def tags_of(key: str, **over) -> dict:
         cfg = _cfg(tmp_path, **over)
-        with mlflow_run(cfg, "supervised", key) as tracker:
+        with mlflow_run(cfg.study, cfg.execution, "supervised", key) as tracker:
             run_id = tracker.run_id
         return MlflowClient(tracking_uri=cfg.tracking.uri).get_run(run_id).data.tags
 
     assert tags_of("one-machine", **{"run.classifiers_local": True})["toolkit.classifiers"] == "in-process"
     assert "toolkit.classifiers" not in tags_of("cluster", **{"run.classifiers_local": True,
                                                              "ray.address": "10.0.0.1:6379"})
+
+
+def test_a_finished_run_is_reopened_when_only_the_execution_differs(tmp_path):
+    """The study is the run's params; where it ran is tags: a re-run of the same study on another
+    backend continues its run (its execution tags show the latest), a changed study gets a new one."""
+    from mlflow.tracking import MlflowClient
+
+    cfg = Config().replace(**{"run.output_dir": str(tmp_path / "runs"), "tracking.uri": f"sqlite:///{tmp_path}/m.db"})
+    with mlflow_run(cfg.study, cfg.execution, "supervised", "key-1") as first:
+        pass
+    elsewhere = cfg.execution.replace(**{"run.backend": "local", "run.threads": 1})
+    with mlflow_run(cfg.study, elsewhere, "supervised", "key-1") as again:
+        pass
+    assert again.run_id == first.run_id
+    run = MlflowClient(tracking_uri=cfg.tracking.uri).get_run(first.run_id)
+    assert run.data.tags["execution.run.backend"] == "local" and run.data.tags["execution.run.threads"] == "1"
+    assert not any(k.startswith(("run.", "ray.", "tracking.", "inference.", "trials.")) for k in run.data.params)
+    assert run.data.params["split.seed"] == "0"
+    other_study = cfg.study.replace(**{"classifier.steps": 7})
+    with mlflow_run(other_study, elsewhere, "supervised", "key-1") as changed:
+        pass
+    assert changed.run_id != first.run_id

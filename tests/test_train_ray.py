@@ -7,7 +7,9 @@ gradient), that the stages checkpoint into Ray storage, resume from it, and log 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
+import pickle
 import sys
 from pathlib import Path
 
@@ -35,17 +37,16 @@ def _ddp_check_loop(config: dict) -> None:
     import ray.train
     import torch.distributed as dist
 
-    from toolkit.config import Config
     from toolkit.losses import nt_xent_loss
     from toolkit.models import SimCLRModel
     from toolkit.train_loops import make_accelerator
 
-    cfg = Config().replace(**{"model.width": 8, "run.backend": "ray"})
-    accelerator = make_accelerator(cfg)
+    job = config["job"]  # the SimCLR job as the driver built it, carried by Ray
+    accelerator = make_accelerator(job)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(0)
-    model = SimCLRModel(cfg.model)
+    model = SimCLRModel(job.model)
     # eval mode: BatchNorm uses its running statistics, so 2 x 8 and 1 x 16 compute the same function
     model.eval()
     reference = copy.deepcopy(model)
@@ -94,6 +95,8 @@ def _ddp_check_loop(config: dict) -> None:
         "num_processes": accelerator.num_processes,
         "distributed_type": str(accelerator.distributed_type),
         "world": world,
+        "job_device": job.device,
+        "accelerator_device": str(accelerator.device),
     }, checkpoint=ckpt)
 
 
@@ -101,13 +104,24 @@ def test_two_cpu_workers_are_real_ddp(tmp_path):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from toolkit.config import Config
+    from toolkit.data import Split
+    from toolkit.jobs import TrainJob, worker_device
+
+    # run.device=cuda is the driver's device: Ray Train's workers follow ray.use_gpu (false here) instead
+    cfg = Config().replace(**{"model.width": 8, "run.backend": "ray", "run.device": "cuda"})
+    split = Split(torch.arange(10), torch.arange(10, 20), torch.arange(20, 40), seed=0, labels_per_class=1)
+    job = TrainJob.simclr(cfg.study, cfg.execution, "/unused", split)
+    assert job.device == worker_device(cfg.execution, "simclr") == "cpu"
     trainer = TorchTrainer(
         _ddp_check_loop,
+        train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
         run_config=RunConfig(name="ddp-check", storage_path=str(tmp_path)),
     )
     m = trainer.fit().metrics
     assert m["world"] == 2
+    assert m["job_device"] == "cpu" and m["accelerator_device"] == "cpu"
     assert m["num_processes"] == 2, "Accelerate did not join Ray's process group (each worker trains alone)"
     assert "MULTI_CPU" in m["distributed_type"]
     assert m["grad_norm"] > 1e-3
@@ -129,7 +143,7 @@ def _ray_cfg(tiny_config, **over):
         "data.train_subset": 1200,
         "pretrain.batch_size": 128,
         "pretrain.warmup_epochs": 0.0,
-        "pseudolabel.inference": "local",
+        "inference.backend": "local",
     }
     base.update(over)
     return tiny_config.replace(**base)
@@ -140,14 +154,53 @@ def _client(cfg):
 
     from toolkit.tracking import tracking_uri
 
-    return MlflowClient(tracking_uri=tracking_uri(cfg))
+    return MlflowClient(tracking_uri=tracking_uri(cfg.execution))
 
 
-def test_pretrain_on_ray_checkpoints_logs_and_resumes(tiny_config):
+def _check_job_carries_only_its_study(job, cfg, loop: str, tmp_path) -> None:
+    """What crosses to the Ray workers: the study sections the loop reads (typed), the device that
+    ``jobs.worker_device`` gives its loop, and no execution: no tracking URI, no run folder of the driver's."""
+    from toolkit.config import EXECUTION_SECTIONS, Execution
+    from toolkit.jobs import TrainJob, worker_device
+
+    assert isinstance(job, TrainJob) and job.loop == loop
+    execution_types = tuple(type(getattr(Execution(), s)) for s in EXECUTION_SECTIONS)  # RunConfig, TrackingConfig, ...
+    for f in dataclasses.fields(job):
+        value = getattr(job, f.name)
+        assert not isinstance(value, (Execution, *execution_types)), f.name
+    assert (job.data, job.model, job.augment) == (cfg.data, cfg.model, cfg.augment)
+    if loop == "simclr":
+        assert job.pretrain == cfg.pretrain and job.classifier is None
+        assert set(job.sections()) == {"data", "model", "augment", "pretrain"}
+    else:
+        assert job.classifier == cfg.classifier and job.pretrain is None
+        assert set(job.sections()) == {"data", "model", "augment", "classifier"}
+    assert job.device == worker_device(cfg.execution, loop) == "cpu" and job.threads == cfg.run.threads
+    blob = pickle.dumps(job)
+    assert cfg.tracking.uri.encode() not in blob and str(tmp_path).encode() not in blob  # nothing of the driver's run
+
+
+def _spy_run_training(monkeypatch, module) -> list:
+    jobs = []
+    real = module.run_training
+
+    def spy(execution, job, *args, **kwargs):
+        jobs.append(job)
+        return real(execution, job, *args, **kwargs)
+
+    monkeypatch.setattr(module, "run_training", spy)
+    return jobs
+
+
+def test_pretrain_on_ray_checkpoints_logs_and_resumes(tiny_config, tmp_path, monkeypatch):
+    from toolkit.stages import pretrain as pretrain_module
     from toolkit.stages.pretrain import pretrain
 
     cfg = _ray_cfg(tiny_config, **{"pretrain.epochs": 1, "run.name": "resume-me"})
-    first = pretrain(cfg)
+    jobs = _spy_run_training(monkeypatch, pretrain_module)
+    first = pretrain(cfg.study, cfg.execution)
+    (job,) = jobs
+    _check_job_carries_only_its_study(job, cfg, "simclr", tmp_path)
     ray_dir = Path(cfg.run.output_dir).resolve() / "ray" / "resume-me-pretrain"
     assert list(ray_dir.glob("checkpoint_*")), "no checkpoint in Ray storage"
     client = _client(cfg)
@@ -155,6 +208,8 @@ def test_pretrain_on_ray_checkpoints_logs_and_resumes(tiny_config):
     assert run.info.status == "FINISHED"
     assert run.data.tags["toolkit.world_size"] == "2"
     assert run.data.params["pretrain.epochs"] == "1"
+    # the study is the run's params, the execution its tags
+    assert run.data.tags["execution.run.backend"] == "ray" and "run.backend" not in run.data.params
     losses = client.get_metric_history(first.run_id, "loss")
     assert len(losses) == 1 and losses[0].value > 0
     assert client.get_metric_history(first.run_id, "views_per_s")[0].value > 0
@@ -163,7 +218,8 @@ def test_pretrain_on_ray_checkpoints_logs_and_resumes(tiny_config):
     assert {"config.yaml", "split.json", "model/model.pt"} <= artifacts
 
     # the same run name with more epochs continues from the Ray checkpoint: only epoch 2 runs
-    second = pretrain(cfg.replace(**{"pretrain.epochs": 2}))
+    more = cfg.replace(**{"pretrain.epochs": 2})
+    second = pretrain(more.study, more.execution)
     assert [m.step for m in client.get_metric_history(second.run_id, "loss")] == [2]
     from toolkit import checkpoints
 
@@ -174,6 +230,7 @@ def test_supervised_on_ray_keeps_the_last_weights_and_leaves_no_temporary_checkp
                                                                                       monkeypatch):
     import tempfile
 
+    import toolkit.backends as backends
     from toolkit.stages.supervised import supervised
 
     leftovers_before = set(Path(tempfile.gettempdir()).glob("toolkit-ckpt-*"))
@@ -181,8 +238,12 @@ def test_supervised_on_ray_keeps_the_last_weights_and_leaves_no_temporary_checkp
     # a data root relative to the driver's folder, as the README writes it (Ray workers start elsewhere)
     monkeypatch.chdir(tmp_path)
     cfg = _ray_cfg(tiny_config, **{"classifier.steps": 40, "classifier.eval_every": 20, "classifier.batch_size": 64,
-                                   "data.root": os.path.relpath(data_root, tmp_path)})
-    result = supervised(cfg)
+                                   "run.data_root": os.path.relpath(data_root, tmp_path)})
+    jobs = _spy_run_training(monkeypatch, backends)
+    result = supervised(cfg.study, cfg.execution)
+    (job,) = jobs
+    _check_job_carries_only_its_study(job, cfg, "classifier", tmp_path)
+    assert os.path.isabs(job.data_root) and Path(job.data_root) == Path(data_root)  # absolute: workers start elsewhere
     client = _client(cfg)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"

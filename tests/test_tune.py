@@ -25,7 +25,9 @@ from toolkit import search_space
 from toolkit.config import Config, ConfigError, flatten_yaml, load_config, to_yaml
 from toolkit.engine import predict_logits
 from toolkit.stages import tune as tune_stage
-from toolkit.stages.common import RESULT_FILE, load_classifier_file
+from toolkit.stages.model_files import load_classifier_file
+from toolkit.stages.skeleton import RESULT_FILE
+from toolkit.stages.tune_trial import reproduce_args, trial_execution
 from toolkit.machine import device_label
 
 # learning rates from 1e-5 (barely moves) to 1e-2: trials differ clearly, so ASHA has something to stop;
@@ -48,7 +50,7 @@ def tiny(root: Path, data_root: str, space: str = SPACE, **over) -> Config:
     root.mkdir(parents=True, exist_ok=True)
     (root / "space.yaml").write_text(space)
     return Config().replace(**{
-        "data.root": data_root,
+        "run.data_root": data_root,
         "data.train_subset": 3000,
         "data.test_subset": 500,
         "split.val_size": 200,
@@ -59,10 +61,10 @@ def tiny(root: Path, data_root: str, space: str = SPACE, **over) -> Config:
         "pseudolabel.steps_per_round": 20,
         "tune.space": str(root / "space.yaml"),
         "tune.num_samples": 4,
-        "tune.max_concurrent": 2,
+        "trials.max_concurrent": 2,
         "tune.grace_rounds": 1,
         "tune.reduction_factor": 2,
-        "tune.max_failures": 0,
+        "trials.max_failures": 0,
         "run.output_dir": str(root / "runs"),
         "tracking.uri": f"sqlite:///{root}/mlflow.db",
         **over,
@@ -97,7 +99,7 @@ def read_rows(folder: Path) -> list[dict]:
 def test_unknown_key_in_space_file_fails_before_any_search(tmp_path, data_root):
     cfg = tiny(tmp_path, data_root, space="pseudolabel.threshold_strat: {uniform: [0.9, 0.99]}\n")
     with pytest.raises(ConfigError, match="pseudolabel.threshold_strat"):
-        tune_stage.tune(cfg)
+        tune_stage.tune(cfg.study, cfg.execution)
     assert not (tmp_path / "runs" / "stages").exists()  # no stage folder, no MLflow run
 
 
@@ -108,9 +110,9 @@ def test_the_first_trial_of_either_searcher_is_the_base_point(search):
     base = Config().replace(**{"pseudolabel.rounds": 3, "tune.search": search})
     space = search_space.parse_space("pseudolabel.schedule: {choice: [linear, cosine]}\n"
                                      "pseudolabel.threshold_start: {uniform: [0.9, 0.999]}\n"
-                                     "pseudolabel.rounds: {randint: [2, 4]}\n", "test", base)
-    start = search_space.base_point(base, space)
-    searcher = tune_stage._searcher(base, start)
+                                     "pseudolabel.rounds: {randint: [2, 4]}\n", "test", base.study)
+    start = search_space.base_point(base.study, space)
+    searcher = tune_stage._searcher(base.study, base.execution, start)
     if search == "optuna":
         searcher.set_search_properties(tune_stage.METRIC, "max", space.param_space())
         first, second = searcher.suggest("a"), searcher.suggest("b")
@@ -122,30 +124,32 @@ def test_the_first_trial_of_either_searcher_is_the_base_point(search):
 
 
 def test_reproduce_args_name_how_the_trial_ran():
-    ov = tune_stage._execution_overrides(Config().replace(**{"data.root": "/d"}), train_subset=1800)
-    assert tune_stage.reproduce_args(ov) == ("data.root=/d data.train_subset=1800 run.backend=local "
-                                             "pseudolabel.inference=local run.threads=1")
-    ov = tune_stage._execution_overrides(Config().replace(**{"data.root": "/d", "run.threads": 4}), train_subset=0)
-    assert tune_stage.reproduce_args(ov) == "data.root=/d run.backend=local pseudolabel.inference=local"
+    ex = trial_execution(Config().replace(**{"run.data_root": "/d"}).execution)
+    assert reproduce_args(ex, train_subset=1800) == ("run.data_root=/d data.train_subset=1800 run.backend=local "
+                                                     "inference.backend=local run.threads=1")
+    # the user's own thread count is how the trial ran too (best.yaml carries no execution key to hold it)
+    ex = trial_execution(Config().replace(**{"run.data_root": "/d", "run.threads": 4}).execution)
+    assert reproduce_args(ex, train_subset=0) == ("run.data_root=/d run.backend=local inference.backend=local "
+                                                  "run.threads=4")
 
 
 def test_pool_subset_shrinks_the_images_the_split_is_drawn_from(mnist_small):
     cfg = Config().replace(**{"split.val_size": 200, "tune.pool_subset": 500})
-    assert tune_stage._pool_train_subset(cfg, mnist_small) == 100 + 200 + 500
-    assert tune_stage._pool_train_subset(cfg.replace(**{"tune.pool_subset": 0}), mnist_small) == 0
-    assert tune_stage._pool_train_subset(cfg.replace(**{"tune.pool_subset": 5000}), mnist_small) == 0  # pool is smaller
+    assert tune_stage._pool_train_subset(cfg.study, mnist_small) == 100 + 200 + 500
+    assert tune_stage._pool_train_subset(cfg.study.replace(**{"tune.pool_subset": 0}), mnist_small) == 0
+    assert tune_stage._pool_train_subset(cfg.study.replace(**{"tune.pool_subset": 5000}), mnist_small) == 0  # pool is smaller
     # 100 labels per digit from the first 1,011 images: digit 3 has only 94 there
     cfg = Config().replace(**{"split.labels_per_class": 100, "split.val_size": 10, "tune.pool_subset": 1})
     with pytest.raises(ConfigError, match="tune.pool_subset=1"):
-        tune_stage._pool_train_subset(cfg, mnist_small)
+        tune_stage._pool_train_subset(cfg.study, mnist_small)
 
 
 def test_optuna_searcher():
     pytest.importorskip("optuna")  # the dev extra installs it; a bare install may not have it
     from ray.tune.search import ConcurrencyLimiter
 
-    cfg = Config().replace(**{"tune.search": "optuna", "tune.max_concurrent": 3})
-    searcher = tune_stage._searcher(cfg, {"pseudolabel.rounds": 3})
+    cfg = Config().replace(**{"tune.search": "optuna", "trials.max_concurrent": 3})
+    searcher = tune_stage._searcher(cfg.study, cfg.execution, {"pseudolabel.rounds": 3})
     assert isinstance(searcher, ConcurrencyLimiter) and searcher.max_concurrent == 3
     assert type(searcher.searcher).__name__ == "OptunaSearch"
 
@@ -154,7 +158,7 @@ def test_missing_optuna_is_one_config_error(monkeypatch):
     cfg = Config().replace(**{"tune.search": "optuna"})
     monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna -> ImportError
     with pytest.raises(ConfigError, match="optuna is not installed"):
-        tune_stage.tune(cfg)
+        tune_stage.tune(cfg.study, cfg.execution)
 
 
 def test_a_trials_run_logs_the_device_the_trial_reported_not_the_drivers_guess(tmp_path):
@@ -165,16 +169,19 @@ def test_a_trials_run_logs_the_device_the_trial_reported_not_the_drivers_guess(t
     from toolkit.tune_records import trial_runs_callback
 
     cfg = Config().replace(**{"run.output_dir": str(tmp_path / "runs"), "tracking.uri": f"sqlite:///{tmp_path}/mlflow.db"})
-    with mlflow_run(cfg, "tune", "search") as parent:
-        callback = trial_runs_callback(cfg, "search", parent.run_id, lambda point: cfg)
+    with mlflow_run(cfg.study, cfg.execution, "tune", "search") as parent:
+        callback = trial_runs_callback(cfg.execution, "search", parent.run_id, lambda point: cfg.study)
         trial = SimpleNamespace(trial_id="t1", config={})
         callback.on_trial_start(0, [], trial)
         for r in (1, 2):
             callback.on_trial_result(0, [], trial, {"val_acc": 0.5, "round": r, "device": "cuda",
                                                     "device_name": "NVIDIA H100 80GB HBM3"})
     (run,) = child_runs(cfg, parent.run_id)
-    assert run.data.params["run.device"] == "cuda" and run.data.tags["toolkit.device"] == "NVIDIA H100 80GB HBM3"
-    assert run.data.params["run.backend"] == cfg.run.backend  # the rest of the config, as before
+    assert run.data.tags["execution.run.device"] == "cuda" and run.data.tags["toolkit.device"] == "NVIDIA H100 80GB HBM3"
+    assert "run.device" not in run.data.params  # params are the study alone
+    # the rest of the trial's record, as before: its study as params, where and how it ran as execution.* tags
+    assert run.data.params["model.seed"] == str(cfg.model.seed) and "run.backend" not in run.data.params
+    assert run.data.tags["execution.run.backend"] == cfg.run.backend
 
 
 # --------------------------------------------------------------------------- real searches
@@ -184,7 +191,7 @@ def test_a_trials_run_logs_the_device_the_trial_reported_not_the_drivers_guess(t
 def search(ray_session, tmp_path_factory, data_root):
     """The main search: 4 trials of 2..3 rounds, run once for the tests below."""
     cfg = tiny(tmp_path_factory.mktemp("tune"), data_root, **{"tune.pool_subset": POOL_SUBSET})
-    result = tune_stage.tune(cfg)
+    result = tune_stage.tune(cfg.study, cfg.execution)
     return cfg, result, Path(result.model_path).parent
 
 
@@ -213,7 +220,7 @@ def test_best_yaml_reproduces_the_best_trial_config(search):
     text = best.read_text()
     keys = set(flatten_yaml(yaml.safe_load(text)))
     assert CONFIG_KEYS <= keys and "pseudolabel.threshold_gap" not in keys  # config keys only: pseudolabel reads it
-    assert "data.train_subset" not in keys and "data.root" not in keys
+    assert "data.train_subset" not in keys and "run.data_root" not in keys
     assert f"data.train_subset={100 + 200 + POOL_SUBSET}" in text  # the header's command for the trial as it ran
     loaded = load_config(best)  # what `toolkit pseudolabel --config best.yaml` does
     assert loaded.model.width == 8 and loaded.classifier.steps == 30 and loaded.split.val_size == 200
@@ -252,11 +259,13 @@ def test_one_nested_mlflow_run_per_trial_with_round_metrics(search):
         tid = run.data.tags["toolkit.tune.trial_id"]
         assert run.data.tags["toolkit.tune.status"] == rows[tid]["status"]
         assert run.info.status == {"completed": "FINISHED", "stopped_early": "KILLED"}[rows[tid]["status"]]
-        # params are the trial's config: the sampled values, in-process execution
+        # params are the trial's study (the sampled values); its in-process execution is in execution.* tags
         assert float(run.data.params["classifier.lr"]) == pytest.approx(float(rows[tid]["classifier.lr"]))
-        assert run.data.params["run.backend"] == "local" and run.data.params["pseudolabel.inference"] == "local"
+        assert run.data.tags["execution.run.backend"] == "local" and run.data.tags["execution.inference.backend"] == "local"
+        assert "run.backend" not in run.data.params and "inference.backend" not in run.data.params
         # where the trial ran, as it read it in its own process (this CPU: no GPU was asked for)
-        assert run.data.params["run.device"] == "cpu" and run.data.tags["toolkit.device"] == device_label("cpu")
+        assert run.data.tags["execution.run.device"] == "cpu" and run.data.tags["toolkit.device"] == device_label("cpu")
+        assert "run.device" not in run.data.params  # params are the study alone
         assert run.data.params["data.train_subset"] == str(100 + 200 + POOL_SUBSET)
         assert run.data.params["split.pool_size"] == str(POOL_SUBSET)
         rounds = list(range(1, int(rows[tid]["rounds_done"]) + 1))
@@ -278,7 +287,7 @@ def test_one_nested_mlflow_run_per_trial_with_round_metrics(search):
 @pytest.mark.slow
 def test_rerun_of_a_finished_search_skips(search):
     cfg, result, folder = search
-    again = tune_stage.tune(cfg)
+    again = tune_stage.tune(cfg.study, cfg.execution)
     assert again.skipped and again.run_key == result.run_key
     assert again.metrics["best_val_acc"] == result.metrics["best_val_acc"]
     assert len(trial_runs(cfg)) == 4
@@ -289,9 +298,9 @@ def test_interrupted_search_is_restored_without_redoing_finished_trials(ray_sess
     """Ctrl-C a real `toolkit tune` while its second trial runs; the same search, re-run, restores Tune's state."""
     from ray import tune as ray_tune
 
-    cfg = tiny(tmp_path, data_root, **{"tune.num_samples": 2, "tune.max_concurrent": 1})
+    cfg = tiny(tmp_path, data_root, **{"tune.num_samples": 2, "trials.max_concurrent": 1})
     (tmp_path / "cfg.yaml").write_text(to_yaml(cfg, only_changed=True))
-    key = tune_stage.search_key(cfg, SPACE)
+    key = tune_stage.search_key(cfg.study, cfg.execution, SPACE)
     trials = Path(cfg.run.output_dir).resolve() / "ray" / "tune" / key  # Tune's storage: a folder per trial
     gcs = ray_session.get_runtime_context().gcs_address  # the CLI joins this module's Ray
     proc = subprocess.Popen([sys.executable, "-m", "toolkit.cli", "tune", "--config", str(tmp_path / "cfg.yaml"),
@@ -326,7 +335,7 @@ def test_interrupted_search_is_restored_without_redoing_finished_trials(ray_sess
     original = ray_tune.Tuner.restore
     monkeypatch.setattr(ray_tune.Tuner, "restore",
                         classmethod(lambda cls, *a, **k: restored.append(a[0]) or original(*a, **k)))
-    result = tune_stage.tune(cfg)
+    result = tune_stage.tune(cfg.study, cfg.execution)
     assert restored == [str(trials)]
     assert result.run_id == parent.info.run_id  # the same parent run, resumed
     m = result.metrics
@@ -348,8 +357,8 @@ def test_crashing_trials_are_recorded_as_failed_and_the_search_goes_on(ray_sessi
     space = "augment.scale_min: {choice: [1.15]}\naugment.scale_max: {choice: [0.9, 0.95]}\n"
     cfg = tiny(tmp_path, data_root, space=space, **{"tune.num_samples": 2})
     with pytest.raises(RuntimeError, match="no trial ran all its rounds"):
-        tune_stage.tune(cfg)
-    key = tune_stage.search_key(cfg, space)
+        tune_stage.tune(cfg.study, cfg.execution)
+    key = tune_stage.search_key(cfg.study, cfg.execution, space)
     folder = Path(cfg.run.output_dir).resolve() / "stages" / key
     rows = read_rows(folder)
     assert len(rows) == 2 and all(r["status"] == "failed" and "augment.scale_min" in r["error"] for r in rows)

@@ -64,9 +64,9 @@ def ray_session():
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the loop below is not importable by workers
     from toolkit.backends import init_ray
-    from toolkit.config import Config
+    from toolkit.config import Execution
 
-    init_ray(Config())  # as every command starts it: on 127.0.0.1, with the token (gloo included)
+    init_ray(Execution())  # as every command starts it: on 127.0.0.1, with the token (gloo included)
     yield
     ray.shutdown()
     cloudpickle.unregister_pickle_by_value(sys.modules[__name__])

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from . import checkpoints
-from .config import Config, ConfigError
+from .config import ConfigError, Execution
 from .jobs import TrainJob
 from .ray_checkpoints import older_registered_checkpoints, remove_strays
 from .storage import check_shared, resolve_output_dir, storage_path
@@ -195,18 +195,6 @@ def _interruptible_trainer_class():
     return InterruptibleTrainer
 
 
-def embedded(cfg: Config) -> bool:
-    """True when this process starts its own local Ray (no ``ray.address`` / ``$RAY_ADDRESS``)."""
-    return not (cfg.ray.address or os.environ.get("RAY_ADDRESS", ""))
-
-
-def classifiers_in_process(cfg: Config) -> bool:
-    """``run.classifiers_local`` on one machine: with an embedded Ray the classifiers train in this
-    process; on a Ray cluster (``ray.address`` / ``$RAY_ADDRESS``, as in a Ray Job) they stay on Ray
-    Train's workers, spread over its nodes."""
-    return cfg.run.classifiers_local and cfg.run.backend == "ray" and embedded(cfg)
-
-
 def _ray_init(**kwargs) -> None:
     """``ray.init``, keeping this process's SIGTERM handler.
 
@@ -228,7 +216,7 @@ def _ray_init(**kwargs) -> None:
             signal.signal(signal.SIGTERM, kept)
 
 
-def init_ray(cfg: Config) -> None:
+def init_ray(execution: Execution) -> None:
     """Connect to ``ray.address`` / ``$RAY_ADDRESS``, or start an embedded local Ray (dashboard off).
 
     The embedded Ray listens on 127.0.0.1 only, with Ray's token authentication on and its
@@ -242,14 +230,14 @@ def init_ray(cfg: Config) -> None:
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     from .console import quiet_loggers, show_toolkit_lines
 
-    if not cfg.run.verbose:
+    if not execution.run.verbose:
         quiet_loggers("ray")
-    if not embedded(cfg):
-        _ray_init(address=cfg.ray.address or None, log_to_driver=True)
-        show_toolkit_lines(cfg.run.verbose, None)
+    if not execution.embedded():
+        _ray_init(address=execution.ray.address or None, log_to_driver=True)
+        show_toolkit_lines(execution.run.verbose, None)
         return
     # logical CPUs may exceed cores: a Tune trial plus its 2 training workers must fit
-    num_cpus = cfg.ray.num_cpus or max(4, os.cpu_count() or 1)
+    num_cpus = execution.ray.num_cpus or max(4, os.cpu_count() or 1)
     from .embedded_ray import closed
 
     with closed():
@@ -261,32 +249,32 @@ def init_ray(cfg: Config) -> None:
             object_store_memory=200 * 1024 * 1024,
             log_to_driver=True,
         )
-    show_toolkit_lines(cfg.run.verbose, Path(ray._private.worker.global_worker.node.get_logs_dir_path()))
+    show_toolkit_lines(execution.run.verbose, Path(ray._private.worker.global_worker.node.get_logs_dir_path()))
 
 
-def check_gpu_visible(cfg: Config, classifiers: bool = False) -> None:
+def check_gpu_visible(execution: Execution, classifiers: bool = False) -> None:
     """What trains in this process needs its GPU here: ``ray.use_gpu`` or ``run.device=cuda`` under
     the local backend, and, when the command trains ``classifiers`` with ``run.classifiers_local``,
     under the Ray backend too (they would train on this process's CPU instead of Ray's GPU workers)."""
-    wants = cfg.ray.use_gpu or cfg.run.device == "cuda"
+    wants = execution.ray.use_gpu or execution.run.device == "cuda"
     # an embedded Ray has this machine's GPUs and no others: none here means none there, known before
     # anything starts (a Ray cluster is asked for its resources once Ray is up, and may grow)
-    in_process = cfg.run.backend == "local" or embedded(cfg) or (classifiers and classifiers_in_process(cfg))
+    in_process = execution.run.backend == "local" or execution.embedded() or (classifiers and execution.backend_for("classifier") == "local")
     if wants and in_process:
         import torch
 
         if not torch.cuda.is_available():
-            if cfg.run.backend != "local" and cfg.ray.use_gpu:
+            if execution.run.backend != "local" and execution.ray.use_gpu:
                 raise ConfigError("ray.use_gpu=true is not allowed: the embedded Ray (no ray.address) has this "
                                   "machine's GPUs, and no CUDA GPU is visible here")
-            if cfg.run.backend != "local":
+            if execution.run.backend != "local":
                 raise ConfigError("run.classifiers_local=true is not allowed: the classifiers would train in this "
                                   "process, which sees no CUDA GPU; set it false to train them on Ray Train's GPU workers")
-            key = "ray.use_gpu=true" if cfg.ray.use_gpu else "run.device='cuda'"
+            key = "ray.use_gpu=true" if execution.ray.use_gpu else "run.device='cuda'"
             raise ConfigError(f"{key} is not allowed: no CUDA GPU is visible to this process")
 
 
-def require_resources(cfg: Config, need: dict[str, float], what: str) -> None:
+def require_resources(execution: Execution, need: dict[str, float], what: str) -> None:
     """Make sure the Ray cluster can ever give ``need`` ({"CPU": n, "GPU": m}) at once.
 
     An embedded Ray cannot grow: a request larger than it fails now with one line
@@ -305,7 +293,7 @@ def require_resources(cfg: Config, need: dict[str, float], what: str) -> None:
     desc, has = shortfall()
     if not desc:
         return
-    if embedded(cfg) or cfg.ray.resource_wait_s <= 0:
+    if execution.embedded() or execution.ray.resource_wait_s <= 0:
         raise ConfigError(f"{what} is not allowed: it needs {desc} and the Ray cluster has {has}")
     from ray.autoscaler.sdk import request_resources
 
@@ -314,58 +302,59 @@ def require_resources(cfg: Config, need: dict[str, float], what: str) -> None:
     next_line = t0
     while desc:
         now = time.monotonic()
-        if now - t0 > cfg.ray.resource_wait_s:
+        if now - t0 > execution.ray.resource_wait_s:
             raise ConfigError(f"{what}: the Ray cluster still has {has} after waiting {now - t0:.0f}s for the autoscaler "
-                              f"to add {desc} (ray.resource_wait_s={cfg.ray.resource_wait_s:g})")
+                              f"to add {desc} (ray.resource_wait_s={execution.ray.resource_wait_s:g})")
         if now >= next_line:
             print(f"[ray] waiting for the autoscaler: {what} needs {desc}, the cluster has {has} "
-                  f"({now - t0:.0f}s of {cfg.ray.resource_wait_s:g}s)", flush=True)
+                  f"({now - t0:.0f}s of {execution.ray.resource_wait_s:g}s)", flush=True)
             next_line = now + 30
         time.sleep(5)
         desc, has = shortfall()
 
 
-def local_checkpoint_root(cfg: Config, run_name: str) -> Path:
-    return resolve_output_dir(cfg.run.output_dir) / "local" / run_name
+def local_checkpoint_root(execution: Execution, run_name: str) -> Path:
+    return resolve_output_dir(execution.run.output_dir) / "local" / run_name
 
 
-def run_training(cfg: Config, job: TrainJob, run_name: str, sink: MetricsSink | None = None) -> tuple[dict, dict]:
-    """Run ``job`` under ``cfg.run.backend``; return (final checkpoint payload, last metrics of rank 0).
+def run_training(execution: Execution, job: TrainJob, run_name: str, sink: MetricsSink | None = None) -> tuple[dict, dict]:
+    """Run ``job`` where the execution puts its loop (``Execution.backend_for``: Ray Train's workers or this
+    process); return (final checkpoint payload, last metrics of rank 0).
 
     ``sink`` receives rank 0's metrics after every report, on the driver's node.
     Re-running with the same ``run_name`` resumes from the newest checkpoint; on Ray,
     a lost worker or node restarts the job from it (``ray.max_failures``).
     """
-    if cfg.run.backend == "local":
-        check_gpu_visible(cfg)
-        session = LocalSession(local_checkpoint_root(cfg, run_name), sink)
+    if execution.backend_for(job.loop) == "local":
+        check_gpu_visible(execution, classifiers=job.loop == "classifier")
+        session = LocalSession(local_checkpoint_root(execution, run_name), sink)
         _worker(job.loop)(job, session)
         final = session.restore()
         if final is None:
             raise RuntimeError(f"training '{run_name}' reported no checkpoint")
         return final, session.last_metrics
 
-    init_ray(cfg)
-    need = {"CPU": cfg.ray.num_workers * cfg.ray.cpus_per_worker, "GPU": cfg.ray.num_workers if cfg.ray.use_gpu else 0}
-    require_resources(cfg, need, f"ray.num_workers={cfg.ray.num_workers} (x {cfg.ray.cpus_per_worker:g} CPU"
-                                 f"{', 1 GPU' if cfg.ray.use_gpu else ''} each)")
-    storage = storage_path(cfg)
-    check_shared(cfg, storage)
+    init_ray(execution)
+    need = {"CPU": execution.ray.num_workers * execution.ray.cpus_per_worker, "GPU": execution.ray.num_workers if execution.ray.use_gpu else 0}
+    require_resources(execution, need, f"ray.num_workers={execution.ray.num_workers} (x {execution.ray.cpus_per_worker:g} CPU"
+                                 f"{', 1 GPU' if execution.ray.use_gpu else ''} each)")
+    storage = storage_path(execution)
+    check_shared(execution, storage)
     remove_strays(storage, run_name)  # left by an interrupted run: Ray would neither resume nor delete them
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
-    resources = {"CPU": cfg.ray.cpus_per_worker}
-    if cfg.ray.use_gpu:
+    resources = {"CPU": execution.ray.cpus_per_worker}
+    if execution.ray.use_gpu:
         resources["GPU"] = 1
     trainer = _interruptible_trainer_class()(
         train_loop_per_worker=_ray_entry,
         train_loop_config={"job": job},
-        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=execution.ray.num_workers, use_gpu=execution.ray.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=run_name,
             storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            failure_config=FailureConfig(max_failures=execution.ray.max_failures),
             callbacks=[_sink_callback(sink)] if sink else None,
         ),
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import pickle
@@ -12,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .config import Config, ModelConfig, config_from_dict
+from .config import ModelConfig
 from .models import architecture
 from .redaction import redact_tree
 
@@ -51,12 +52,13 @@ def save(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     return p
 
 
-def model_payload(kind: str, cfg: Config, state_dict: dict, **extra: Any) -> dict[str, Any]:
-    """What a model file holds: its kind, architecture, the resolved config and the weights."""
+def model_payload(kind: str, config: dict, state_dict: dict, **extra: Any) -> dict[str, Any]:
+    """What a model file holds: its kind, architecture, the study sections that made it (``config``:
+    ``Study.to_dict()`` from the driver, ``TrainJob.sections()`` from a worker) and the weights."""
     return {
         "kind": kind,
-        "architecture": architecture(cfg.model),
-        "config": cfg.to_dict(),
+        "architecture": architecture(ModelConfig(**config["model"])),
+        "config": config,
         "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
         **extra,
     }
@@ -117,5 +119,13 @@ def load_model_file(path: str | os.PathLike, kind: str, model_cfg: ModelConfig |
     return payload
 
 
-def config_of(payload: dict[str, Any]) -> Config:
-    return config_from_dict(payload["config"])
+def model_config_of(payload: dict[str, Any]) -> ModelConfig:
+    """The ``ModelConfig`` a model file (or ``ModelWeights.config``) was built with.
+
+    Keys this version does not know are left out (a file from an older version keeps loading:
+    its architecture is checked against the network's weights when they are loaded)."""
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    fields = {k: v for k, v in payload.get("config", {}).get("model", {}).items() if k in known}
+    if "architecture" in payload:  # the shapes the weights were saved with (files from before `pool`: global pooling)
+        fields.update({k: v for k, v in {"pool": 1, **payload["architecture"]}.items() if k in known})
+    return ModelConfig(**fields)

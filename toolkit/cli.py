@@ -12,10 +12,10 @@ import os
 import sys
 from typing import Callable, Iterator
 
-from .config import STAGE_SECTIONS, ConfigError, Config, check_command_config, help_text, load_config
+from .config import STAGE_SECTIONS, ConfigError, Execution, Study, check_command_config, help_text, load_config
 
 # command -> its one-line description; the config sections its help lists come from
-# config.STAGE_SECTIONS (what decides its result) plus the infrastructure it runs on
+# config.STAGE_SECTIONS (the study sections that decide its result) plus the execution it runs on
 COMMANDS: dict[str, str] = {
     "pretrain": "SimCLR pretraining of the encoder (Ray Train DDP + Accelerate)",
     "probe": "linear / MLP / kNN probes on a frozen encoder, 100 labels and all labels",
@@ -27,16 +27,18 @@ COMMANDS: dict[str, str] = {
     "report": "results table and plots of a pipeline run",
     "predict": "labels and confidences for images (idx3, .npy, PNG/JPEG) from a model file, MLflow run or model URI",
 }
-_RUNS_ON = {"pretrain": ("ray",), "supervised": ("ray",), "pseudolabel": ("ray",), "student": ("ray",), "tune": ("ray",),
-            "pipeline": ("ray",)}
+_RUNS_ON = {"pretrain": ("ray",), "probe": ("tracking",), "supervised": ("ray",), "pseudolabel": ("ray", "inference"),
+            "student": ("ray", "inference"), "tune": ("ray", "trials"), "pipeline": ("ray", "inference", "trials"),
+            "report": ("report",), "predict": ("predict",)}
 
 
 def command_sections(command: str) -> tuple[str, ...]:
-    """The config sections ``toolkit COMMAND --help`` lists: what decides its result, then where it runs."""
-    return (*STAGE_SECTIONS[command], *_RUNS_ON.get(command, ()), "tracking", "run")
+    """The config sections ``toolkit COMMAND --help`` lists: the study sections that decide its result,
+    then the execution sections of where it runs."""
+    return tuple(dict.fromkeys((*STAGE_SECTIONS.get(command, ()), *_RUNS_ON.get(command, ()), "tracking", "run")))
 
 
-def _dispatch(command: str) -> Callable[[Config], object]:
+def _dispatch(command: str) -> Callable[[Study, Execution], object]:
     if command == "pretrain":
         from .stages.pretrain import pretrain
         return pretrain
@@ -173,27 +175,29 @@ def _main(argv: list[str] | None) -> int:
         cfg = load_config(args.config, overrides)
         sections = command_sections(args.command)
         check_command_config(cfg, sections)  # what the config alone shows impossible for this command
+        # split once: what decides the result, and where and how it runs (one absolute output folder
+        # for the whole command: inside a Ray job, not its temporary working folder)
+        from .storage import resolve_output_dir
+
+        study = cfg.study
+        execution = cfg.execution.replace(**{"run.output_dir": str(resolve_output_dir(cfg.run.output_dir))})
         if "ray" in sections:
             from .preflight import check_ray_address_reachable
 
-            check_ray_address_reachable(cfg)  # seconds, not minutes of ray.init retries
-        # one absolute output folder for the whole command (inside a Ray job, not its temporary working folder)
-        from .storage import resolve_output_dir
-
-        cfg = cfg.replace(**{"run.output_dir": str(resolve_output_dir(cfg.run.output_dir))})
-        if cfg.run.threads:
+            check_ray_address_reachable(execution)  # seconds, not minutes of ray.init retries
+        if execution.run.threads:
             import torch
 
-            torch.set_num_threads(cfg.run.threads)  # the driver's own work: probes, inference, evaluation
+            torch.set_num_threads(execution.run.threads)  # the driver's own work: probes, inference, evaluation
         # a GPU this process would train on must be here before any folder or MLflow run exists (Ray's
         # workers are checked after connecting; tune's trials train in their actors on Tune's GPUs)
         from .backends import check_gpu_visible
 
-        check_gpu_visible(cfg, classifiers="classifier" in sections and args.command != "tune")
+        check_gpu_visible(execution, classifiers="classifier" in sections and args.command != "tune")
         from .preflight import check_inputs
 
-        check_inputs(cfg, args.command)  # data, checkpoints, stores: bad input creates no folder, lock or run
-        _dispatch(args.command)(cfg)
+        check_inputs(study, execution, args.command)  # data, checkpoints, stores: bad input creates no folder, lock or run
+        _dispatch(args.command)(study, execution)
     except KeyboardInterrupt:
         print(f"toolkit {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130

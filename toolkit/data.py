@@ -30,7 +30,7 @@ _FILES = {
 
 
 def resolve_root(root: str = "") -> Path:
-    """``data.root``, else ``$TOOLKIT_DATA_DIR``, else ``./data``; always absolute (Ray workers run elsewhere)."""
+    """``run.data_root``, else ``$TOOLKIT_DATA_DIR``, else ``./data``; always absolute (Ray workers run elsewhere)."""
     return Path(root or os.environ.get("TOOLKIT_DATA_DIR") or "data").expanduser().resolve()
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoints
-from .config import Config, ConfigError, config_from_dict
+from .config import ConfigError, DataConfig, Execution, Study
 from .data import NUM_CLASSES, load_mnist, resolve_root
 from .engine import predict_logits
 from .jobs import ModelWeights
@@ -53,23 +53,24 @@ def _check_in_range(idx: np.ndarray, n_images: int, where: str) -> None:
         )
 
 
-def device_for(cfg: Config | None = None) -> torch.device:
+def device_for(execution: Execution | None = None) -> torch.device:
     """Where the driver evaluates and predicts: ``run.device`` when it names one, else cuda if visible, else cpu."""
-    if cfg is not None and cfg.run.device != "auto":
-        if cfg.run.device == "cuda" and not torch.cuda.is_available():
+    if execution is not None and execution.run.device != "auto":
+        if execution.run.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("run.device='cuda' is not allowed: no CUDA GPU is visible to this process")
-        return torch.device(cfg.run.device)
+        return torch.device(execution.run.device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def build_classifier(weights: ModelWeights, device: torch.device | str) -> torch.nn.Module:
-    """A classifier from weights passed by value, in eval mode and channels_last on ``device``.
+    """A classifier from weights passed by value, in eval mode and channels_last on ``device``: the one
+    place a classifier is built from saved weights (model files, Ray objects, MLflow model packages).
 
     The architecture comes from the weights' own config, so the caller's config need not match it.
     """
     if weights.kind != "classifier":
         raise checkpoints.CheckpointError(f"pool inference needs a classifier, got a '{weights.kind}' model")
-    model = Classifier(config_from_dict(weights.config).model)
+    model = Classifier(checkpoints.model_config_of({"config": weights.config}))
     model.load_state_dict(weights.state_dict)
     return model.to(device=device, memory_format=torch.channels_last).eval()
 
@@ -88,22 +89,15 @@ def pool_probs(model: torch.nn.Module, images_u8: torch.Tensor, batch_size: int 
     return F.softmax(predict_logits(model, images_u8, batch_size), dim=1)
 
 
-def predict_pool_local(
-    weights: ModelWeights, cfg: Config, indices: Any, batch_size: int = 2048, device: torch.device | str | None = None,
-    images: torch.Tensor | None = None,
-) -> np.ndarray:
-    """Probabilities (len(indices), 10) float32 for the training images at ``indices``, in their order, in-process.
-
-    ``device``: as given, else ``run.device`` unless it is "auto", else cuda when visible.
-    ``images``: the uint8 training images when the caller holds them already (else read from ``data.root``).
-    """
+def predict_pool_local(weights: ModelWeights, images: torch.Tensor, indices: Any, batch_size: int = 2048,
+                       device: torch.device | str | None = None) -> np.ndarray:
+    """Probabilities (len(indices), 10) float32 for ``images[indices]`` (the uint8 training images), in
+    their order, in-process on ``device`` (default: cuda when visible)."""
     idx = _as_index_array(indices)
     if idx.size == 0:
         return np.zeros((0, NUM_CLASSES), dtype=np.float32)
-    device = torch.device(device) if device is not None else device_for(cfg)
+    device = torch.device(device) if device is not None else device_for()
     model = build_classifier(weights, device)
-    if images is None:
-        images = load_mnist(cfg.data.root, cfg.data.download, cfg.data.train_subset).train_images
     _check_in_range(idx, images.shape[0], "predict_pool_local")
     # index on the CPU, then move only the pool images (N, 28, 28) uint8
     pool = images[torch.from_numpy(idx)].to(device)
@@ -138,19 +132,19 @@ class PoolPredictor:
         return {"index": idx, "probs": probs.cpu().numpy().astype(np.float32, copy=False)}
 
 
-def _check_ray_resources(cfg: Config, num_actors: int) -> None:
+def _check_ray_resources(execution: Execution, num_actors: int) -> None:
     """Fail fast where Ray would otherwise wait forever for resources that do not exist."""
     import ray
 
     from .backends import require_resources
 
-    if cfg.ray.use_gpu:  # on a cluster: wait for the autoscaler to add GPU nodes, within ray.resource_wait_s
-        require_resources(cfg, {"GPU": num_actors}, f"pseudolabel.inference_actors={num_actors} with ray.use_gpu=true "
+    if execution.ray.use_gpu:  # on a cluster: wait for the autoscaler to add GPU nodes, within ray.resource_wait_s
+        require_resources(execution, {"GPU": num_actors}, f"inference.actors={num_actors} with ray.use_gpu=true "
                                                     "(one GPU per actor)")
     cpus = ray.cluster_resources().get("CPU", 0)
     if num_actors * ACTOR_NUM_CPUS >= cpus:
         raise ConfigError(
-            f"pseudolabel.inference_actors={num_actors} is not allowed: {num_actors} actors x {ACTOR_NUM_CPUS} CPU "
+            f"inference.actors={num_actors} is not allowed: {num_actors} actors x {ACTOR_NUM_CPUS} CPU "
             f"would take all {cpus:g} CPUs of the Ray cluster and starve Ray Data's tasks"
         )
 
@@ -175,14 +169,14 @@ def spread_strategy(nodes: list[dict], bundle: dict[str, float], num_actors: int
     return "STRICT_SPREAD" if fit >= num_actors else "SPREAD"
 
 
-def _reserve_pool(cfg: Config, num_actors: int, timeout_s: float):
+def _reserve_pool(execution: Execution, num_actors: int, timeout_s: float):
     """On a cluster of several nodes: a placement group of one bundle per actor, spread over the nodes
     (see ``spread_strategy``), once Ray has reserved it; None on one node. ``ConfigError`` when the
     bundles cannot be reserved within ``timeout_s``."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    bundle = _actor_bundle(cfg.ray.use_gpu)
+    bundle = _actor_bundle(execution.ray.use_gpu)
     strategy = spread_strategy(ray.nodes(), bundle, num_actors)
     if strategy is None:
         return None
@@ -190,9 +184,9 @@ def _reserve_pool(cfg: Config, num_actors: int, timeout_s: float):
     if not pg.wait(timeout_s):
         remove_placement_group(pg)
         raise ConfigError(
-            f"pseudolabel.inference_actors={num_actors}: Ray could not reserve {num_actors} x {bundle} "
+            f"inference.actors={num_actors}: Ray could not reserve {num_actors} x {bundle} "
             f"({strategy}) within {timeout_s:.0f}s; the cluster has {ray.available_resources()} free "
-            f"of {ray.cluster_resources()} (ray.resource_wait_s={cfg.ray.resource_wait_s:g})"
+            f"of {ray.cluster_resources()} (ray.resource_wait_s={execution.ray.resource_wait_s:g})"
         )
     return pg
 
@@ -213,11 +207,12 @@ def _reorder(indices: np.ndarray, got_index: np.ndarray, got_probs: np.ndarray) 
     return np.ascontiguousarray(got_probs[order[pos]], dtype=np.float32)
 
 
-def predict_pool_ray(cfg: Config, weights: ModelWeights, indices: Any, num_actors: int, batch_size: int) -> np.ndarray:
+def predict_pool_ray(execution: Execution, data: DataConfig, weights: ModelWeights, indices: Any, num_actors: int,
+                     batch_size: int) -> np.ndarray:
     """Probabilities (len(indices), 10) float32 in the order of ``indices``, from a Ray Data actor pool.
 
     ``num_actors`` actors (one GPU each when ``ray.use_gpu``) each get the weights from
-    the object store and load their node's MNIST once (``data.root``: the same path on
+    the object store and load their node's MNIST once (``run.data_root``: the same path on
     every node). On a cluster of several nodes the actors are spread over them (each on its
     own node when there are enough: ``spread_strategy``) and all of them are up before the
     first batch is handed out; on one node Ray Data starts with the first actor up.
@@ -237,8 +232,8 @@ def predict_pool_ray(cfg: Config, weights: ModelWeights, indices: Any, num_actor
 
     from .backends import init_ray
 
-    init_ray(cfg)
-    _check_ray_resources(cfg, num_actors)
+    init_ray(execution)
+    _check_ray_resources(execution, num_actors)
 
     # Small data is one block and one block feeds one actor. Cap the batch so there are
     # at least two batches per actor (actors come up one after another, and the first
@@ -260,8 +255,8 @@ def predict_pool_ray(cfg: Config, weights: ModelWeights, indices: Any, num_actor
     #    cancelled unplaced. ``wait_for_min_actors_s`` (this dataset's own DataContext copy)
     #    makes the pool start only once all ``num_actors`` actors are up.
     # One node: unchanged (SPREAD, batches from the first actor up).
-    start_timeout = max(POOL_START_MIN_S, cfg.ray.resource_wait_s)
-    pg = _reserve_pool(cfg, num_actors, start_timeout)
+    start_timeout = max(POOL_START_MIN_S, execution.ray.resource_wait_s)
+    pg = _reserve_pool(execution, num_actors, start_timeout)
     if pg is None:
         scheduling: Any = "SPREAD"
     else:
@@ -276,14 +271,14 @@ def predict_pool_ray(cfg: Config, weights: ModelWeights, indices: Any, num_actor
             PoolPredictor,
             fn_constructor_kwargs={
                 "weights": ray.put(weights),  # once per round, whatever the number of actors
-                "data_root": str(resolve_root(cfg.data.root)),
-                "train_subset": cfg.data.train_subset,
-                "use_gpu": cfg.ray.use_gpu,
+                "data_root": str(resolve_root(execution.run.data_root)),
+                "train_subset": data.train_subset,
+                "use_gpu": execution.ray.use_gpu,
             },
             compute=ray.data.ActorPoolStrategy(size=num_actors),
             batch_size=batch,
             batch_format="numpy",
-            num_gpus=1 if cfg.ray.use_gpu else 0,
+            num_gpus=1 if execution.ray.use_gpu else 0,
             num_cpus=ACTOR_NUM_CPUS,
             scheduling_strategy=scheduling,
         )
@@ -301,12 +296,15 @@ def predict_pool_ray(cfg: Config, weights: ModelWeights, indices: Any, num_actor
     return _reorder(idx, got_i, got_p)
 
 
-def predict_pool(cfg: Config, weights: ModelWeights, indices: Any, images: torch.Tensor | None = None) -> np.ndarray:
-    """Pool probabilities (len(indices), 10) float32 via ``pseudolabel.inference`` ("ray" | "local").
+def predict_pool(study: Study, execution: Execution, weights: ModelWeights, indices: Any,
+                 images: torch.Tensor) -> np.ndarray:
+    """Pool probabilities (len(indices), 10) float32 via ``inference.backend`` ("ray" | "local").
 
-    Always in-process when ``run.backend=local``: that backend must work without Ray.
+    ``images``: the driver's uint8 training images (in-process inference reads them; the Ray
+    actors load their node's own copy). Always in-process when ``run.backend=local``: that
+    backend must work without Ray.
     """
-    pl = cfg.pseudolabel
-    if pl.inference == "local" or cfg.run.backend == "local":
-        return predict_pool_local(weights, cfg, indices, batch_size=pl.inference_batch_size, images=images)
-    return predict_pool_ray(cfg, weights, indices, pl.inference_actors, pl.inference_batch_size)
+    inf = execution.inference
+    if inf.backend == "local" or execution.run.backend == "local":
+        return predict_pool_local(weights, images, indices, batch_size=inf.batch_size, device=device_for(execution))
+    return predict_pool_ray(execution, study.data, weights, indices, inf.actors, inf.batch_size)

@@ -2,30 +2,59 @@
 
 A Ray Train worker, a Ray Data actor or a Tune trial may run on another node, which
 cannot read the driver's run folder. So the driver puts everything a job needs into
-one object (the resolved config, the split it computed once, the weights to start
-from) and Ray carries it (``train_loop_config``, ``fn_constructor_kwargs``,
-``tune.with_parameters``). The one path a job holds is the MNIST root, which the
-cluster set-up gives every node at the same place (``ray_cluster.yaml``).
+one object (the study sections its loop reads, the device it may use, the split it
+computed once, the weights to start from) and Ray carries it (``train_loop_config``,
+``fn_constructor_kwargs``, ``tune.with_parameters``). The one path a job holds is the
+data root, which the cluster set-up gives every node at the same place (``ray_cluster.yaml``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .config import Config, config_from_dict
+from .config import (
+    AugmentConfig,
+    ClassifierConfig,
+    DataConfig,
+    Execution,
+    ModelConfig,
+    PretrainConfig,
+    Study,
+)
 from .data import Split
+
+
+def worker_device(execution: Execution, loop: str) -> str:
+    """The device a training loop's processes use: 'cuda', 'cpu' or 'auto' (a GPU when one is visible).
+
+    On Ray Train's workers that is ``ray.use_gpu`` (Ray gives each worker its GPU); in this
+    process (``run.backend=local``, or the classifiers on one machine) it is ``run.device``.
+    """
+    if execution.backend_for(loop) == "local":
+        return execution.run.device
+    return "cuda" if execution.ray.use_gpu else "cpu"
 
 
 @dataclass(frozen=True)
 class TrainJob:
-    """One training run on the workers: SimCLR (``loop="simclr"``) or the classifier (``loop="classifier"``)."""
+    """One training run on the workers: SimCLR (``loop="simclr"``) or the classifier (``loop="classifier"``).
+
+    It carries the study sections its loop reads (typed, frozen), not the whole config, and
+    the two execution settings a worker needs (device, threads)."""
 
     loop: str
-    config: dict                       # Config.to_dict(): plain data, rebuilt and validated on the worker
-    data_root: str                     # absolute MNIST root, the same on every node
+    data_root: str                     # absolute data root, the same on every node
     split: Split                       # labeled / validation / pool indices, computed once by the driver
+    data: DataConfig
+    model: ModelConfig
+    augment: AugmentConfig
+    pretrain: PretrainConfig | None = None        # the SimCLR loop's recipe
+    classifier: ClassifierConfig | None = None    # the classifier loop's recipe
+    labeled_fraction: float = 1.0      # classifier: share of each batch from the true labels (pseudolabel.*)
+    device: str = "auto"               # worker_device(): 'cuda' | 'cpu' | 'auto'
+    threads: int = 0                   # torch threads per process (run.threads; 0: torch's default)
     steps: int = 0                     # classifier: optimizer steps of this job (a round may differ from classifier.steps)
     init_kind: str = ""                # "" | "classifier" (warm start) | "simclr" (pretrained encoder)
     init_state: dict[str, torch.Tensor] | None = None
@@ -34,8 +63,27 @@ class TrainJob:
     pseudo_labels: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     label: str = ""                    # shown in progress lines
 
-    def cfg(self) -> Config:
-        return config_from_dict(self.config)
+    @classmethod
+    def simclr(cls, study: Study, execution: Execution, data_root: str, split: Split) -> "TrainJob":
+        return cls("simclr", data_root, split, study.data, study.model, study.augment, pretrain=study.pretrain,
+                   device=worker_device(execution, "simclr"), threads=execution.run.threads)
+
+    @classmethod
+    def for_classifier(cls, study: Study, execution: Execution, data_root: str, split: Split,
+                       **start: object) -> "TrainJob":
+        """``start``: steps, init_kind, init_state, encoder_pretrained, pseudo_indices, pseudo_labels, label."""
+        return cls("classifier", data_root, split, study.data, study.model, study.augment,
+                   classifier=study.classifier, labeled_fraction=study.pseudolabel.labeled_fraction,
+                   device=worker_device(execution, "classifier"), threads=execution.run.threads, **start)
+
+    def sections(self) -> dict:
+        """The study sections this job carries, as the ``config`` a checkpoint records."""
+        out = {"data": asdict(self.data), "model": asdict(self.model), "augment": asdict(self.augment)}
+        if self.pretrain is not None:
+            out["pretrain"] = asdict(self.pretrain)
+        if self.classifier is not None:
+            out["classifier"] = asdict(self.classifier)
+        return out
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -89,3 +90,19 @@ def run_lock(folder: str | os.PathLike, what: str) -> Iterator[Path]:
                 os.ftruncate(fd, 0)
     finally:
         os.close(fd)  # releases the lock
+
+
+def lock_exclusive(fd: int, timeout_s: float) -> bool:
+    """``flock(fd, LOCK_EX)``, waiting at most ``timeout_s``; whether it was taken (the sqlite store's creation
+    lock: ``tracking.prepare_sqlite_store``)."""
+    import fcntl
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)

@@ -25,7 +25,7 @@ the ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI`` environment variables MLfl
 A stage calls, in the driver and on rank 0 only (``tracker`` may be passed where a URI is
 asked for; a disabled tracker makes every call a no-op)::
 
-    log_split_dataset(tracker, tracker.run_id, split, source=str(resolve_root(cfg.data.root)))
+    log_split_dataset(tracker, tracker.run_id, split, source=str(resolve_root(execution.run.data_root)))
     uri = log_classifier(tracker, tracker.run_id, model, input_example=data.test_images[:4], step=steps)
     log_encoder(tracker, tracker.run_id, simclr_model, input_example=data.test_images[:4])
     register_best(tracker, uri, name)   # the pipeline, for its best model

@@ -9,6 +9,7 @@ functions so that importing this module stays cheap. Every function returns the 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -74,24 +75,34 @@ def plot_confusion_matrix(cm: Any, path: str | Path, title: str, dpi: int = 120)
     return _save(fig, path, dpi)
 
 
+@dataclass(frozen=True)
+class TSNESettings:
+    """How ``plot_embedding_2d`` computes its embedding; the defaults are pinned by the tests.
+
+    ``max_points`` bounds the random subset of rows that is embedded. The subset, PCA and t-SNE
+    are all seeded by ``seed``. ``max_iter`` is t-SNE's number of iterations (scikit-learn's
+    minimum is 250). ``n_threads`` caps the OpenMP/BLAS threads for this call only (None: library
+    default); on a small shared CPU, 1 avoids oversubscription, which can slow t-SNE down tenfold.
+    """
+
+    max_points: int = 2000
+    seed: int = 0
+    max_iter: int = 1000
+    n_threads: int | None = None
+
+
 def plot_embedding_2d(
     features: Any,
     labels: Any,
     path: str | Path,
     title: str,
-    max_points: int = 2000,
-    seed: int = 0,
-    max_iter: int = 1000,
-    n_threads: int | None = None,
+    tsne: TSNESettings = TSNESettings(),
     dpi: int = 120,
 ) -> Path:
-    """t-SNE of a random subset of at most ``max_points`` rows, coloured by label (digit).
+    """t-SNE of a random subset of at most ``tsne.max_points`` rows, coloured by label (digit).
 
     Features wider than 50 are first reduced to 50 dimensions by PCA (the usual t-SNE
-    preprocessing, and much faster). The subset, PCA and t-SNE are all seeded by ``seed``.
-    ``max_iter`` is t-SNE's number of iterations (scikit-learn's minimum is 250).
-    ``n_threads`` caps the OpenMP/BLAS threads for this call only (None: library default);
-    on a small shared CPU, 1 avoids oversubscription, which can slow t-SNE down tenfold.
+    preprocessing, and much faster). The subset, PCA and t-SNE are all seeded by ``tsne.seed``.
     """
     import seaborn as sns
     from sklearn.decomposition import PCA
@@ -104,19 +115,21 @@ def plot_embedding_2d(
         raise ValueError(f"features must be (N, D) and labels (N,), got {x.shape} and {y.shape}")
     if x.shape[0] < 2:
         raise ValueError(f"need at least 2 points for an embedding, got {x.shape[0]}")
+    seed, max_points = tsne.seed, tsne.max_points
     rng = np.random.default_rng(seed)
     if x.shape[0] > max_points:
         keep = np.sort(rng.choice(x.shape[0], size=max_points, replace=False))
         x, y = x[keep], y[keep]
     n = x.shape[0]
     perplexity = float(min(30.0, max(1.0, (n - 1) / 3.0)))  # t-SNE needs perplexity < n
-    tsne = TSNE(
-        n_components=2, perplexity=perplexity, init="pca", learning_rate="auto", max_iter=max_iter, random_state=seed
+    embedder = TSNE(
+        n_components=2, perplexity=perplexity, init="pca", learning_rate="auto", max_iter=tsne.max_iter,
+        random_state=seed,
     )
-    with threadpool_limits(limits=n_threads) if n_threads else contextlib.nullcontext():
+    with threadpool_limits(limits=tsne.n_threads) if tsne.n_threads else contextlib.nullcontext():
         if x.shape[1] > 50 and n > 50:
             x = PCA(n_components=50, random_state=seed).fit_transform(x)
-        emb = tsne.fit_transform(x)
+        emb = embedder.fit_transform(x)
 
     classes = np.unique(y)
     palette = sns.color_palette("tab10" if len(classes) <= 10 else "husl", len(classes))
@@ -236,11 +249,22 @@ def plot_class_counts(
     return _save(fig, path, dpi)
 
 
+@dataclass(frozen=True)
+class SearchTrials:
+    """A search's trials, one entry per trial in each field, in the same order.
+
+    ``scores``: the y value; ``kinds``: the colour (e.g. the schedule); ``stopped``: whether the
+    trial was stopped early (ASHA), drawn as a hollow marker.
+    """
+
+    scores: Sequence[float]
+    kinds: Sequence[str]
+    stopped: Sequence[bool]
+
+
 def plot_search(
     panels: dict[str, Sequence[float]],
-    scores: Sequence[float],
-    kinds: Sequence[str],
-    stopped: Sequence[bool],
+    trials: SearchTrials,
     path: str | Path,
     title: str,
     ylabel: str = "validation accuracy (last reported round)",
@@ -254,8 +278,8 @@ def plot_search(
     """
     from matplotlib import colormaps
 
-    y = _to_numpy(scores).astype(np.float64)
-    kinds, stopped = [str(k) for k in kinds], [bool(s) for s in stopped]
+    y = _to_numpy(trials.scores).astype(np.float64)
+    kinds, stopped = [str(k) for k in trials.kinds], [bool(s) for s in trials.stopped]
     if not panels or any(len(v) != len(y) for v in panels.values()) or not len(kinds) == len(stopped) == len(y):
         raise ValueError(f"need at least one panel and one x value, kind and stopped flag per score ({len(y)} scores)")
     names = sorted(set(kinds))

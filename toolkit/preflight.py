@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .config import STAGE_SECTIONS, Config, ConfigError
+from .config import STAGE_SECTIONS, ConfigError, Execution, Study
 
 RAY_CONNECT_TIMEOUT_S = 3.0
 
@@ -36,9 +36,9 @@ def _host_port(address: str) -> tuple[str, int] | None:
     return parts.hostname, port
 
 
-def check_ray_address_reachable(cfg: Config, timeout_s: float = RAY_CONNECT_TIMEOUT_S) -> None:
+def check_ray_address_reachable(execution: Execution, timeout_s: float = RAY_CONNECT_TIMEOUT_S) -> None:
     """``ray.address`` (else ``$RAY_ADDRESS``) accepts a TCP connection within ``timeout_s``, or ConfigError."""
-    key, address = ("ray.address", cfg.ray.address) if cfg.ray.address else ("$RAY_ADDRESS", os.environ.get("RAY_ADDRESS", ""))
+    key, address = ("ray.address", execution.ray.address) if execution.ray.address else ("$RAY_ADDRESS", os.environ.get("RAY_ADDRESS", ""))
     target = _host_port(address)
     if target is None:
         return
@@ -59,7 +59,7 @@ _WRITES_RUNS = ("pretrain", "probe", "supervised", "pseudolabel", "student", "tu
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
-def readable_tracking_uri(cfg: Config, what: str) -> str:
+def readable_tracking_uri(execution: Execution, what: str) -> str:
     """The tracking URI to read ``what`` from (``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else the sqlite
     file in ``run.output_dir``); ConfigError when that is a sqlite file that does not exist.
 
@@ -69,8 +69,8 @@ def readable_tracking_uri(cfg: Config, what: str) -> str:
     from .storage import resolve_output_dir
     from .tracking import configured_tracking_uri
 
-    uri = (configured_tracking_uri(cfg)
-           or f"sqlite:///{resolve_output_dir(cfg.run.output_dir) / 'mlflow.db'}")
+    uri = (configured_tracking_uri(execution)
+           or f"sqlite:///{resolve_output_dir(execution.run.output_dir) / 'mlflow.db'}")
     path = uri[len("sqlite:///"):].split("?", 1)[0] if uri.startswith("sqlite:///") else ""
     if path and path != ":memory:" and not Path(path).is_file():
         raise ConfigError(f"{what}: the tracking store {path!r} does not exist (tracking.uri, else "
@@ -78,42 +78,42 @@ def readable_tracking_uri(cfg: Config, what: str) -> str:
     return uri
 
 
-def _check_model_ref(cfg: Config, ref: str, key: str, kind: str, model_cfg=None) -> None:
+def _check_model_ref(execution: Execution, ref: str, key: str, kind: str, model_cfg=None) -> None:
     """``ref`` (a path or an MLflow run id) is a ``kind`` model file (of ``model_cfg``'s architecture, when given)."""
     from . import checkpoints
-    from .stages.common import resolve_model_ref
+    from .stages.model_files import resolve_model_ref
 
     with tempfile.TemporaryDirectory(prefix="toolkit-preflight-") as tmp:  # a run's file is fetched here, then dropped
-        path = resolve_model_ref(cfg, ref, Path(tmp))
+        path = resolve_model_ref(execution, ref, Path(tmp))
         try:
             checkpoints.load_model_file(path, kind, model_cfg)
         except checkpoints.CheckpointError as e:
             raise checkpoints.CheckpointError(f"{key}: {e}") from None
 
 
-def _check_student_inputs(cfg: Config) -> None:
-    """``student.teachers`` are classifier files of ``cfg.model``'s shape; ``student.encoder`` a SimCLR file."""
+def _check_student_inputs(study: Study, execution: Execution) -> None:
+    """``student.teachers`` are classifier files of ``study.model``'s shape; ``student.encoder`` a SimCLR file."""
     from .stages.student import require_teachers
 
-    require_teachers(cfg.student.teachers)
-    for i, ref in enumerate(cfg.student.teachers):
-        _check_model_ref(cfg, ref, f"student.teachers[{i}]", "classifier", cfg.model)
-    if cfg.student.encoder:
-        _check_model_ref(cfg, cfg.student.encoder, "student.encoder", "simclr")
+    require_teachers(study.student.teachers)
+    for i, ref in enumerate(study.student.teachers):
+        _check_model_ref(execution, ref, f"student.teachers[{i}]", "classifier", study.model)
+    if study.student.encoder:
+        _check_model_ref(execution, study.student.encoder, "student.encoder", "simclr")
 
 
-def _check_predict_model(cfg: Config) -> None:
+def _check_predict_model(execution: Execution) -> None:
     """A run id, ``runs:/`` or ``models:/`` URI is read from the tracking store: that store must exist."""
-    ref = cfg.predict.model
+    ref = execution.predict.model
     if not ref or Path(ref).expanduser().exists():
         return
     if _RUN_ID.match(ref):
-        readable_tracking_uri(cfg, f"predict.model={ref}: no MLflow run with this id")
+        readable_tracking_uri(execution, f"predict.model={ref}: no MLflow run with this id")
     elif ref.startswith(("runs:/", "models:/")):
-        readable_tracking_uri(cfg, f"predict.model={ref}: not a loadable MLflow model")
+        readable_tracking_uri(execution, f"predict.model={ref}: not a loadable MLflow model")
 
 
-def check_inputs(cfg: Config, command: str) -> None:
+def check_inputs(study: Study, execution: Execution, command: str) -> None:
     """Everything ``command`` reads, checked before it creates a folder, a lock, a file or an MLflow run.
 
     The MNIST files and every labeled split the command makes; the SimCLR checkpoint it
@@ -123,24 +123,24 @@ def check_inputs(cfg: Config, command: str) -> None:
     if "data" in STAGE_SECTIONS.get(command, ()):
         from .data import load_mnist, make_split
 
-        data = load_mnist(cfg.data.root, cfg.data.download, cfg.data.train_subset, cfg.data.test_subset)
-        for seed in cfg.pipeline.seeds if command == "pipeline" else [cfg.split.seed]:
-            make_split(data.train_labels, cfg.split.labels_per_class, cfg.split.val_size, seed)
-    if command == "probe" and cfg.probe.checkpoint:
-        _check_model_ref(cfg, cfg.probe.checkpoint, "probe.checkpoint", "simclr")
-    if command in _READS_MODEL_INIT and cfg.model.init.startswith("simclr:"):
-        _check_model_ref(cfg, cfg.model.init[len("simclr:"):], "model.init", "simclr", cfg.model)
+        data = load_mnist(execution.run.data_root, execution.run.download, study.data.train_subset, study.data.test_subset)
+        for seed in study.pipeline.seeds if command == "pipeline" else [study.split.seed]:
+            make_split(data.train_labels, study.split.labels_per_class, study.split.val_size, seed)
+    if command == "probe" and study.probe.checkpoint:
+        _check_model_ref(execution, study.probe.checkpoint, "probe.checkpoint", "simclr")
+    if command in _READS_MODEL_INIT and study.model.init.startswith("simclr:"):
+        _check_model_ref(execution, study.model.init[len("simclr:"):], "model.init", "simclr", study.model)
     if command == "student":
-        _check_student_inputs(cfg)
+        _check_student_inputs(study, execution)
     if command == "report":
-        readable_tracking_uri(cfg, "no runs to report")
+        readable_tracking_uri(execution, "no runs to report")
     if command == "predict":
-        _check_predict_model(cfg)
-    if command in _WRITES_RUNS and cfg.tracking.enabled:
-        _check_tracking_store(cfg)
+        _check_predict_model(execution)
+    if command in _WRITES_RUNS and execution.tracking.enabled:
+        _check_tracking_store(execution)
 
 
-def _check_tracking_store(cfg: Config) -> None:
+def _check_tracking_store(execution: Execution) -> None:
     """The store runs will be written to can be used, checked without creating it.
 
     A server answers within seconds; a sqlite file's folder exists (the default one, in
@@ -149,7 +149,7 @@ def _check_tracking_store(cfg: Config) -> None:
     """
     from .tracking import configured_tracking_uri
 
-    uri = configured_tracking_uri(cfg)
+    uri = configured_tracking_uri(execution)
     if not uri:
         return
     if uri.startswith("sqlite:///"):

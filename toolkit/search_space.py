@@ -35,7 +35,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from .config import Config, ConfigError, all_keys, is_infrastructure, read_text_file, result_keys
+from .config import EXECUTION_SECTIONS, ConfigError, Study, all_keys, read_text_file, result_keys
 from .config.parsing import safe_load_unique
 
 DOMAINS = ("choice", "uniform", "loguniform", "randint")
@@ -46,7 +46,7 @@ BUILTIN_SPACE = Path(__file__).resolve().parent / "profiles" / "tune_space.yaml"
 TRIAL_STAGE = "pseudolabel"        # what each trial runs
 SAME_FOR_ALL = ("data", "split")   # the images: every trial is scored on the same validation images
 FIXED_KEYS = {"pseudolabel.mode": "every trial runs the iterative rounds",
-              "run.seed": "a seed is noise to average over, not a setting to pick"}
+              "model.seed": "a seed is noise to average over, not a setting to pick"}
 GAP = "pseudolabel.threshold_gap"
 DERIVED = {GAP: "pseudolabel.threshold_floor"}  # a searched key that is no config key -> the config key it sets
 # checked jointly at every corner of their ranges (their constraints tie them together)
@@ -99,14 +99,14 @@ class SearchSpace:
         return [c for k in self.entries for c in ((k, DERIVED[k]) if k in DERIVED else (k,))]
 
 
-def read_space(cfg: Config) -> tuple[str, str]:
+def read_space(study: Study) -> tuple[str, str]:
     """(YAML text, where it came from): the file ``tune.space``, else the built-in space."""
-    if not cfg.tune.space:
+    if not study.tune.space:
         return BUILTIN_SPACE.read_text(), "built-in"
-    return read_text_file(cfg.tune.space, "tune.space"), str(Path(cfg.tune.space).expanduser().resolve())
+    return read_text_file(study.tune.space, "tune.space"), str(Path(study.tune.space).expanduser().resolve())
 
 
-def point_overrides(base: Config, point: dict[str, Any], simclr: str | None = None) -> dict[str, Any]:
+def point_overrides(base: Study, point: dict[str, Any], simclr: str | None = None) -> dict[str, Any]:
     """A point of the space -> the dotted overrides of its trial config.
 
     Two values name more than one key (``class-adaptive``: a constant schedule with
@@ -136,22 +136,22 @@ def _minus(a: float, b: float) -> float:
     return float(Decimal(repr(float(a))) - Decimal(repr(float(b))))
 
 
-def trial_config(base: Config, point: dict[str, Any], simclr: str | None = None) -> Config:
+def trial_config(base: Study, point: dict[str, Any], simclr: str | None = None) -> Study:
     """The validated config of the trial at ``point`` (before the driver's execution settings)."""
     return base.replace(**point_overrides(base, point, simclr))
 
 
-def schedule_kind(cfg: Config) -> str:
+def schedule_kind(study: Study) -> str:
     """The schedule as the space names it: ``linear``, ..., ``class-adaptive`` or ``<schedule>+class-adaptive``."""
-    pc = cfg.pseudolabel
+    pc = study.pseudolabel
     if pc.class_adaptive:
         return CLASS_ADAPTIVE if pc.schedule == "constant" else f"{pc.schedule}+{CLASS_ADAPTIVE}"
     return pc.schedule
 
 
-def trial_values(space: SearchSpace, cfg: Config, point: dict[str, Any]) -> dict[str, Any]:
+def trial_values(space: SearchSpace, study: Study, point: dict[str, Any]) -> dict[str, Any]:
     """The columns of ``space`` for one trial: config keys as the trial's config holds them, derived keys as sampled."""
-    flat = cfg.flat()
+    flat = study.flat()
     return {c: point[c] if c in DERIVED else flat[c] for c in space.columns()}
 
 
@@ -167,7 +167,7 @@ def _unknown_key(key: str, source: str) -> ConfigError:
 def _untunable(key: str, source: str) -> ConfigError:
     if key in FIXED_KEYS:
         why = FIXED_KEYS[key]
-    elif is_infrastructure(key):
+    elif key.split(".")[0] in EXECUTION_SECTIONS:
         why = "it says where or how a run executes, not what it computes"
     elif key.split(".")[0] in SAME_FOR_ALL:
         why = "every trial is scored on the same images (data.*, split.*)"
@@ -231,7 +231,7 @@ def _domain(key: str, spec: Any, source: str) -> tuple[str, list]:
     return domain, [float(lo), float(hi)]
 
 
-def _check_point(base: Config, point: dict[str, Any], simclr: str | None, source: str) -> None:
+def _check_point(base: Study, point: dict[str, Any], simclr: str | None, source: str) -> None:
     try:
         trial_config(base, point, simclr)
     except ConfigError as e:
@@ -242,7 +242,7 @@ def _check_point(base: Config, point: dict[str, Any], simclr: str | None, source
         raise ConfigError(f"tune.space ({source}): {e}{extra} (at {at})") from None
 
 
-def parse_space(text: str, source: str, base: Config, simclr: str | None = None,
+def parse_space(text: str, source: str, base: Study, simclr: str | None = None,
                 base_model: str | None = None) -> SearchSpace:
     """Parse and validate a space file: every value, and every corner of the threshold keys, gives a valid trial.
 
@@ -306,7 +306,7 @@ def _check_together(entries: dict[str, tuple[str, list]], source: str) -> None:
 # --------------------------------------------------------------------------- the base point and best.yaml
 
 
-def base_point(base: Config, space: SearchSpace) -> dict[str, Any] | None:
+def base_point(base: Study, space: SearchSpace) -> dict[str, Any] | None:
     """The base config's own values of the searched keys, as a point of the space (None if one lies outside it).
 
     Evaluated as the first trial (``tune.include_base``): the search then starts from the
@@ -334,7 +334,7 @@ def base_point(base: Config, space: SearchSpace) -> dict[str, Any] | None:
     return point
 
 
-def best_overrides(base: Config, tuned: Config, keys: Iterable[str]) -> dict[str, Any]:
+def best_overrides(base: Study, tuned: Study, keys: Iterable[str]) -> dict[str, Any]:
     """What ``best.yaml`` holds: the tuned config's keys that decide its result and differ from a default run.
 
     The searched config keys (always, even at their defaults), any key the point changed
@@ -343,7 +343,7 @@ def best_overrides(base: Config, tuned: Config, keys: Iterable[str]) -> dict[str
     trains the trial's model and not the default one. Never ``data.*`` or an
     infrastructure key: those belong to the machine, and the command line adds them.
     """
-    b, t, d = base.flat(), tuned.flat(), Config().flat()
+    b, t, d = base.flat(), tuned.flat(), Study().flat()
     chosen = set(keys) | {k for k in t if t[k] != b[k] or t[k] != d[k]} | {"pseudolabel.mode"}  # mode: always iterative
     if "pseudolabel.schedule" in chosen:
         chosen.add("pseudolabel.class_adaptive")  # a kind is (schedule, class_adaptive): write both

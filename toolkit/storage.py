@@ -12,7 +12,7 @@ import os
 import uuid
 from pathlib import Path
 
-from .config import Config, ConfigError
+from .config import ConfigError, Execution
 
 OUTPUT_ROOT_ENV = "TOOLKIT_OUTPUT_ROOT"
 JOB_OUTPUT_ROOT = "~/toolkit-runs"  # a relative run.output_dir inside a Ray job resolves here
@@ -41,12 +41,12 @@ def is_uri(path: str) -> bool:
     return "://" in path
 
 
-def storage_path(cfg: Config) -> str:
+def storage_path(execution: Execution) -> str:
     """``ray.storage_path`` (a local path made absolute, or a URI), else ``<run.output_dir>/ray``."""
-    sp = cfg.ray.storage_path
+    sp = execution.ray.storage_path
     if sp:
         return sp if is_uri(sp) else str(Path(sp).expanduser().resolve())
-    return str(resolve_output_dir(cfg.run.output_dir) / "ray")
+    return str(resolve_output_dir(execution.run.output_dir) / "ray")
 
 
 _checked: set[str] = set()
@@ -58,7 +58,7 @@ def _sees(path: str) -> tuple[str, bool]:
     return ray.get_runtime_context().get_node_id(), os.path.exists(path)
 
 
-def check_shared(cfg: Config, path: str) -> None:
+def check_shared(execution: Execution, path: str) -> None:
     """On a Ray cluster of several nodes, a local storage path must be one every node sees: else one line, now.
 
     Without this, a worker on another node writes its checkpoint to its own disk and the
@@ -84,7 +84,7 @@ def check_shared(cfg: Config, path: str) -> None:
     finally:
         marker.unlink(missing_ok=True)
     if blind:
-        what = "ray.storage_path" if cfg.ray.storage_path else "ray.storage_path (empty: <run.output_dir>/ray)"
+        what = "ray.storage_path" if execution.ray.storage_path else "ray.storage_path (empty: <run.output_dir>/ray)"
         raise ConfigError(
             f"{what} = {path} is on this node's disk only ({len(blind)} of {len(others) + 1} nodes cannot see it): "
             "on a multi-node cluster set ray.storage_path to a mount every node shares or to s3://bucket/path"

@@ -1,8 +1,7 @@
 """MLflow at the edge: runs, params, metrics and artifacts through one small class.
 
-Uses ``MlflowClient`` with explicit run ids rather than the fluent "active run":
-the active run does not follow into Ray workers (ray#19978), so workers get the
-tracking URI and run id in their config and log from rank 0 only.
+``MlflowClient`` with explicit run ids, not the fluent "active run", which does not follow
+into Ray workers (ray#19978); training metrics are logged on the driver's node (``MetricsLogger``).
 """
 
 from __future__ import annotations
@@ -14,7 +13,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from .config import RUN_ID_PATTERN, Config, ConfigError, uri_credentials_problem
+from .config import RUN_ID_PATTERN, ConfigError, Execution, Study, uri_credentials_problem
+from .locks import lock_exclusive
 from .machine import _git_commit, _user, machine_tags
 from .redaction import MASK, is_secret_name, redact, redact_tree
 
@@ -23,25 +23,25 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 RUN_KEY_TAG = "toolkit.run_key"
 
 
-def configured_tracking_uri(cfg: Config) -> str:
+def configured_tracking_uri(execution: Execution) -> str:
     """``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else ""; ConfigError (masked) when it holds a credential.
 
     Every command reads it here (predict and report too), so a secret is refused before MLflow sees it.
     """
-    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    uri = execution.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     if uri:
         _refuse_credentials(uri)
     return uri
 
 
-def tracking_uri(cfg: Config) -> str:
+def tracking_uri(execution: Execution) -> str:
     """``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else an absolute sqlite file under ``run.output_dir``."""
-    uri = configured_tracking_uri(cfg)
+    uri = configured_tracking_uri(execution)
     if uri:
         return uri
     from .storage import resolve_output_dir
 
-    out = resolve_output_dir(cfg.run.output_dir)
+    out = resolve_output_dir(execution.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{out / 'mlflow.db'}"
 
@@ -145,21 +145,6 @@ def filter_value(value: Any) -> str:
     raise ConfigError(f"{s!r} cannot be used in an MLflow search: it holds both kinds of quotes, a backslash or a line break")
 
 
-def _lock_exclusive(fd: int, timeout_s: float) -> bool:
-    """``flock(fd, LOCK_EX)``, waiting at most ``timeout_s``; whether it was taken."""
-    import fcntl
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.05)
-
-
 def prepare_sqlite_store(uri: str, timeout_s: float = 120.0) -> None:
     """Create (or migrate) the sqlite store of ``uri`` under an exclusive lock on ``<db>.lock``.
 
@@ -183,7 +168,7 @@ def prepare_sqlite_store(uri: str, timeout_s: float = 120.0) -> None:
         else:
             raise ConfigError(f"{label} is not usable: cannot create {str(lock)!r}: {e.strerror}") from None
     try:
-        if fd is not None and not _lock_exclusive(fd, timeout_s):
+        if fd is not None and not lock_exclusive(fd, timeout_s):
             raise ConfigError(f"{label} is not usable: another process has been creating the store for "
                               f"{timeout_s:g} s (lock {str(lock)!r})")
         from mlflow.tracking import MlflowClient
@@ -243,15 +228,15 @@ def check_tracking_reachable(uri: str, timeout_s: float = 5.0) -> None:
         prepare_sqlite_store(uri)
 
 
-def find_run(cfg: Config, run_key: str, parent_run_id: str | None = None):
+def find_run(execution: Execution, run_key: str, parent_run_id: str | None = None):
     """The newest run tagged with ``run_key`` (and this parent), or None."""
-    if not cfg.tracking.enabled:
+    if not execution.tracking.enabled:
         return None
     from mlflow.tracking import MlflowClient
 
-    uri = tracking_uri(cfg)
+    uri = tracking_uri(execution)
     client = MlflowClient(tracking_uri=uri)
-    exp_id = _experiment_id(client, cfg.tracking.experiment, uri)
+    exp_id = _experiment_id(client, execution.tracking.experiment, uri)
     flt = f"tags.`{RUN_KEY_TAG}` = {filter_value(run_key)}"
     if parent_run_id:
         flt += f" and tags.`mlflow.parentRunId` = {filter_value(check_run_id(parent_run_id, 'parent run id'))}"
@@ -260,28 +245,30 @@ def find_run(cfg: Config, run_key: str, parent_run_id: str | None = None):
 
 
 @contextlib.contextmanager
-def mlflow_run(cfg: Config, command: str, run_key: str, parent_run_id: str | None = None,
+def mlflow_run(study: Study, execution: Execution, command: str, run_key: str, parent_run_id: str | None = None,
                extra_tags: dict[str, Any] | None = None) -> Iterator[Tracker]:
     """Open (or resume) the MLflow run of ``run_key``; mark it FINISHED, FAILED or KILLED on exit.
 
+    The study is the run's params (what decides it); the execution its ``execution.*`` tags
+    (where it ran: tags, because a re-run elsewhere continues the same run and params cannot change).
     Re-running the same command finds its run by the ``toolkit.run_key`` tag and continues
     it, so an interrupted run keeps one history. A finished run is reopened too when its
-    params are this config (a stage whose result or model file was damaged runs again), so
-    the key keeps one run and its training curve; a changed config under the same
+    params are this study (a stage whose result or model file was damaged runs again), so
+    the key keeps one run and its training curve; a changed study under the same
     ``run.name`` gets a new run (MLflow params cannot change).
     """
-    if not cfg.tracking.enabled:
+    if not execution.tracking.enabled:
         yield Tracker.disabled()
         return
     from mlflow.tracking import MlflowClient
 
-    uri = tracking_uri(cfg)
+    uri = tracking_uri(execution)
     check_tracking_reachable(uri)  # one line within seconds, not minutes of retries and a traceback
     client = MlflowClient(tracking_uri=uri)
-    exp_id = _experiment_id(client, cfg.tracking.experiment, uri)
-    previous = find_run(cfg, run_key, parent_run_id)
+    exp_id = _experiment_id(client, execution.tracking.experiment, uri)
+    previous = find_run(execution, run_key, parent_run_id)
     same_config = previous is not None and all(
-        previous.data.params.get(k) == v for k, v in safe_params(cfg.flat()).items())
+        previous.data.params.get(k) == v for k, v in safe_params(study.flat()).items())
     if previous is not None and (previous.info.status != "FINISHED" or same_config):
         run_id = previous.info.run_id
         client.update_run(run_id, status="RUNNING")  # FINISHED, FAILED or KILLED before: running again
@@ -292,8 +279,6 @@ def mlflow_run(cfg: Config, command: str, run_key: str, parent_run_id: str | Non
             tags["mlflow.parentRunId"] = parent_run_id
         run_id = client.create_run(exp_id, run_name=run_key, tags=tags).info.run_id
         resumed = False
-    from .backends import classifiers_in_process
-
     monitor, status = None, "FAILED"
     try:  # from here the run exists: whatever happens next (a Ctrl-C while tagging included) ends it
         tracker = Tracker(uri, run_id)
@@ -307,13 +292,14 @@ def mlflow_run(cfg: Config, command: str, run_key: str, parent_run_id: str | Non
             **({"mlflow.user": user} if (user := _user()) else {}),
             **({"mlflow.source.git.commit": commit} if commit != "unknown" else {}),
             "toolkit.host": socket.gethostname(),
-            "toolkit.backend": cfg.run.backend,
-            **({"toolkit.classifiers": "in-process"} if classifiers_in_process(cfg) else {}),
+            "toolkit.backend": execution.run.backend,
+            **({"toolkit.classifiers": "in-process"} if execution.backend_for("classifier") != execution.run.backend else {}),
             "toolkit.resumed": resumed,
+            **{f"execution.{k}": v for k, v in safe_params(execution.flat()).items()},
             **machine_tags(),
             **(extra_tags or {}),
         })
-        tracker.log_params(cfg.flat())
+        tracker.log_params(study.flat())
         monitor = _system_metrics(uri, run_id) if command in TRAINING_COMMANDS else None
         yield tracker
         status = "FINISHED"
@@ -353,7 +339,7 @@ def _system_metrics(uri: str, run_id: str):
         return None
 
 
-def run_url(cfg: Config, tracker: Tracker) -> str:
+def run_url(tracker: Tracker) -> str:
     """Where ``mlflow ui`` shows the run's experiment table (3.x opens on a GenAI page otherwise)."""
     if not tracker.enabled:
         return ""
@@ -379,11 +365,9 @@ class MetricsLogger:
     metric that is the MLflow step (epoch or step), shifted by ``step_offset`` (rounds
     of pseudo-labeling log into one run, a million steps apart).
 
-    Each step is logged once: a step the run already holds for a metric is not logged
-    again. A resumed training re-trains the steps after its checkpoint, and some of them
-    may have been logged before the interruption (metrics go out before the checkpoint is
-    written; a damaged newest checkpoint falls back to an older one; a redone stage reopens
-    its finished run); MLflow cannot delete a point, so the first values stay.
+    Each step is logged once: a resumed training re-trains steps that may have been logged
+    before the interruption (metrics go out before the checkpoint; a damaged checkpoint falls
+    back to an older one; a redone stage reopens its run), and MLflow cannot delete a point.
     """
 
     def __init__(self, tracker: Tracker, step_key: str, step_offset: int = 0):

@@ -18,7 +18,6 @@ import torch
 
 from . import checkpoints
 from .augment import make_generator
-from .config import Config
 from .data import DataError, load_mnist
 from .engine import EpochBatches, MixedBatches, OptimState, classifier_steps, evaluate, simclr_epoch
 from .jobs import TrainJob
@@ -26,7 +25,7 @@ from .models import Classifier, SimCLRModel
 from .schedules import warmup_cosine_lambda
 
 
-def make_accelerator(cfg: Config):
+def make_accelerator(job: TrainJob):
     """An ``Accelerator`` for this process: bf16 on GPU; on CPU ``cpu=True`` so it joins the gloo group.
 
     A plain ``Accelerator()`` on CPU silently trains each worker alone (caught by
@@ -38,11 +37,9 @@ def make_accelerator(cfg: Config):
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-    want_gpu = cfg.ray.use_gpu or (cfg.run.backend == "local" and cfg.run.device == "cuda")
-    if cfg.run.backend == "local" and cfg.run.device == "auto":
-        want_gpu = torch.cuda.is_available()
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
+    want_gpu = job.device == "cuda" or (job.device == "auto" and torch.cuda.is_available())
+    if job.threads:
+        torch.set_num_threads(job.threads)
     return Accelerator(cpu=not want_gpu, mixed_precision="bf16" if want_gpu else "no")
 
 
@@ -67,19 +64,19 @@ class Progress:
         sys.stdout.flush()
 
 
-def _load_images(job: TrainJob, cfg: Config):
+def _load_images(job: TrainJob):
     """MNIST from this node's own copy (the same absolute path on every node of a cluster)."""
     import socket
 
     try:
-        return load_mnist(job.data_root, False, cfg.data.train_subset, cfg.data.test_subset)
+        return load_mnist(job.data_root, False, job.data.train_subset, job.data.test_subset)
     except DataError as e:
         raise DataError(f"on node {socket.gethostname()}: {e} (every node needs its own copy of MNIST at the "
                         "driver's data root: see ray_cluster.yaml's setup)") from None
 
 
-def _maybe_sync_bn(cfg: Config, model: torch.nn.Module, world: int) -> torch.nn.Module:
-    if cfg.model.sync_bn and world > 1:
+def _maybe_sync_bn(job: TrainJob, model: torch.nn.Module, world: int) -> torch.nn.Module:
+    if job.model.sync_bn and world > 1:
         return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
 
@@ -119,17 +116,16 @@ def _resume(session, accelerator, model, opt: OptimState, counter: str, label: s
 
 def simclr_worker(job: TrainJob, session) -> None:
     """SimCLR pretraining: NT-Xent over two on-device views, negatives gathered across ranks."""
-    cfg = job.cfg()
-    accelerator = make_accelerator(cfg)
+    accelerator = make_accelerator(job)
     device = accelerator.device
     rank, world = session.rank, session.world
-    pc = cfg.pretrain
+    pc = job.pretrain
 
-    data = _load_images(job, cfg)
+    data = _load_images(job)
     # SimCLR sees the labeled and pool images without labels; the validation images stay untouched
     train_idx = torch.cat([job.split.labeled, job.split.pool])
     if pc.max_images:
-        train_idx = train_idx[torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(cfg.run.seed))[: pc.max_images]]
+        train_idx = train_idx[torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(job.model.seed))[: pc.max_images]]
     images = data.train_images[train_idx].to(device)
 
     local_batch = max(1, pc.batch_size // world)
@@ -139,8 +135,8 @@ def simclr_worker(job: TrainJob, session) -> None:
         raise ValueError(f"pretrain.batch_size={pc.batch_size} is larger than the {images.shape[0]} training images")
     total_steps = pc.epochs * steps_per_epoch
 
-    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    model = _maybe_sync_bn(cfg, SimCLRModel(cfg.model), world).to(memory_format=torch.channels_last)
+    torch.manual_seed(job.model.seed)  # identical initial weights on every rank
+    model = _maybe_sync_bn(job, SimCLRModel(job.model), world).to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=pc.lr, weight_decay=pc.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine_lambda(total_steps, int(pc.warmup_epochs * steps_per_epoch), 0.0)
@@ -150,9 +146,9 @@ def simclr_worker(job: TrainJob, session) -> None:
 
     progress = Progress("pretrain", pc.epochs, "epoch", rank, start_epoch)
     for epoch in range(start_epoch, pc.epochs):
-        gen = make_generator(cfg.run.seed * 1000 + epoch * 16 + rank, device)
-        batches = EpochBatches(images, global_batch, cfg.run.seed, epoch, rank, world)
-        stats = simclr_epoch(model, opt, batches, cfg.augment, pc.temperature, gen, accelerator)
+        gen = make_generator(job.model.seed * 1000 + epoch * 16 + rank, device)
+        batches = EpochBatches(images, global_batch, job.model.seed, epoch, rank, world)
+        stats = simclr_epoch(model, opt, batches, job.augment, pc.temperature, gen, accelerator)
         if not math.isfinite(stats["loss"]):
             raise FloatingPointError(f"pretrain loss became {stats['loss']} in epoch {epoch + 1}: lower pretrain.lr")
         metrics = {
@@ -167,7 +163,7 @@ def simclr_worker(job: TrainJob, session) -> None:
         payload = None
         if rank == 0:
             payload = checkpoints.model_payload(
-                "simclr", cfg, accelerator.unwrap_model(model).state_dict(),
+                "simclr", job.sections(), accelerator.unwrap_model(model).state_dict(),
                 optimizer=opt.optimizer.state_dict(), scheduler=scheduler.state_dict(), epoch=epoch + 1,
             )
         session.report(metrics, payload)
@@ -195,15 +191,14 @@ def classifier_worker(job: TrainJob, session) -> None:
     is what the strict 100-label protocol requires (the standard protocol uses them only to
     choose among finished models).
     """
-    cfg = job.cfg()
-    accelerator = make_accelerator(cfg)
+    accelerator = make_accelerator(job)
     device = accelerator.device
     rank, world = session.rank, session.world
-    cc = cfg.classifier
+    cc = job.classifier
     steps = job.steps or cc.steps
     label = job.label or "classifier"
 
-    data = _load_images(job, cfg).to(device)
+    data = _load_images(job).to(device)
     lab = job.split.labeled.to(device)
     labeled_x, labeled_y = data.train_images[lab], data.train_labels[lab]
     val = job.split.val.to(device)
@@ -213,10 +208,10 @@ def classifier_worker(job: TrainJob, session) -> None:
         pseudo_x = data.train_images[job.pseudo_indices.to(device)]
         pseudo_y = job.pseudo_labels.to(device)
 
-    torch.manual_seed(cfg.run.seed)
-    model = Classifier(cfg.model)
+    torch.manual_seed(job.model.seed)
+    model = Classifier(job.model)
     pretrained = _classifier_init(job, model)
-    model = _maybe_sync_bn(cfg, model, world).to(memory_format=torch.channels_last)
+    model = _maybe_sync_bn(job, model, world).to(memory_format=torch.channels_last)
     enc_params = list(model.encoder.parameters())
     enc_ids = {id(p) for p in enc_params}
     head_params = [p for p in model.parameters() if id(p) not in enc_ids]
@@ -234,10 +229,10 @@ def classifier_worker(job: TrainJob, session) -> None:
     progress = Progress(label, steps, "step", rank, done)
     while done < steps:
         chunk = min(cc.eval_every, steps - done)
-        gen = make_generator(cfg.run.seed * 1_000_003 + done * 16 + rank, device)
+        gen = make_generator(job.model.seed * 1_000_003 + done * 16 + rank, device)
         batches = MixedBatches(labeled_x, labeled_y, pseudo_x, pseudo_y, chunk, local_batch,
-                               cfg.pseudolabel.labeled_fraction)
-        stats = classifier_steps(model, opt, batches, cfg.augment, gen, accelerator, cc.label_smoothing)
+                               job.labeled_fraction)
+        stats = classifier_steps(model, opt, batches, job.augment, gen, accelerator, cc.label_smoothing)
         done += chunk
         plain = accelerator.unwrap_model(model)
         val_stats = evaluate(plain, val_x, val_y)  # logged; never used to pick weights
@@ -253,7 +248,7 @@ def classifier_worker(job: TrainJob, session) -> None:
         payload = None
         if rank == 0:
             payload = checkpoints.model_payload(
-                "classifier", cfg, plain.state_dict(),
+                "classifier", job.sections(), plain.state_dict(),
                 optimizer=opt.optimizer.state_dict(), scheduler=scheduler.state_dict(), step=done,
                 val_acc=val_stats["acc"], encoder_pretrained=pretrained, val_size=int(val_y.numel()),
             )

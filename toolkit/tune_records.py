@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import MNIST_TRAIN_IMAGES, Config, ConfigError
+from .config import MNIST_TRAIN_IMAGES, ConfigError, Execution, Study
 from .search_space import SearchSpace, schedule_kind, trial_config, trial_values
-from .tracking import RUN_KEY_TAG, Tracker, find_run, tracking_uri
+from .tracking import RUN_KEY_TAG, Tracker, find_run, safe_params, tracking_uri
 
 METRIC = "val_acc"  # what each trial reports after every round, and the search maximises
 ROUND_METRICS = ("val_acc", "threshold", "added", "pool_left")
@@ -43,7 +43,7 @@ class TrialRow:
     checkpoint: Any = None  # the trial's last Tune checkpoint (its final round state), in ray.storage_path
 
 
-def collect(grid, base: Config, space: SearchSpace, simclr: str | None) -> list[TrialRow]:
+def collect(grid, base: Study, space: SearchSpace, simclr: str | None) -> list[TrialRow]:
     """One row per trial of a Tune ``ResultGrid``, sorted by trial id."""
     rows = []
     for res in grid:
@@ -85,25 +85,25 @@ def write_csv(rows: list[TrialRow], keys: list[str], path: Path) -> Path:
     return path
 
 
-def _trial_params(tcfg: Config) -> dict[str, Any]:
+def _trial_params(tcfg: Study) -> dict[str, Any]:
     """A trial's params: its config and the sizes of its split (as a stage's run logs them)."""
     n, sc = tcfg.data.train_subset or MNIST_TRAIN_IMAGES, tcfg.split
     labeled = 10 * sc.labels_per_class
-    # run.device is left out: only the trial knows where Ray placed it (logged from its first report)
-    flat = {k: v for k, v in tcfg.flat().items() if k != "run.device"}
+    flat = tcfg.flat()
     return {**flat, "split.labeled_size": labeled, "split.val_size_actual": sc.val_size,
             "split.pool_size": n - labeled - sc.val_size}
 
 
-def trial_runs_callback(cfg: Config, key: str, parent_run_id: str | None, config_of: Callable[[dict], Config]):
+def trial_runs_callback(execution: Execution, key: str, parent_run_id: str | None, config_of: Callable[[dict], Study]):
     """A Tune callback, in the driver: one nested MLflow run per trial (``<key>-trial-<id>``), its round metrics.
 
-    ``config_of(point)``: the config a trial runs for a sampled point (logged as params;
-    a ConfigError is tagged, and the trial itself fails on it).
+    ``execution``: how every trial runs (``tune_trial.trial_execution``: its tracking store is the
+    driver's), tagged ``execution.<key>`` on each trial's run; ``config_of(point)``: the study a trial
+    runs for a sampled point (logged as params; a ConfigError is tagged, and the trial itself fails on it).
     """
     from ray.tune import Callback
 
-    uri = tracking_uri(cfg) if cfg.tracking.enabled and parent_run_id else None
+    uri = tracking_uri(execution) if execution.tracking.enabled and parent_run_id else None
 
     class TrialRuns(Callback):
         def __init__(self):
@@ -125,16 +125,17 @@ def trial_runs_callback(cfg: Config, key: str, parent_run_id: str | None, config
 
             client = MlflowClient(tracking_uri=uri)
             name = f"{key}-trial-{trial.trial_id}"
-            found = find_run(cfg, name, parent_run_id)
+            found = find_run(execution, name, parent_run_id)
             if found is not None:  # a restored search: the trial keeps its run
                 if found.info.status == "KILLED":  # Ctrl-C ended it (kill_trial_runs); the trial runs again
                     client.update_run(found.info.run_id, status="RUNNING")
                 return found.info.run_id
-            exp = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+            exp = client.get_experiment_by_name(execution.tracking.experiment).experiment_id
             point = dict(trial.config or {})
             tags = {RUN_KEY_TAG: name, "toolkit.command": "tune-trial", "mlflow.parentRunId": parent_run_id,
                     "toolkit.tune.trial_id": trial.trial_id,
-                    **{f"toolkit.tune.sample.{k}": str(v) for k, v in point.items()}}
+                    **{f"toolkit.tune.sample.{k}": str(v) for k, v in point.items()},
+                    **{f"execution.{k}": v for k, v in safe_params(execution.flat()).items()}}
             run_id = client.create_run(exp, run_name=name, tags=tags).info.run_id
             try:
                 Tracker(uri, run_id).log_params(_trial_params(config_of(point)))
@@ -157,8 +158,9 @@ def trial_runs_callback(cfg: Config, key: str, parent_run_id: str | None, config
             run = self._run(trial)
             if DEVICE in result and trial.trial_id not in self.placed:
                 self.placed.add(trial.trial_id)
-                run.log_params({"run.device": result[DEVICE]})  # the first device it ran on (params are immutable)
-                run.set_tags({"toolkit.device": result.get(DEVICE_NAME, result[DEVICE])})  # where it runs now
+                # where this start of the trial runs (the driver's "auto" until the trial says)
+                run.set_tags({"execution.run.device": result[DEVICE],
+                              "toolkit.device": result.get(DEVICE_NAME, result[DEVICE])})
             run.log_metrics({f"round/{k}": result[k] for k in ROUND_METRICS if k in result},
                             step=int(result.get("round", 0)))
 
@@ -171,15 +173,15 @@ def trial_runs_callback(cfg: Config, key: str, parent_run_id: str | None, config
     return TrialRuns()
 
 
-def close_trial_runs(cfg: Config, key: str, parent_run_id: str | None, rows: list[TrialRow]) -> None:
+def close_trial_runs(execution: Execution, key: str, parent_run_id: str | None, rows: list[TrialRow]) -> None:
     """Tag each trial's run with how it ended; a trial stopped by ASHA was killed mid-run and left RUNNING."""
-    if not cfg.tracking.enabled or not parent_run_id:
+    if not execution.tracking.enabled or not parent_run_id:
         return
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking_uri(cfg))
+    client = MlflowClient(tracking_uri=tracking_uri(execution))
     for r in rows:
-        run = find_run(cfg, f"{key}-trial-{r.trial_id}", parent_run_id)
+        run = find_run(execution, f"{key}-trial-{r.trial_id}", parent_run_id)
         if run is None:
             continue
         client.set_tag(run.info.run_id, "toolkit.tune.status", r.status)
@@ -190,7 +192,7 @@ def close_trial_runs(cfg: Config, key: str, parent_run_id: str | None, rows: lis
             client.set_terminated(run.info.run_id, RUN_STATUS[r.status])
 
 
-def kill_trial_runs(cfg: Config, parent_run_id: str | None) -> int:
+def kill_trial_runs(execution: Execution, parent_run_id: str | None) -> int:
     """Mark KILLED every trial run of this search still RUNNING (after Ctrl-C); return how many.
 
     Tune stops the running trials without calling its callbacks' end hooks, so their runs would
@@ -198,14 +200,14 @@ def kill_trial_runs(cfg: Config, parent_run_id: str | None) -> int:
     which a restored search does not keep (``__getstate__``). A resumed trial sets its run
     RUNNING again (``_open``).
     """
-    if not cfg.tracking.enabled or not parent_run_id:
+    if not execution.tracking.enabled or not parent_run_id:
         return 0
     from mlflow.tracking import MlflowClient
 
     from .tracking import check_run_id, filter_value
 
-    client = MlflowClient(tracking_uri=tracking_uri(cfg))
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    client = MlflowClient(tracking_uri=tracking_uri(execution))
+    exp = client.get_experiment_by_name(execution.tracking.experiment)
     if exp is None:
         return 0
     flt = (f"tags.`mlflow.parentRunId` = {filter_value(check_run_id(parent_run_id, 'parent run id'))} "

@@ -4,9 +4,11 @@ arguments hold overrides, and validation names the offending key.
 This package re-exports every name so ``from toolkit.config import X`` stays the one import
 path; the modules each hold one part:
 
-- ``sections``: the section dataclasses (each key's default, help text and rule)
-- ``study``: ``Config`` (the whole study) and the catalogue of dotted keys and their help
-- ``stage_map``: which keys decide each stage's result (``STAGE_SECTIONS``, ``stage_digest``)
+- ``study_sections``: the sections that decide a result (each key's default, help text and rule)
+- ``execution_sections``: the sections that say where and how a run executes
+- ``study``: ``Study``, ``Execution``, ``Config`` (the two as one file or command line gives them)
+  and the catalogue of dotted keys and their help
+- ``stage_map``: which study sections decide each stage's result (``STAGE_SECTIONS``, ``stage_digest``)
 - ``parsing``: defaults <- YAML file <- ``key=value`` arguments, and back to YAML
 - ``checks``: cross-section checks a command runs for the sections it uses
 - ``fields``, ``credentials``: the helpers sections are written with, and why a URI with a secret is refused
@@ -28,33 +30,31 @@ from .parsing import (
     read_text_file,
     to_yaml,
 )
-from .sections import (
+from .execution_sections import (
+    InferenceConfig,
+    PredictConfig,
+    RayConfig,
+    ReportConfig,
+    RunConfig,
+    TrackingConfig,
+    TrialsConfig,
+)
+from .stage_map import STAGE_SECTIONS, result_keys, stage_digest
+from .study import EXECUTION_SECTIONS, STUDY_SECTIONS, Config, Execution, Study, _section_types, all_keys, help_text
+from .study_sections import (
+    PIPELINE_STAGES,
     AugmentConfig,
     ClassifierConfig,
     DataConfig,
     ModelConfig,
     PipelineConfig,
-    PredictConfig,
     PretrainConfig,
     ProbeConfig,
     PseudoLabelConfig,
-    RayConfig,
-    ReportConfig,
-    RunConfig,
     SplitConfig,
     StudentConfig,
-    TrackingConfig,
     TuneConfig,
 )
-from .stage_map import (
-    INFRASTRUCTURE_KEYS,
-    INFRASTRUCTURE_SECTIONS,
-    STAGE_SECTIONS,
-    is_infrastructure,
-    result_keys,
-    stage_digest,
-)
-from .study import Config, _section_types, all_keys, help_text
 
 __all__ = [
     "THRESHOLD_SCHEDULES", "rate_problem",
@@ -65,8 +65,7 @@ __all__ = [
     "to_yaml",
     "AugmentConfig", "ClassifierConfig", "DataConfig", "ModelConfig", "PipelineConfig", "PredictConfig",
     "PretrainConfig", "ProbeConfig", "PseudoLabelConfig", "RayConfig", "ReportConfig", "RunConfig", "SplitConfig",
-    "StudentConfig", "TrackingConfig", "TuneConfig",
-    "INFRASTRUCTURE_KEYS", "INFRASTRUCTURE_SECTIONS", "STAGE_SECTIONS", "is_infrastructure", "result_keys",
-    "stage_digest",
-    "Config", "all_keys", "help_text",
+    "StudentConfig", "TrackingConfig", "TuneConfig", "InferenceConfig", "TrialsConfig", "PIPELINE_STAGES",
+    "STAGE_SECTIONS", "result_keys", "stage_digest",
+    "Config", "Study", "Execution", "STUDY_SECTIONS", "EXECUTION_SECTIONS", "all_keys", "help_text",
 ]

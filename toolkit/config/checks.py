@@ -51,7 +51,7 @@ def check_command_config(cfg: Config, sections: tuple[str, ...] | None = None) -
                 f"{cfg.ray.cpus_per_worker:g} CPUs (ray.cpus_per_worker) need {need:g} CPUs but the embedded Ray has "
                 f"{cpus} (ray.num_cpus); lower them or raise ray.num_cpus")
     if cpus is not None and uses("tune"):
-        _check(cfg.tune.cpus_per_trial <= cpus, "tune.cpus_per_trial",
-               f"must be at most the {cpus} CPUs of the embedded Ray (ray.num_cpus)", cfg.tune.cpus_per_trial)
+        _check(cfg.trials.cpus <= cpus, "trials.cpus",
+               f"must be at most the {cpus} CPUs of the embedded Ray (ray.num_cpus)", cfg.trials.cpus)
     return cfg
 

@@ -140,9 +140,10 @@ def _unknown(key: str) -> ConfigError:
     return ConfigError(f"unknown config key '{key}'{hint}")
 
 
-def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
-    """Return ``cfg`` with dotted-key overrides applied, type-checked and validated."""
-    keys = all_keys()
+def apply_overrides(cfg, overrides: dict[str, Any]):
+    """Return ``cfg`` (a ``Config``, ``Study`` or ``Execution``) with dotted-key overrides applied,
+    type-checked and validated."""
+    keys = all_keys(type(cfg))
     sections: dict[str, dict[str, Any]] = {}
     for key, value in overrides.items():
         if key not in keys:

@@ -54,7 +54,7 @@ def _load(root: Path) -> tuple[dict[str, np.ndarray], list[Path]]:
                             " (expected an .npz written by numpy.savez without object arrays)") from e
         return found, [root]
     if not root.is_dir():
-        raise DataError(f"array data not found: {root} (set data.root to an .npz file or a folder of .npy files)")
+        raise DataError(f"array data not found: {root} (set run.data_root to an .npz file or a folder of .npy files)")
     files = sorted(root.glob("*.npy"))
     found = {}
     for f in files:

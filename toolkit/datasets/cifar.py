@@ -53,8 +53,8 @@ def load_batch(path: Path) -> dict:
     """One pickled batch as a dict with str keys (Python 2's byte-string keys decoded as latin-1)."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"CIFAR-10 file missing: {path} (set data.root to the folder holding {FOLDER}/, "
-                        "or data.download=true)")
+        raise DataError(f"CIFAR-10 file missing: {path} (set run.data_root to the folder holding {FOLDER}/, "
+                        "or run.download=true)")
     try:
         with path.open("rb") as f:
             # latin1: the batches were pickled by Python 2, whose str (array bytes included) must stay bytes-exact

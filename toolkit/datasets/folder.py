@@ -132,7 +132,7 @@ def scan(root: Path) -> Listing:
     """Check ``root``'s layout, class names and files (not yet their pixels); its listing."""
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
-        raise DataError(f"image folder not found: {root} (set data.root to a folder holding labeled/<class name>/)")
+        raise DataError(f"image folder not found: {root} (set run.data_root to a folder holding labeled/<class name>/)")
     unexpected = sorted(p.name for p in root.iterdir() if not p.name.startswith(".") and p.name not in PARTS)
     if unexpected:
         raise DataError(f"image folder {root} holds {unexpected[0]!r}: expected only labeled/, unlabeled/ and test/")

@@ -23,8 +23,8 @@ def _locate(path: Path, what: str) -> Path:
     gz = path.with_name(path.name + ".gz")
     if gz.is_file():
         return gz
-    raise DataError(f"{what} file missing: {path} (set data.root or TOOLKIT_DATA_DIR to the folder holding it, "
-                    "or data.download=true)")
+    raise DataError(f"{what} file missing: {path} (set run.data_root or TOOLKIT_DATA_DIR to the folder holding it, "
+                    "or run.download=true)")
 
 
 def _parse_header(head: bytes, path: Path, ndim: int, what: str) -> tuple[int, ...]:
@@ -74,9 +74,16 @@ def read_idx(path: Path, ndim: int, what: str = "idx") -> np.ndarray:
         raw = gzip.decompress(found.read_bytes())
     except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
         raise DataError(f"{what} file corrupt: {found} is not a readable gzip file ({e})") from e
-    shape = _parse_header(raw[:header], found, ndim, what)
+    return parse_idx(raw, found, ndim, what)
+
+
+def parse_idx(raw: bytes, path: Path, ndim: int, what: str = "idx") -> np.ndarray:
+    """The bytes of an idx file (read and un-gzipped by the caller) as a writable uint8 array of its
+    declared shape, header and length checked; ``path`` names it in errors."""
+    header = 4 * (1 + ndim)
+    shape = _parse_header(raw[:header], path, ndim, what)
     expected = header + int(np.prod(shape, dtype=np.int64))
     if len(raw) != expected:
-        raise DataError(f"{what} file truncated or corrupt: {found} holds {len(raw)} bytes, "
+        raise DataError(f"{what} file truncated or corrupt: {path} holds {len(raw)} bytes, "
                         f"expected {expected} (from its header)")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape).copy()

@@ -68,7 +68,7 @@ class Dataset:
 
 @dataclass(frozen=True)
 class _Benchmark:
-    subdir: str  # under data.root, torchvision's layout
+    subdir: str  # under run.data_root, torchvision's layout
     torchvision_class: str
     class_names: tuple[str, ...] | None  # None: read from the data (CIFAR's batches.meta)
     flips_allowed: bool
@@ -207,7 +207,7 @@ def _load_benchmark(name: str, root: Path, target: tuple, download: bool, cache_
 def _own_root(root: str | os.PathLike, name: str) -> Path:
     if not str(root):
         what = "image folder" if name == "folder" else ".npz file or .npy folder"
-        raise DataError(f"data.name={name} needs data.root: the path of your {what}")
+        raise DataError(f"data.name={name} needs run.data_root: the path of your {what}")
     return Path(root).expanduser().resolve()
 
 

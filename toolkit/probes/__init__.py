@@ -21,10 +21,11 @@ from .features import Standardize, _check_feats_labels, _seeded
 from .knn import knn_predict
 from .linear import select_linear_C, select_linear_C_cv, train_linear_probe
 from .metrics import _check_pred_labels, accuracy, confusion_matrix, per_class_accuracy, predict
-from .mlp import train_mlp_probe
-from .runner import _PROTOCOL_RE, PROBE_NAMES, _resolved, run_probes
+from .mlp import MLPProbeSettings, train_mlp_probe
+from .runner import _PROTOCOL_RE, PROBE_NAMES, LabeledFeatures, ProbeSettings, _resolved, run_probes
 
 __all__ = [
-    "PROBE_NAMES", "Standardize", "accuracy", "confusion_matrix", "knn_predict", "per_class_accuracy", "predict",
-    "run_probes", "select_linear_C", "select_linear_C_cv", "train_linear_probe", "train_mlp_probe",
+    "PROBE_NAMES", "LabeledFeatures", "MLPProbeSettings", "ProbeSettings", "Standardize", "accuracy",
+    "confusion_matrix", "knn_predict", "per_class_accuracy", "predict", "run_probes", "select_linear_C",
+    "select_linear_C_cv", "train_linear_probe", "train_mlp_probe",
 ]

@@ -7,9 +7,12 @@ report read the keys it writes.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,7 +21,7 @@ from .features import _check_feats_labels
 from .knn import knn_predict
 from .linear import train_linear_probe
 from .metrics import accuracy, confusion_matrix, per_class_accuracy, predict
-from .mlp import train_mlp_probe
+from .mlp import MLPProbeSettings, train_mlp_probe
 
 PROBE_NAMES = ("linear", "mlp", "knn")
 
@@ -26,24 +29,48 @@ PROBE_NAMES = ("linear", "mlp", "knn")
 _PROTOCOL_RE = re.compile(r"^[A-Za-z0-9_.\- ]+$")
 
 
+@dataclass(frozen=True)
+class LabeledFeatures:
+    """One split of a protocol (train, val or test): (N, D) features and their (N,) labels."""
+
+    feats: torch.Tensor
+    labels: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.feats, torch.Tensor) or not isinstance(self.labels, torch.Tensor):
+            raise TypeError(
+                f"LabeledFeatures needs feats and labels as tensors, got {type(self.feats).__name__} "
+                f"and {type(self.labels).__name__}"
+            )
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """The settings of each probe under a protocol; left out, a probe runs with its protocol defaults.
+
+    ``linear`` and ``knn`` override keyword defaults of ``train_linear_probe`` and ``knn_predict``
+    (e.g. ``{"C": 0.1}``, ``{"k": 50}``); ``mlp`` is the MLP probe's settings. The seed is not
+    here: ``run_probes`` passes its own to the linear and MLP probes.
+    """
+
+    linear: Mapping[str, Any] = field(default_factory=dict)
+    mlp: MLPProbeSettings = MLPProbeSettings()
+    knn: Mapping[str, Any] = field(default_factory=dict)
+
+
 def run_probes(
-    train_feats: torch.Tensor,
-    train_labels: torch.Tensor,
-    test_feats: torch.Tensor,
-    test_labels: torch.Tensor,
-    val_feats: torch.Tensor | None = None,
-    val_labels: torch.Tensor | None = None,
+    train: LabeledFeatures,
+    test: LabeledFeatures,
+    val: LabeledFeatures | None = None,
     *,
     protocol: str,
     seed: int = 0,
     num_classes: int = 10,
-    linear_kwargs: dict[str, Any] | None = None,
-    mlp_kwargs: dict[str, Any] | None = None,
-    knn_kwargs: dict[str, Any] | None = None,
+    settings: ProbeSettings = ProbeSettings(),
 ) -> dict[str, Any]:
     """Run the linear, MLP and kNN probes under one named ``protocol`` (e.g. ``"100-labels"``).
 
-    ``*_kwargs`` override the probe defaults. The probes are fitted on the train split only;
+    ``settings`` overrides the probe defaults. The probes are fitted on the train split only;
     the val split is for model selection by the caller, the test split is reported once.
 
     Returns ``{"protocol", "metrics", "params", "linear", "mlp", "knn"}``:
@@ -56,31 +83,29 @@ def run_probes(
       effective, clipped kNN ``k``), plus ``f"{protocol}/n_train"``, ``n_test``, ``n_val``.
     * per probe name: ``{"test_acc": float, "val_acc": float | None, "train_acc": float | None,
       "per_class_acc": list[float], "confusion": LongTensor (C, C) on CPU, rows=true,
-      "test_pred": LongTensor (N_test,) on test_feats' device, "probe": nn.Module | None
+      "test_pred": LongTensor (N_test,) on test.feats' device, "probe": nn.Module | None
       (None for kNN), "seconds": float}``.
     """
     if not isinstance(protocol, str) or not _PROTOCOL_RE.match(protocol):
         raise ValueError(f"protocol must be a non-empty name of letters, digits, '_', '-', '.', ' '; got {protocol!r}")
-    if (val_feats is None) != (val_labels is None):
-        raise ValueError("val_feats and val_labels must be given together")
-    train_labels = _check_feats_labels(train_feats, train_labels, num_classes, "train")
-    test_labels = _check_feats_labels(test_feats, test_labels, num_classes, "test")
-    if val_feats is not None:
-        val_labels = _check_feats_labels(val_feats, val_labels, num_classes, "val")
+    train_feats, test_feats = train.feats, test.feats
+    val_feats = val.feats if val is not None else None
+    train_labels = _check_feats_labels(train_feats, train.labels, num_classes, "train")
+    test_labels = _check_feats_labels(test_feats, test.labels, num_classes, "test")
+    val_labels = _check_feats_labels(val.feats, val.labels, num_classes, "val") if val is not None else None
     for name, f in (("test", test_feats), ("val", val_feats)):
         if f is not None and f.shape[1] != train_feats.shape[1]:
             raise ValueError(f"{name}_feats has {f.shape[1]} columns, train_feats has {train_feats.shape[1]}")
 
-    linear_kw = {"seed": seed, **(linear_kwargs or {})}
-    mlp_kw = {"seed": seed, **(mlp_kwargs or {})}
-    knn_kw = dict(knn_kwargs or {})
+    linear_kw = {"seed": seed, **settings.linear}
+    knn_kw = dict(settings.knn)
 
     def fit_linear():
         probe = train_linear_probe(train_feats, train_labels, num_classes, **linear_kw)
         return probe, lambda x: predict(probe, x)
 
     def fit_mlp():
-        probe = train_mlp_probe(train_feats, train_labels, num_classes, **mlp_kw)
+        probe = train_mlp_probe(train_feats, train_labels, num_classes, settings=settings.mlp, seed=seed)
         return probe, lambda x: predict(probe, x)
 
     def fit_knn():
@@ -91,12 +116,12 @@ def run_probes(
     params[f"{protocol}/n_train"] = int(train_feats.shape[0])
     params[f"{protocol}/n_test"] = int(test_feats.shape[0])
     params[f"{protocol}/n_val"] = 0 if val_feats is None else int(val_feats.shape[0])
-    settings = {
+    resolved = {
         "linear": _resolved(train_linear_probe, linear_kw),
-        "mlp": _resolved(train_mlp_probe, mlp_kw),
+        "mlp": {**dataclasses.asdict(settings.mlp), "seed": seed},
         "knn": _resolved(knn_predict, knn_kw),
     }
-    settings["knn"]["k"] = min(settings["knn"]["k"], int(train_feats.shape[0]))  # the k actually used
+    resolved["knn"]["k"] = min(resolved["knn"]["k"], int(train_feats.shape[0]))  # the k actually used
 
     for name, fit in (("linear", fit_linear), ("mlp", fit_mlp), ("knn", fit_knn)):
         t0 = time.perf_counter()
@@ -125,7 +150,7 @@ def run_probes(
         for c, acc in enumerate(res["per_class_acc"]):
             m[f"{prefix}/test_acc_class{c}"] = acc
         m[f"{prefix}/seconds"] = seconds
-        for key, value in settings[name].items():
+        for key, value in resolved[name].items():
             params[f"{prefix}/{key}"] = value
     return out
 

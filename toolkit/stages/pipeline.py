@@ -12,73 +12,77 @@ from __future__ import annotations
 
 import time
 
-from ..config import Config
+from ..config import Execution, Study
 from ..tracking import Tracker, mlflow_run, run_url, tracking_uri
-from .common import STAGE_RUN_TAG, StageResult, run_key
+from .skeleton import STAGE_RUN_TAG, StageResult, run_key
 
-def _tag(cfg: Config, parent_id: str | None, result: StageResult, stage: str, seed: int) -> None:
+
+def _tag(execution: Execution, parent_id: str | None, result: StageResult, stage: str, seed: int) -> None:
     """Mark a stage's run by stage and seed, and record it on the parent run.
 
     The parent keeps the run id of every stage, skipped ones included, so `toolkit report`
     on a re-run pipeline (a new parent whose stages were all finished) still has every row.
     """
-    if result.run_id and cfg.tracking.enabled:
-        uri = tracking_uri(cfg)
+    if result.run_id and execution.tracking.enabled:
+        uri = tracking_uri(execution)
         Tracker(uri, result.run_id).set_tags({"toolkit.stage": stage, "toolkit.seed": seed})
         if parent_id:
             Tracker(uri, parent_id).set_tags({f"{STAGE_RUN_TAG}.{seed}.{stage}": result.run_id})
 
 
-def run_seed(cfg: Config, parent_id: str | None, prefix: str, seed: int, simclr_path: str | None) -> dict[str, StageResult]:
-    """All stages but pretraining for one split seed."""
+def run_seed(study: Study, execution: Execution, parent_id: str | None, seed: int,
+             simclr_path: str | None) -> dict[str, StageResult]:
+    """All stages but pretraining for one split seed (its split and its model seed)."""
     from .probe import probe
     from .pseudolabel import pseudolabel
     from .supervised import supervised
 
-    stages = cfg.pipeline.stages
-    scfg = cfg.replace(**{"split.seed": seed, "run.seed": seed, "run.name": ""})
+    stages = study.pipeline.stages
+    scfg = study.replace(**{"split.seed": seed, "model.seed": seed})
+    stage_execution = execution.replace(**{"run.name": ""})  # each stage keyed by its own study sections
     out: dict[str, StageResult] = {}
 
     def record(stage: str, result: StageResult) -> None:
         out[stage] = result
-        _tag(cfg, parent_id, result, stage, seed)
+        _tag(execution, parent_id, result, stage, seed)
 
     # stage keys come from each stage's own config sections (and inputs), not from the pipeline's:
     # changing, say, the pseudo-labeling schedule re-runs only the stages it affects
     if "probe" in stages and simclr_path:
-        record("probe", probe(scfg, parent_id, checkpoint=simclr_path))
+        record("probe", probe(scfg, stage_execution, parent_id, checkpoint=simclr_path))
     base = None
     if "supervised" in stages:
-        record("supervised", supervised(scfg.replace(**{"model.init": "scratch"}), parent_id))
+        record("supervised", supervised(scfg.replace(**{"model.init": "scratch"}), stage_execution, parent_id))
         base = out["supervised"].model_path
     if "oneshot" in stages:
         c = scfg.replace(**{"model.init": "scratch", "pseudolabel.mode": "oneshot"})
-        record("oneshot", pseudolabel(c, parent_id, base_model=base))
+        record("oneshot", pseudolabel(c, stage_execution, parent_id, base_model=base))
     if "iterative" in stages:
         c = scfg.replace(**{"model.init": "scratch", "pseudolabel.mode": "iterative"})
         # the one-shot run is this run's round 1 when their configs agree: not trained twice
-        record("iterative", pseudolabel(c, parent_id, base_model=base, first_round_from=out.get("oneshot")))
+        record("iterative", pseudolabel(c, stage_execution, parent_id, base_model=base, first_round_from=out.get("oneshot")))
     if "simclr_iterative" in stages and simclr_path:
         c = scfg.replace(**{"model.init": f"simclr:{simclr_path}", "pseudolabel.mode": "iterative"})
-        if cfg.pipeline.tune:
-            from ..config import load_config
+        if study.pipeline.tune:
+            from ..config import Config, load_config
             from .tune import best_config_path, tune
 
-            tuned = tune(c, parent_id)
-            _tag(cfg, parent_id, tuned, "tune", seed)
-            c = load_config(best_config_path(tuned), base=c)
-        record("simclr_iterative", pseudolabel(c, parent_id))
+            tuned = tune(c, stage_execution, parent_id)
+            _tag(execution, parent_id, tuned, "tune", seed)
+            c = load_config(best_config_path(tuned), base=Config.of(c)).study  # best.yaml holds study keys only
+        record("simclr_iterative", pseudolabel(c, stage_execution, parent_id))
     teachers = [out[s].model_path for s in ("iterative", "simclr_iterative") if s in out and out[s].model_path]
     if "student" in stages and teachers:
         from .student import student
 
-        record("student", student(scfg.replace(**{"model.init": "scratch"}), teachers, parent_id, encoder=simclr_path))
+        record("student", student(scfg.replace(**{"model.init": "scratch"}), stage_execution, teachers, parent_id,
+                                  encoder=simclr_path))
     return out
 
 
-def _register_best(cfg: Config, parent: Tracker, results: dict[int, dict[str, StageResult]]) -> None:
+def _register_best(execution: Execution, parent: Tracker, results: dict[int, dict[str, StageResult]]) -> None:
     """Register the classifier with the best validation accuracy (never test) in the Model Registry."""
-    if not (parent.enabled and cfg.tracking.log_models and cfg.tracking.registered_model):
+    if not (parent.enabled and execution.tracking.log_models and execution.tracking.registered_model):
         return
     from mlflow.tracking import MlflowClient
 
@@ -92,13 +96,13 @@ def _register_best(cfg: Config, parent: Tracker, results: dict[int, dict[str, St
     uri = MlflowClient(tracking_uri=parent.uri).get_run(best.run_id).data.tags.get("toolkit.model_uri")
     if not uri:
         return
-    version = register_best(parent, uri, cfg.tracking.registered_model,
+    version = register_best(parent, uri, execution.tracking.registered_model,
                             tags={"stage": stage, "seed": seed, "val_acc": f"{val:.4f}"},
                             description=f"{stage}, split seed {seed}: best validation accuracy of the pipeline")
     parent.set_tags({"toolkit.registered_model": version})
     print(f"[pipeline] registered {stage} (seed {seed}, val acc {val:.4f}) as {version} "
-          f"(alias: models:/{cfg.tracking.registered_model}@best); predict with it:\n"
-          f"  {predict_command(parent.uri, f'models:/{cfg.tracking.registered_model}@best', cfg.data.root)}",
+          f"(alias: models:/{execution.tracking.registered_model}@best); predict with it:\n"
+          f"  {predict_command(parent.uri, f'models:/{execution.tracking.registered_model}@best', execution.run.data_root)}",
           flush=True)
 
 
@@ -121,39 +125,39 @@ def predict_command(uri: str, model_uri: str, data_root: str = "") -> str:
                      shlex.quote(f"predict.model={model_uri}"), shlex.quote(f"predict.input={images}")])
 
 
-def pipeline(cfg: Config) -> dict:
+def pipeline(study: Study, execution: Execution) -> dict:
     """Run the study; return {seed: {stage: StageResult}} and log the summary table to the parent run."""
     from .pretrain import pretrain
-    from .report import summarise
+    from .report import report_folder, summarise
 
-    key = run_key(cfg, "pipeline")
+    key = run_key(study, execution, "pipeline")
     t0 = time.perf_counter()
     results: dict[int, dict[str, StageResult]] = {}
     from ..locks import run_lock
-    from .common import stage_dir
+    from .skeleton import stage_dir
 
-    with run_lock(stage_dir(cfg, key), f"pipeline '{key}'"), \
-            mlflow_run(cfg, "pipeline", key, None, {"toolkit.seeds": cfg.pipeline.seeds}) as parent:
-        print(f"[pipeline] {key}: seeds {cfg.pipeline.seeds}, stages {cfg.pipeline.stages}", flush=True)
+    with run_lock(stage_dir(execution, key), f"pipeline '{key}'"), \
+            mlflow_run(study, execution, "pipeline", key, None, {"toolkit.seeds": study.pipeline.seeds}) as parent:
+        print(f"[pipeline] {key}: seeds {study.pipeline.seeds}, stages {study.pipeline.stages}", flush=True)
         simclr_path = None
         # the student's labels are smoothed in the SimCLR embedding unless student.knn_k=0
-        users = ("pretrain", "probe", "simclr_iterative") + (("student",) if cfg.student.knn_k > 0 else ())
-        needs_simclr = any(s in cfg.pipeline.stages for s in users)
+        users = ("pretrain", "probe", "simclr_iterative") + (("student",) if study.student.knn_k > 0 else ())
+        needs_simclr = any(s in study.pipeline.stages for s in users)
         if needs_simclr:
             # one encoder for all seeds: SimCLR never sees a label, and the first seed's
             # validation images are held out of it
-            first = cfg.pipeline.seeds[0]
-            pcfg = cfg.replace(**{"split.seed": first, "run.seed": first, "run.name": ""})
-            pre = pretrain(pcfg, parent.run_id)
-            _tag(cfg, parent.run_id, pre, "pretrain", first)
+            first = study.pipeline.seeds[0]
+            pre = pretrain(study.replace(**{"split.seed": first, "model.seed": first}),
+                           execution.replace(**{"run.name": ""}), parent.run_id)
+            _tag(execution, parent.run_id, pre, "pretrain", first)
             simclr_path = pre.model_path
-        for seed in cfg.pipeline.seeds:
+        for seed in study.pipeline.seeds:
             print(f"[pipeline] seed {seed}", flush=True)
-            results[seed] = run_seed(cfg, parent.run_id, f"{key}-seed{seed}", seed, simclr_path)
+            results[seed] = run_seed(study, execution, parent.run_id, seed, simclr_path)
         seconds = time.perf_counter() - t0
         parent.log_metrics({"pipeline_seconds": seconds})
-        table = summarise(cfg, parent, results)
+        table = summarise(parent, results, report_folder(execution, parent), study.split)
         print(table, flush=True)
-        _register_best(cfg, parent, results)
-        print(f"[pipeline] done in {seconds:.0f}s. Browse: {run_url(cfg, parent)}", flush=True)
+        _register_best(execution, parent, results)
+        print(f"[pipeline] done in {seconds:.0f}s. Browse: {run_url(parent)}", flush=True)
     return results

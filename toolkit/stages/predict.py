@@ -39,7 +39,7 @@ import torch
 
 from .. import checkpoints
 from ..checkpoints import CheckpointError
-from ..config import Config, ConfigError, ModelConfig
+from ..config import ConfigError, Execution, Study
 from ..data import IMAGE_SIZE, NUM_CLASSES, DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -68,20 +68,16 @@ class Predictions:
 
 
 def _idx3_images(raw: bytes, path: Path) -> np.ndarray:
-    """The images of an idx3 file (magic 2051, dims N x 28 x 28, then N*784 bytes)."""
-    magic = int.from_bytes(raw[:4], "big")
-    if magic == IDX1_MAGIC:
+    """The images of an idx3 file (magic 2051, dims N x 28 x 28, then N*784 bytes): the one idx reader."""
+    from ..datasets.idx import parse_idx
+
+    if int.from_bytes(raw[:4], "big") == IDX1_MAGIC:
         raise DataError(f"predict.input {path} is an idx1 (labels) file; give the images (idx3) file")
-    if magic != IDX3_MAGIC:
-        raise DataError(f"predict.input {path}: magic number {magic}, expected {IDX3_MAGIC} (an idx3 image file)")
-    if len(raw) < 16:
-        raise DataError(f"predict.input {path}: {len(raw)} bytes, too short for an idx3 header (truncated?)")
-    n, rows, cols = (int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(3))
-    if (rows, cols) != (IMAGE_SIZE, IMAGE_SIZE):
+    images = parse_idx(raw, path, 3, "predict.input")
+    if images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+        rows, cols = images.shape[1:]
         raise DataError(f"predict.input {path}: images are {rows}x{cols}, expected {IMAGE_SIZE}x{IMAGE_SIZE} (MNIST format)")
-    if len(raw) != 16 + n * rows * cols:
-        raise DataError(f"predict.input {path}: {len(raw)} bytes, expected {16 + n * rows * cols} for {n} images (truncated?)")
-    return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(n, rows, cols).copy()  # writable
+    return images
 
 
 def _npy_images(path: Path) -> np.ndarray:
@@ -152,7 +148,8 @@ def read_images(path: str | os.PathLike) -> tuple[torch.Tensor, list[str]]:
 
 def _toolkit_predictor(path: Path, device: torch.device, batch_size: int) -> Predictor:
     from ..engine import predict_probs, read_tta_recipe
-    from ..models import Classifier
+    from ..inference import build_classifier
+    from ..jobs import ModelWeights
 
     try:
         payload = checkpoints.load_model_file(path, "classifier")
@@ -161,14 +158,10 @@ def _toolkit_predictor(path: Path, device: torch.device, batch_size: int) -> Pre
             raise CheckpointError(f"{e}: a SimCLR encoder gives features, not labels; predict with a classifier "
                                   "(supervised or pseudolabel stage; model.init=simclr:<path> starts one from it)") from None
         raise
-    arch = {"pool": 1, **payload.get("architecture", {})}  # files from before `pool` used global pooling
-    model_cfg = ModelConfig(**{k: arch[k] for k in ("width", "depth", "convs_per_stage", "pool") if k in arch})
-    model = Classifier(model_cfg)
     try:
-        model.load_state_dict(payload["state_dict"])
-    except RuntimeError as e:
+        model = build_classifier(ModelWeights.from_payload(payload), device)
+    except (RuntimeError, TypeError, KeyError, ConfigError) as e:
         raise CheckpointError(f"checkpoint {payload['path']} does not fit a classifier: {e}".splitlines()[0]) from None
-    model = model.to(device).eval()
     tta = payload.get("tta")  # a student predicts as the mean over augmented views: its file says how
     if tta is not None:
         try:
@@ -347,13 +340,13 @@ def write_csv(result: Predictions, out: str | os.PathLike | io.TextIOBase) -> No
         w.writerow((name, label, f"{conf:.4f}"))
 
 
-def _device(cfg: Config) -> str:
-    if cfg.run.device == "auto":
+def _device(execution: Execution) -> str:
+    if execution.run.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    return cfg.run.device
+    return execution.run.device
 
 
-def _store_of(cfg: Config) -> str:
+def _store_of(execution: Execution) -> str:
     """The tracking URI a run id or MLflow URI is looked up in; a missing default store is an error, not created.
 
     Without ``tracking.uri`` (or ``$MLFLOW_TRACKING_URI``) that is ``<run.output_dir>/mlflow.db``: a
@@ -363,18 +356,21 @@ def _store_of(cfg: Config) -> str:
     from ..storage import resolve_output_dir
     from ..tracking import tracking_uri  # MLflow only for run ids and URIs: no store is created otherwise
 
-    if not (cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")):
-        db = resolve_output_dir(cfg.run.output_dir) / "mlflow.db"
+    if not (execution.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")):
+        db = resolve_output_dir(execution.run.output_dir) / "mlflow.db"
         if not db.is_file():
-            raise CheckpointError(f"predict.model={cfg.predict.model}: no MLflow store at {db} (tracking.uri is not set "
-                                  f"and run.output_dir={cfg.run.output_dir} holds none); give the tracking.uri=... "
+            raise CheckpointError(f"predict.model={execution.predict.model}: no MLflow store at {db} (tracking.uri is not set "
+                                  f"and run.output_dir={execution.run.output_dir} holds none); give the tracking.uri=... "
                                   "the pipeline printed with the model, or the --config it ran with")
-    return tracking_uri(cfg)
+    return tracking_uri(execution)
 
 
-def predict(cfg: Config) -> Predictions:
-    """``toolkit predict``: CSV rows to ``predict.output`` (or stdout), a summary line on stderr."""
-    pc = cfg.predict
+def predict(study: Study, execution: Execution) -> Predictions:
+    """``toolkit predict``: CSV rows to ``predict.output`` (or stdout), a summary line on stderr.
+
+    It reads the execution alone (the model, the images, the device, the store): what decided
+    the model is in its file."""
+    pc = execution.predict
     if not pc.model:
         load_predictor(pc.model)  # raises the ConfigError that names the key
     if not pc.input:
@@ -382,8 +378,8 @@ def predict(cfg: Config) -> Predictions:
                           "or a PNG/JPEG image or folder of them")
     uri = ""
     if not Path(pc.model).expanduser().exists() and (_URI.match(pc.model) or _RUN_ID.match(pc.model)):
-        uri = _store_of(cfg)
-    result = predict_images(pc.model, pc.input, pc.output, pc.batch_size, _device(cfg), uri,
+        uri = _store_of(execution)
+    result = predict_images(pc.model, pc.input, pc.output, pc.batch_size, _device(execution), uri,
                             pc.trust_pickled_model)
     if not pc.output:
         write_csv(result, sys.stdout)

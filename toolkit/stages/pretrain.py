@@ -4,26 +4,28 @@ from __future__ import annotations
 
 from .. import checkpoints
 from ..backends import run_training
-from ..config import Config, stage_digest
+from ..config import Execution, Study, stage_digest
 from ..jobs import TrainJob
 from ..tracking import MetricsLogger
-from .common import StageOutput, StageResult, StageRun, data_root_for_workers, run_key, run_stage, save_model_file
+from .data_inputs import data_root_for_workers
+from .model_files import save_model_file
+from .skeleton import Stage, StageOutput, StageResult, StageRun, run_key, run_stage
 
 
-def pretrain(cfg: Config, parent_run_id: str | None = None, key: str | None = None) -> StageResult:
+def pretrain(study: Study, execution: Execution, parent_run_id: str | None = None, key: str | None = None) -> StageResult:
     """Train SimCLR; write ``model.pt`` (kind 'simclr') into the stage folder and the MLflow run."""
 
     def body(run: StageRun) -> StageOutput:
-        job = TrainJob(loop="simclr", config=cfg.to_dict(), data_root=data_root_for_workers(cfg), split=run.split)
-        state, metrics = run_training(cfg, job, run.key, MetricsLogger(run.tracker, "epoch"))
-        model_path = save_model_file(run.folder / checkpoints.MODEL_FILE, "simclr", cfg, state["state_dict"],
+        job = TrainJob.simclr(study, execution, data_root_for_workers(execution), run.split)
+        state, metrics = run_training(execution, job, run.key, MetricsLogger(run.tracker, "epoch"))
+        model_path = save_model_file(run.folder / checkpoints.MODEL_FILE, "simclr", study, state["state_dict"],
                                      epoch=state["epoch"])
         run.tracker.log_artifact(model_path, "model")
-        if run.tracker.enabled and cfg.tracking.log_models:
+        if run.tracker.enabled and execution.tracking.log_models:
             from ..mlflow_models import log_encoder
             from ..models import SimCLRModel
 
-            encoder = SimCLRModel(cfg.model)
+            encoder = SimCLRModel(study.model)
             encoder.load_state_dict(state["state_dict"])
             uri = log_encoder(run.tracker, run.tracker.run_id, encoder, input_example=run.data.test_images[:4])
             run.tracker.set_tags({"toolkit.model_uri": uri})
@@ -32,9 +34,10 @@ def pretrain(cfg: Config, parent_run_id: str | None = None, key: str | None = No
         return StageOutput(model_path, final, str(model_path))
 
     tags = {
-        "toolkit.world_size": cfg.ray.num_workers if cfg.run.backend == "ray" else 1,
-        "toolkit.global_batch": cfg.pretrain.batch_size,
-        "toolkit.batchnorm": "sync" if cfg.model.sync_bn else "per-worker",
+        "toolkit.world_size": execution.ray.num_workers if execution.backend_for("simclr") == "ray" else 1,
+        "toolkit.global_batch": study.pretrain.batch_size,
+        "toolkit.batchnorm": "sync" if study.model.sync_bn else "per-worker",
     }
-    return run_stage(cfg, "pretrain", key or run_key(cfg, "pretrain"), stage_digest(cfg, "pretrain"), parent_run_id,
-                     tags, body, lambda done: str(done.model_path))
+    stage = Stage("pretrain", key or run_key(study, execution, "pretrain"), stage_digest(study, "pretrain"),
+                  parent_run_id, tags, skipped_line=lambda done: str(done.model_path))
+    return run_stage(study, execution, stage, body)

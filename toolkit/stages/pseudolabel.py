@@ -10,14 +10,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import checkpoints
-from ..config import Config, stage_digest
+from ..config import Execution, Study, stage_digest
 from ..inference import device_for
 from ..jobs import ModelWeights
 from ..plots import plot_class_counts, plot_curves
 from ..tracking import Tracker
-from .common import (StageOutput, StageResult, StageRun, init_weights, load_classifier_file, log_test_report, run_key,
-                     run_stage, save_model_file, with_inputs)
-from .rounds import STATE_FILE, load_state, run_rounds, save_state
+from .model_files import init_weights, load_classifier_file, save_model_file
+from .rounds import STATE_FILE, RoundsStart, load_state, run_rounds, save_state
+from .skeleton import Stage, StageOutput, StageResult, StageRun, run_key, run_stage, with_inputs
+from .test_report import log_test_report
+
 
 def _round_plots(tracker: Tracker, state: dict, folder: Path, title: str) -> None:
     hist = state["history"]
@@ -38,34 +40,33 @@ def _round_plots(tracker: Tracker, state: dict, folder: Path, title: str) -> Non
     tracker.log_dict({"history": hist}, "rounds.json")
 
 
-def pseudolabel(cfg: Config, parent_run_id: str | None = None, key: str | None = None,
+def pseudolabel(study: Study, execution: Execution, parent_run_id: str | None = None, key: str | None = None,
                 base_model: str | None = None, first_round_from: StageResult | None = None) -> StageResult:
     """Run the rounds; log per-round metrics, plots, the final model and its test accuracy (once).
 
     ``base_model``: a classifier file (the driver's) every round-0 starts from instead of training one.
     ``first_round_from``: a finished one-shot result whose round may stand as round 1 here.
     """
-    mode = cfg.pseudolabel.mode
-    key = key or run_key(cfg, f"pseudolabel-{mode}", "pseudolabel")
-    if base_model and not cfg.run.name and key.startswith("pseudolabel-"):
+    mode = study.pseudolabel.mode
+    key = key or run_key(study, execution, f"pseudolabel-{mode}", "pseudolabel")
+    if base_model and not execution.run.name and key.startswith("pseudolabel-"):
         key = with_inputs(key, [base_model])
 
     def body(run: StageRun) -> StageOutput:
-        init = init_weights(cfg, run.folder)
+        init = init_weights(study, execution, run.folder)
         start = None
         if base_model:
-            start = ModelWeights.from_payload(checkpoints.load_model_file(base_model, "classifier", cfg.model))
+            start = ModelWeights.from_payload(checkpoints.load_model_file(base_model, "classifier", study.model))
         state_path = run.folder / STATE_FILE
         source = Path(first_round_from.model_path).parent if first_round_from and first_round_from.model_path else None
-        state = run_rounds(cfg, run.tracker, run.key, run.folder, load_state(state_path),
-                           lambda st, m: save_state(state_path, st), start=start, start_id=str(base_model or "round0"),
-                           init=init, adopt_from=source, data_split=(run.data, run.split))
-        final = save_model_file(run.folder / checkpoints.MODEL_FILE, "classifier", cfg, state["state_dict"],
+        begin = RoundsStart(start=start, start_id=str(base_model or "round0"), init=init, adopt_from=source)
+        state = run_rounds(run, load_state(state_path), lambda st, m: save_state(state_path, st), begin)
+        final = save_model_file(run.folder / checkpoints.MODEL_FILE, "classifier", study, state["state_dict"],
                                 encoder_pretrained=bool(state["encoder_pretrained"]))
         run.tracker.log_artifact(final, "model")
         _round_plots(run.tracker, state, run.folder, f"pseudo-labeling ({mode})")
-        model = load_classifier_file(final, device_for(cfg))
-        metrics = log_test_report(run.tracker, cfg, model, run.data, run.folder, f"pseudo-labeling ({mode})")
+        model = load_classifier_file(final, device_for(execution))
+        metrics = log_test_report(run, model, f"pseudo-labeling ({mode})")
         last = state["history"][-1] if state["history"] else {}
         metrics.update({
             "val_acc": float(last.get("val_acc", float("nan"))),
@@ -77,6 +78,7 @@ def pseudolabel(cfg: Config, parent_run_id: str | None = None, key: str | None =
         return StageOutput(final, metrics, f"{metrics['pseudo_labels']} pseudo-labels, pool left {metrics['pool_left']}, "
                                            f"test acc {metrics['test_acc']:.4f}")
 
-    return run_stage(cfg, f"pseudolabel-{mode}", key, stage_digest(cfg, "pseudolabel"), parent_run_id,
-                     {"toolkit.mode": mode, "toolkit.init": cfg.model.init}, body,
-                     lambda done: f"test acc {done.metrics.get('test_acc', float('nan')):.4f}", command="pseudolabel")
+    stage = Stage(f"pseudolabel-{mode}", key, stage_digest(study, "pseudolabel"), parent_run_id,
+                  {"toolkit.mode": mode, "toolkit.init": study.model.init}, command="pseudolabel",
+                  skipped_line=lambda done: f"test acc {done.metrics.get('test_acc', float('nan')):.4f}")
+    return run_stage(study, execution, stage, body)

@@ -20,10 +20,10 @@ import re
 import statistics
 from pathlib import Path
 
-from ..config import Config, ConfigError
+from ..config import ConfigError, Execution, SplitConfig, Study
 from ..plots import plot_error_by_stage
 from ..tracking import Tracker, tracking_uri
-from .common import STAGE_RUN_TAG, StageResult, stage_dir
+from .skeleton import STAGE_RUN_TAG, StageResult, stage_dir
 
 # (row name, stage, metric under the standard protocol, metric under the strict one (None: not
 # allowed there), reference test accuracy with 100 labels or None)
@@ -175,15 +175,20 @@ def to_markdown(rows: list[dict], seeds: list[int], labeled: int | None = None, 
     return "\n".join(lines) + "\n"
 
 
-def summarise(cfg: Config, tracker: Tracker, results: dict[int, dict[str, StageResult]], folder: Path | None = None,
-              val_size: int | None = None) -> str:
-    """Write results.md / results.csv / error plot, log them to ``tracker``'s run; return the markdown.
+def report_folder(execution: Execution, tracker: Tracker) -> Path:
+    """Where the report of ``tracker``'s pipeline run is written: ``<run.output_dir>/stages/report-<run id>``."""
+    return stage_dir(execution, f"report-{tracker.run_id or 'local'}")
 
-    ``val_size``: the validation split's size (default: ``split.val_size`` of ``cfg``).
+
+def summarise(tracker: Tracker, results: dict[int, dict[str, StageResult]], folder: Path, split: SplitConfig,
+              val_size: int | None = None) -> str:
+    """Write results.md / results.csv / error plot into ``folder``, log them to ``tracker``'s run; return the markdown.
+
+    ``split``: the split the seeds were drawn with; ``val_size``: the validation split's
+    actual size (default: ``split.val_size``).
     """
-    folder = folder or stage_dir(cfg, f"report-{tracker.run_id or 'local'}")
     rows = table_rows(results)
-    md = to_markdown(rows, list(results), 10 * cfg.split.labels_per_class, val_size or cfg.split.val_size)
+    md = to_markdown(rows, list(results), 10 * split.labels_per_class, val_size or split.val_size)
     (folder / "results.md").write_text(md)
     with (folder / "results.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["result", "stage", "mean", "std", "interval95", "strict_mean", "strict_std",
@@ -213,17 +218,17 @@ def summarise(cfg: Config, tracker: Tracker, results: dict[int, dict[str, StageR
     return md
 
 
-def report(cfg: Config) -> str:
+def report(study: Study, execution: Execution) -> str:
     """Rebuild the table of a finished (or partly finished) pipeline run from MLflow and log it there."""
     from mlflow.tracking import MlflowClient
 
-    uri = tracking_uri(cfg)
+    uri = tracking_uri(execution)
     client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    exp = client.get_experiment_by_name(execution.tracking.experiment)
     if exp is None:
-        raise ConfigError(f"tracking.experiment={cfg.tracking.experiment!r} does not exist in {uri}")
-    if cfg.report.run_id:
-        parent_id = cfg.report.run_id
+        raise ConfigError(f"tracking.experiment={execution.tracking.experiment!r} does not exist in {uri}")
+    if execution.report.run_id:
+        parent_id = execution.report.run_id
     else:
         runs = client.search_runs([exp.experiment_id], "tags.`toolkit.command` = 'pipeline'",
                                   order_by=["attributes.start_time DESC"], max_results=1)
@@ -247,7 +252,8 @@ def report(cfg: Config) -> str:
             val_sizes.add(int(run.data.params["split.val_size_actual"]))
     if not results:
         raise ConfigError(f"pipeline run {parent_id} has no finished stage to report yet")
-    md = summarise(cfg, Tracker(uri, parent_id), dict(sorted(results.items())),
+    parent = Tracker(uri, parent_id)
+    md = summarise(parent, dict(sorted(results.items())), report_folder(execution, parent), study.split,
                    val_size=max(val_sizes) if val_sizes else None)
     print(md, flush=True)
     return md

@@ -13,27 +13,29 @@ decides anything.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from .. import checkpoints
-from ..config import Config, ConfigError, stage_digest
-from ..data import Mnist, Split
+from ..config import ConfigError, PseudoLabelConfig, Study, stage_digest
+from ..data import Split
 from ..inference import predict_pool
 from ..jobs import ModelWeights
 from ..pseudo_labels import select_pseudo_labels
 from ..schedules import threshold_at
 from ..tracking import Tracker
-from .common import load_data_and_split, train_classifier
+from .classifier_fit import ClassifierTraining, train_classifier
+from .skeleton import StageRun
 
 STATE_FILE = "rounds.pt"
 STATE_KIND = "rounds"  # a checkpoint payload: the round state, with the current model's weights as state_dict
 
 
-def round_threshold(cfg: Config, r: int) -> float:
-    pc = cfg.pseudolabel
+def round_threshold(pc: PseudoLabelConfig, r: int) -> float:
+    """The confidence threshold of round ``r`` (0-based) under the schedule."""
     if pc.mode == "oneshot":
         return pc.threshold_start
     rate = pc.threshold_rate if pc.schedule in ("exponential", "step") else None
@@ -64,7 +66,7 @@ def _log_round(tracker: Tracker, entry: dict) -> None:
     tracker.log_metrics({f"round/{k}": v for k, v in entry.items() if k not in ("round", "counts")}, step=entry["round"])
 
 
-def _adopt_first_round(cfg: Config, source: Path, digest: str, start_id: str, tracker: Tracker) -> dict | None:
+def _adopt_first_round(study: Study, source: Path, digest: str, start_id: str, tracker: Tracker) -> dict | None:
     """The first round of a finished one-shot run, as this iterative run's round 1 (None when it does not match).
 
     A one-shot run is round 1 of an iterative run with the same config (same start model,
@@ -75,16 +77,16 @@ def _adopt_first_round(cfg: Config, source: Path, digest: str, start_id: str, tr
         other = load_state(source / STATE_FILE)
     except checkpoints.CheckpointError:
         return None
-    oneshot = cfg.replace(**{"pseudolabel.mode": "oneshot"})
+    oneshot = study.replace(**{"pseudolabel.mode": "oneshot"})
     if (not other or other.get("rounds_done") != 1 or other.get("config_digest") != stage_digest(oneshot, "pseudolabel")
             or other.get("start_id") != start_id
-            or abs(round_threshold(cfg, 0) - round_threshold(oneshot, 0)) > 1e-12):
+            or abs(round_threshold(study.pseudolabel, 0) - round_threshold(oneshot.pseudolabel, 0)) > 1e-12):
         return None
     state = {**other, "config_digest": digest, "adopted_from": str(source)}
     first = state["history"][0]
     _log_round(tracker, first)
     tracker.set_tags({"toolkit.round1_from": str(source)})
-    print(f"[pseudolabel] round 1/{cfg.pseudolabel.rounds}: taken from the one-shot run in {source} "
+    print(f"[pseudolabel] round 1/{study.pseudolabel.rounds}: taken from the one-shot run in {source} "
           f"(same config and start model), val acc {first['val_acc']:.4f}", flush=True)
     return state
 
@@ -95,45 +97,56 @@ def new_state(digest: str, start_id: str, start: ModelWeights, encoder_pretraine
             "pool": split.pool.tolist(), "pseudo_indices": [], "pseudo_labels": [], "history": []}
 
 
-def run_rounds(cfg: Config, tracker: Tracker, key: str, scratch: Path, state: dict | None,
-               after_round: Callable[[dict, dict], None], start: ModelWeights | None = None, start_id: str = "round0",
-               init: ModelWeights | None = None, adopt_from: Path | None = None,
-               data_split: tuple[Mnist, Split] | None = None) -> dict:
+@dataclass(frozen=True)
+class RoundsStart:
+    """Where the rounds start: ``start``, the model of round 0 (None: train it on the labeled images,
+    from ``init``, the SimCLR weights, if any), the id that names it, and ``adopt_from``, a finished
+    one-shot run's folder whose round may stand as round 1."""
+
+    start: ModelWeights | None = None
+    start_id: str = "round0"
+    init: ModelWeights | None = None
+    adopt_from: Path | None = None
+
+
+def run_rounds(run: StageRun, state: dict | None, after_round: Callable[[dict, dict], None],
+               begin: RoundsStart = RoundsStart()) -> dict:
     """The round loop, in the driver (a stage) or inside a Tune trial. Returns the final state.
 
+    ``run``: the study, execution, data, split and MLflow run; ``run.folder`` is where training
+    checkpoints of this process go (never read by another node) and ``run.key`` names them.
     ``state``: a saved state to resume from (None: start). ``after_round(state, metrics)``
     persists each finished round (a file in the stage folder, or a Tune checkpoint).
-    ``start``: the model of round 0 (None: train it on the labeled images, from ``init``,
-    the SimCLR weights, if any). ``scratch``: where training checkpoints of this process
-    go (never read by another node). ``data_split``: the data and split when the caller
-    holds them already. The pool's true labels are read for diagnostics only.
+    The pool's true labels are read for diagnostics only.
     """
-    pc = cfg.pseudolabel
-    data, split = data_split or load_data_and_split(cfg)
+    study, tracker, key, scratch = run.study, run.tracker, run.key, run.folder
+    pc = study.pseudolabel
+    data, split = run.data, run.split
     train_labels = data.train_labels
     rounds = 1 if pc.mode == "oneshot" else pc.rounds
-    digest = stage_digest(cfg, "pseudolabel")
+    digest = stage_digest(study, "pseudolabel")
+    init = begin.init
     if state and state.get("config_digest") != digest:
-        raise ConfigError(f"run.name={cfg.run.name!r}: {scratch} holds pseudo-labeling rounds of another config; "
-                          "choose another run.name (or delete that folder to start over)")
+        raise ConfigError(f"run.name={run.execution.run.name!r}: {scratch} holds pseudo-labeling rounds of another "
+                          "study; choose another run.name (or delete that folder to start over)")
     if state:
         print(f"[pseudolabel] resuming after round {state['rounds_done']}", flush=True)
-    if not state and adopt_from is not None:
-        state = _adopt_first_round(cfg, adopt_from, digest, start_id, tracker)
+    if not state and begin.adopt_from is not None:
+        state = _adopt_first_round(study, begin.adopt_from, digest, begin.start_id, tracker)
         if state:
             after_round(state, {})
     if not state:
+        start = begin.start
         if start is None:  # round 0: the labeled images alone
-            _, trained = train_classifier(cfg, tracker, f"{key}-round0", scratch, "round0.pt", split, init=init,
-                                          label="round 0")
-            start = ModelWeights("classifier", cfg.to_dict(), trained["state_dict"])
-        state = new_state(digest, start_id, start, init is not None, split)
+            _, trained = train_classifier(run, f"{key}-round0", "round0.pt", ClassifierTraining(init=init, label="round 0"))
+            start = ModelWeights("classifier", study.to_dict(), trained["state_dict"])
+        state = new_state(digest, begin.start_id, start, init is not None, split)
 
     for r in range(state["rounds_done"], rounds):
         t0 = time.perf_counter()
-        threshold = round_threshold(cfg, r)
+        threshold = round_threshold(pc, r)
         pool = torch.tensor(state["pool"], dtype=torch.long)
-        probs = torch.from_numpy(predict_pool(cfg, state_weights(state), pool, images=data.train_images))
+        probs = torch.from_numpy(predict_pool(study, run.execution, state_weights(state), pool, data.train_images))
         sel = select_pseudo_labels(probs, threshold, pc.per_class_cap or None, pc.class_adaptive)
         new_idx = pool[sel.positions]
         keep = torch.ones(len(pool), dtype=torch.bool)
@@ -146,12 +159,11 @@ def run_rounds(cfg: Config, tracker: Tracker, key: str, scratch: Path, state: di
         precision_total = (float((train_labels[all_idx] == torch.tensor(pseudo_lab)).float().mean())
                            if len(pseudo_idx) else float("nan"))
         warm = ModelWeights("classifier", state["model_config"], state["state_dict"])
-        _, trained = train_classifier(
-            cfg, tracker, f"{key}-round{r + 1}", scratch, f"round{r + 1}.pt", split,
+        _, trained = train_classifier(run, f"{key}-round{r + 1}", f"round{r + 1}.pt", ClassifierTraining(
             init=warm if pc.warm_start else init, encoder_pretrained=bool(state["encoder_pretrained"]),
             pseudo_indices=torch.tensor(pseudo_idx, dtype=torch.long), pseudo_labels=torch.tensor(pseudo_lab, dtype=torch.long),
             steps=pc.steps_per_round, step_offset=(r + 1) * 1_000_000, label=f"round {r + 1}/{rounds}",
-        )
+        ))
         counts = sel.counts_per_class(10).tolist()
         metrics = {
             "threshold": threshold,
@@ -167,7 +179,7 @@ def run_rounds(cfg: Config, tracker: Tracker, key: str, scratch: Path, state: di
         entry = {"round": r + 1, "counts": counts, **metrics}
         _log_round(tracker, entry)
         state.update({
-            "rounds_done": r + 1, "model_config": cfg.to_dict(), "state_dict": trained["state_dict"],
+            "rounds_done": r + 1, "model_config": study.to_dict(), "state_dict": trained["state_dict"],
             "pool": pool[keep].tolist(), "pseudo_indices": pseudo_idx, "pseudo_labels": pseudo_lab,
             "history": state["history"] + [entry],
         })

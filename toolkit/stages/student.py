@@ -32,14 +32,16 @@ import torch
 import torch.nn.functional as F
 
 from .. import checkpoints
-from ..config import Config, ConfigError, stage_digest
-from ..data import NUM_CLASSES, Mnist, Split
+from ..config import ConfigError, Execution, Study, stage_digest
+from ..data import NUM_CLASSES
 from ..engine import extract_features, predict_probs, tta_recipe
 from ..inference import device_for, predict_pool
 from ..jobs import ModelWeights
 from ..pseudo_labels import knn_smooth
-from .common import (StageOutput, StageResult, StageRun, accuracy_metrics, load_classifier_file, load_encoder,
-                     log_test_report, run_key, run_stage, train_classifier, with_inputs)
+from .classifier_fit import ClassifierTraining, train_classifier
+from .model_files import load_classifier_file, load_encoder
+from .skeleton import Stage, StageOutput, StageResult, StageRun, run_key, run_stage, with_inputs
+from .test_report import accuracy_metrics, log_test_report
 
 
 def ensemble_labels(probs: list[torch.Tensor], min_confidence: float,
@@ -55,7 +57,7 @@ def ensemble_labels(probs: list[torch.Tensor], min_confidence: float,
     return keep, labels[keep], conf
 
 
-def embedding_smoother(cfg: Config, encoder_path: str, data: Mnist, split: Split) -> Callable[[torch.Tensor], torch.Tensor]:
+def embedding_smoother(run: StageRun, encoder_path: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """Pool probabilities -> the same averaged over each image's ``student.knn_k`` nearest neighbours
     in the SimCLR embedding, among the pool and the labeled images (whose rows are their true labels).
 
@@ -63,7 +65,8 @@ def embedding_smoother(cfg: Config, encoder_path: str, data: Mnist, split: Split
     one encoder is pretrained, without labels, on the first seed's non-validation images, so
     for later seeds it has seen some of their validation images.)
     """
-    device = device_for(cfg)
+    data, split, k = run.data, run.split, run.study.student.knn_k
+    device = device_for(run.execution)
     encoder = load_encoder(encoder_path, device)
     rows = torch.cat([split.labeled, split.pool])
     feats = extract_features(encoder, data.train_images[rows].to(device))  # the top-k runs where they are
@@ -71,24 +74,24 @@ def embedding_smoother(cfg: Config, encoder_path: str, data: Mnist, split: Split
 
     def smooth(pool_probs: torch.Tensor) -> torch.Tensor:
         table = torch.cat([known, pool_probs.float()])
-        return knn_smooth(table, feats, cfg.student.knn_k)[len(known):].cpu()
+        return knn_smooth(table, feats, k)[len(known):].cpu()
 
     return smooth
 
 
-def smoothing_encoder(cfg: Config, encoder: str | None) -> str | None:
+def smoothing_encoder(study: Study, encoder: str | None) -> str | None:
     """The encoder the student smooths with: ``encoder`` when ``student.knn_k`` > 0, else none."""
-    return encoder if cfg.student.knn_k > 0 else None
+    return encoder if study.student.knn_k > 0 else None
 
 
-def student_key(cfg: Config, teachers: list[str], encoder: str | None) -> str:
-    """The stage key: the student's config sections plus the files it starts from (the encoder
+def student_key(study: Study, execution: Execution, teachers: list[str], encoder: str | None) -> str:
+    """The stage key: the student's study sections plus the files it starts from (the encoder
     only when it smooths)."""
-    used = smoothing_encoder(cfg, encoder)
-    return with_inputs(run_key(cfg, "student"), teachers + ([used] if used else []))
+    used = smoothing_encoder(study, encoder)
+    return with_inputs(run_key(study, execution, "student"), teachers + ([used] if used else []))
 
 
-def student(cfg: Config, teachers: list[str], parent_run_id: str | None = None, key: str | None = None,
+def student(study: Study, execution: Execution, teachers: list[str], parent_run_id: str | None = None,
             encoder: str | None = None) -> StageResult:
     """Train the student on the true labels and the teachers' ensemble labels of the whole pool.
 
@@ -98,16 +101,16 @@ def student(cfg: Config, teachers: list[str], parent_run_id: str | None = None, 
     """
     if not teachers:
         raise ValueError("the student stage needs at least one teacher model")
-    sc = cfg.student
-    key = key or student_key(cfg, teachers, encoder)
-    encoder = smoothing_encoder(cfg, encoder)
+    sc = study.student
+    key = student_key(study, execution, teachers, encoder)
+    encoder = smoothing_encoder(study, encoder)
 
     def body(run: StageRun) -> StageOutput:
         pool = run.split.pool
         payloads = [checkpoints.load_model_file(t, "classifier") for t in teachers]  # each file read once
         weights = [ModelWeights.from_payload(p) for p in payloads]
-        probs = [torch.from_numpy(predict_pool(cfg, w, pool, images=run.data.train_images)) for w in weights]
-        smooth = embedding_smoother(cfg, encoder, run.data, run.split) if encoder else None
+        probs = [torch.from_numpy(predict_pool(study, execution, w, pool, run.data.train_images)) for w in weights]
+        smooth = embedding_smoother(run, encoder) if encoder else None
         keep, labels, conf = ensemble_labels(probs, sc.min_confidence, smooth)
         idx = pool[keep]
         votes = torch.stack([p.argmax(1) for p in probs])
@@ -119,19 +122,18 @@ def student(cfg: Config, teachers: list[str], parent_run_id: str | None = None, 
         print(f"[student] {len(teachers)} teachers label {len(idx)}/{len(pool)} pool images, {how} "
               f"(agreement {agreement:.4f}; precision {precision:.4f}, diagnostic)", flush=True)
         start = weights[0] if sc.warm_start else None
-        tta = tta_recipe(cfg.augment, sc.tta_views, sc.tta_strength)
-        model_path, final = train_classifier(
-            cfg, run.tracker, run.key, run.folder, checkpoints.MODEL_FILE, run.split, init=start,
-            encoder_pretrained=bool(payloads[0].get("encoder_pretrained", False)) if start else False,
-            pseudo_indices=idx, pseudo_labels=labels, steps=sc.steps, label="student",
-            file_extra={"tta": tta} if tta else None,
-        )
+        tta = tta_recipe(study.augment, sc.tta_views, sc.tta_strength)
+        training = ClassifierTraining(
+            init=start, encoder_pretrained=bool(payloads[0].get("encoder_pretrained", False)) if start else False,
+            pseudo_indices=idx, pseudo_labels=labels, steps=sc.steps, label="student")
+        model_path, final = train_classifier(run, run.key, checkpoints.MODEL_FILE, training,
+                                             file_extra={"tta": tta} if tta else None)
         run.tracker.log_artifact(model_path, "model")
-        model = load_classifier_file(model_path, device_for(cfg))
-        metrics = log_test_report(run.tracker, cfg, model, run.data, run.folder, "student of the pseudo-labelers", tta=tta)
+        model = load_classifier_file(model_path, device_for(execution))
+        metrics = log_test_report(run, model, "student of the pseudo-labelers", tta=tta)
         val_acc = final["val_acc"]
         if tta:  # the validation figure the same way as the test figure (logged; it chooses nothing)
-            val_probs = predict_probs(model, run.data.train_images[run.split.val].to(device_for(cfg)), tta)
+            val_probs = predict_probs(model, run.data.train_images[run.split.val].to(device_for(execution)), tta)
             metrics["val_acc_plain"] = val_acc
             val_acc = accuracy_metrics(val_probs, run.data.train_labels[run.split.val], "val_")[0]["val_acc"]
         metrics.update({
@@ -148,23 +150,24 @@ def student(cfg: Config, teachers: list[str], parent_run_id: str | None = None, 
         return StageOutput(model_path, metrics, f"{len(idx)} ensemble labels, val acc {val_acc:.4f}, "
                                                 f"test acc {metrics['test_acc']:.4f}{plain}")
 
-    return run_stage(cfg, "student", key, stage_digest(cfg, "student"), parent_run_id,
-                     {"toolkit.teachers": len(teachers)}, body,
-                     lambda done: f"test acc {done.metrics.get('test_acc', float('nan')):.4f}")
+    stage = Stage("student", key, stage_digest(study, "student"), parent_run_id, {"toolkit.teachers": len(teachers)},
+                  skipped_line=lambda done: f"test acc {done.metrics.get('test_acc', float('nan')):.4f}")
+    return run_stage(study, execution, stage, body)
 
 
-def student_command(cfg: Config) -> StageResult:
+def student_command(study: Study, execution: Execution) -> StageResult:
     """``toolkit student``: the student of ``student.teachers`` (paths or MLflow run ids), smoothed over
     ``student.encoder``'s embedding when one is given; the teachers' files are fetched once, into the
     stage's inputs folder, after the preflight has checked them."""
-    from .common import resolve_model_ref, stage_dir
+    from .model_files import resolve_model_ref
+    from .skeleton import stage_dir
 
-    require_teachers(cfg.student.teachers)
-    inputs = stage_dir(cfg, "student-inputs")
-    teachers = [str(resolve_model_ref(cfg, ref, inputs / f"teacher-{i}"))
-                for i, ref in enumerate(cfg.student.teachers)]
-    encoder = str(resolve_model_ref(cfg, cfg.student.encoder, inputs / "encoder")) if cfg.student.encoder else None
-    return student(cfg, teachers, encoder=encoder)
+    require_teachers(study.student.teachers)
+    inputs = stage_dir(execution, "student-inputs")
+    teachers = [str(resolve_model_ref(execution, ref, inputs / f"teacher-{i}"))
+                for i, ref in enumerate(study.student.teachers)]
+    encoder = str(resolve_model_ref(execution, study.student.encoder, inputs / "encoder")) if study.student.encoder else None
+    return student(study, execution, teachers, encoder=encoder)
 
 
 def require_teachers(teachers: list) -> None:

@@ -7,24 +7,26 @@ validation accuracy is logged, not used), and its test accuracy is reported once
 from __future__ import annotations
 
 from .. import checkpoints
-from ..config import Config, stage_digest
+from ..config import Execution, Study, stage_digest
 from ..inference import device_for
-from .common import (StageOutput, StageResult, StageRun, init_weights, load_classifier_file, log_test_report, run_key,
-                     run_stage, train_classifier)
+from .classifier_fit import ClassifierTraining, train_classifier
+from .model_files import init_weights, load_classifier_file
+from .skeleton import Stage, StageOutput, StageResult, StageRun, run_key, run_stage
+from .test_report import log_test_report
 
 
-def supervised(cfg: Config, parent_run_id: str | None = None, key: str | None = None) -> StageResult:
+def supervised(study: Study, execution: Execution, parent_run_id: str | None = None, key: str | None = None) -> StageResult:
     def body(run: StageRun) -> StageOutput:
-        init = init_weights(cfg, run.folder)
-        model_path, final = train_classifier(cfg, run.tracker, run.key, run.folder, checkpoints.MODEL_FILE, run.split,
-                                            init=init)
+        init = init_weights(study, execution, run.folder)
+        model_path, final = train_classifier(run, run.key, checkpoints.MODEL_FILE, ClassifierTraining(init=init))
         run.tracker.log_artifact(model_path, "model")
-        model = load_classifier_file(model_path, device_for(cfg))
-        metrics = log_test_report(run.tracker, cfg, model, run.data, run.folder, "supervised CNN")
+        model = load_classifier_file(model_path, device_for(execution))
+        metrics = log_test_report(run, model, "supervised CNN")
         metrics["val_acc"] = final["val_acc"]
         run.tracker.log_metrics({"final/val_acc": final["val_acc"]})
         return StageOutput(model_path, metrics, f"val acc {final['val_acc']:.4f}, test acc {metrics['test_acc']:.4f}")
 
-    return run_stage(cfg, "supervised", key or run_key(cfg, "supervised"), stage_digest(cfg, "supervised"),
-                     parent_run_id, {"toolkit.init": cfg.model.init}, body,
-                     lambda done: f"test acc {done.metrics.get('test_acc', float('nan')):.4f}")
+    stage = Stage("supervised", key or run_key(study, execution, "supervised"), stage_digest(study, "supervised"),
+                  parent_run_id, {"toolkit.init": study.model.init},
+                  skipped_line=lambda done: f"test acc {done.metrics.get('test_acc', float('nan')):.4f}")
+    return run_stage(study, execution, stage, body)

@@ -30,17 +30,18 @@ from typing import Any
 import yaml
 
 from .. import checkpoints
-from ..config import Config, ConfigError, stage_digest
+from ..config import ConfigError, Execution, Study, stage_digest
 from ..data import Mnist, make_split
 from ..inference import device_for
 from ..jobs import ModelWeights
 from ..search_space import SearchSpace, base_point, best_overrides, nested, parse_space, read_space, trial_config
 from ..storage import check_shared, storage_path
 from ..tune_records import METRIC, TrialRow, close_trial_runs, collect, kill_trial_runs, trial_runs_callback, write_csv
-from .common import (StageOutput, StageResult, StageRun, init_weights, load_classifier_file, log_test_report, run_stage,
-                     save_model_file)
+from .model_files import init_weights, load_classifier_file, save_model_file
 from .rounds import STATE_FILE, load_state
-from .tune_trial import SIMCLR_REF, TrialJob, _execution_overrides, _trial, _trial_cfg, reproduce_args
+from .skeleton import Stage, StageOutput, StageResult, StageRun, run_stage
+from .test_report import log_test_report
+from .tune_trial import SIMCLR_REF, TrialJob, _trial, _trial_study, reproduce_args, trial_execution
 
 BEST_FILE = "best.yaml"
 RESULTS_FILE = "trials.csv"
@@ -52,14 +53,14 @@ SEARCH_FILE = "search.json"
 # --------------------------------------------------------------------------- the search (in the driver)
 
 
-def search_digest(cfg: Config, space_text: str, base_model: str | None = None) -> str:
-    """Hash of what decides a search: its config keys (``stage_digest(cfg, "tune")``), the space and the base model."""
-    return hashlib.sha256((stage_digest(cfg, "tune") + space_text + (base_model or "")).encode()).hexdigest()[:10]
+def search_digest(study: Study, space_text: str, base_model: str | None = None) -> str:
+    """Hash of what decides a search: its study sections (``stage_digest(study, "tune")``), the space and the base model."""
+    return hashlib.sha256((stage_digest(study, "tune") + space_text + (base_model or "")).encode()).hexdigest()[:10]
 
 
-def search_key(cfg: Config, space_text: str, base_model: str | None = None) -> str:
+def search_key(study: Study, execution: Execution, space_text: str, base_model: str | None = None) -> str:
     """``<run.name>-tune``, else ``tune-<search_digest>``."""
-    return f"{cfg.run.name}-tune" if cfg.run.name else f"tune-{search_digest(cfg, space_text, base_model)}"
+    return f"{execution.run.name}-tune" if execution.run.name else f"tune-{search_digest(study, space_text, base_model)}"
 
 
 def _require_optuna() -> None:
@@ -70,23 +71,23 @@ def _require_optuna() -> None:
                           "(pip install 'toolkit[optuna]'), or use tune.search=random") from None
 
 
-def _searcher(cfg: Config, start: dict[str, Any] | None = None):
-    """Random search (seeded by run.seed) or Optuna TPE, from ``start`` if given; capped at tune.max_concurrent."""
+def _searcher(study: Study, execution: Execution, start: dict[str, Any] | None = None):
+    """Random search (seeded by model.seed) or Optuna TPE, from ``start`` if given; capped at trials.max_concurrent."""
     points = [start] if start else None
-    if cfg.tune.search == "optuna":
+    if study.tune.search == "optuna":
         _require_optuna()
         from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
 
-        return ConcurrencyLimiter(OptunaSearch(seed=cfg.run.seed, points_to_evaluate=points),
-                                  max_concurrent=cfg.tune.max_concurrent)
+        return ConcurrencyLimiter(OptunaSearch(seed=study.model.seed, points_to_evaluate=points),
+                                  max_concurrent=execution.trials.max_concurrent)
     from ray.tune.search import BasicVariantGenerator
 
-    return BasicVariantGenerator(points_to_evaluate=points, max_concurrent=cfg.tune.max_concurrent,
-                                 random_state=cfg.run.seed)
+    return BasicVariantGenerator(points_to_evaluate=points, max_concurrent=execution.trials.max_concurrent,
+                                 random_state=study.model.seed)
 
 
-def _pool_train_subset(cfg: Config, data: Mnist) -> int:
+def _pool_train_subset(study: Study, data: Mnist) -> int:
     """``data.train_subset`` that leaves ``tune.pool_subset`` pool images per trial (0: leave it).
 
     run_rounds takes its pool from the split, so the pool is made smaller by splitting
@@ -95,84 +96,84 @@ def _pool_train_subset(cfg: Config, data: Mnist) -> int:
     validation images than a full run; all trials see the same ones, so they remain
     comparable, and best.yaml never carries data.train_subset.
     """
-    n = cfg.tune.pool_subset
+    n = study.tune.pool_subset
     if not n:
         return 0
-    want = 10 * cfg.split.labels_per_class + cfg.split.val_size + n
+    want = 10 * study.split.labels_per_class + study.split.val_size + n
     if want >= len(data.train_labels):
         print(f"[tune] tune.pool_subset={n}: the pool is already at most that large, using it whole", flush=True)
         return 0
     try:
-        make_split(data.train_labels[:want], cfg.split.labels_per_class, cfg.split.val_size, cfg.split.seed)
+        make_split(data.train_labels[:want], study.split.labels_per_class, study.split.val_size, study.split.seed)
     except ConfigError as e:
         raise ConfigError(f"tune.pool_subset={n} is not allowed: the first {want} training images cannot hold "
                           f"the split ({e})") from None
     return want
 
 
-def tune_storage(cfg: Config) -> str:
+def tune_storage(execution: Execution) -> str:
     """Where Tune keeps its experiments and trial checkpoints: ``<ray.storage_path>/tune``."""
-    return storage_path(cfg).rstrip("/") + "/tune"
+    return storage_path(execution).rstrip("/") + "/tune"
 
 
-def _start_ray(cfg: Config) -> None:
+def _start_ray(execution: Execution) -> None:
     """Ray up; trials that can never be placed fail now (embedded Ray) or after the autoscaler had its time."""
     from ..backends import init_ray, require_resources
 
-    init_ray(cfg)
-    require_resources(cfg, {"CPU": cfg.tune.cpus_per_trial, "GPU": cfg.tune.gpus_per_trial},
-                      f"tune.cpus_per_trial={cfg.tune.cpus_per_trial:g}, tune.gpus_per_trial={cfg.tune.gpus_per_trial:g}")
-    check_shared(cfg, storage_path(cfg))
+    init_ray(execution)
+    require_resources(execution, {"CPU": execution.trials.cpus, "GPU": execution.trials.gpus},
+                      f"trials.cpus={execution.trials.cpus:g}, trials.gpus={execution.trials.gpus:g}")
+    check_shared(execution, storage_path(execution))
 
 
-def trial_resources(cfg: Config) -> dict[str, float]:
-    """What each trial's Tune actor holds: ``tune.cpus_per_trial`` CPUs and ``tune.gpus_per_trial`` GPUs.
+def trial_resources(execution: Execution) -> dict[str, float]:
+    """What each trial's Tune actor holds: ``trials.cpus`` CPUs and ``trials.gpus`` GPUs.
 
     A fraction of a GPU lets several trials share one (0.25: four per GPU); the trial then
     trains on it in-process (``tune_trial.placed_device``).
     """
-    return {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial}
+    return {"cpu": execution.trials.cpus, "gpu": execution.trials.gpus}
 
 
-def trial_trainable(cfg: Config, job: TrialJob):
+def trial_trainable(execution: Execution, job: TrialJob):
     """The trial function with its job bound by value and its resources attached (what the Tuner runs)."""
     from ray import tune as ray_tune
 
-    return ray_tune.with_resources(ray_tune.with_parameters(_trial, job=job), trial_resources(cfg))
+    return ray_tune.with_resources(ray_tune.with_parameters(_trial, job=job), trial_resources(execution))
 
 
-def _fit(cfg: Config, key: str, space: SearchSpace, job: TrialJob, folder: Path, parent_run_id: str | None,
-         start: dict[str, Any] | None = None):
-    """Run (or restore and finish) the Tune experiment ``key``; return (ResultGrid, trials it was started with, path)."""
+def _fit(run: StageRun, space: SearchSpace, job: TrialJob, start: dict[str, Any] | None = None):
+    """Run (or restore and finish) the Tune experiment ``run.key``; return (ResultGrid, trials it was started with, path)."""
     from ray import tune as ray_tune
     from ray.tune.schedulers import ASHAScheduler
 
-    storage = tune_storage(cfg)
+    study, execution, key, folder, parent_run_id = run.study, run.execution, run.key, run.folder, run.tracker.run_id
+    storage = tune_storage(execution)
     path = f"{storage}/{key}"
-    trainable = trial_trainable(cfg, job)
+    trainable = trial_trainable(execution, job)
     started = folder / SEARCH_FILE  # the restored search keeps the settings it started with
     if ray_tune.Tuner.can_restore(path):
         print(f"[tune] resuming the search in {path}", flush=True)
         tuner = ray_tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
-        num_samples = json.loads(started.read_text())["num_samples"] if started.is_file() else cfg.tune.num_samples
+        num_samples = json.loads(started.read_text())["num_samples"] if started.is_file() else study.tune.num_samples
     else:
-        num_samples = cfg.tune.num_samples
+        num_samples = study.tune.num_samples
         started.write_text(json.dumps({"num_samples": num_samples, "max_rounds": space.max_rounds}))
-        scheduler = ASHAScheduler(time_attr="round", max_t=space.max_rounds, grace_period=cfg.tune.grace_rounds,
-                                  reduction_factor=cfg.tune.reduction_factor)
-        # what each trial's MLflow run logs as params; run.device comes later, from the trial itself
-        params = lambda point: _trial_cfg(job, point, "auto")  # noqa: E731
+        scheduler = ASHAScheduler(time_attr="round", max_t=space.max_rounds, grace_period=study.tune.grace_rounds,
+                                  reduction_factor=study.tune.reduction_factor)
+        # what each trial's MLflow run logs as params: its study (its execution is tagged; run.device from the trial)
+        params = lambda point: _trial_study(job, point)  # noqa: E731
         tuner = ray_tune.Tuner(
             trainable,
             param_space=space.param_space(),
-            tune_config=ray_tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler, search_alg=_searcher(cfg, start),
-                                            num_samples=cfg.tune.num_samples,
+            tune_config=ray_tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler, search_alg=_searcher(study, execution, start),
+                                            num_samples=study.tune.num_samples,
                                             trial_dirname_creator=_trial_dirname),
             run_config=ray_tune.RunConfig(
-                name=key, storage_path=storage, verbose=1 if cfg.run.verbose else 0,
-                failure_config=ray_tune.FailureConfig(max_failures=cfg.tune.max_failures),
+                name=key, storage_path=storage, verbose=1 if execution.run.verbose else 0,
+                failure_config=ray_tune.FailureConfig(max_failures=execution.trials.max_failures),
                 checkpoint_config=ray_tune.CheckpointConfig(num_to_keep=1),
-                callbacks=[trial_runs_callback(cfg, key, parent_run_id, params)],
+                callbacks=[trial_runs_callback(job.execution, key, parent_run_id, params)],
             ),
         )
     return tuner.fit(), num_samples, path
@@ -199,23 +200,23 @@ def _ended_trials(path: str) -> int:
 
 def _plot(rows: list[TrialRow], columns: list[str], path: Path, title: str) -> Path:
     """Val acc against the start and floor thresholds when searched, else against the first numeric columns."""
-    from ..plots import plot_search
+    from ..plots import SearchTrials, plot_search
 
     pts = [r for r in rows if r.status != "failed" and math.isfinite(r.val_acc)]
     numeric = [c for c in columns if all(isinstance(r.values.get(c), (int, float)) and not isinstance(r.values.get(c), bool)
                                          for r in pts)]
     xs = [c for c in ("pseudolabel.threshold_start", "pseudolabel.threshold_floor") if c in numeric] or numeric[:2]
     panels = {c.split(".")[-1].replace("_", " "): [float(r.values[c]) for r in pts] for c in xs}
-    return plot_search(panels or {"trial": list(range(len(pts)))}, [r.val_acc for r in pts], [r.kind for r in pts],
-                       [r.status == "stopped_early" for r in pts], path, title)
+    trials = SearchTrials([r.val_acc for r in pts], [r.kind for r in pts], [r.status == "stopped_early" for r in pts])
+    return plot_search(panels or {"trial": list(range(len(pts)))}, trials, path, title)
 
 
-def _write_best(folder: Path, key: str, best: TrialRow, overrides: dict[str, Any], execution: dict[str, Any]) -> Path:
+def _write_best(folder: Path, key: str, best: TrialRow, overrides: dict[str, Any], job: TrialJob) -> Path:
     path = folder / BEST_FILE
     path.write_text(
         f"# best of `toolkit tune` {key}: trial {best.trial_id}, val acc {best.val_acc:.4f} ({best.kind})\n"
         f"# on the full pool:     toolkit pseudolabel --config {path}\n"
-        f"# this trial, as it ran: toolkit pseudolabel --config {path} {reproduce_args(execution)}\n"
+        f"# this trial, as it ran: toolkit pseudolabel --config {path} {reproduce_args(job.execution, job.base.data.train_subset)}\n"
         + yaml.safe_dump(nested(overrides), sort_keys=False)
     )
     return path
@@ -231,83 +232,85 @@ def best_config_path(result: StageResult) -> Path:
 # --------------------------------------------------------------------------- the stage
 
 
-def tune(cfg: Config, parent_run_id: str | None = None, key: str | None = None,
+def tune(study: Study, execution: Execution, parent_run_id: str | None = None,
          base_model: str | None = None) -> StageResult:
     """Search the pseudo-labeling schedule on validation accuracy; write best.yaml; test the best trial's model once.
 
     ``base_model``: a classifier file every trial starts its rounds from (no round 0 per
     trial). A SimCLR encoder (``model.init``) is likewise read once and shipped by value.
     """
-    if cfg.pseudolabel.mode != "iterative":
-        cfg = cfg.replace(**{"pseudolabel.mode": "iterative"})
-    if cfg.tune.search == "optuna":
+    if study.pseudolabel.mode != "iterative":
+        study = study.replace(**{"pseudolabel.mode": "iterative"})
+    if study.tune.search == "optuna":
         _require_optuna()
-    text, source = read_space(cfg)
+    text, source = read_space(study)
     # the trials get the SimCLR weights by value: their base config names them SIMCLR_REF
-    simclr = SIMCLR_REF if cfg.model.init.startswith("simclr:") else None
-    base = cfg.replace(**{"model.init": f"simclr:{SIMCLR_REF}"}) if simclr else cfg
+    simclr = SIMCLR_REF if study.model.init.startswith("simclr:") else None
+    base = study.replace(**{"model.init": f"simclr:{SIMCLR_REF}"}) if simclr else study
     space = parse_space(text, source, base, simclr, base_model)  # a bad space fails before anything starts
-    tags = {"toolkit.tune.search": cfg.tune.search, "toolkit.tune.space": source, "toolkit.init": cfg.model.init}
+    tags = {"toolkit.tune.search": study.tune.search, "toolkit.tune.space": source, "toolkit.init": study.model.init}
 
     def body(run: StageRun) -> StageOutput:
         (run.folder / SPACE_FILE).write_text(text)
         run.tracker.log_artifact(run.folder / SPACE_FILE)
-        rows, execution = _search(run, base, space, simclr, base_model)
-        return _report(run, rows, base, space, simclr, execution)
+        rows, job = _search(run, base, space, simclr, base_model)
+        return _report(run, rows, space, simclr, job)
 
-    return run_stage(cfg, "tune", key or search_key(cfg, text, base_model), search_digest(cfg, text, base_model),
-                     parent_run_id, tags, body,
-                     skipped_line=lambda done: f"best val acc {done.metrics.get('best_val_acc', float('nan')):.4f}, "
-                                               f"best config {best_config_path(done)}")
+    stage = Stage("tune", search_key(study, execution, text, base_model), search_digest(study, text, base_model),
+                  parent_run_id, tags,
+                  skipped_line=lambda done: f"best val acc {done.metrics.get('best_val_acc', float('nan')):.4f}, "
+                                            f"best config {best_config_path(done)}")
+    return run_stage(study, execution, stage, body)
 
 
-def _search(run: StageRun, base: Config, space: SearchSpace, simclr: str | None,
-            base_model: str | None) -> tuple[list[TrialRow], dict[str, Any]]:
-    """Run (or resume) the trials in the stage's MLflow run; return their rows and how every trial ran."""
-    cfg, key, folder, tracker = run.cfg, run.key, run.folder, run.tracker
+def _search(run: StageRun, base: Study, space: SearchSpace, simclr: str | None,
+            base_model: str | None) -> tuple[list[TrialRow], TrialJob]:
+    """Run (or resume) the trials in the stage's MLflow run; return their rows and what every trial got."""
+    study, execution, key, folder, tracker = run.study, run.execution, run.key, run.folder, run.tracker
     choices: dict[str, ModelWeights] = {}  # explicit 'simclr:<path | run id>' choices: read once, shipped by value
     for v in space.entries.get("model.init", ("choice", []))[1]:
         ref = str(v)[len("simclr:"):] if str(v).startswith("simclr:") else None
         if ref and ref != SIMCLR_REF:
-            choices[ref] = init_weights(base.replace(**{"model.init": v}), folder)
+            choices[ref] = init_weights(base.replace(**{"model.init": v}), execution, folder)
     start = None
     if base_model:
-        start = ModelWeights.from_payload(checkpoints.load_model_file(base_model, "classifier", cfg.model))
+        start = ModelWeights.from_payload(checkpoints.load_model_file(base_model, "classifier", study.model))
     for note in space.notes:
         print(f"[tune] {note}", flush=True)
-    execution = _execution_overrides(cfg, _pool_train_subset(cfg, run.data))
-    job = TrialJob(base=base.to_dict(), execution=execution, key=key, simclr=init_weights(cfg, folder), start=start,
-                   simclr_choices=choices)
-    _start_ray(cfg)
-    first = base_point(base, space) if cfg.tune.include_base else None
+    pool_subset = _pool_train_subset(study, run.data)
+    trial_base = base.replace(**{"data.train_subset": pool_subset}) if pool_subset else base
+    job = TrialJob(base=trial_base, execution=trial_execution(execution), key=key,
+                   simclr=init_weights(study, execution, folder), start=start, simclr_choices=choices)
+    _start_ray(execution)
+    first = base_point(base, space) if study.tune.include_base else None
     if first:
         print(f"[tune] the first trial runs the base config's values of the searched keys: {first}", flush=True)
         tracker.log_dict({"base_point": first}, "base_point.json")
-    elif cfg.tune.include_base:
+    elif study.tune.include_base:
         print("[tune] tune.include_base: the base config's values lie outside the space; every trial is sampled",
               flush=True)
     try:
-        grid, num_samples, path = _fit(cfg, key, space, job, folder, tracker.run_id, first)
+        grid, num_samples, path = _fit(run, space, job, first)
     except KeyboardInterrupt:  # a second Ctrl-C (or SIGTERM) inside Tune: its trials' runs end with the parent's
-        kill_trial_runs(cfg, tracker.run_id)
+        kill_trial_runs(execution, tracker.run_id)
         raise
     ended = _ended_trials(path)
     if ended < num_samples:
         # Ctrl-C: Tune stopped gracefully and saved its state; the same command restores it. The trials it
         # stopped got no end callback: their runs end KILLED like the parent (a resumed trial reopens its run)
-        killed = kill_trial_runs(cfg, tracker.run_id)
+        killed = kill_trial_runs(execution, tracker.run_id)
         print(f"[tune] search interrupted after {ended}/{num_samples} trials ({killed} trial runs marked KILLED); "
               "re-run the same command to resume it", flush=True)
         raise KeyboardInterrupt
     rows = collect(grid, base, space, simclr)
-    close_trial_runs(cfg, key, tracker.run_id, rows)
-    return rows, execution
+    close_trial_runs(execution, key, tracker.run_id, rows)
+    return rows, job
 
 
-def _report(run: StageRun, rows: list[TrialRow], base: Config, space: SearchSpace, simclr: str | None,
-            execution: dict[str, Any]) -> StageOutput:
+def _report(run: StageRun, rows: list[TrialRow], space: SearchSpace, simclr: str | None, job: TrialJob) -> StageOutput:
     """trials.csv, search.png, best.yaml, and the best trial's model tested once."""
-    cfg, key, folder, tracker = run.cfg, run.key, run.folder, run.tracker
+    study, execution, key, folder, tracker = run.study, run.execution, run.key, run.folder, run.tracker
+    base = study.replace(**{"model.init": f"simclr:{SIMCLR_REF}"}) if simclr else study
     tracker.log_artifact(write_csv(rows, space.columns(), folder / RESULTS_FILE))
     tracker.log_artifact(_plot(rows, space.columns(), folder / PLOT_FILE, f"{key}: {len(rows)} trials"), "plots")
     for i, r in enumerate(rows):
@@ -325,9 +328,9 @@ def _report(run: StageRun, rows: list[TrialRow], base: Config, space: SearchSpac
     best = max(finished, key=lambda r: (r.val_acc, -rows.index(r)))
     best_cfg = trial_config(base, best.sample, simclr)
     if simclr and best_cfg.model.init == f"simclr:{SIMCLR_REF}":  # the weights came by value: name them as the user did
-        best_cfg = best_cfg.replace(**{"model.init": cfg.model.init})
-    overrides = best_overrides(base.replace(**{"model.init": cfg.model.init}), best_cfg, space.config_keys())
-    best_path = _write_best(folder, key, best, overrides, execution)
+        best_cfg = best_cfg.replace(**{"model.init": study.model.init})
+    overrides = best_overrides(base.replace(**{"model.init": study.model.init}), best_cfg, space.config_keys())
+    best_path = _write_best(folder, key, best, overrides, job)
     tracker.log_artifact(best_path)
     tracker.set_tags({"toolkit.tune.best_trial": best.trial_id, "toolkit.tune.best_kind": best.kind})
 
@@ -336,8 +339,8 @@ def _report(run: StageRun, rows: list[TrialRow], base: Config, space: SearchSpac
     final = save_model_file(folder / checkpoints.MODEL_FILE, "classifier", best_cfg, best_state["state_dict"],
                             encoder_pretrained=bool(best_state["encoder_pretrained"]))
     tracker.log_artifact(final, "model")
-    model = load_classifier_file(final, device_for(best_cfg))
-    metrics = log_test_report(tracker, best_cfg, model, run.data, folder, f"tune: best trial ({best.kind})")
+    model = load_classifier_file(final, device_for(execution))
+    metrics = log_test_report(run, model, f"tune: best trial ({best.kind})")
     search = {"best_val_acc": best.val_acc, "trials": len(rows), "trials_completed": counts["completed"],
               "trials_stopped_early": counts["stopped_early"], "trials_failed": counts["failed"]}
     tracker.log_metrics(search)

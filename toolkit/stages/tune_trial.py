@@ -6,7 +6,7 @@ Kept apart from the driver (``stages/tune.py``) because this code runs on whiche
 places the trial: it may read nothing from the driver's disk, only what ``TrialJob`` carries.
 Each trial runs in-process (backend and pool inference): a trial holding one CPU whose nested
 ``TorchTrainer`` asked for more would starve on a small machine. A trial that Ray gave a GPU
-(or a share of one: ``tune.gpus_per_trial``) trains on it; it reports the device it used.
+(or a share of one: ``trials.gpus``) trains on it; it reports the device it used.
 """
 
 from __future__ import annotations
@@ -17,13 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import Config, config_from_dict
+from ..config import Execution, Study
 from ..data import resolve_root
 from ..jobs import ModelWeights
 from ..search_space import trial_config
 from ..tracking import Tracker
 from ..tune_records import DEVICE, DEVICE_NAME, METRIC
-from .rounds import STATE_FILE, load_state, run_rounds, save_state
+from .data_inputs import load_data_and_split
+from .rounds import STATE_FILE, RoundsStart, load_state, run_rounds, save_state
+from .skeleton import StageRun
 
 SIMCLR_REF = "weights"  # model.init=simclr:weights: the trial's SimCLR weights came by value
 
@@ -32,40 +34,41 @@ SIMCLR_REF = "weights"  # model.init=simclr:weights: the trial's SimCLR weights 
 class TrialJob:
     """What every trial gets through Ray's object store: values, never a path on the driver's disk."""
 
-    base: dict                         # the base config (Config.to_dict())
-    execution: dict[str, Any]          # _execution_overrides
+    base: Study                        # the study every trial's point is applied to
+    execution: Execution               # how every trial runs (trial_execution), its device set in the trial
     key: str
     simclr: ModelWeights | None        # the SimCLR weights of model.init=simclr (the searched 'simclr' choice)
     start: ModelWeights | None         # a base classifier every trial starts its rounds from (no round 0)
     simclr_choices: dict[str, ModelWeights]  # explicit 'simclr:<ref>' choices of model.init
 
 
-def _execution_overrides(cfg: Config, train_subset: int) -> dict[str, Any]:
-    """How every trial runs: in-process rounds and inference in its Tune actor, no MLflow of its own."""
-    ov: dict[str, Any] = {
-        "data.root": str(resolve_root(cfg.data.root)),  # each node's own copy, at the same path
+def trial_execution(execution: Execution) -> Execution:
+    """How every trial runs: in-process rounds and inference in its Tune actor, no MLflow of its own.
+
+    Where a trial runs is an execution of its own, built once on the driver: no Ray Train
+    workers or Ray Data actors inside a trial; its own GPU (``trials.gpus``) is used
+    in-process through ``run.device``, which the trial sets from what Ray gave it (``placed_device``).
+    """
+    return execution.replace(**{
+        "run.data_root": str(resolve_root(execution.run.data_root)),  # each node's own copy, at the same path
         "run.backend": "local",
-        "pseudolabel.inference": "local",
-        # no Ray Train workers or Ray Data actors inside a trial: its own GPU (tune.gpus_per_trial) is
-        # used in-process through run.device, which the trial sets from what Ray gave it (placed_device)
+        "inference.backend": "local",
         "ray.use_gpu": False,
-    }
-    if train_subset:
-        ov["data.train_subset"] = train_subset
-    if not cfg.run.threads:
-        ov["run.threads"] = max(1, int(cfg.tune.cpus_per_trial))  # no oversubscription of the trial's CPUs
-    return ov
+        # no oversubscription of the trial's CPUs
+        "run.threads": execution.run.threads or max(1, int(execution.trials.cpus)),
+    })
 
 
-def reproduce_args(execution: dict[str, Any]) -> str:
+def reproduce_args(execution: Execution, train_subset: int) -> str:
     """The command-line overrides that run ``toolkit pseudolabel`` the way a trial ran (in-process, same pool)."""
-    keys = ("data.root", "data.train_subset", "run.backend", "pseudolabel.inference", "run.threads")
-    return " ".join(shlex.quote(f"{k}={execution[k]}") for k in keys if k in execution)
+    args = {"run.data_root": execution.run.data_root, "data.train_subset": train_subset,
+            "run.backend": execution.run.backend, "inference.backend": execution.inference.backend,
+            "run.threads": execution.run.threads}
+    return " ".join(shlex.quote(f"{k}={v}") for k, v in args.items() if v)
 
 
-def _trial_cfg(job: TrialJob, point: dict, device: str) -> Config:
-    base = config_from_dict(job.base)
-    return trial_config(base, point, SIMCLR_REF if job.simclr else None).replace(**job.execution, **{"run.device": device})
+def _trial_study(job: TrialJob, point: dict) -> Study:
+    return trial_config(job.base, point, SIMCLR_REF if job.simclr else None)
 
 
 def placed_device(gpu_ids: list) -> str:
@@ -73,7 +76,7 @@ def placed_device(gpu_ids: list) -> str:
     return "cuda" if gpu_ids else "cpu"
 
 
-def device_report(cfg: Config) -> dict[str, str]:
+def device_report(execution: Execution) -> dict[str, str]:
     """Where this trial trains, read in its own process: the device type and its name (a GPU's model, or the CPU's).
 
     ``device_for`` is the device the rounds train and predict on; it fails (the trial fails,
@@ -82,7 +85,7 @@ def device_report(cfg: Config) -> dict[str, str]:
     from ..inference import device_for
     from ..machine import device_label
 
-    device = device_for(cfg)
+    device = device_for(execution)
     return {DEVICE: device.type, DEVICE_NAME: device_label(device)}
 
 
@@ -96,11 +99,12 @@ def _trial(point: dict, job: TrialJob) -> None:
     import ray
     from ray import tune as ray_tune
 
-    cfg = _trial_cfg(job, point, placed_device(ray.get_gpu_ids()))  # a ConfigError fails the trial, readably
-    placed = device_report(cfg)
+    study = _trial_study(job, point)  # a ConfigError fails the trial, readably
+    execution = job.execution.replace(**{"run.device": placed_device(ray.get_gpu_ids())})
+    placed = device_report(execution)
     init = None
-    if cfg.model.init.startswith("simclr:"):
-        ref = cfg.model.init[len("simclr:"):]
+    if study.model.init.startswith("simclr:"):
+        ref = study.model.init[len("simclr:"):]
         init = job.simclr if ref == SIMCLR_REF else job.simclr_choices[ref]
     trial_id = ray_tune.get_context().get_trial_id()
     state = None
@@ -118,9 +122,11 @@ def _trial(point: dict, job: TrialJob) -> None:
 
     # scratch: this process's own training checkpoints, on this node, removed at the end
     with tempfile.TemporaryDirectory(prefix="toolkit-trial-") as scratch:
-        cfg = cfg.replace(**{"run.output_dir": scratch})
-        final = run_rounds(cfg, Tracker.disabled(), f"{job.key}-trial-{trial_id}", Path(scratch), state, after_round,
-                           start=job.start, start_id="base" if job.start else "round0", init=init)
+        execution = execution.replace(**{"run.output_dir": scratch})
+        data, split = load_data_and_split(study, execution)
+        run = StageRun(study, execution, f"{job.key}-trial-{trial_id}", Path(scratch), Tracker.disabled(), data, split)
+        begin = RoundsStart(start=job.start, start_id="base" if job.start else "round0", init=init)
+        final = run_rounds(run, state, after_round, begin)
     if not reported and final["history"]:
         # restored after its last round had finished: Tune still needs the final result
         ray_tune.report(_round_result(final["history"][-1], placed))

@@ -1,24 +1,21 @@
-"""The config sections: one frozen dataclass per section, each key with its default, its help
-text and, in the section's ``validate``, the rule that key must obey.
+"""The study's sections: what decides a result (data, split, model, training recipes, the pipeline's
+seeds and stages). One frozen dataclass per section, each key with its default, its help text and,
+in the section's ``validate``, the rule that key must obey.
 
-A key, its default and its rule are written together so adding a setting touches one place;
-checks that need more than one section live in ``checks.py``.
+Where and how a run executes lives apart, in ``execution_sections.py``: nothing here names a
+machine, a folder or a backend, so a stage's key is a plain hash of the study sections it uses.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..redaction import redact
 from ..schedules import THRESHOLD_SCHEDULES, rate_problem
-from .credentials import uri_credentials_problem
-from .fields import MAX_SEED, RUN_ID_PATTERN, RUN_NAME_PATTERN, ConfigError, _check, _opt
+from .fields import MAX_SEED, _check, _opt
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    root: str = _opt("", "MNIST root (holds MNIST/raw); empty: $TOOLKIT_DATA_DIR, else ./data")
-    download: bool = _opt(False, "let torchvision download MNIST when the files are missing (needs internet)")
     train_subset: int = _opt(0, "use only the first N training images (0: all 60,000); for tests and smoke runs")
     test_subset: int = _opt(0, "use only the first N test images (0: all 10,000)")
 
@@ -50,6 +47,8 @@ class ModelConfig:
     dropout: float = _opt(0.1, "dropout before the classifier head")
     init: str = _opt("scratch", "classifier start: 'scratch' or 'simclr:<checkpoint path | MLflow run id>'")
     sync_bn: bool = _opt(False, "SyncBatchNorm across workers (BatchNorm statistics independent of world size)")
+    seed: int = _opt(0, "seed of weight initialisation, batch order and augmentation draws (the split has its own: "
+                        "split.seed)")
 
     def validate(self) -> None:
         _check(8 <= self.width <= 512, "model.width", "must be in [8, 512]", self.width)
@@ -59,6 +58,7 @@ class ModelConfig:
         _check(self.proj_dim >= 2, "model.proj_dim", "must be >= 2", self.proj_dim)
         _check(self.proj_hidden >= 2, "model.proj_hidden", "must be >= 2", self.proj_hidden)
         _check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)", self.dropout)
+        _check(0 <= self.seed <= MAX_SEED, "model.seed", f"must be in [0, {MAX_SEED}]", self.seed)
         _check(
             self.init == "scratch" or (self.init.startswith("simclr:") and len(self.init) > 7),
             "model.init", "'scratch' or 'simclr:<checkpoint path | MLflow run id>'", self.init,
@@ -115,11 +115,9 @@ class ProbeConfig:
     checkpoint: str = _opt("", "encoder (required): SimCLR checkpoint path, or the MLflow run id of a pretrain run")
     all_labels: bool = _opt(True, "also train the probes with all training labels (second protocol)")
     knn_k: int = _opt(20, "neighbours of the kNN probe")
-    tsne_points: int = _opt(2000, "test points in the t-SNE plot (0: no plot)")
 
     def validate(self) -> None:
         _check(self.knn_k >= 1, "probe.knn_k", "must be >= 1", self.knn_k)
-        _check(self.tsne_points >= 0, "probe.tsne_points", "must be >= 0", self.tsne_points)
 
 
 @dataclass(frozen=True)
@@ -162,10 +160,6 @@ class PseudoLabelConfig:
     warm_start: bool = _opt(True, "each round fine-tunes the previous model (false: from the initial weights)")
     steps_per_round: int = _opt(1500, "optimizer steps per round")
     labeled_fraction: float = _opt(0.25, "share of each batch drawn from the true labels")
-    inference: str = _opt("ray", "pool inference: 'ray' (Ray Data actor pool) or 'local' (in-process)")
-    inference_actors: int = _opt(2, "Ray Data actors (each gets a GPU when ray.use_gpu)")
-    inference_batch_size: int = _opt(2048, "images per inference batch (a CPU runs them in forward passes of "
-                                           "at most engine.CPU_FORWARD_BATCH)")
 
     def validate(self) -> None:
         _check(self.mode in ("oneshot", "iterative"), "pseudolabel.mode", "'oneshot' or 'iterative'", self.mode)
@@ -183,35 +177,24 @@ class PseudoLabelConfig:
         _check(self.per_class_cap >= 0, "pseudolabel.per_class_cap", "must be >= 0", self.per_class_cap)
         _check(self.steps_per_round >= 1, "pseudolabel.steps_per_round", "must be >= 1", self.steps_per_round)
         _check(0 < self.labeled_fraction <= 1, "pseudolabel.labeled_fraction", "must be in (0, 1]", self.labeled_fraction)
-        _check(self.inference in ("ray", "local"), "pseudolabel.inference", "'ray' or 'local'", self.inference)
-        _check(self.inference_actors >= 1, "pseudolabel.inference_actors", "must be >= 1", self.inference_actors)
-        _check(self.inference_batch_size >= 1, "pseudolabel.inference_batch_size", "must be >= 1", self.inference_batch_size)
 
 
 @dataclass(frozen=True)
 class TuneConfig:
     space: str = _opt("", "YAML file with the search space (empty: the built-in MNIST space)")
     num_samples: int = _opt(8, "trials")
-    max_concurrent: int = _opt(2, "trials running at once")
     search: str = _opt("random", "'random' or 'optuna' (TPE; needs the optuna extra)")
     grace_rounds: int = _opt(1, "ASHA: rounds every trial gets before it may be stopped")
     reduction_factor: int = _opt(2, "ASHA reduction factor")
-    cpus_per_trial: float = _opt(1.0, "CPUs reserved per trial")
-    gpus_per_trial: float = _opt(0.0, "GPUs per trial (fractions share a GPU)")
-    max_failures: int = _opt(1, "retries of a crashed trial")
     pool_subset: int = _opt(0, "use only N pool images per trial (0: the whole pool)")
     include_base: bool = _opt(True, "the first trial runs the base config's own values of the searched keys (the "
                                     "hand-picked schedule), when they lie in the space: the search starts from it")
 
     def validate(self) -> None:
         _check(self.num_samples >= 1, "tune.num_samples", "must be >= 1", self.num_samples)
-        _check(self.max_concurrent >= 1, "tune.max_concurrent", "must be >= 1", self.max_concurrent)
         _check(self.search in ("random", "optuna"), "tune.search", "'random' or 'optuna'", self.search)
         _check(self.grace_rounds >= 1, "tune.grace_rounds", "must be >= 1", self.grace_rounds)
         _check(self.reduction_factor >= 2, "tune.reduction_factor", "must be >= 2", self.reduction_factor)
-        _check(self.cpus_per_trial > 0, "tune.cpus_per_trial", "must be > 0", self.cpus_per_trial)
-        _check(self.gpus_per_trial >= 0, "tune.gpus_per_trial", "must be >= 0", self.gpus_per_trial)
-        _check(self.max_failures >= 0, "tune.max_failures", "must be >= 0", self.max_failures)
         _check(self.pool_subset >= 0, "tune.pool_subset", "must be >= 0", self.pool_subset)
 
 
@@ -261,96 +244,3 @@ class PipelineConfig:
         # the search tunes the SimCLR-initialised stage's schedule: without that stage it would tune nothing
         _check(not self.tune or "simclr_iterative" in self.stages, "pipeline.tune",
                "true needs 'simclr_iterative' in pipeline.stages (the search tunes that stage's schedule)", self.tune)
-
-
-@dataclass(frozen=True)
-class ReportConfig:
-    run_id: str = _opt("", "MLflow run id of the pipeline to report (empty: the newest pipeline run)")
-
-    def validate(self) -> None:
-        _check(not self.run_id or bool(RUN_ID_PATTERN.match(self.run_id)), "report.run_id",
-               "an MLflow run id (32 hexadecimal digits) or empty", self.run_id)
-
-
-@dataclass(frozen=True)
-class RayConfig:
-    address: str = _opt("", "Ray cluster address (empty: $RAY_ADDRESS, else an embedded local Ray)")
-    num_workers: int = _opt(2, "Ray Train workers (DDP ranks)")
-    use_gpu: bool = _opt(False, "one GPU per worker / inference actor")
-    cpus_per_worker: float = _opt(1.0, "CPUs reserved per training worker")
-    num_cpus: int = _opt(0, "logical CPUs of an embedded local Ray (0: max(4, cores))")
-    storage_path: str = _opt("", "where Ray Train and Tune keep checkpoints (empty: <run.output_dir>/ray): on a multi-node "
-                                 "cluster a mount every node shares, or a cloud URI (s3://bucket/path, gs://...)")
-    max_failures: int = _opt(3, "Ray Train / Tune restarts from the last checkpoint after a worker or node is lost")
-    resource_wait_s: float = _opt(600.0, "on a cluster: seconds to wait for the autoscaler to add the CPUs/GPUs a job "
-                                         "asks for (an embedded Ray cannot grow: it fails at once)")
-
-    def validate(self) -> None:
-        _check(self.num_workers >= 1, "ray.num_workers", "must be >= 1", self.num_workers)
-        _check(self.cpus_per_worker > 0, "ray.cpus_per_worker", "must be > 0", self.cpus_per_worker)
-        _check(self.num_cpus >= 0, "ray.num_cpus", "must be >= 0", self.num_cpus)
-        _check(self.max_failures >= 0, "ray.max_failures", "must be >= 0", self.max_failures)
-        _check(self.resource_wait_s >= 0, "ray.resource_wait_s", "must be >= 0", self.resource_wait_s)
-
-
-@dataclass(frozen=True)
-class TrackingConfig:
-    uri: str = _opt("", "MLflow tracking URI (empty: $MLFLOW_TRACKING_URI, else sqlite under run.output_dir)")
-    experiment: str = _opt("toolkit", "MLflow experiment name")
-    enabled: bool = _opt(True, "log to MLflow")
-    log_models: bool = _opt(True, "log each trained classifier (and the SimCLR encoder) as an MLflow Model with a "
-                                  "signature and an input example")
-    registered_model: str = _opt("toolkit-mnist-classifier", "Model Registry name the pipeline registers its best "
-                                                              "model under (alias 'best'); empty: no registration")
-
-    def validate(self) -> None:
-        problem = uri_credentials_problem(self.uri)
-        if problem:  # never echo the secret itself
-            raise ConfigError(f"tracking.uri={redact(self.uri)!r} is not allowed: {problem}")
-        _check(bool(self.experiment.strip()), "tracking.experiment", "a non-empty name", self.experiment)
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    name: str = _opt("", "run name: keys checkpoints and resumption (empty: derived from command and config)")
-    output_dir: str = _opt("runs", "folder for checkpoints, Ray storage and the default MLflow store")
-    backend: str = _opt("ray", "'ray' (Ray Train TorchTrainer) or 'local' (same loop in-process, no Ray)")
-    classifiers_local: bool = _opt(False, "on one machine (an embedded Ray), train the classifiers (supervised, "
-                                          "pseudo-labeling rounds, student) in-process even when run.backend=ray; SimCLR "
-                                          "pretraining stays on Ray Train. There a Ray Train run's fixed start-up (~23 s) "
-                                          "and DDP over a few cores cost more than they give. On a Ray cluster (ray.address "
-                                          "or $RAY_ADDRESS) it changes nothing: classifiers train on Ray Train's workers. "
-                                          "Switched mid-stage, that training restarts: each backend keeps its own "
-                                          "checkpoints")
-    seed: int = _opt(0, "seed of model init and augmentation (the split has its own seed)")
-    device: str = _opt("auto", "local backend: 'auto', 'cpu' or 'cuda'")
-    threads: int = _opt(0, "torch threads per process (0: torch's default)")
-    verbose: bool = _opt(False, "show Ray's own output (worker prefixes, Ray Train/Data/Tune progress) on the console; "
-                                "it is always in Ray's log files")
-
-    def validate(self) -> None:
-        _check(self.backend in ("ray", "local"), "run.backend", "'ray' or 'local'", self.backend)
-        _check(self.device in ("auto", "cpu", "cuda"), "run.device", "'auto', 'cpu' or 'cuda'", self.device)
-        _check(self.threads >= 0, "run.threads", "must be >= 0", self.threads)
-        _check(0 <= self.seed <= MAX_SEED, "run.seed", f"must be in [0, {MAX_SEED}]", self.seed)
-        # the name becomes folder names and MLflow filter values: no path separators, '..', quotes or spaces
-        _check(not self.name or (bool(RUN_NAME_PATTERN.match(self.name)) and ".." not in self.name), "run.name",
-               "up to 100 letters, digits, '.', '_' or '-', starting with a letter or digit, without '..' "
-               "(it names folders under run.output_dir)", self.name)
-        _check(bool(self.output_dir.strip()), "run.output_dir", "a folder", self.output_dir)
-
-
-@dataclass(frozen=True)
-class PredictConfig:
-    model: str = _opt("", "classifier (required): toolkit model.pt path, MLflow run id, or MLflow model URI "
-                          "(runs:/<run id>/model, models:/<name>/<version>, models:/<name>@best)")
-    input: str = _opt("", "images (required): idx3 file (MNIST format, .gz too), .npy uint8 (N, 28, 28), "
-                          "or a 28x28 PNG/JPEG image or folder of them")
-    output: str = _opt("", "CSV file for image,label,confidence (empty: print the rows)")
-    batch_size: int = _opt(1024, "images per forward pass (on a CPU at most engine.CPU_FORWARD_BATCH)")
-    trust_pickled_model: bool = _opt(False, "also load MLflow models the toolkit did not log, with MLflow's loader, "
-                                            "which runs the model's code: only for a model from a trusted source")
-
-    def validate(self) -> None:
-        _check(self.batch_size >= 1, "predict.batch_size", "must be >= 1", self.batch_size)
-
