@@ -180,8 +180,11 @@ def test_model_config_of_a_file_from_another_version(tmp_path):
     payload = model_payload("classifier", cfg.to_dict(), {})
     payload["config"]["model"]["retired_knob"] = 3
     assert model_config_of(payload) == cfg.model
-    # ModelWeights.config (the config alone, as weights travel to Ray actors) reads the same
-    assert model_config_of(payload["config"]) == cfg.model
+    # ModelWeights.config (the config alone, as weights travel to Ray actors), wrapped as inference does
+    assert model_config_of({"config": payload["config"]}) == cfg.model
+    # a file from before `pool` existed: its architecture has no pool, and it was global pooling
+    del payload["architecture"]["pool"]
+    assert model_config_of(payload).pool == 1
 
 
 def test_load_from_a_folder(tmp_path):

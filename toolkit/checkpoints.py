@@ -120,7 +120,7 @@ def load_model_file(path: str | os.PathLike, kind: str, model_cfg: ModelConfig |
 
 
 def model_config_of(payload: dict[str, Any]) -> ModelConfig:
-    """The ``ModelConfig`` a model file (or ``ModelWeights.config``) was built with.
+    """The ``ModelConfig`` a model file's payload (or ``{"config": ModelWeights.config}``) was built with.
 
     Keys this version does not know are left out (a file from an older version keeps loading:
     its architecture is checked against the network's weights when they are loaded)."""
