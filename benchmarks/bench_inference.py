@@ -26,11 +26,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from toolkit import checkpoints, engine  # noqa: E402
+from toolkit.engine import checkpoints  # noqa: E402
+from toolkit.engine import loops as engine
 from toolkit.config import Config  # noqa: E402
-from toolkit.data import load_mnist, make_split  # noqa: E402
-from toolkit.inference import device_for, predict_pool_local, predict_pool_ray, weights_from_file  # noqa: E402
-from toolkit.models import Classifier  # noqa: E402
+from toolkit.datasets.mnist import load_mnist, make_split  # noqa: E402
+from toolkit.execution.pool_inference import device_for, predict_pool_local, predict_pool_ray, weights_from_file  # noqa: E402
+from toolkit.maths.models import Classifier  # noqa: E402
 
 
 def main() -> None:
@@ -79,7 +80,7 @@ def main() -> None:
 
     import ray
 
-    from toolkit.backends import init_ray
+    from toolkit.execution.backends import init_ray
 
     init_ray(cfg.execution)
     for n in args.actors:

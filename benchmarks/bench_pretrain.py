@@ -3,7 +3,7 @@
 Both sides train the same ``SimCLRModel`` with the same batch size, NT-Xent loss,
 AdamW and number of timed steps, on the same machine in the same run:
 
-  toolkit   ``toolkit.engine.simclr_epoch`` itself: uint8 MNIST on the device, a
+  toolkit   ``toolkit.engine.loops.simclr_epoch`` itself: uint8 MNIST on the device, a
             per-step index slice, ``two_views`` (batched, per-image random
             parameters), forward, NT-Xent, backward, AdamW step.
   baseline  torchvision PIL transforms applied per sample inside a
@@ -42,13 +42,13 @@ import torchvision  # noqa: E402
 import torchvision.transforms as T  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from toolkit.augment import make_generator, two_views  # noqa: E402
+from toolkit.maths.augment import make_generator, two_views  # noqa: E402
 from toolkit.config import AugmentConfig, ModelConfig, PretrainConfig  # noqa: E402
-from toolkit.data import load_mnist, to_float  # noqa: E402
-from toolkit.engine import EpochBatches, OptimState, simclr_epoch  # noqa: E402
-from toolkit.losses import nt_xent_loss  # noqa: E402
-from toolkit.models import SimCLRModel  # noqa: E402
-from toolkit.machine import device_label  # noqa: E402  (imports no MLflow)
+from toolkit.datasets.mnist import load_mnist, to_float  # noqa: E402
+from toolkit.engine.loops import EpochBatches, OptimState, simclr_epoch  # noqa: E402
+from toolkit.maths.losses import nt_xent_loss  # noqa: E402
+from toolkit.maths.models import SimCLRModel  # noqa: E402
+from toolkit.tracking.machine import device_label  # noqa: E402  (imports no MLflow)
 
 SEED = 0
 

@@ -46,9 +46,9 @@ class CaseFiles:
         return str(self.root / "data")
 
     def ckpt(self, kind: str, width: int = 8, cut: bool = False) -> str:
-        from toolkit import checkpoints
+        from toolkit.engine import checkpoints
         from toolkit.config import Config
-        from toolkit.models import Classifier, SimCLRModel
+        from toolkit.maths.models import Classifier, SimCLRModel
 
         cfg = Config().replace(**{"model.width": width})
         model = SimCLRModel(cfg.model) if kind == "simclr" else Classifier(cfg.model)

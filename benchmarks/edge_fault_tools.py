@@ -145,7 +145,7 @@ def checkpoints_in(folder: Path) -> list[Path]:
 def ray_registered(folder: Path) -> bool:
     """Ray has registered a checkpoint of this run (its snapshot names one). A folder Ray wrote but had not
     registered when a signal landed is not resumed, by design: it may postdate the signal (README)."""
-    from toolkit.ray_checkpoints import SNAPSHOT_FILE, registered
+    from toolkit.execution.ray_checkpoints import SNAPSHOT_FILE, registered
 
     try:
         return bool(registered(json.loads((folder / SNAPSHOT_FILE).read_text())))

@@ -106,7 +106,7 @@ def damaged_stage_file(name: str) -> Callable[[Ctx, Checks], None]:
         rid = the_run(c, ctx, "redo-pretrain", "FINISHED", run_id)
         if rid:
             c("each epoch's loss logged once", ctx.steps(rid, "loss") == [1], ctx.steps(rid, "loss"))
-        from toolkit import checkpoints
+        from toolkit.engine import checkpoints
 
         try:
             checkpoints.load(path.parent / "model.pt")

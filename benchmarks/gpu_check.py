@@ -64,7 +64,7 @@ def main(argv: list[str]) -> int:
     from toolkit.config import ConfigError, load_config
     from toolkit.stages.pipeline import pipeline
     from toolkit.stages.report import final_model_figures, table_rows
-    from toolkit.machine import device_label, machine_tags
+    from toolkit.tracking.machine import device_label, machine_tags
 
     out = Path(argv[0]).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -41,8 +41,8 @@ def train_worker_probe(config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from toolkit.models import Classifier
-    from toolkit.train_loops import make_accelerator
+    from toolkit.maths.models import Classifier
+    from toolkit.engine.workers import make_accelerator
 
     job = config["job"]
     accelerator = make_accelerator(job)
@@ -70,9 +70,9 @@ def probe_train_worker(study, execution) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from toolkit.jobs import TrainJob
+    from toolkit.execution.jobs import TrainJob
     from toolkit.stages.data_inputs import data_root_for_workers, load_data_and_split
-    from toolkit.storage import storage_path
+    from toolkit.execution.storage import storage_path
 
     _, split = load_data_and_split(study, execution)
     job = TrainJob.simclr(study, execution, data_root_for_workers(execution), split)
@@ -90,7 +90,7 @@ def trial_devices(execution, parent_run_id: str | None) -> list[dict]:
         return []
     from mlflow.tracking import MlflowClient
 
-    from toolkit.tracking import tracking_uri
+    from toolkit.tracking.runs import tracking_uri
 
     client = MlflowClient(tracking_uri=tracking_uri(execution))
     exp = client.get_experiment_by_name(execution.tracking.experiment).experiment_id
@@ -126,11 +126,11 @@ def main(argv: list[str]) -> int:
     import torch
 
     from toolkit.config import ConfigError, load_config
-    from toolkit.inference import _actor_bundle
+    from toolkit.execution.pool_inference import _actor_bundle
     from toolkit.stages.pretrain import pretrain
     from toolkit.stages.pseudolabel import pseudolabel
     from toolkit.stages.tune import trial_resources, tune
-    from toolkit.machine import device_label
+    from toolkit.tracking.machine import device_label
 
     out = Path(argv[0]).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -154,7 +154,7 @@ def main(argv: list[str]) -> int:
     report: dict = {"date": time.strftime("%Y-%m-%d"), "device": device_label("cuda" if on_gpu else "cpu"),
                     "torch": torch.__version__, "ray": ray.__version__,
                     "command": "bash benchmarks/gpu_check.sh " + " ".join(argv)}
-    from toolkit.backends import init_ray
+    from toolkit.execution.backends import init_ray
 
     init_ray(execution)
     t0 = time.perf_counter()

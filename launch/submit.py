@@ -44,7 +44,7 @@ PASSTHROUGH_ENV = ("TOOLKIT_DATA_DIR", "TOOLKIT_OUTPUT_ROOT", "MLFLOW_TRACKING_U
 
 # Never uploaded with the code (gitignore syntax, relative to the repo root;
 # Ray also honours .gitignore). A leading "/" anchors a pattern at the root,
-# so toolkit/data.py still ships while the MNIST folder ./data does not.
+# so toolkit/datasets/mnist.py still ships while the MNIST folder ./data does not.
 WORKING_DIR_EXCLUDES = (
     ".git",
     "/.venv*",

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from toolkit.config import Config
-from toolkit.data import load_mnist
+from toolkit.datasets.mnist import load_mnist
 
 MNIST_FILES = (
     "train-images-idx3-ubyte",
@@ -110,7 +110,7 @@ def fake_mnist_root(tmp_path_factory) -> str:
 
     Image i is its label's template (``fake_digit_templates``) plus uniform noise in [0, 40);
     labels cycle 0..9 in a seeded shuffle, so every prefix (``data.train_subset``) holds all
-    ten classes about equally. Loads through ``toolkit.data.load_mnist`` like the real files.
+    ten classes about equally. Loads through ``toolkit.datasets.mnist.load_mnist`` like the real files.
     """
     root = tmp_path_factory.mktemp("fake_mnist")
     raw = root / "MNIST" / "raw"

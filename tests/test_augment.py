@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from toolkit.augment import (
+from toolkit.maths.augment import (
     augment,
     make_generator,
     random_affine_grid,

@@ -63,9 +63,9 @@ class Ctx:
         return (self.data_root / "MNIST" / "raw" / name).read_bytes()
 
     def ckpt(self, kind: str, width: int = 8, name: str | None = None) -> str:
-        from toolkit import checkpoints
+        from toolkit.engine import checkpoints
         from toolkit.config import Config
-        from toolkit.models import Classifier, SimCLRModel
+        from toolkit.maths.models import Classifier, SimCLRModel
 
         cfg = Config().replace(**{"model.width": width})
         model = SimCLRModel(cfg.model) if kind == "simclr" else Classifier(cfg.model)
@@ -383,7 +383,7 @@ def no_ray(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("Ray was started for a bad input")
 
-    monkeypatch.setattr("toolkit.backends.init_ray", refuse, raising=False)
+    monkeypatch.setattr("toolkit.execution.backends.init_ray", refuse, raising=False)
 
 
 def _running_runs(tmp: Path) -> list[str]:
@@ -436,7 +436,7 @@ def _ray_worker_error():
 def _ray_task_error():
     from ray.exceptions import RayTaskError
 
-    from toolkit.data import DataError
+    from toolkit.datasets.mnist import DataError
 
     e = RayTaskError("fn", "Traceback (most recent call last):\n  File x\nDataError: ...", DataError("MNIST file truncated: /x"))
     return e.as_instanceof_cause()

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from toolkit import checkpoints
-from toolkit.ray_checkpoints import registered, registered_before, strays
+from toolkit.engine import checkpoints
+from toolkit.execution.ray_checkpoints import registered, registered_before, strays
 
 
 def _result(name: str, epoch: int) -> dict:
@@ -72,7 +72,7 @@ ray = pytest.importorskip("ray")
 
 @pytest.fixture(scope="module")
 def ray_session():
-    from toolkit.backends import init_ray
+    from toolkit.execution.backends import init_ray
     from toolkit.config import Execution
 
     init_ray(Execution())  # as every command starts it: on 127.0.0.1, with the token (gloo included)
@@ -87,7 +87,7 @@ def _checkpoint_folders(ray_dir: Path) -> list[str]:
 def _loss_steps(cfg, run_id: str) -> list[int]:
     from mlflow.tracking import MlflowClient
 
-    from toolkit.tracking import tracking_uri
+    from toolkit.tracking.runs import tracking_uri
 
     return [m.step for m in MlflowClient(tracking_uri=tracking_uri(cfg.execution)).get_metric_history(run_id, "loss")]
 
@@ -97,7 +97,7 @@ def test_a_rerun_with_a_stray_and_a_damaged_latest_checkpoint_resumes_backwards(
     import pyarrow.fs
     import ray.train
 
-    from toolkit.ray_checkpoints import older_registered_checkpoints, read_snapshot
+    from toolkit.execution.ray_checkpoints import older_registered_checkpoints, read_snapshot
     from toolkit.stages.pretrain import pretrain
 
     cfg = tiny_config.replace(**{"run.backend": "ray", "ray.num_workers": 1, "data.train_subset": 600,

@@ -450,7 +450,7 @@ def test_cli_labels_per_class_larger_than_a_class(tmp_path, data_root, capsys):
 
 
 def test_cli_missing_data_on_the_ray_backend_is_one_line_before_ray_starts(tmp_path, capsys, monkeypatch):
-    import toolkit.backends as backends
+    import toolkit.execution.backends as backends
 
     def no_ray(cfg):
         raise RuntimeError("Ray was started before the data was checked")
@@ -479,7 +479,7 @@ def test_cli_in_process_classifiers_asked_for_a_gpu_without_one_fail_before_anyt
     pretrain alone trains no classifier, so there the switch does not matter."""
     import torch
 
-    import toolkit.backends as backends
+    import toolkit.execution.backends as backends
     import toolkit.cli as cli
 
     def no_ray(cfg):

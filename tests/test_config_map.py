@@ -14,7 +14,13 @@ import inspect
 
 import pytest
 
-from toolkit import config, data, engine, losses, probes, pseudo_labels, schedules
+from toolkit import config
+from toolkit.datasets import mnist as data
+from toolkit.engine import loops as engine
+from toolkit.maths import losses
+from toolkit.maths import probes
+from toolkit.maths import selection as pseudo_labels
+from toolkit.maths import schedules
 from toolkit.config import (
     EXECUTION_SECTIONS,
     STAGE_SECTIONS,

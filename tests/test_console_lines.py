@@ -1,6 +1,6 @@
 """Which lines of Ray's processes reach the console: toolkit's own, not Ray's bracketed chatter."""
 
-from toolkit.console import _TOOLKIT_LINE
+from toolkit.execution.console import _TOOLKIT_LINE
 
 
 def test_toolkit_lines_pass_and_ray_trains_failure_policy_lines_do_not():

@@ -11,7 +11,7 @@ import torch
 
 from toolkit.cli import main
 from toolkit.config import ConfigError
-from toolkit.data import NUM_CLASSES, DataError, Mnist, load_mnist, make_split, resolve_root, to_float
+from toolkit.datasets.mnist import NUM_CLASSES, DataError, Mnist, load_mnist, make_split, resolve_root, to_float
 
 IMAGES = "train-images-idx3-ubyte"
 LABELS = "train-labels-idx1-ubyte"

@@ -59,7 +59,7 @@ def test_idx_benchmarks_load_with_their_classes(tmp_path, name):
 
 
 def test_idx_reader_matches_the_real_mnist_and_toolkit_data(data_root):
-    from toolkit.data import load_mnist
+    from toolkit.datasets.mnist import load_mnist
 
     ds = load_dataset("mnist", data_root)
     mnist = load_mnist(data_root, test_subset=100)

@@ -10,12 +10,12 @@ import math
 import pytest
 import torch
 
-from toolkit.augment import make_generator
+from toolkit.maths.augment import make_generator
 from toolkit.config import Study
-from toolkit.data import load_mnist
-from toolkit.engine import (CPU_FORWARD_BATCH, EpochBatches, MixedBatches, OptimState, classifier_steps, evaluate,
+from toolkit.datasets.mnist import load_mnist
+from toolkit.engine.loops import (CPU_FORWARD_BATCH, EpochBatches, MixedBatches, OptimState, classifier_steps, evaluate,
                             predict_logits, simclr_epoch)
-from toolkit.models import Classifier, SimCLRModel
+from toolkit.maths.models import Classifier, SimCLRModel
 
 
 class _NoAccelerator:
@@ -160,7 +160,7 @@ def test_test_time_augmentation_averages_the_plain_image_and_seeded_views():
     from dataclasses import replace
 
     from toolkit.config import AugmentConfig
-    from toolkit.engine import predict_probs, predict_probs_tta, tta_recipe
+    from toolkit.engine.loops import predict_probs, predict_probs_tta, tta_recipe
 
     torch.manual_seed(0)
     model = BatchRecorder()
@@ -179,8 +179,8 @@ def test_test_time_augmentation_averages_the_plain_image_and_seeded_views():
     assert not torch.allclose(tta, predict_probs_tta(model, images, aug, views=3, seed=8))
     # the mean itself: the plain softmax plus each view's, over 4
     g = make_generator(7, "cpu")
-    from toolkit.augment import augment
-    from toolkit.data import to_float
+    from toolkit.maths.augment import augment
+    from toolkit.datasets.mnist import to_float
     manual = plain.clone()
     for i in range(0, 300, CPU_FORWARD_BATCH):
         x = to_float(images[i: i + CPU_FORWARD_BATCH])
@@ -209,7 +209,7 @@ def test_test_time_augmentation_averages_the_plain_image_and_seeded_views():
     ({"views": 4, "augment": {"blur_prob": 2.0}}, "augment.blur_prob"),
 ])
 def test_a_recipe_that_does_not_read_is_one_valueerror_line(recipe, words):
-    from toolkit.engine import read_tta_recipe
+    from toolkit.engine.loops import read_tta_recipe
 
     with pytest.raises(ValueError) as e:
         read_tta_recipe(recipe)
@@ -218,7 +218,7 @@ def test_a_recipe_that_does_not_read_is_one_valueerror_line(recipe, words):
 
 def test_a_written_recipe_reads_back():
     from toolkit.config import AugmentConfig
-    from toolkit.engine import read_tta_recipe, tta_recipe
+    from toolkit.engine.loops import read_tta_recipe, tta_recipe
 
     aug, views = read_tta_recipe(tta_recipe(AugmentConfig(), 8, 0.5))
     assert views == 8 and aug == AugmentConfig(strength=0.5)

@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from toolkit.tracking import RUN_KEY_TAG
+from toolkit.tracking.runs import RUN_KEY_TAG
 
 pytestmark = pytest.mark.slow
 
@@ -245,7 +245,7 @@ def test_a_sigkilled_driver_leaves_checkpoints_a_rerun_resumes_from(data_root, t
 
 
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one_with_a_warning(data_root, tmp_path):
-    from toolkit.backends import LocalSession
+    from toolkit.execution.backends import LocalSession
 
     over = local(data_root, tmp_path, "damaged", **{"pretrain.epochs": 2})
     done = subprocess.run(command("pretrain", over), env=env(), capture_output=True, text=True, timeout=600)

@@ -31,7 +31,7 @@ def test_gpu_check_runs_end_to_end_on_cpu_with_a_tiny_setting(data_root, tmp_pat
     assert (out / "gpu_check.log").read_text().count("[gpu_check]") >= 2
     import torch
 
-    from toolkit.machine import device_label
+    from toolkit.tracking.machine import device_label
 
     # the gpu profile runs on the GPU where there is one, else on the CPU; the label names which
     assert report["seeds"] == [0, 1] and report["device"] == device_label("cuda" if torch.cuda.is_available() else "cpu")

@@ -36,7 +36,7 @@ def gpu_profile(*overrides: str) -> Config:
 
 def tiny_split():
     """A split as the driver computes it once (labeled / val / pool indices) for a job that never loads data."""
-    from toolkit.data import Split
+    from toolkit.datasets.mnist import Split
 
     return Split(torch.arange(0, 10), torch.arange(10, 20), torch.arange(20, 100), seed=0, labels_per_class=1)
 
@@ -49,13 +49,13 @@ def load_script(name: str):
 
 
 def test_every_gpu_branch_imports_and_its_annotations_resolve():
-    import toolkit.backends as backends
-    import toolkit.inference as inference
-    import toolkit.jobs as jobs
+    import toolkit.execution.backends as backends
+    import toolkit.execution.pool_inference as inference
+    import toolkit.execution.jobs as jobs
     import toolkit.stages.tune as tune_stage
     import toolkit.stages.tune_trial as tune_trial
-    import toolkit.train_loops as train_loops
-    import toolkit.tune_records as tune_records
+    import toolkit.engine.workers as train_loops
+    import toolkit.tracking.tune_runs as tune_records
 
     ray_part = load_script("gpu_check_ray.py")
     local_part = load_script("gpu_check.py")
@@ -73,7 +73,7 @@ def test_every_gpu_branch_imports_and_its_annotations_resolve():
 
 
 def test_gpu_profile_tune_trials_hold_a_quarter_gpu_each_and_train_on_it():
-    from toolkit.jobs import worker_device
+    from toolkit.execution.jobs import worker_device
     from toolkit.stages import tune as tune_stage
     from toolkit.stages.tune_trial import TrialJob, _trial_study, placed_device, trial_execution
 
@@ -98,7 +98,7 @@ def test_gpu_profile_tune_trials_hold_a_quarter_gpu_each_and_train_on_it():
 
 
 def test_the_tune_driver_asks_ray_for_the_trials_gpu_share(monkeypatch):
-    import toolkit.backends as backends
+    import toolkit.execution.backends as backends
     from toolkit.stages import tune as tune_stage
 
     asked = []
@@ -111,7 +111,7 @@ def test_the_tune_driver_asks_ray_for_the_trials_gpu_share(monkeypatch):
 
 def test_a_trial_given_a_gpu_torch_cannot_see_fails_readably_else_reports_cuda():
     from toolkit.stages.tune_trial import device_report
-    from toolkit.machine import device_label
+    from toolkit.tracking.machine import device_label
 
     assert device_report(Execution().replace(**{"run.device": "cpu"})) == {"device": "cpu",
                                                                            "device_name": device_label("cpu")}
@@ -126,9 +126,9 @@ def test_a_trial_given_a_gpu_torch_cannot_see_fails_readably_else_reports_cuda()
 def test_ray_train_workers_ask_for_one_gpu_each_and_accelerate_for_bf16(monkeypatch):
     import accelerate
 
-    import toolkit.backends as backends
-    from toolkit.jobs import TrainJob
-    from toolkit.train_loops import make_accelerator
+    import toolkit.execution.backends as backends
+    from toolkit.execution.jobs import TrainJob
+    from toolkit.engine.workers import make_accelerator
 
     cfg = gpu_profile("ray.num_workers=2")
     job = TrainJob.simclr(cfg.study, cfg.execution, "/data", tiny_split())
@@ -169,10 +169,10 @@ def test_ray_train_workers_ask_for_one_gpu_each_and_accelerate_for_bf16(monkeypa
 def test_ray_data_actors_ask_for_one_gpu_each(ray_session, monkeypatch, fake_mnist_root):
     import ray.data
 
-    import toolkit.backends as backends
-    import toolkit.inference as inference
-    from toolkit.jobs import ModelWeights
-    from toolkit.models import Classifier
+    import toolkit.execution.backends as backends
+    import toolkit.execution.pool_inference as inference
+    from toolkit.execution.jobs import ModelWeights
+    from toolkit.maths.models import Classifier
 
     cfg = gpu_profile(f"run.data_root={fake_mnist_root}", "data.train_subset=1000", "model.width=8")
     asked, mapped = [], []

@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from toolkit import checkpoints, inference
-from toolkit.checkpoints import CheckpointError
+from toolkit.engine import checkpoints
+from toolkit.execution import pool_inference as inference
+from toolkit.engine.checkpoints import CheckpointError
 from toolkit.config import Config, ConfigError
-from toolkit.data import load_mnist
-from toolkit.models import Classifier, SimCLRModel
+from toolkit.datasets.mnist import load_mnist
+from toolkit.maths.models import Classifier, SimCLRModel
 
 DATA_ROOT = os.environ.get("TOOLKIT_DATA_DIR") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
 TRAIN_SUBSET = 2000

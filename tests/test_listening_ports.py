@@ -3,7 +3,7 @@
 Ray binds its GCS, raylet, object manager, workers and agents to the node's address, and the
 Prometheus metrics of its autoscaler monitor, dashboard process and dashboard agent to
 0.0.0.0 (no token on those). The embedded Ray takes 127.0.0.1 as its node address
-(``toolkit.embedded_ray``), so nothing of it is reachable from another machine; what protects
+(``toolkit.execution.embedded_ray``), so nothing of it is reachable from another machine; what protects
 it from other local users is the token (tests/test_ray_auth.py). The test starts the embedded
 Ray exactly as every command does (``backends.init_ray``) and lists the listening sockets of
 its processes.
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 SERVER = """
 import sys, time
-from toolkit.backends import init_ray
+from toolkit.execution.backends import init_ray
 from toolkit.config import Config
 init_ray(Config().execution)
 import ray

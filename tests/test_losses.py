@@ -13,8 +13,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from toolkit import distributed, losses
-from toolkit.losses import nt_xent_loss
+from toolkit.engine import distributed
+from toolkit.maths import losses
+from toolkit.maths.losses import nt_xent_loss
 
 
 def reference_nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> float:

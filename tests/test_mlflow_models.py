@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from toolkit import mlflow_models as mm
-from toolkit import model_package
+from toolkit.tracking import logged_models as mm
+from toolkit.tracking import model_package
 from toolkit.config import ModelConfig
-from toolkit.data import load_mnist, make_split
-from toolkit.models import Classifier, SimCLRModel
+from toolkit.datasets.mnist import load_mnist, make_split
+from toolkit.maths.models import Classifier, SimCLRModel
 
 MODEL_CFG = ModelConfig(width=8, depth=2, dropout=0.5)
 
@@ -132,7 +132,7 @@ def test_signature_input_example_and_requirements(store, logged):
     assert os.path.isfile(os.path.join(folder, "artifacts", model_package.WEIGHTS_FILE))
     assert json.load(open(os.path.join(folder, "artifacts", model_package.DESCRIPTION_FILE)))["architecture"] == {
         "width": 8, "depth": 2, "convs_per_stage": MODEL_CFG.convs_per_stage, "pool": MODEL_CFG.pool}
-    assert os.path.isfile(os.path.join(folder, "code", "toolkit", "models.py"))  # serving needs no installed toolkit
+    assert os.path.isfile(os.path.join(folder, "code", "toolkit", "maths/models.py"))  # serving needs no installed toolkit
     assert info.flavors.keys() == {"python_function"}
     assert info.flavors["python_function"]["loader_module"] == "mlflow.pyfunc.loaders.code_model"
     pickles = [f for _, _, files in os.walk(folder) for f in files if f.endswith((".pkl", ".pth", ".pickle"))]
@@ -232,7 +232,7 @@ def test_registered_version_is_linked_from_the_logged_model(store, logged):
 
 def test_test_metrics_reach_the_logged_model_page(store, logged):
     """A stage's test accuracy is logged on its run and on its logged model (the UI's model page)."""
-    from toolkit.tracking import Tracker
+    from toolkit.tracking.runs import Tracker
 
     uri, client, _ = store
     rid, model_uri = logged
@@ -247,7 +247,7 @@ def test_runs_name_their_user_for_the_ui(store, tmp_path):
     import getpass
 
     from toolkit.config import Config
-    from toolkit.tracking import mlflow_run
+    from toolkit.tracking.runs import mlflow_run
 
     uri, client, _ = store
     cfg = Config().replace(**{"tracking.uri": uri, "tracking.experiment": "toolkit", "run.output_dir": str(tmp_path)})
@@ -279,7 +279,7 @@ def test_global_tracking_uri_and_environment_are_restored(store, monkeypatch):
 
 
 def test_disabled_tracker_is_a_no_op_and_bad_examples_are_refused(classifier, run_id, store):
-    from toolkit.tracking import Tracker
+    from toolkit.tracking.runs import Tracker
 
     off = Tracker.disabled()
     assert mm.log_classifier(off, None, classifier) == ""
@@ -316,7 +316,7 @@ def test_the_test_time_recipe_travels_with_the_model(store, run_id, classifier, 
     """A student's recipe (its model file's ``tta``) logged with it: MLflow and the toolkit both
     predict the mean over the augmented views, as the model file does."""
     from toolkit.config import AugmentConfig
-    from toolkit.engine import predict_probs, tta_recipe
+    from toolkit.engine.loops import predict_probs, tta_recipe
 
     uri, _, _ = store
     recipe = tta_recipe(AugmentConfig(), views=3, strength=0.5)
@@ -357,7 +357,7 @@ def test_a_tampered_toolkit_model_runs_no_code(store, logged, tmp_path):
     crafted pickle and a description that names something else are each refused in one line."""
     import pickle
 
-    from toolkit.checkpoints import CheckpointError
+    from toolkit.engine.checkpoints import CheckpointError
 
     uri, _, _ = store
     folder = mm.download_model(uri, logged[1], str(tmp_path / "model"))

@@ -10,10 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from toolkit import checkpoints, models
-from toolkit.checkpoints import CheckpointError, load, load_model_file, model_config_of, model_payload, save
+from toolkit.engine import checkpoints
+from toolkit.maths import models
+from toolkit.engine.checkpoints import CheckpointError, load, load_model_file, model_config_of, model_payload, save
 from toolkit.config import ModelConfig, Study
-from toolkit.models import Classifier, Encoder, ProjectionHead, SimCLRModel, architecture
+from toolkit.maths.models import Classifier, Encoder, ProjectionHead, SimCLRModel, architecture
 
 
 def _x(n: int = 4, seed: int = 0) -> torch.Tensor:

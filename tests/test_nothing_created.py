@@ -106,7 +106,7 @@ def test_a_stage_reads_its_data_before_it_makes_its_folder(tmp_path, data_root):
     """The run skeleton itself (not only the CLI's preflight): broken MNIST files fail before the stage's folder,
     its ``.lock`` or its MLflow run exist."""
     from toolkit.config import Config
-    from toolkit.data import DataError
+    from toolkit.datasets.mnist import DataError
     from toolkit.stages.pretrain import pretrain
 
     ctx = Ctx(tmp_path, data_root)

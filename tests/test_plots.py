@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from toolkit import plots
+from toolkit.tracking import plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from toolkit import checkpoints
-from toolkit.checkpoints import CheckpointError
+from toolkit.engine import checkpoints
+from toolkit.engine.checkpoints import CheckpointError
 from toolkit.cli import main
 from toolkit.config import Config, ConfigError
-from toolkit.data import DataError, load_mnist
-from toolkit.models import Classifier, SimCLRModel
+from toolkit.datasets.mnist import DataError, load_mnist
+from toolkit.maths.models import Classifier, SimCLRModel
 from toolkit.stages.predict import predict, predict_images, read_images
 
 N_TEST = 300
@@ -160,8 +160,8 @@ def mlflow_runs(cfg, trained, model_file, data):
     """A run with a logged MLflow model (and registered), and an older-style run with only model/model.pt."""
     from mlflow.tracking import MlflowClient
 
-    from toolkit import mlflow_models
-    from toolkit.tracking import tracking_uri
+    from toolkit.tracking import logged_models as mlflow_models
+    from toolkit.tracking.runs import tracking_uri
 
     uri = tracking_uri(cfg.execution)
     client = MlflowClient(tracking_uri=uri)
@@ -280,7 +280,7 @@ def test_predict_is_a_cli_command_and_a_submit_command():
 def test_a_student_file_predicts_with_its_test_time_augmentation(trained, cfg, data, reference, tmp_path):
     """A model file that carries a TTA recipe (the student's) predicts as the mean over its views;
     the same weights without the recipe predict plainly."""
-    from toolkit.engine import predict_probs_tta, tta_recipe
+    from toolkit.engine.loops import predict_probs_tta, tta_recipe
 
     recipe = tta_recipe(cfg.augment, 4, 0.5)
     path = tmp_path / "student.pt"

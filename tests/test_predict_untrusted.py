@@ -132,7 +132,7 @@ def test_a_crafted_registered_model_runs_no_code(store, tmp_path, images, capsys
     for ref in ("models:/crafted@best", "models:/crafted/1", f"runs:/{run_id}/model"):
         _assert_refused(*_predict_cli([f"predict.model={ref}", f"predict.input={images}", f"tracking.uri={uri}"],
                                       capsys), marker)
-    from toolkit.mlflow_models import using_tracking_uri
+    from toolkit.tracking.logged_models import using_tracking_uri
 
     with using_tracking_uri(uri), pytest.raises(Exception):  # it is hostile, through the registry too
         mlflow.pytorch.load_model("models:/crafted@best")
@@ -199,13 +199,13 @@ def test_the_predict_command_the_pipeline_prints_works_as_pasted(tmp_path, data_
     from mlflow.tracking import MlflowClient
 
     from toolkit.config import Config, ModelConfig
-    from toolkit.data import load_mnist
-    from toolkit.engine import predict_probs
-    from toolkit.mlflow_models import log_classifier
-    from toolkit.models import Classifier
+    from toolkit.datasets.mnist import load_mnist
+    from toolkit.engine.loops import predict_probs
+    from toolkit.tracking.logged_models import log_classifier
+    from toolkit.maths.models import Classifier
     from toolkit.stages.skeleton import StageResult
     from toolkit.stages.pipeline import _register_best
-    from toolkit.tracking import Tracker
+    from toolkit.tracking.runs import Tracker
 
     uri = f"sqlite:///{tmp_path / 'project' / 'runs' / 'cpu' / 'mlflow.db'}"
     (tmp_path / "project" / "runs" / "cpu").mkdir(parents=True)
@@ -244,7 +244,7 @@ def test_the_predict_command_the_pipeline_prints_works_as_pasted(tmp_path, data_
                                  f"predict.input={argv[-1].split('=', 1)[1]}"], capsys)
     assert code == 2 and len(err) == 1 and str(fresh / "runs" / "mlflow.db") in err[0] and "tracking.uri" in err[0], err
     assert list(fresh.iterdir()) == []
-    from toolkit.checkpoints import CheckpointError
+    from toolkit.engine.checkpoints import CheckpointError
     from toolkit.stages.predict import predict
 
     with pytest.raises(CheckpointError, match="no MLflow store at"):  # the same without the CLI's own checks

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from toolkit import probes
-from toolkit.probes import (
+from toolkit.maths import probes
+from toolkit.maths.probes import (
     LabeledFeatures,
     MLPProbeSettings,
     ProbeSettings,
@@ -377,7 +377,7 @@ def test_run_probes_on_cuda_features():
 
 
 def test_select_linear_C_picks_the_best_validation_score():
-    from toolkit.probes import select_linear_C
+    from toolkit.maths.probes import select_linear_C
 
     g = torch.Generator().manual_seed(0)
     centers = torch.randn(10, 16, generator=g) * 3
@@ -393,7 +393,7 @@ def test_select_linear_C_picks_the_best_validation_score():
 
 
 def test_select_linear_C_cv_uses_the_training_labels_alone():
-    from toolkit.probes import select_linear_C_cv
+    from toolkit.maths.probes import select_linear_C_cv
 
     g = torch.Generator().manual_seed(0)
     centers = torch.randn(10, 16, generator=g)

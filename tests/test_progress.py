@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from toolkit import train_loops
-from toolkit.train_loops import Progress
+from toolkit.engine import workers as train_loops
+from toolkit.engine.workers import Progress
 
 
 class Clock:

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from toolkit.config import Config
-from toolkit.data import Mnist, make_split
+from toolkit.datasets.mnist import Mnist, make_split
 from toolkit.stages.skeleton import StageResult
 from toolkit.stages.report import final_model_figures, table_rows
 from toolkit.stages.student import ensemble_labels
@@ -53,10 +53,10 @@ def poison_outside_labeled(monkeypatch, cfg: Config) -> None:
     The split is still drawn from the real labels (it is the same split; only what the code
     could read about the other images changes).
     """
-    import toolkit.inference
+    import toolkit.execution.pool_inference
     import toolkit.stages.data_inputs
-    import toolkit.train_loops
-    from toolkit.data import load_mnist
+    import toolkit.engine.workers
+    from toolkit.datasets.mnist import load_mnist
 
     real = load_mnist(cfg.run.data_root, False, cfg.data.train_subset, cfg.data.test_subset)
     split = make_split(real.train_labels, cfg.split.labels_per_class, cfg.split.val_size, SEED)
@@ -71,7 +71,7 @@ def poison_outside_labeled(monkeypatch, cfg: Config) -> None:
     def real_split(labels, labels_per_class, val_size, seed):
         return make_split(real.train_labels[: len(labels)], labels_per_class, val_size, seed)
 
-    for module in (toolkit.stages.data_inputs, toolkit.train_loops, toolkit.inference):
+    for module in (toolkit.stages.data_inputs, toolkit.engine.workers, toolkit.execution.pool_inference):
         monkeypatch.setattr(module, "load_mnist", poisoned_load)
     monkeypatch.setattr(toolkit.stages.data_inputs, "make_split", real_split)
 
@@ -204,7 +204,7 @@ def test_the_student_key_names_its_encoder_only_when_it_smooths():
 def test_the_smoother_sees_labeled_and_pool_images_only_and_keeps_pool_order(monkeypatch):
     """Which images reach the encoder, and that row i of the result is pool image i."""
     import toolkit.stages.student as student_mod
-    from toolkit.data import Split
+    from toolkit.datasets.mnist import Split
     from toolkit.stages.skeleton import StageRun
 
     n = 40

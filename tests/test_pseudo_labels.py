@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from toolkit.pseudo_labels import PseudoLabelSelection, flexmatch_class_thresholds, knn_smooth, select_pseudo_labels
+from toolkit.maths.selection import PseudoLabelSelection, flexmatch_class_thresholds, knn_smooth, select_pseudo_labels
 
 # 6 rows, 3 classes. Row -> (label, confidence):
 # 0 -> (0, .95)  1 -> (1, .85)  2 -> (2, .90)  3 -> (0, .97)  4 -> (0, .40)  5 -> (1, .93)

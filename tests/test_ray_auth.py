@@ -2,7 +2,7 @@
 
 Ray turns token authentication on for a new local cluster only from 2.59; the toolkit relies
 on that default (``backends.init_ray`` sets no mode), so pyproject's lower bound must be 2.59.
-Ray writes its token file with the umask's mode (0644): ``toolkit.embedded_ray`` creates it
+Ray writes its token file with the umask's mode (0644): ``toolkit.execution.embedded_ray`` creates it
 0600 first. The integration test starts the embedded Ray as every command does, in a fresh
 home folder, and connects to its GCS three times: without a token and with a wrong one (both
 refused), then with the token file (admitted: the refusals are the token's doing).
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-from toolkit import embedded_ray
+from toolkit.execution import embedded_ray
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN_ENVS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")
@@ -79,7 +79,7 @@ def test_a_token_the_user_gives_is_left_alone(home, monkeypatch):
 
 SERVER = """
 import time
-from toolkit.backends import init_ray
+from toolkit.execution.backends import init_ray
 from toolkit.config import Config
 init_ray(Config().execution)
 import ray

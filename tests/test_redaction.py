@@ -13,7 +13,8 @@ import pytest
 import torch
 import yaml
 
-from toolkit import checkpoints, cli
+from toolkit import cli
+from toolkit.engine import checkpoints
 from toolkit.config import Config, config_from_dict, uri_credentials_problem
 from toolkit.redaction import holds_secret, is_secret_name, redact, redact_tree
 
@@ -87,7 +88,7 @@ def _secret_cfg(store: Path, tmp_path: Path, **over) -> Config:
 def test_mlflow_params_tags_and_dicts_of_a_real_run_are_masked(store, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from toolkit.tracking import mlflow_run
+    from toolkit.tracking.runs import mlflow_run
 
     cfg = _secret_cfg(store, tmp_path, **{"student.encoder": f"s3://k:{SECRET}@b/enc.pt"})
     with mlflow_run(cfg.study, cfg.execution, "pretrain", "masked",
@@ -110,9 +111,9 @@ def test_mlflow_params_tags_and_dicts_of_a_real_run_are_masked(store, tmp_path):
 
 
 def test_config_yaml_in_the_run_folder_is_masked_and_still_a_config(store, tmp_path):
-    from toolkit.data import make_split
+    from toolkit.datasets.mnist import make_split
     from toolkit.stages.skeleton import StageRun, log_config_and_split
-    from toolkit.tracking import mlflow_run
+    from toolkit.tracking.runs import mlflow_run
 
     cfg = _secret_cfg(store, tmp_path)
     folder = tmp_path / "runs" / "stages" / "k"

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from toolkit.schedules import (
+from toolkit.maths.schedules import (
     THRESHOLD_SCHEDULES,
     constant_threshold,
     cosine_threshold,

@@ -1,4 +1,4 @@
-"""The search-space language of `toolkit tune` (``toolkit.search_space``): parsing, validation, the point -> config
+"""The search-space language of `toolkit tune` (``toolkit.config.search_space``): parsing, validation, the point -> config
 map, the base point and best.yaml. Pure: no Ray, no MLflow, milliseconds per test."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 import pytest
 import yaml
 
-from toolkit import search_space as ss
+from toolkit.config import search_space as ss
 from toolkit.config import (
     EXECUTION_SECTIONS, Config, ConfigError, Execution, Study, all_keys, load_config, result_keys,
 )
@@ -228,7 +228,7 @@ def test_trial_values_hold_the_gap_as_sampled_and_the_floor_it_set():
 
 
 def test_param_space_is_the_only_place_ray_is_imported():
-    code = ("import sys, toolkit.search_space as s; from toolkit.config import Study;"
+    code = ("import sys, toolkit.config.search_space as s; from toolkit.config import Study;"
             "text, src = s.read_space(Study()); s.parse_space(text, src, Study());"
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'mlflow', 'torch'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from toolkit.backends import LocalSession, local_checkpoint_root
+from toolkit.execution.backends import LocalSession, local_checkpoint_root
 from toolkit.config import Config
 from toolkit.stages.skeleton import run_key
-from toolkit.tracking import RUN_KEY_TAG
+from toolkit.tracking.runs import RUN_KEY_TAG
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch single-threaded
 
@@ -79,7 +79,7 @@ def test_a_redone_finished_stage_reopens_its_run_which_keeps_its_training_curve(
     assert again.run_id == first.run_id == run.info.run_id
     assert run.info.status == "FINISHED" and run.data.tags["toolkit.resumed"] == "True"
     assert steps_of(cfg, run.info.run_id, "loss") == [1, 2]
-    from toolkit import checkpoints
+    from toolkit.engine import checkpoints
 
     assert checkpoints.load_model_file(again.model_path, "simclr")  # the damaged model file was written anew
 
@@ -139,7 +139,7 @@ def test_every_checkpoint_damaged_starts_over_with_a_line_and_logs_no_step_twice
 def test_a_report_of_the_step_alone_logs_nothing_and_does_not_fail(tmp_path):
     """MetricsLogger with a report that holds only its step key: nothing to log, no error."""
     from toolkit.config import Config
-    from toolkit.tracking import MetricsLogger, mlflow_run
+    from toolkit.tracking.runs import MetricsLogger, mlflow_run
 
     cfg = Config().replace(**{"tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "run.output_dir": str(tmp_path)})
     with mlflow_run(cfg.study, cfg.execution, "report", "steps-only") as tracker:

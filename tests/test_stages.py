@@ -21,12 +21,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from toolkit import checkpoints
-from toolkit.backends import local_checkpoint_root
-from toolkit.stages.rounds import STATE_FILE, load_state
-from toolkit.checkpoints import CheckpointError
+from toolkit.engine import checkpoints
+from toolkit.execution.backends import local_checkpoint_root
+from toolkit.stages.pseudolabel_rounds import STATE_FILE, load_state
+from toolkit.engine.checkpoints import CheckpointError
 from toolkit.config import Config, ConfigError
-from toolkit.tracking import RUN_KEY_TAG
+from toolkit.tracking.runs import RUN_KEY_TAG
 
 POOL = 1500 - 100 - 200  # train_subset - labeled - validation
 
@@ -222,7 +222,7 @@ def test_probe_fetches_the_encoder_from_a_pretrain_run_id(simclr, make_cfg):
 
 def test_probe_rejects_an_empty_reference_and_a_classifier_checkpoint(simclr, make_cfg, tmp_path, capsys):
     from toolkit.cli import main
-    from toolkit.models import Classifier
+    from toolkit.maths.models import Classifier
     from toolkit.stages.model_files import save_model_file
     from toolkit.stages.probe import probe
 
@@ -276,12 +276,12 @@ class _CountingClassifier(torch.nn.Module):
 def test_the_test_report_runs_the_plain_pass_once_and_gives_the_models_page_the_plain_figure_alone(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    import toolkit.mlflow_models
-    from toolkit.engine import tta_recipe
+    import toolkit.tracking.logged_models
+    from toolkit.engine.loops import tta_recipe
     from toolkit.stages.skeleton import StageRun
-    from toolkit.stages.test_report import log_test_report
+    from toolkit.stages.evaluation import log_test_report
 
-    monkeypatch.setattr(toolkit.mlflow_models, "log_classifier", lambda *a, **k: "models:/m-0123")
+    monkeypatch.setattr(toolkit.tracking.logged_models, "log_classifier", lambda *a, **k: "models:/m-0123")
     torch.manual_seed(0)
     data = SimpleNamespace(test_images=torch.randint(0, 256, (40, 28, 28), dtype=torch.uint8),
                            test_labels=torch.randint(0, 10, (40,)))
@@ -357,7 +357,7 @@ def test_classifiers_local_trains_classifiers_in_process_while_pretraining_stays
     """run.classifiers_local (the cpu profile): under run.backend=ray with an embedded Ray, a classifier
     stage never starts Ray and trains in this process (its checkpoints in the local folder);
     pretraining still goes to Ray Train, and so does the classifier without the switch or on a cluster."""
-    from toolkit import backends
+    from toolkit.execution import backends
     from toolkit.stages.pretrain import pretrain
     from toolkit.stages.supervised import supervised
 

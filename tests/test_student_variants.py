@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from toolkit import checkpoints
+from toolkit.engine import checkpoints
 from toolkit.stages.skeleton import StageResult
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from toolkit.config import Config
-from toolkit.tracking import TRAINING_COMMANDS, mlflow_run
+from toolkit.tracking.runs import TRAINING_COMMANDS, mlflow_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch single-threaded
 
@@ -34,7 +34,7 @@ def test_a_training_stage_logs_cpu_and_memory_utilisation(data_root, tmp_path, m
 
 
 def test_commands_that_only_read_start_no_sampler(tmp_path, monkeypatch):
-    import toolkit.tracking as tracking
+    import toolkit.tracking.runs as tracking
 
     started = []
     monkeypatch.setattr(tracking, "_system_metrics", lambda uri, run_id: started.append(run_id))

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from toolkit.config import Config, ConfigError
-from toolkit.tracking import (
+from toolkit.tracking.runs import (
     RUN_KEY_TAG, check_run_id, check_tracking_reachable, filter_value, find_run, mlflow_run, prepare_sqlite_store,
 )
 
@@ -155,7 +155,7 @@ def test_sqlite_in_a_missing_folder_is_one_line(tmp_path):
 
 CREATE = textwrap.dedent("""
     import sys
-    from toolkit.tracking import prepare_sqlite_store
+    from toolkit.tracking.runs import prepare_sqlite_store
     from mlflow.tracking import MlflowClient
     print("ready", flush=True)
     sys.stdin.readline()  # both start together once both have imported MLflow

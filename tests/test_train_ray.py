@@ -26,7 +26,7 @@ def ray_session():
     # the worker loop below lives in this test module, which Ray workers cannot import by name
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     ray.init(num_cpus=4, include_dashboard=False, object_store_memory=100 * 1024 * 1024,
-             runtime_env={"worker_process_setup_hook": "toolkit.console.quiet_worker_logs"})
+             runtime_env={"worker_process_setup_hook": "toolkit.execution.console.quiet_worker_logs"})
     yield
     ray.shutdown()
     cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
@@ -37,9 +37,9 @@ def _ddp_check_loop(config: dict) -> None:
     import ray.train
     import torch.distributed as dist
 
-    from toolkit.losses import nt_xent_loss
-    from toolkit.models import SimCLRModel
-    from toolkit.train_loops import make_accelerator
+    from toolkit.maths.losses import nt_xent_loss
+    from toolkit.maths.models import SimCLRModel
+    from toolkit.engine.workers import make_accelerator
 
     job = config["job"]  # the SimCLR job as the driver built it, carried by Ray
     accelerator = make_accelerator(job)
@@ -105,8 +105,8 @@ def test_two_cpu_workers_are_real_ddp(tmp_path):
     from ray.train.torch import TorchTrainer
 
     from toolkit.config import Config
-    from toolkit.data import Split
-    from toolkit.jobs import TrainJob, worker_device
+    from toolkit.datasets.mnist import Split
+    from toolkit.execution.jobs import TrainJob, worker_device
 
     # run.device=cuda is the driver's device: Ray Train's workers follow ray.use_gpu (false here) instead
     cfg = Config().replace(**{"model.width": 8, "run.backend": "ray", "run.device": "cuda"})
@@ -152,7 +152,7 @@ def _ray_cfg(tiny_config, **over):
 def _client(cfg):
     from mlflow.tracking import MlflowClient
 
-    from toolkit.tracking import tracking_uri
+    from toolkit.tracking.runs import tracking_uri
 
     return MlflowClient(tracking_uri=tracking_uri(cfg.execution))
 
@@ -161,7 +161,7 @@ def _check_job_carries_only_its_study(job, cfg, loop: str, tmp_path) -> None:
     """What crosses to the Ray workers: the study sections the loop reads (typed), the device that
     ``jobs.worker_device`` gives its loop, and no execution: no tracking URI, no run folder of the driver's."""
     from toolkit.config import EXECUTION_SECTIONS, Execution
-    from toolkit.jobs import TrainJob, worker_device
+    from toolkit.execution.jobs import TrainJob, worker_device
 
     assert isinstance(job, TrainJob) and job.loop == loop
     execution_types = tuple(type(getattr(Execution(), s)) for s in EXECUTION_SECTIONS)  # RunConfig, TrackingConfig, ...
@@ -221,7 +221,7 @@ def test_pretrain_on_ray_checkpoints_logs_and_resumes(tiny_config, tmp_path, mon
     more = cfg.replace(**{"pretrain.epochs": 2})
     second = pretrain(more.study, more.execution)
     assert [m.step for m in client.get_metric_history(second.run_id, "loss")] == [2]
-    from toolkit import checkpoints
+    from toolkit.engine import checkpoints
 
     assert checkpoints.load(second.model_path)["epoch"] == 2
 
@@ -230,7 +230,7 @@ def test_supervised_on_ray_keeps_the_last_weights_and_leaves_no_temporary_checkp
                                                                                       monkeypatch):
     import tempfile
 
-    import toolkit.backends as backends
+    import toolkit.execution.backends as backends
     from toolkit.stages.supervised import supervised
 
     leftovers_before = set(Path(tempfile.gettempdir()).glob("toolkit-ckpt-*"))
@@ -251,7 +251,7 @@ def test_supervised_on_ray_keeps_the_last_weights_and_leaves_no_temporary_checkp
     assert [m.step for m in val] == [20, 40]
     # the model is the last step's weights (validation only reports): its val_acc is the last one logged
     assert result.metrics["val_acc"] == pytest.approx(val[-1].value)
-    from toolkit import checkpoints
+    from toolkit.engine import checkpoints
 
     assert checkpoints.load(result.model_path)["step"] == 40
     # rank 0 wrote each checkpoint into a temporary folder before Ray uploaded it: none is left behind

@@ -21,14 +21,14 @@ import pytest
 import torch
 import yaml
 
-from toolkit import search_space
+from toolkit.config import search_space
 from toolkit.config import Config, ConfigError, flatten_yaml, load_config, to_yaml
-from toolkit.engine import predict_logits
+from toolkit.engine.loops import predict_logits
 from toolkit.stages import tune as tune_stage
 from toolkit.stages.model_files import load_classifier_file
 from toolkit.stages.skeleton import RESULT_FILE
 from toolkit.stages.tune_trial import reproduce_args, trial_execution
-from toolkit.machine import device_label
+from toolkit.tracking.machine import device_label
 
 # learning rates from 1e-5 (barely moves) to 1e-2: trials differ clearly, so ASHA has something to stop;
 # the floor is threshold_start - threshold_gap (a derived key), so it never lies above the start
@@ -165,8 +165,8 @@ def test_a_trials_run_logs_the_device_the_trial_reported_not_the_drivers_guess(t
     """The driver cannot know where Ray places a trial: run.device is what the trial's first report says."""
     from types import SimpleNamespace
 
-    from toolkit.tracking import mlflow_run
-    from toolkit.tune_records import trial_runs_callback
+    from toolkit.tracking.runs import mlflow_run
+    from toolkit.tracking.tune_runs import trial_runs_callback
 
     cfg = Config().replace(**{"run.output_dir": str(tmp_path / "runs"), "tracking.uri": f"sqlite:///{tmp_path}/mlflow.db"})
     with mlflow_run(cfg.study, cfg.execution, "tune", "search") as parent:

@@ -63,7 +63,7 @@ def ray_session():
     from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the loop below is not importable by workers
-    from toolkit.backends import init_ray
+    from toolkit.execution.backends import init_ray
     from toolkit.config import Execution
 
     init_ray(Execution())  # as every command starts it: on 127.0.0.1, with the token (gloo included)

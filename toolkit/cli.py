@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Callable, Iterator
 
-from .config import STAGE_SECTIONS, ConfigError, Execution, Study, check_command_config, help_text, load_config
+from toolkit.config import STAGE_SECTIONS, ConfigError, Execution, Study, check_command_config, help_text, load_config
 
 # command -> its one-line description; the config sections its help lists come from
 # config.STAGE_SECTIONS (the study sections that decide its result) plus the execution it runs on
@@ -40,31 +40,31 @@ def command_sections(command: str) -> tuple[str, ...]:
 
 def _dispatch(command: str) -> Callable[[Study, Execution], object]:
     if command == "pretrain":
-        from .stages.pretrain import pretrain
+        from toolkit.stages.pretrain import pretrain
         return pretrain
     if command == "probe":
-        from .stages.probe import probe
+        from toolkit.stages.probe import probe
         return probe
     if command == "student":
-        from .stages.student import student_command
+        from toolkit.stages.student import student_command
         return student_command
     if command == "supervised":
-        from .stages.supervised import supervised
+        from toolkit.stages.supervised import supervised
         return supervised
     if command == "pseudolabel":
-        from .stages.pseudolabel import pseudolabel
+        from toolkit.stages.pseudolabel import pseudolabel
         return pseudolabel
     if command == "pipeline":
-        from .stages.pipeline import pipeline
+        from toolkit.stages.pipeline import pipeline
         return pipeline
     if command == "tune":
-        from .stages.tune import tune
+        from toolkit.stages.tune import tune
         return tune
     if command == "report":
-        from .stages.report import report
+        from toolkit.stages.report import report
         return report
     if command == "predict":
-        from .stages.predict import predict
+        from toolkit.stages.predict import predict
         return predict
     raise ConfigError(f"unknown command {command!r}")
 
@@ -134,7 +134,7 @@ def _quiet_store_loggers() -> Iterator[None]:
 
 def _masked_excepthook(kind: type, value: BaseException, tb) -> None:
     """What Python prints for an exception that leaves ``main``: its traceback, credentials masked."""
-    from .errors import print_traceback
+    from toolkit.errors import print_traceback
 
     print_traceback(value.with_traceback(tb))
 
@@ -165,8 +165,8 @@ def _main(argv: list[str] | None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    from .errors import describe_error
-    from .redaction import redact
+    from toolkit.errors import describe_error
+    from toolkit.redaction import redact
 
     try:
         overrides = list(args.overrides) + list(extras)
@@ -177,12 +177,12 @@ def _main(argv: list[str] | None) -> int:
         check_command_config(cfg, sections)  # what the config alone shows impossible for this command
         # split once: what decides the result, and where and how it runs (one absolute output folder
         # for the whole command: inside a Ray job, not its temporary working folder)
-        from .storage import resolve_output_dir
+        from toolkit.execution.storage import resolve_output_dir
 
         study = cfg.study
         execution = cfg.execution.replace(**{"run.output_dir": str(resolve_output_dir(cfg.run.output_dir))})
         if "ray" in sections:
-            from .preflight import check_ray_address_reachable
+            from toolkit.preflight import check_ray_address_reachable
 
             check_ray_address_reachable(execution)  # seconds, not minutes of ray.init retries
         if execution.run.threads:
@@ -191,10 +191,10 @@ def _main(argv: list[str] | None) -> int:
             torch.set_num_threads(execution.run.threads)  # the driver's own work: probes, inference, evaluation
         # a GPU this process would train on must be here before any folder or MLflow run exists (Ray's
         # workers are checked after connecting; tune's trials train in their actors on Tune's GPUs)
-        from .backends import check_gpu_visible
+        from toolkit.execution.backends import check_gpu_visible
 
         check_gpu_visible(execution, classifiers="classifier" in sections and args.command != "tune")
-        from .preflight import check_inputs
+        from toolkit.preflight import check_inputs
 
         check_inputs(study, execution, args.command)  # data, checkpoints, stores: bad input creates no folder, lock or run
         _dispatch(args.command)(study, execution)

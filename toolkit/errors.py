@@ -14,7 +14,7 @@ import sys
 import traceback
 from pathlib import PurePath
 
-from .redaction import redact
+from toolkit.redaction import redact
 
 _MAX_LINE = 600
 

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from .config import ConfigError
+from toolkit.config import ConfigError
 
 LOCK_FILE = ".lock"
 

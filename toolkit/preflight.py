@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .config import STAGE_SECTIONS, ConfigError, Execution, Study
+from toolkit.config import STAGE_SECTIONS, ConfigError, Execution, Study
 
 RAY_CONNECT_TIMEOUT_S = 3.0
 
@@ -66,8 +66,8 @@ def readable_tracking_uri(execution: Execution, what: str) -> str:
     Reading from a missing sqlite store would create it (and the output folder): a bad run id
     would leave an empty store behind, and it cannot hold the run anyway.
     """
-    from .storage import resolve_output_dir
-    from .tracking import configured_tracking_uri
+    from toolkit.execution.storage import resolve_output_dir
+    from toolkit.tracking.runs import configured_tracking_uri
 
     uri = (configured_tracking_uri(execution)
            or f"sqlite:///{resolve_output_dir(execution.run.output_dir) / 'mlflow.db'}")
@@ -80,8 +80,8 @@ def readable_tracking_uri(execution: Execution, what: str) -> str:
 
 def _check_model_ref(execution: Execution, ref: str, key: str, kind: str, model_cfg=None) -> None:
     """``ref`` (a path or an MLflow run id) is a ``kind`` model file (of ``model_cfg``'s architecture, when given)."""
-    from . import checkpoints
-    from .stages.model_files import resolve_model_ref
+    from toolkit.engine import checkpoints
+    from toolkit.stages.model_files import resolve_model_ref
 
     with tempfile.TemporaryDirectory(prefix="toolkit-preflight-") as tmp:  # a run's file is fetched here, then dropped
         path = resolve_model_ref(execution, ref, Path(tmp))
@@ -93,7 +93,7 @@ def _check_model_ref(execution: Execution, ref: str, key: str, kind: str, model_
 
 def _check_student_inputs(study: Study, execution: Execution) -> None:
     """``student.teachers`` are classifier files of ``study.model``'s shape; ``student.encoder`` a SimCLR file."""
-    from .stages.student import require_teachers
+    from toolkit.stages.student import require_teachers
 
     require_teachers(study.student.teachers)
     for i, ref in enumerate(study.student.teachers):
@@ -121,7 +121,7 @@ def check_inputs(study: Study, execution: Execution, command: str) -> None:
     ``predict`` read runs from; the tracking store the command will write to. Nothing here writes.
     """
     if "data" in STAGE_SECTIONS.get(command, ()):
-        from .data import load_mnist, make_split
+        from toolkit.datasets.mnist import load_mnist, make_split
 
         data = load_mnist(execution.run.data_root, execution.run.download, study.data.train_subset, study.data.test_subset)
         for seed in study.pipeline.seeds if command == "pipeline" else [study.split.seed]:
@@ -147,18 +147,18 @@ def _check_tracking_store(execution: Execution) -> None:
     ``run.output_dir``, is made with the output folder). The store itself is created when the
     first run opens, after every input was read (``tracking.prepare_sqlite_store``).
     """
-    from .tracking import configured_tracking_uri
+    from toolkit.tracking.runs import configured_tracking_uri
 
     uri = configured_tracking_uri(execution)
     if not uri:
         return
     if uri.startswith("sqlite:///"):
-        from .redaction import redact
+        from toolkit.redaction import redact
 
         folder = Path(uri[len("sqlite:///"):].split("?", 1)[0]).parent
         if not folder.is_dir():
             raise ConfigError(f"tracking.uri={redact(uri)!r} is not usable: the folder {str(folder)!r} does not exist")
         return
-    from .tracking import check_tracking_reachable
+    from toolkit.tracking.runs import check_tracking_reachable
 
     check_tracking_reachable(uri)

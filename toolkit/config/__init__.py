@@ -14,11 +14,11 @@ path; the modules each hold one part:
 - ``fields``, ``credentials``: the helpers sections are written with, and why a URI with a secret is refused
 """
 
-from ..schedules import THRESHOLD_SCHEDULES, rate_problem
-from .checks import MNIST_TRAIN_IMAGES, check_command_config, embedded_ray_cpus
-from .credentials import uri_credentials_problem
-from .fields import MAX_SEED, RUN_ID_PATTERN, RUN_NAME_PATTERN, ConfigError, _check, _opt
-from .parsing import (
+from toolkit.maths.schedules import THRESHOLD_SCHEDULES, rate_problem
+from toolkit.config.checks import MNIST_TRAIN_IMAGES, check_command_config, embedded_ray_cpus
+from toolkit.config.credentials import uri_credentials_problem
+from toolkit.config.fields import MAX_SEED, RUN_ID_PATTERN, RUN_NAME_PATTERN, ConfigError, _check, _opt
+from toolkit.config.parsing import (
     _coerce,
     _unknown,
     _yaml_problem,
@@ -30,7 +30,7 @@ from .parsing import (
     read_text_file,
     to_yaml,
 )
-from .execution_sections import (
+from toolkit.config.execution_sections import (
     InferenceConfig,
     PredictConfig,
     RayConfig,
@@ -39,9 +39,9 @@ from .execution_sections import (
     TrackingConfig,
     TrialsConfig,
 )
-from .stage_map import STAGE_SECTIONS, result_keys, stage_digest
-from .study import EXECUTION_SECTIONS, STUDY_SECTIONS, Config, Execution, Study, _section_types, all_keys, help_text
-from .study_sections import (
+from toolkit.config.stage_map import STAGE_SECTIONS, result_keys, stage_digest
+from toolkit.config.study import EXECUTION_SECTIONS, STUDY_SECTIONS, Config, Execution, Study, _section_types, all_keys, help_text
+from toolkit.config.study_sections import (
     PIPELINE_STAGES,
     AugmentConfig,
     ClassifierConfig,

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 
-from .fields import ConfigError, _check
-from .study import Config
+from toolkit.config.fields import ConfigError, _check
+from toolkit.config.study import Config
 
 
 MNIST_TRAIN_IMAGES = 60_000

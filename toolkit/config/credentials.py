@@ -7,7 +7,7 @@ token is refused instead, with the reason below (credentials go in MLflow's own 
 
 from __future__ import annotations
 
-from ..redaction import holds_secret
+from toolkit.redaction import holds_secret
 
 
 def uri_credentials_problem(uri: str) -> str | None:

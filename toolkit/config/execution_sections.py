@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..redaction import redact
-from .credentials import uri_credentials_problem
-from .fields import RUN_ID_PATTERN, RUN_NAME_PATTERN, ConfigError, _check, _opt
+from toolkit.redaction import redact
+from toolkit.config.credentials import uri_credentials_problem
+from toolkit.config.fields import RUN_ID_PATTERN, RUN_NAME_PATTERN, ConfigError, _check, _opt
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
-from .fields import ConfigError
-from .study import Config, all_keys
+from toolkit.config.fields import ConfigError
+from toolkit.config.study import Config, all_keys
 
 
 def read_text_file(path: str | os.PathLike, what: str) -> str:

@@ -12,7 +12,7 @@ import dataclasses
 import hashlib
 import json
 
-from .study import STUDY_SECTIONS, Study
+from toolkit.config.study import STUDY_SECTIONS, Study
 
 
 # The study sections each stage depends on, written once. A stage's key (the folder, the Ray

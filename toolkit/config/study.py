@@ -18,7 +18,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from .execution_sections import (
+from toolkit.config.execution_sections import (
     InferenceConfig,
     PredictConfig,
     RayConfig,
@@ -27,8 +27,8 @@ from .execution_sections import (
     TrackingConfig,
     TrialsConfig,
 )
-from .fields import ConfigError
-from .study_sections import (
+from toolkit.config.fields import ConfigError
+from toolkit.config.study_sections import (
     AugmentConfig,
     ClassifierConfig,
     DataConfig,
@@ -75,7 +75,7 @@ class _Sections:
 
     def replace(self, **dotted: Any):
         """A copy with dotted keys replaced (``study.replace(**{"split.seed": 1})``), coerced and validated."""
-        from .parsing import apply_overrides  # parsing builds on these classes: imported here, not at the top
+        from toolkit.config.parsing import apply_overrides  # parsing builds on these classes: imported here, not at the top
 
         own = {f.name for f in dataclasses.fields(self)}
         for key in dotted:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..schedules import THRESHOLD_SCHEDULES, rate_problem
-from .fields import MAX_SEED, _check, _opt
+from toolkit.maths.schedules import THRESHOLD_SCHEDULES, rate_problem
+from toolkit.config.fields import MAX_SEED, _check, _opt
 
 
 @dataclass(frozen=True)

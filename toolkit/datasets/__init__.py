@@ -7,7 +7,7 @@ the one entry point), ``idx`` / ``cifar`` / ``folder`` / ``arrays`` (one on-disk
 chunks), ``checks`` (``DataError`` and the shared checks).
 """
 
-from .checks import DataError
-from .registry import BENCHMARKS, LOADERS, Dataset, DatasetInfo, check_labels_per_class, load_dataset
+from toolkit.datasets.checks import DataError
+from toolkit.datasets.registry import BENCHMARKS, LOADERS, Dataset, DatasetInfo, check_labels_per_class, load_dataset
 
 __all__ = ["BENCHMARKS", "LOADERS", "DataError", "Dataset", "DatasetInfo", "check_labels_per_class", "load_dataset"]

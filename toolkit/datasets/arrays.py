@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checks import DataError, check_class_names
+from toolkit.datasets.checks import DataError, check_class_names
 
 KEYS = ("images", "labels", "unlabeled", "test_images", "test_labels", "class_names")
 _IMAGE_KEYS = ("images", "unlabeled", "test_images")

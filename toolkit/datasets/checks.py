@@ -1,7 +1,7 @@
 """The package's one error type and the checks every reader shares (class names, target size).
 
 ``DataError`` is recognised by ``toolkit.errors`` by its name, so each one reaches the CLI as
-one line and exit 2. ``toolkit.data`` can re-export it (``from .datasets.checks import
+one line and exit 2. ``toolkit.datasets.mnist`` can re-export it (``from .datasets.checks import
 DataError``) so that both packages raise the same class.
 """
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checks import DataError
+from toolkit.datasets.checks import DataError
 
 FOLDER = "cifar-10-batches-py"
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))

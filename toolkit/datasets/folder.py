@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import cache
-from .checks import DataError, check_class_names
-from .convert import GRAY_MODES, ChannelStats, image_to_chw
+from toolkit.datasets import cache
+from toolkit.datasets.checks import DataError, check_class_names
+from toolkit.datasets.convert import GRAY_MODES, ChannelStats, image_to_chw
 
 PARTS = ("labeled", "unlabeled", "test")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checks import DataError
+from toolkit.datasets.checks import DataError
 
 _UBYTE = 0x08  # the idx type code of unsigned bytes, the only one these datasets use
 

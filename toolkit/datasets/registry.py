@@ -21,12 +21,12 @@ from typing import Callable
 
 import numpy as np
 
-from . import cache, cifar
-from .arrays import read_arrays
-from .checks import DataError, check_target
-from .convert import ChannelStats, array_to_chw
-from .folder import read_folder
-from .idx import read_idx
+from toolkit.datasets import cache, cifar
+from toolkit.datasets.arrays import read_arrays
+from toolkit.datasets.checks import DataError, check_target
+from toolkit.datasets.convert import ChannelStats, array_to_chw
+from toolkit.datasets.folder import read_folder
+from toolkit.datasets.idx import read_idx
 
 _IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 _STATS_CHUNK_BYTES = 4 << 20
@@ -86,8 +86,8 @@ BENCHMARKS = {
 
 
 def resolve_root(root: str | os.PathLike = "") -> Path:
-    """``root``, else ``$TOOLKIT_DATA_DIR``, else ``./data`` (``toolkit.data.resolve_root``, the one rule)."""
-    from ..data import resolve_root as data_root  # here: toolkit.data imports this package's idx reader
+    """``root``, else ``$TOOLKIT_DATA_DIR``, else ``./data`` (``toolkit.datasets.mnist.resolve_root``, the one rule)."""
+    from toolkit.datasets.mnist import resolve_root as data_root  # here: toolkit.datasets.mnist imports this package's idx reader
 
     return data_root(str(root))
 

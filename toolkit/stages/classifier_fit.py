@@ -9,11 +9,11 @@ from typing import Any
 
 import torch
 
-from ..jobs import ModelWeights, TrainJob
-from ..tracking import MetricsLogger
-from .data_inputs import data_root_for_workers
-from .model_files import save_model_file
-from .skeleton import StageRun
+from toolkit.execution.jobs import ModelWeights, TrainJob
+from toolkit.tracking.runs import MetricsLogger
+from toolkit.stages.data_inputs import data_root_for_workers
+from toolkit.stages.model_files import save_model_file
+from toolkit.stages.skeleton import StageRun
 
 
 def _no_images() -> torch.Tensor:
@@ -42,8 +42,8 @@ def train_classifier(run: StageRun, run_name: str, out_file: str, training: Clas
     is the logged validation accuracy of those weights, which chose nothing. ``run_name`` keys the
     training's checkpoints (Ray storage or ``run.folder``'s backend folder); ``file_extra``: more
     entries for the model file (the student's test-time augmentation)."""
-    from ..backends import run_training
-    from ..train_loops import final_model_state
+    from toolkit.execution.backends import run_training
+    from toolkit.engine.workers import final_model_state
 
     study, execution, init = run.study, run.execution, training.init
     job = TrainJob.for_classifier(

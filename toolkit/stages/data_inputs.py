@@ -3,8 +3,8 @@ as Ray's workers receive it."""
 
 from __future__ import annotations
 
-from ..config import Execution, Study
-from ..data import Mnist, Split, check_mnist, load_mnist, make_split, resolve_root
+from toolkit.config import Execution, Study
+from toolkit.datasets.mnist import Mnist, Split, check_mnist, load_mnist, make_split, resolve_root
 
 
 def load_data_and_split(study: Study, execution: Execution) -> tuple[Mnist, Split]:

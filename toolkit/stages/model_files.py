@@ -9,11 +9,11 @@ from typing import Any
 
 import torch
 
-from .. import checkpoints
-from ..config import ConfigError, Execution, Study
-from ..inference import build_classifier, device_for
-from ..jobs import ModelWeights
-from ..models import Classifier, SimCLRModel
+from toolkit.engine import checkpoints
+from toolkit.config import ConfigError, Execution, Study
+from toolkit.execution.pool_inference import build_classifier, device_for
+from toolkit.execution.jobs import ModelWeights
+from toolkit.maths.models import Classifier, SimCLRModel
 
 
 def load_classifier_file(path: str | Path, device: torch.device | None = None) -> Classifier:
@@ -41,7 +41,7 @@ def resolve_model_ref(execution: Execution, ref: str, dest: Path) -> Path:
     if _RUN_ID.match(ref):
         import mlflow
 
-        from ..preflight import readable_tracking_uri
+        from toolkit.preflight import readable_tracking_uri
 
         # a store that does not exist cannot hold the run: say so, without creating it
         uri = readable_tracking_uri(execution, f"cannot fetch model/{checkpoints.MODEL_FILE} of MLflow run {ref}")

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import time
 
-from ..config import Execution, Study
-from ..tracking import Tracker, mlflow_run, run_url, tracking_uri
-from .skeleton import STAGE_RUN_TAG, StageResult, run_key
+from toolkit.config import Execution, Study
+from toolkit.tracking.runs import Tracker, mlflow_run, run_url, tracking_uri
+from toolkit.stages.skeleton import STAGE_RUN_TAG, StageResult, run_key
 
 
 def _tag(execution: Execution, parent_id: str | None, result: StageResult, stage: str, seed: int) -> None:
@@ -33,9 +33,9 @@ def _tag(execution: Execution, parent_id: str | None, result: StageResult, stage
 def run_seed(study: Study, execution: Execution, parent_id: str | None, seed: int,
              simclr_path: str | None) -> dict[str, StageResult]:
     """All stages but pretraining for one split seed (its split and its model seed)."""
-    from .probe import probe
-    from .pseudolabel import pseudolabel
-    from .supervised import supervised
+    from toolkit.stages.probe import probe
+    from toolkit.stages.pseudolabel import pseudolabel
+    from toolkit.stages.supervised import supervised
 
     stages = study.pipeline.stages
     scfg = study.replace(**{"split.seed": seed, "model.seed": seed})
@@ -64,8 +64,8 @@ def run_seed(study: Study, execution: Execution, parent_id: str | None, seed: in
     if "simclr_iterative" in stages and simclr_path:
         c = scfg.replace(**{"model.init": f"simclr:{simclr_path}", "pseudolabel.mode": "iterative"})
         if study.pipeline.tune:
-            from ..config import Config, load_config
-            from .tune import best_config_path, tune
+            from toolkit.config import Config, load_config
+            from toolkit.stages.tune import best_config_path, tune
 
             tuned = tune(c, stage_execution, parent_id)
             _tag(execution, parent_id, tuned, "tune", seed)
@@ -73,7 +73,7 @@ def run_seed(study: Study, execution: Execution, parent_id: str | None, seed: in
         record("simclr_iterative", pseudolabel(c, stage_execution, parent_id))
     teachers = [out[s].model_path for s in ("iterative", "simclr_iterative") if s in out and out[s].model_path]
     if "student" in stages and teachers:
-        from .student import student
+        from toolkit.stages.student import student
 
         record("student", student(scfg.replace(**{"model.init": "scratch"}), stage_execution, teachers, parent_id,
                                   encoder=simclr_path))
@@ -86,7 +86,7 @@ def _register_best(execution: Execution, parent: Tracker, results: dict[int, dic
         return
     from mlflow.tracking import MlflowClient
 
-    from ..mlflow_models import register_best
+    from toolkit.tracking.logged_models import register_best
 
     candidates = [(r.metrics["val_acc"], seed, stage, r) for seed, stages in results.items()
                   for stage, r in stages.items() if r.run_id and "val_acc" in r.metrics and stage != "probe"]
@@ -117,8 +117,8 @@ def predict_command(uri: str, model_uri: str, data_root: str = "") -> str:
     """
     import shlex
 
-    from ..data import resolve_root
-    from ..redaction import redact
+    from toolkit.datasets.mnist import resolve_root
+    from toolkit.redaction import redact
 
     images = resolve_root(data_root) / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
     return " ".join(["toolkit", "predict", shlex.quote(f"tracking.uri={redact(uri)}"),
@@ -127,14 +127,14 @@ def predict_command(uri: str, model_uri: str, data_root: str = "") -> str:
 
 def pipeline(study: Study, execution: Execution) -> dict:
     """Run the study; return {seed: {stage: StageResult}} and log the summary table to the parent run."""
-    from .pretrain import pretrain
-    from .report import report_folder, summarise
+    from toolkit.stages.pretrain import pretrain
+    from toolkit.stages.report import report_folder, summarise
 
     key = run_key(study, execution, "pipeline")
     t0 = time.perf_counter()
     results: dict[int, dict[str, StageResult]] = {}
-    from ..locks import run_lock
-    from .skeleton import stage_dir
+    from toolkit.locks import run_lock
+    from toolkit.stages.skeleton import stage_dir
 
     with run_lock(stage_dir(execution, key), f"pipeline '{key}'"), \
             mlflow_run(study, execution, "pipeline", key, None, {"toolkit.seeds": study.pipeline.seeds}) as parent:

@@ -15,7 +15,7 @@ model comes from it. Bad input is a DataError / CheckpointError / ConfigError of
 
 No model runs code here. A model file loads with ``torch.load(weights_only=True)``; an MLflow
 model is downloaded as files and only its ``weights.pt`` (tensors) and ``toolkit_model.json``
-are read (``toolkit.model_package``), the network built by the toolkit's own classes. MLflow's
+are read (``toolkit.tracking.model_package``), the network built by the toolkit's own classes. MLflow's
 loaders import the model's ``code/`` and unpickle what it holds: they are used only for a model
 the toolkit did not log, and only with ``predict.trust_pickled_model=true``.
 """
@@ -37,10 +37,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .. import checkpoints
-from ..checkpoints import CheckpointError
-from ..config import ConfigError, Execution, Study
-from ..data import IMAGE_SIZE, NUM_CLASSES, DataError
+from toolkit.engine import checkpoints
+from toolkit.engine.checkpoints import CheckpointError
+from toolkit.config import ConfigError, Execution, Study
+from toolkit.datasets.mnist import IMAGE_SIZE, NUM_CLASSES, DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 IDX3_MAGIC, IDX1_MAGIC = 2051, 2049
@@ -69,7 +69,7 @@ class Predictions:
 
 def _idx3_images(raw: bytes, path: Path) -> np.ndarray:
     """The images of an idx3 file (magic 2051, dims N x 28 x 28, then N*784 bytes): the one idx reader."""
-    from ..datasets.idx import parse_idx
+    from toolkit.datasets.idx import parse_idx
 
     if int.from_bytes(raw[:4], "big") == IDX1_MAGIC:
         raise DataError(f"predict.input {path} is an idx1 (labels) file; give the images (idx3) file")
@@ -147,9 +147,9 @@ def read_images(path: str | os.PathLike) -> tuple[torch.Tensor, list[str]]:
 
 
 def _toolkit_predictor(path: Path, device: torch.device, batch_size: int) -> Predictor:
-    from ..engine import predict_probs, read_tta_recipe
-    from ..inference import build_classifier
-    from ..jobs import ModelWeights
+    from toolkit.engine.loops import predict_probs, read_tta_recipe
+    from toolkit.execution.pool_inference import build_classifier
+    from toolkit.execution.jobs import ModelWeights
 
     try:
         payload = checkpoints.load_model_file(path, "classifier")
@@ -179,7 +179,7 @@ def _toolkit_predictor(path: Path, device: torch.device, batch_size: int) -> Pre
 
 def _trusted_predictor(uri: str, model_uri: str) -> Predictor:
     """Any MLflow model shaped uint8 (N, 28, 28) -> (N, 10), loaded by MLflow: it runs the model's code."""
-    from ..mlflow_models import CLASSIFIER, ENCODER, KIND_KEY, load_trusted_model
+    from toolkit.tracking.logged_models import CLASSIFIER, ENCODER, KIND_KEY, load_trusted_model
 
     try:
         model, meta = load_trusted_model(uri, model_uri)
@@ -208,8 +208,8 @@ def _trusted_predictor(uri: str, model_uri: str) -> Predictor:
 def _mlflow_predictor(uri: str, model_uri: str, device: torch.device, batch_size: int,
                       trust_pickled: bool = False) -> Predictor:
     """A classifier the toolkit logged as an MLflow model (a local folder or a URI), from its plain files."""
-    from ..mlflow_models import download_model
-    from ..model_package import ENCODER, NotAToolkitModel, read_mlflow_model
+    from toolkit.tracking.logged_models import download_model
+    from toolkit.tracking.model_package import ENCODER, NotAToolkitModel, read_mlflow_model
 
     local, tmp = Path(model_uri), None
     try:
@@ -245,8 +245,8 @@ def _run_model_uri(uri: str, run_id: str) -> str | None:
     """``models:/<id>`` of the classifier an MLflow run logged as an MLflow model, if any."""
     from mlflow.tracking import MlflowClient
 
-    from ..mlflow_models import CLASSIFIER, KIND_KEY
-    from ..model_package import FORMAT, FORMAT_KEY
+    from toolkit.tracking.logged_models import CLASSIFIER, KIND_KEY
+    from toolkit.tracking.model_package import FORMAT, FORMAT_KEY
 
     client = MlflowClient(tracking_uri=uri)
     try:
@@ -353,8 +353,8 @@ def _store_of(execution: Execution) -> str:
     model the pipeline registered under another output folder (a profile's ``runs/cpu``) is not
     there, and an empty store made here would only say "not found".
     """
-    from ..storage import resolve_output_dir
-    from ..tracking import tracking_uri  # MLflow only for run ids and URIs: no store is created otherwise
+    from toolkit.execution.storage import resolve_output_dir
+    from toolkit.tracking.runs import tracking_uri  # MLflow only for run ids and URIs: no store is created otherwise
 
     if not (execution.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")):
         db = resolve_output_dir(execution.run.output_dir) / "mlflow.db"

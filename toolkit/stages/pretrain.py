@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from .. import checkpoints
-from ..backends import run_training
-from ..config import Execution, Study, stage_digest
-from ..jobs import TrainJob
-from ..tracking import MetricsLogger
-from .data_inputs import data_root_for_workers
-from .model_files import save_model_file
-from .skeleton import Stage, StageOutput, StageResult, StageRun, run_key, run_stage
+from toolkit.engine import checkpoints
+from toolkit.execution.backends import run_training
+from toolkit.config import Execution, Study, stage_digest
+from toolkit.execution.jobs import TrainJob
+from toolkit.tracking.runs import MetricsLogger
+from toolkit.stages.data_inputs import data_root_for_workers
+from toolkit.stages.model_files import save_model_file
+from toolkit.stages.skeleton import Stage, StageOutput, StageResult, StageRun, run_key, run_stage
 
 
 def pretrain(study: Study, execution: Execution, parent_run_id: str | None = None, key: str | None = None) -> StageResult:
@@ -22,8 +22,8 @@ def pretrain(study: Study, execution: Execution, parent_run_id: str | None = Non
                                      epoch=state["epoch"])
         run.tracker.log_artifact(model_path, "model")
         if run.tracker.enabled and execution.tracking.log_models:
-            from ..mlflow_models import log_encoder
-            from ..models import SimCLRModel
+            from toolkit.tracking.logged_models import log_encoder
+            from toolkit.maths.models import SimCLRModel
 
             encoder = SimCLRModel(study.model)
             encoder.load_state_dict(state["state_dict"])

@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import torch
 
-from .. import checkpoints
-from ..config import ConfigError, Execution, Study, stage_digest
-from ..engine import extract_features
-from ..inference import device_for
-from ..plots import TSNESettings, plot_confusion_matrix, plot_embedding_2d
-from ..probes import (LabeledFeatures, ProbeSettings, accuracy, predict, run_probes, select_linear_C, select_linear_C_cv,
+from toolkit.engine import checkpoints
+from toolkit.config import ConfigError, Execution, Study, stage_digest
+from toolkit.engine.loops import extract_features
+from toolkit.execution.pool_inference import device_for
+from toolkit.tracking.plots import TSNESettings, plot_confusion_matrix, plot_embedding_2d
+from toolkit.maths.probes import (LabeledFeatures, ProbeSettings, accuracy, predict, run_probes, select_linear_C, select_linear_C_cv,
                       train_linear_probe)
-from .model_files import load_encoder, resolve_model_ref
-from .skeleton import Stage, StageOutput, StageResult, StageRun, run_key, run_stage, stage_dir, with_inputs
+from toolkit.stages.model_files import load_encoder, resolve_model_ref
+from toolkit.stages.skeleton import Stage, StageOutput, StageResult, StageRun, run_key, run_stage, stage_dir, with_inputs
 
 
 def probe(study: Study, execution: Execution, parent_run_id: str | None = None, checkpoint: str | None = None) -> StageResult:

@@ -1,6 +1,6 @@
 """`toolkit pseudolabel`: offline pseudo-labeling rounds, one-shot or iterative.
 
-The round loop is ``stages/rounds.py``; this stage runs it in the driver, writes the
+The round loop is ``stages/pseudolabel_rounds.py``; this stage runs it in the driver, writes the
 round state into its folder after every round (an interrupted run resumes at its last
 finished round), and logs the per-round plots, the final model and its test accuracy.
 """
@@ -9,16 +9,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import checkpoints
-from ..config import Execution, Study, stage_digest
-from ..inference import device_for
-from ..jobs import ModelWeights
-from ..plots import plot_class_counts, plot_curves
-from ..tracking import Tracker
-from .model_files import init_weights, load_classifier_file, save_model_file
-from .rounds import STATE_FILE, RoundsStart, load_state, run_rounds, save_state
-from .skeleton import Stage, StageOutput, StageResult, StageRun, run_key, run_stage, with_inputs
-from .test_report import log_test_report
+from toolkit.engine import checkpoints
+from toolkit.config import Execution, Study, stage_digest
+from toolkit.execution.pool_inference import device_for
+from toolkit.execution.jobs import ModelWeights
+from toolkit.tracking.plots import plot_class_counts, plot_curves
+from toolkit.tracking.runs import Tracker
+from toolkit.stages.model_files import init_weights, load_classifier_file, save_model_file
+from toolkit.stages.pseudolabel_rounds import STATE_FILE, RoundsStart, load_state, run_rounds, save_state
+from toolkit.stages.skeleton import Stage, StageOutput, StageResult, StageRun, run_key, run_stage, with_inputs
+from toolkit.stages.evaluation import log_test_report
 
 
 def _round_plots(tracker: Tracker, state: dict, folder: Path, title: str) -> None:

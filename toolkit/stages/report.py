@@ -20,10 +20,10 @@ import re
 import statistics
 from pathlib import Path
 
-from ..config import ConfigError, Execution, SplitConfig, Study
-from ..plots import plot_error_by_stage
-from ..tracking import Tracker, tracking_uri
-from .skeleton import STAGE_RUN_TAG, StageResult, stage_dir
+from toolkit.config import ConfigError, Execution, SplitConfig, Study
+from toolkit.tracking.plots import plot_error_by_stage
+from toolkit.tracking.runs import Tracker, tracking_uri
+from toolkit.stages.skeleton import STAGE_RUN_TAG, StageResult, stage_dir
 
 # (row name, stage, metric under the standard protocol, metric under the strict one (None: not
 # allowed there), reference test accuracy with 100 labels or None)

@@ -11,13 +11,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .. import checkpoints
-from ..config import Config, Execution, Study, stage_digest, to_yaml
-from ..data import Mnist, Split, resolve_root
-from ..redaction import redact
-from ..storage import resolve_output_dir
-from ..tracking import Tracker
-from .data_inputs import load_data_and_split
+from toolkit.engine import checkpoints
+from toolkit.config import Config, Execution, Study, stage_digest, to_yaml
+from toolkit.datasets.mnist import Mnist, Split, resolve_root
+from toolkit.redaction import redact
+from toolkit.execution.storage import resolve_output_dir
+from toolkit.tracking.runs import Tracker
+from toolkit.stages.data_inputs import load_data_and_split
 
 RESULT_FILE = "result.json"
 STAGE_RUN_TAG = "toolkit.stage_run"  # on a pipeline's run: toolkit.stage_run.<seed>.<stage> = the stage's run id
@@ -161,8 +161,8 @@ def run_stage(study: Study, execution: Execution, stage: Stage, body: Callable[[
     run -> log the config and the split -> run ``body(StageRun)`` -> log the stage time, save
     ``result.json`` atomically, print one closing line. Bad data fail before the folder exists.
     """
-    from ..locks import run_lock
-    from ..tracking import mlflow_run, run_url
+    from toolkit.locks import run_lock
+    from toolkit.tracking.runs import mlflow_run, run_url
 
     name, key = stage.name, stage.key
     folder = stage_path(execution, key)
@@ -178,7 +178,7 @@ def run_stage(study: Study, execution: Execution, stage: Stage, body: Callable[[
             run = StageRun(study, execution, key, folder, tracker, data, split)
             log_config_and_split(tracker, run)
             if tracker.enabled:  # the split as the run's MLflow dataset inputs (training / validation)
-                from ..mlflow_models import log_split_dataset
+                from toolkit.tracking.logged_models import log_split_dataset
 
                 log_split_dataset(tracker, tracker.run_id, split, source=str(resolve_root(execution.run.data_root)))
             out: StageOutput = body(run)

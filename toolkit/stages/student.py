@@ -31,17 +31,17 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .. import checkpoints
-from ..config import ConfigError, Execution, Study, stage_digest
-from ..data import NUM_CLASSES
-from ..engine import extract_features, predict_probs, tta_recipe
-from ..inference import device_for, predict_pool
-from ..jobs import ModelWeights
-from ..pseudo_labels import knn_smooth
-from .classifier_fit import ClassifierTraining, train_classifier
-from .model_files import load_classifier_file, load_encoder
-from .skeleton import Stage, StageOutput, StageResult, StageRun, run_key, run_stage, with_inputs
-from .test_report import accuracy_metrics, log_test_report
+from toolkit.engine import checkpoints
+from toolkit.config import ConfigError, Execution, Study, stage_digest
+from toolkit.datasets.mnist import NUM_CLASSES
+from toolkit.engine.loops import extract_features, predict_probs, tta_recipe
+from toolkit.execution.pool_inference import device_for, predict_pool
+from toolkit.execution.jobs import ModelWeights
+from toolkit.maths.selection import knn_smooth
+from toolkit.stages.classifier_fit import ClassifierTraining, train_classifier
+from toolkit.stages.model_files import load_classifier_file, load_encoder
+from toolkit.stages.skeleton import Stage, StageOutput, StageResult, StageRun, run_key, run_stage, with_inputs
+from toolkit.stages.evaluation import accuracy_metrics, log_test_report
 
 
 def ensemble_labels(probs: list[torch.Tensor], min_confidence: float,
@@ -159,8 +159,8 @@ def student_command(study: Study, execution: Execution) -> StageResult:
     """``toolkit student``: the student of ``student.teachers`` (paths or MLflow run ids), smoothed over
     ``student.encoder``'s embedding when one is given; the teachers' files are fetched once, into the
     stage's inputs folder, after the preflight has checked them."""
-    from .model_files import resolve_model_ref
-    from .skeleton import stage_dir
+    from toolkit.stages.model_files import resolve_model_ref
+    from toolkit.stages.skeleton import stage_dir
 
     require_teachers(study.student.teachers)
     inputs = stage_dir(execution, "student-inputs")

@@ -6,13 +6,13 @@ validation accuracy is logged, not used), and its test accuracy is reported once
 
 from __future__ import annotations
 
-from .. import checkpoints
-from ..config import Execution, Study, stage_digest
-from ..inference import device_for
-from .classifier_fit import ClassifierTraining, train_classifier
-from .model_files import init_weights, load_classifier_file
-from .skeleton import Stage, StageOutput, StageResult, StageRun, run_key, run_stage
-from .test_report import log_test_report
+from toolkit.engine import checkpoints
+from toolkit.config import Execution, Study, stage_digest
+from toolkit.execution.pool_inference import device_for
+from toolkit.stages.classifier_fit import ClassifierTraining, train_classifier
+from toolkit.stages.model_files import init_weights, load_classifier_file
+from toolkit.stages.skeleton import Stage, StageOutput, StageResult, StageRun, run_key, run_stage
+from toolkit.stages.evaluation import log_test_report
 
 
 def supervised(study: Study, execution: Execution, parent_run_id: str | None = None, key: str | None = None) -> StageResult:

@@ -1,8 +1,8 @@
 """`toolkit tune`: a Ray Tune search over the iterative pseudo-labeler's schedule and its neighbours (the driver).
 
 The space (what may be searched, how a point becomes a trial config, what best.yaml
-holds) is ``toolkit.search_space``; the trials' MLflow runs and rows are
-``toolkit.tune_records``; what runs inside each trial's Tune actor is
+holds) is ``toolkit.config.search_space``; the trials' MLflow runs and rows are
+``toolkit.tracking.tune_runs``; what runs inside each trial's Tune actor is
 ``stages/tune_trial.py``; this module runs the search. After every round a trial reports
 its validation accuracy (the only objective) and a Tune checkpoint of its round state;
 ASHA stops weak trials at round rungs. The test set is touched once, by the final model of
@@ -29,19 +29,19 @@ from typing import Any
 
 import yaml
 
-from .. import checkpoints
-from ..config import ConfigError, Execution, Study, stage_digest
-from ..data import Mnist, make_split
-from ..inference import device_for
-from ..jobs import ModelWeights
-from ..search_space import SearchSpace, base_point, best_overrides, nested, parse_space, read_space, trial_config
-from ..storage import check_shared, storage_path
-from ..tune_records import METRIC, TrialRow, close_trial_runs, collect, kill_trial_runs, trial_runs_callback, write_csv
-from .model_files import init_weights, load_classifier_file, save_model_file
-from .rounds import STATE_FILE, load_state
-from .skeleton import Stage, StageOutput, StageResult, StageRun, run_stage
-from .test_report import log_test_report
-from .tune_trial import SIMCLR_REF, TrialJob, _trial, _trial_study, reproduce_args, trial_execution
+from toolkit.engine import checkpoints
+from toolkit.config import ConfigError, Execution, Study, stage_digest
+from toolkit.datasets.mnist import Mnist, make_split
+from toolkit.execution.pool_inference import device_for
+from toolkit.execution.jobs import ModelWeights
+from toolkit.config.search_space import SearchSpace, base_point, best_overrides, nested, parse_space, read_space, trial_config
+from toolkit.execution.storage import check_shared, storage_path
+from toolkit.tracking.tune_runs import METRIC, TrialRow, close_trial_runs, collect, kill_trial_runs, trial_runs_callback, write_csv
+from toolkit.stages.model_files import init_weights, load_classifier_file, save_model_file
+from toolkit.stages.pseudolabel_rounds import STATE_FILE, load_state
+from toolkit.stages.skeleton import Stage, StageOutput, StageResult, StageRun, run_stage
+from toolkit.stages.evaluation import log_test_report
+from toolkit.stages.tune_trial import SIMCLR_REF, TrialJob, _trial, _trial_study, reproduce_args, trial_execution
 
 BEST_FILE = "best.yaml"
 RESULTS_FILE = "trials.csv"
@@ -118,7 +118,7 @@ def tune_storage(execution: Execution) -> str:
 
 def _start_ray(execution: Execution) -> None:
     """Ray up; trials that can never be placed fail now (embedded Ray) or after the autoscaler had its time."""
-    from ..backends import init_ray, require_resources
+    from toolkit.execution.backends import init_ray, require_resources
 
     init_ray(execution)
     require_resources(execution, {"CPU": execution.trials.cpus, "GPU": execution.trials.gpus},
@@ -200,7 +200,7 @@ def _ended_trials(path: str) -> int:
 
 def _plot(rows: list[TrialRow], columns: list[str], path: Path, title: str) -> Path:
     """Val acc against the start and floor thresholds when searched, else against the first numeric columns."""
-    from ..plots import SearchTrials, plot_search
+    from toolkit.tracking.plots import SearchTrials, plot_search
 
     pts = [r for r in rows if r.status != "failed" and math.isfinite(r.val_acc)]
     numeric = [c for c in columns if all(isinstance(r.values.get(c), (int, float)) and not isinstance(r.values.get(c), bool)

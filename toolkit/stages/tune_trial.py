@@ -17,15 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import Execution, Study
-from ..data import resolve_root
-from ..jobs import ModelWeights
-from ..search_space import trial_config
-from ..tracking import Tracker
-from ..tune_records import DEVICE, DEVICE_NAME, METRIC
-from .data_inputs import load_data_and_split
-from .rounds import STATE_FILE, RoundsStart, load_state, run_rounds, save_state
-from .skeleton import StageRun
+from toolkit.config import Execution, Study
+from toolkit.datasets.mnist import resolve_root
+from toolkit.execution.jobs import ModelWeights
+from toolkit.config.search_space import trial_config
+from toolkit.tracking.runs import Tracker
+from toolkit.tracking.tune_runs import DEVICE, DEVICE_NAME, METRIC
+from toolkit.stages.data_inputs import load_data_and_split
+from toolkit.stages.pseudolabel_rounds import STATE_FILE, RoundsStart, load_state, run_rounds, save_state
+from toolkit.stages.skeleton import StageRun
 
 SIMCLR_REF = "weights"  # model.init=simclr:weights: the trial's SimCLR weights came by value
 
@@ -82,8 +82,8 @@ def device_report(execution: Execution) -> dict[str, str]:
     ``device_for`` is the device the rounds train and predict on; it fails (the trial fails,
     readably) when Ray gave a GPU that torch cannot see.
     """
-    from ..inference import device_for
-    from ..machine import device_label
+    from toolkit.execution.pool_inference import device_for
+    from toolkit.tracking.machine import device_label
 
     device = device_for(execution)
     return {DEVICE: device.type, DEVICE_NAME: device_label(device)}

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .features import Standardize, _check_feats_labels, _seeded
+from toolkit.maths.probes.features import Standardize, _check_feats_labels, _seeded
 
 
 @dataclass(frozen=True)

@@ -35,13 +35,13 @@ from typing import Any, Iterable
 
 import yaml
 
-from .config import EXECUTION_SECTIONS, ConfigError, Study, all_keys, read_text_file, result_keys
-from .config.parsing import safe_load_unique
+from toolkit.config import EXECUTION_SECTIONS, ConfigError, Study, all_keys, read_text_file, result_keys
+from toolkit.config.parsing import safe_load_unique
 
 DOMAINS = ("choice", "uniform", "loguniform", "randint")
 CLASS_ADAPTIVE = "class-adaptive"  # schedule choice: FlexMatch thresholds on a constant base threshold
 SIMCLR = "simclr"                  # model.init choice: the base config's SimCLR checkpoint
-BUILTIN_SPACE = Path(__file__).resolve().parent / "profiles" / "tune_space.yaml"
+BUILTIN_SPACE = Path(__file__).resolve().parents[1] / "profiles" / "tune_space.yaml"
 
 TRIAL_STAGE = "pseudolabel"        # what each trial runs
 SAME_FOR_ALL = ("data", "split")   # the images: every trial is scored on the same validation images

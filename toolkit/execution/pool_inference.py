@@ -22,12 +22,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import checkpoints
-from .config import ConfigError, DataConfig, Execution, Study
-from .data import NUM_CLASSES, load_mnist, resolve_root
-from .engine import predict_logits
-from .jobs import ModelWeights
-from .models import Classifier
+from toolkit.engine import checkpoints
+from toolkit.config import ConfigError, DataConfig, Execution, Study
+from toolkit.datasets.mnist import NUM_CLASSES, load_mnist, resolve_root
+from toolkit.engine.loops import predict_logits
+from toolkit.execution.jobs import ModelWeights
+from toolkit.maths.models import Classifier
 
 # CPUs each inference actor reserves: a fraction, so an actor pool never takes every
 # CPU and starves Ray Data's own tasks (an actor pool that does hangs: Ray Data's read tasks get no CPU).
@@ -136,7 +136,7 @@ def _check_ray_resources(execution: Execution, num_actors: int) -> None:
     """Fail fast where Ray would otherwise wait forever for resources that do not exist."""
     import ray
 
-    from .backends import require_resources
+    from toolkit.execution.backends import require_resources
 
     if execution.ray.use_gpu:  # on a cluster: wait for the autoscaler to add GPU nodes, within ray.resource_wait_s
         require_resources(execution, {"GPU": num_actors}, f"inference.actors={num_actors} with ray.use_gpu=true "
@@ -230,7 +230,7 @@ def predict_pool_ray(execution: Execution, data: DataConfig, weights: ModelWeigh
     import pyarrow as pa  # Ray Data's own dependency
     import ray
 
-    from .backends import init_ray
+    from toolkit.execution.backends import init_ray
 
     init_ray(execution)
     _check_ray_resources(execution, num_actors)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import ModelConfig
-from .data import NUM_CLASSES
+from toolkit.config import ModelConfig
+from toolkit.datasets.mnist import NUM_CLASSES
 
 # MNIST pixel statistics: inputs arrive in [0, 1] and are standardised inside the model,
 # so augmentation, inference actors and probes never need to know about normalisation.

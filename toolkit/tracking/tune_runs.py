@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import MNIST_TRAIN_IMAGES, ConfigError, Execution, Study
-from .search_space import SearchSpace, schedule_kind, trial_config, trial_values
-from .tracking import RUN_KEY_TAG, Tracker, find_run, safe_params, tracking_uri
+from toolkit.config import MNIST_TRAIN_IMAGES, ConfigError, Execution, Study
+from toolkit.config.search_space import SearchSpace, schedule_kind, trial_config, trial_values
+from toolkit.tracking.runs import RUN_KEY_TAG, Tracker, find_run, safe_params, tracking_uri
 
 METRIC = "val_acc"  # what each trial reports after every round, and the search maximises
 ROUND_METRICS = ("val_acc", "threshold", "added", "pool_left")
@@ -204,7 +204,7 @@ def kill_trial_runs(execution: Execution, parent_run_id: str | None) -> int:
         return 0
     from mlflow.tracking import MlflowClient
 
-    from .tracking import check_run_id, filter_value
+    from toolkit.tracking.runs import check_run_id, filter_value
 
     client = MlflowClient(tracking_uri=tracking_uri(execution))
     exp = client.get_experiment_by_name(execution.tracking.experiment)

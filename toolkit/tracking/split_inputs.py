@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import NUM_CLASSES
+from toolkit.datasets.mnist import NUM_CLASSES
 
 
 def split_digest(split) -> str:
@@ -35,7 +35,7 @@ def log_split_dataset(target: Any, run_id: str, split, name: str | None = None, 
     Logging the same split again (a resumed run) adds nothing. Returns the two dataset names.
     """
     # here, not at the top: mlflow_models imports this module at its end
-    from .mlflow_models import _client, _disabled, _uri_of, using_tracking_uri
+    from toolkit.tracking.logged_models import _client, _disabled, _uri_of, using_tracking_uri
 
     if _disabled(target):
         return []

@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from .config import ModelConfig
-from .models import architecture
-from .redaction import redact_tree
+from toolkit.config import ModelConfig
+from toolkit.maths.models import architecture
+from toolkit.redaction import redact_tree
 
 CHECKPOINT_FILE = "checkpoint.pt"
 MODEL_FILE = "model.pt"

@@ -14,15 +14,15 @@ are pinned by ``tests/test_probes.py`` so that a silent change fails (lightly #1
 
 The modules: ``linear``, ``mlp`` and ``knn`` (one probe each), ``features`` (what they share),
 ``metrics`` (accuracy, confusion), ``runner`` (all probes under one protocol). Every name is
-re-exported here so ``from toolkit.probes import X`` stays the one import path.
+re-exported here so ``from toolkit.maths.probes import X`` stays the one import path.
 """
 
-from .features import Standardize, _check_feats_labels, _seeded
-from .knn import knn_predict
-from .linear import select_linear_C, select_linear_C_cv, train_linear_probe
-from .metrics import _check_pred_labels, accuracy, confusion_matrix, per_class_accuracy, predict
-from .mlp import MLPProbeSettings, train_mlp_probe
-from .runner import _PROTOCOL_RE, PROBE_NAMES, LabeledFeatures, ProbeSettings, _resolved, run_probes
+from toolkit.maths.probes.features import Standardize, _check_feats_labels, _seeded
+from toolkit.maths.probes.knn import knn_predict
+from toolkit.maths.probes.linear import select_linear_C, select_linear_C_cv, train_linear_probe
+from toolkit.maths.probes.metrics import _check_pred_labels, accuracy, confusion_matrix, per_class_accuracy, predict
+from toolkit.maths.probes.mlp import MLPProbeSettings, train_mlp_probe
+from toolkit.maths.probes.runner import _PROTOCOL_RE, PROBE_NAMES, LabeledFeatures, ProbeSettings, _resolved, run_probes
 
 __all__ = [
     "PROBE_NAMES", "LabeledFeatures", "MLPProbeSettings", "ProbeSettings", "Standardize", "accuracy",

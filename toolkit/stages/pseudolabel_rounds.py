@@ -19,16 +19,16 @@ from typing import Callable
 
 import torch
 
-from .. import checkpoints
-from ..config import ConfigError, PseudoLabelConfig, Study, stage_digest
-from ..data import Split
-from ..inference import predict_pool
-from ..jobs import ModelWeights
-from ..pseudo_labels import select_pseudo_labels
-from ..schedules import threshold_at
-from ..tracking import Tracker
-from .classifier_fit import ClassifierTraining, train_classifier
-from .skeleton import StageRun
+from toolkit.engine import checkpoints
+from toolkit.config import ConfigError, PseudoLabelConfig, Study, stage_digest
+from toolkit.datasets.mnist import Split
+from toolkit.execution.pool_inference import predict_pool
+from toolkit.execution.jobs import ModelWeights
+from toolkit.maths.selection import select_pseudo_labels
+from toolkit.maths.schedules import threshold_at
+from toolkit.tracking.runs import Tracker
+from toolkit.stages.classifier_fit import ClassifierTraining, train_classifier
+from toolkit.stages.skeleton import StageRun
 
 STATE_FILE = "rounds.pt"
 STATE_KIND = "rounds"  # a checkpoint payload: the round state, with the current model's weights as state_dict

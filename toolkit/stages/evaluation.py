@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from ..engine import predict_probs
-from .skeleton import StageRun
+from toolkit.engine.loops import predict_probs
+from toolkit.stages.skeleton import StageRun
 
 
 def log_test_report(run: StageRun, model: torch.nn.Module, title: str, tta: dict[str, Any] | None = None) -> dict[str, float]:
@@ -18,13 +18,13 @@ def log_test_report(run: StageRun, model: torch.nn.Module, title: str, tta: dict
     ``model``: the classifier, loaded (``load_classifier_file``). With ``tta`` (an ``engine.tta_recipe``)
     the figures are those of the test-time augmented predictions, and ``test_acc_plain`` is the
     network's own accuracy without it. The test set reports; it never decides anything."""
-    from ..plots import plot_confusion_matrix
-    from ..probes import confusion_matrix
+    from toolkit.tracking.plots import plot_confusion_matrix
+    from toolkit.maths.probes import confusion_matrix
 
     model_id = None
     tracker, data, folder = run.tracker, run.data, run.folder
     if tracker.enabled and run.execution.tracking.log_models:
-        from ..mlflow_models import log_classifier
+        from toolkit.tracking.logged_models import log_classifier
 
         uri = log_classifier(tracker, tracker.run_id, model, input_example=data.test_images[:4])
         tracker.set_tags({"toolkit.model_uri": uri})

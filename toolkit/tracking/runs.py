@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from .config import RUN_ID_PATTERN, ConfigError, Execution, Study, uri_credentials_problem
-from .locks import lock_exclusive
-from .machine import _git_commit, _user, machine_tags
-from .redaction import MASK, is_secret_name, redact, redact_tree
+from toolkit.config import RUN_ID_PATTERN, ConfigError, Execution, Study, uri_credentials_problem
+from toolkit.locks import lock_exclusive
+from toolkit.tracking.machine import _git_commit, _user, machine_tags
+from toolkit.redaction import MASK, is_secret_name, redact, redact_tree
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -39,7 +39,7 @@ def tracking_uri(execution: Execution) -> str:
     uri = configured_tracking_uri(execution)
     if uri:
         return uri
-    from .storage import resolve_output_dir
+    from toolkit.execution.storage import resolve_output_dir
 
     out = resolve_output_dir(execution.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -176,7 +176,7 @@ def prepare_sqlite_store(uri: str, timeout_s: float = 120.0) -> None:
         try:
             MlflowClient(tracking_uri=uri).search_experiments(max_results=1)  # creates / checks the tables
         except Exception as e:  # noqa: BLE001 - a store that cannot be opened is one line, whatever the cause
-            from .errors import one_line
+            from toolkit.errors import one_line
 
             msg = one_line(getattr(e, "message", None) or e) or type(e).__name__
             raise ConfigError(f"{label} cannot be opened: {type(e).__name__}: {msg}") from None

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .config import (
+from toolkit.config import (
     AugmentConfig,
     ClassifierConfig,
     DataConfig,
@@ -23,7 +23,7 @@ from .config import (
     PretrainConfig,
     Study,
 )
-from .data import Split
+from toolkit.datasets.mnist import Split
 
 
 def worker_device(execution: Execution, loop: str) -> str:

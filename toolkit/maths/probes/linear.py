@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .features import Standardize, _check_feats_labels, _seeded
-from .metrics import accuracy, predict
+from toolkit.maths.probes.features import Standardize, _check_feats_labels, _seeded
+from toolkit.maths.probes.metrics import accuracy, predict
 
 
 def train_linear_probe(

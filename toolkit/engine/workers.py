@@ -16,13 +16,13 @@ from typing import Any
 
 import torch
 
-from . import checkpoints
-from .augment import make_generator
-from .data import DataError, load_mnist
-from .engine import EpochBatches, MixedBatches, OptimState, classifier_steps, evaluate, simclr_epoch
-from .jobs import TrainJob
-from .models import Classifier, SimCLRModel
-from .schedules import warmup_cosine_lambda
+from toolkit.engine import checkpoints
+from toolkit.maths.augment import make_generator
+from toolkit.datasets.mnist import DataError, load_mnist
+from toolkit.engine.loops import EpochBatches, MixedBatches, OptimState, classifier_steps, evaluate, simclr_epoch
+from toolkit.execution.jobs import TrainJob
+from toolkit.maths.models import Classifier, SimCLRModel
+from toolkit.maths.schedules import warmup_cosine_lambda
 
 
 def make_accelerator(job: TrainJob):

@@ -12,7 +12,7 @@ import os
 import uuid
 from pathlib import Path
 
-from .config import ConfigError, Execution
+from toolkit.config import ConfigError, Execution
 
 OUTPUT_ROOT_ENV = "TOOLKIT_OUTPUT_ROOT"
 JOB_OUTPUT_ROOT = "~/toolkit-runs"  # a relative run.output_dir inside a Ray job resolves here

@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from . import checkpoints
-from .config import ConfigError, Execution
-from .jobs import TrainJob
-from .ray_checkpoints import older_registered_checkpoints, remove_strays
-from .storage import check_shared, resolve_output_dir, storage_path
+from toolkit.engine import checkpoints
+from toolkit.config import ConfigError, Execution
+from toolkit.execution.jobs import TrainJob
+from toolkit.execution.ray_checkpoints import older_registered_checkpoints, remove_strays
+from toolkit.execution.storage import check_shared, resolve_output_dir, storage_path
 
 MetricsSink = Callable[[dict[str, Any]], None]
 
@@ -142,7 +142,7 @@ class RaySession:
 
 
 def _worker(loop: str) -> Callable:
-    from . import train_loops
+    from toolkit.engine import workers as train_loops
 
     return {"simclr": train_loops.simclr_worker, "classifier": train_loops.classifier_worker}[loop]
 
@@ -228,7 +228,7 @@ def init_ray(execution: Execution) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    from .console import quiet_loggers, show_toolkit_lines
+    from toolkit.execution.console import quiet_loggers, show_toolkit_lines
 
     if not execution.run.verbose:
         quiet_loggers("ray")
@@ -238,14 +238,14 @@ def init_ray(execution: Execution) -> None:
         return
     # logical CPUs may exceed cores: a Tune trial plus its 2 training workers must fit
     num_cpus = execution.ray.num_cpus or max(4, os.cpu_count() or 1)
-    from .embedded_ray import closed
+    from toolkit.execution.embedded_ray import closed
 
     with closed():
         _ray_init(
             num_cpus=num_cpus,
             include_dashboard=False,
             dashboard_host="127.0.0.1",
-            runtime_env={"worker_process_setup_hook": "toolkit.console.quiet_worker_logs"},
+            runtime_env={"worker_process_setup_hook": "toolkit.execution.console.quiet_worker_logs"},
             object_store_memory=200 * 1024 * 1024,
             log_to_driver=True,
         )

@@ -3,7 +3,7 @@
 MLflow runs this file when its own loaders open a toolkit model (``mlflow.pyfunc.load_model``,
 ``mlflow models serve``, ``mlflow models predict``), with the model's ``code/`` folder (a copy
 of the ``toolkit`` package) first on ``sys.path``. The network is rebuilt from the model's
-``weights.pt`` and ``toolkit_model.json`` (``toolkit.model_package``): nothing in the model is
+``weights.pt`` and ``toolkit_model.json`` (``toolkit.tracking.model_package``): nothing in the model is
 unpickled. ``toolkit predict`` never runs this file; it reads those two files itself. Nothing in
 the toolkit imports this module: it is MLflow's entry point, and ``set_model`` below is its
 only effect.
@@ -13,7 +13,7 @@ import mlflow
 import numpy as np
 import torch
 
-from toolkit.model_package import DESCRIPTION, WEIGHTS, read
+from toolkit.tracking.model_package import DESCRIPTION, WEIGHTS, read
 
 
 class ToolkitImageModel(mlflow.pyfunc.PythonModel):

@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 
-from .features import _check_feats_labels
-from .knn import knn_predict
-from .linear import train_linear_probe
-from .metrics import accuracy, confusion_matrix, per_class_accuracy, predict
-from .mlp import MLPProbeSettings, train_mlp_probe
+from toolkit.maths.probes.features import _check_feats_labels
+from toolkit.maths.probes.knn import knn_predict
+from toolkit.maths.probes.linear import train_linear_probe
+from toolkit.maths.probes.metrics import accuracy, confusion_matrix, per_class_accuracy, predict
+from toolkit.maths.probes.mlp import MLPProbeSettings, train_mlp_probe
 
 PROBE_NAMES = ("linear", "mlp", "knn")
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..config import ProbeConfig
-from .features import _check_feats_labels
+from toolkit.config import ProbeConfig
+from toolkit.maths.probes.features import _check_feats_labels
 
 
 @torch.no_grad()

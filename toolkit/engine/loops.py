@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .augment import augment, make_generator, two_views
-from .config import AugmentConfig
-from .data import to_float
-from .losses import nt_xent_loss
+from toolkit.maths.augment import augment, make_generator, two_views
+from toolkit.config import AugmentConfig
+from toolkit.datasets.mnist import to_float
+from toolkit.maths.losses import nt_xent_loss
 
 
 def epoch_permutation(n: int, seed: int, epoch: int, device) -> torch.Tensor:

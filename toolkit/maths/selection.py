@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .probes.knn import knn_votes
+from toolkit.maths.probes.knn import knn_votes
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .datasets.checks import DataError  # noqa: F401 - one error class for every data file (toolkit.data.DataError)
-from .datasets.idx import check_idx, header_shape, read_idx
+from toolkit.datasets.checks import DataError  # noqa: F401 - one error class for every data file (toolkit.datasets.mnist.DataError)
+from toolkit.datasets.idx import check_idx, header_shape, read_idx
 
 NUM_CLASSES = 10
 IMAGE_SIZE = 28
@@ -131,7 +131,7 @@ def make_split(labels: torch.Tensor, labels_per_class: int, val_size: int, seed:
     Depends only on (labels, labels_per_class, val_size, seed): the same seed gives the
     same 100 images on every machine and every worker.
     """
-    from .config import ConfigError
+    from toolkit.config import ConfigError
 
     labels = labels.cpu()
     g = torch.Generator().manual_seed(seed)

@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .config import AugmentConfig
+from toolkit.config import AugmentConfig
 
 
 def _uniform(n: int, low: float, high: float, g: torch.Generator, device) -> torch.Tensor:

@@ -7,7 +7,7 @@ What the toolkit logs as an MLflow model (``mlflow_models``) and reads back (``t
   (``width``, ``depth``, ``convs_per_stage``, ``pool``), the input transform and, for a model that
   predicts over augmented views, its test-time augmentation recipe (``engine.tta_recipe``).
 
-The network is rebuilt from the description with the toolkit's own classes (``toolkit.models``)
+The network is rebuilt from the description with the toolkit's own classes (``toolkit.maths.models``)
 and the weights must fit it exactly. ``read_mlflow_model`` finds the two files through a model
 folder's ``MLmodel`` (read with ``yaml.safe_load``); a folder without them is not a toolkit model,
 and nothing else in it (``code/``, ``python_model.pkl``, ``data/model.pth``) is ever opened.
@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoints import CheckpointError, load_plain
-from .config import ConfigError, ModelConfig
-from .data import IMAGE_SIZE
-from .models import Classifier, Encoder, SimCLRModel
+from toolkit.engine.checkpoints import CheckpointError, load_plain
+from toolkit.config import ConfigError, ModelConfig
+from toolkit.datasets.mnist import IMAGE_SIZE
+from toolkit.maths.models import Classifier, Encoder, SimCLRModel
 
 FORMAT = "toolkit-model/1"
 FORMAT_KEY = "toolkit.format"  # in the MLmodel's metadata, beside toolkit.kind
@@ -116,7 +116,7 @@ class ImageModel:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-        from .engine import extract_features, predict_probs
+        from toolkit.engine.loops import extract_features, predict_probs
 
         images = images.to(next(self.net.parameters()).device)
         if self.kind == ENCODER:
@@ -138,7 +138,7 @@ def read(weights: str | Path, description: str | Path) -> ImageModel:
     try:
         net = build(doc["kind"], arch)
         if tta is not None:
-            from .engine import read_tta_recipe
+            from toolkit.engine.loops import read_tta_recipe
 
             read_tta_recipe(tta)
     except (ConfigError, ValueError, TypeError, KeyError) as e:

@@ -8,9 +8,9 @@ What a logged model takes and gives (its signature says the same):
 
 Raw uint8 in: a served model takes the pixels as MNIST stores them, and its user needs no
 knowledge of the toolkit's scaling. A logged model is a ``python_function`` MLflow model whose
-network is two plain files (``toolkit.model_package``): ``weights.pt`` (tensors only) and
+network is two plain files (``toolkit.tracking.model_package``): ``weights.pt`` (tensors only) and
 ``toolkit_model.json`` (kind, architecture, input transform, test-time recipe). MLflow's own
-loaders (``mlflow.pyfunc.load_model``, ``mlflow models serve``) run ``toolkit/mlflow_pyfunc.py``
+loaders (``mlflow.pyfunc.load_model``, ``mlflow models serve``) run ``toolkit/tracking/pyfunc.py``
 ("models from code", with a copy of the ``toolkit`` package as the model's ``code/``), which
 rebuilds the network from those files; nothing in the model is pickled. ``toolkit predict``
 calls no MLflow loader at all: it downloads the model's files (``download_model``) and reads
@@ -48,8 +48,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import model_package
-from .data import IMAGE_SIZE, NUM_CLASSES
+from toolkit.tracking import model_package
+from toolkit.datasets.mnist import IMAGE_SIZE, NUM_CLASSES
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -70,7 +70,7 @@ def _disabled(target: Any) -> bool:
 
 
 def _uri_of(target: Any) -> str:
-    """A tracking URI from a URI string, a ``toolkit.tracking.Tracker`` or an ``MlflowClient``."""
+    """A tracking URI from a URI string, a ``toolkit.tracking.runs.Tracker`` or an ``MlflowClient``."""
     if isinstance(target, str) and target:
         return target
     uri = getattr(target, "uri", None) or getattr(target, "tracking_uri", None)
@@ -177,7 +177,7 @@ class LogOptions:
 
 def _toolkit_code(dest: Path) -> str:
     """A copy of the ``toolkit`` package (sources only) at ``dest / "toolkit"``: the model's ``code/``."""
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]
     shutil.copytree(package, dest / "toolkit", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     return str(dest / "toolkit")
 
@@ -221,7 +221,7 @@ def _log_model(uri: str, run_id: str, model: nn.Module, name: str, kind: str, op
                 flavor=mlflow.pyfunc,
                 run_id=run_id,
                 model_id=logged.model_id,
-                python_model=str(Path(__file__).resolve().with_name("mlflow_pyfunc.py")),  # models from code
+                python_model=str(Path(__file__).resolve().with_name("pyfunc.py")),  # models from code
                 artifacts={model_package.WEIGHTS: str(weights), model_package.DESCRIPTION: str(description)},
                 code_paths=[_toolkit_code(Path(tmp) / "code")],
                 signature=_signature(out_dim),
@@ -236,7 +236,7 @@ def _log_model(uri: str, run_id: str, model: nn.Module, name: str, kind: str, op
 
 def log_classifier(target: Any, run_id: str, model: nn.Module, name: str = "model",
                    registered_name: str | None = None, **options: Any) -> str:
-    """Log ``model`` (a ``toolkit.models.Classifier``) as an MLflow model of run ``run_id``.
+    """Log ``model`` (a ``toolkit.maths.models.Classifier``) as an MLflow model of run ``run_id``.
 
     ``target``: the tracking URI, a ``Tracker`` or an ``MlflowClient``. The logged model maps uint8
     ``(N, 28, 28)`` images to ``(N, 10)`` probabilities. ``options``: ``LogOptions``'s fields
@@ -366,4 +366,4 @@ def registered_versions(target: Any, name: str) -> Sequence:
 
 
 # the run's dataset inputs live beside the models; stages import them from here
-from .mlflow_datasets import log_split_dataset, split_digest  # noqa: E402,F401
+from toolkit.tracking.split_inputs import log_split_dataset, split_digest  # noqa: E402,F401
