@@ -70,7 +70,7 @@ def probe_train_worker(study, execution) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from toolkit.execution.jobs import TrainJob
+    from toolkit.engine.jobs import TrainJob
     from toolkit.stages.data_inputs import data_root_for_workers, load_data_and_split
     from toolkit.execution.storage import storage_path
 

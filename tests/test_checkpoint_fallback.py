@@ -87,7 +87,7 @@ def _checkpoint_folders(ray_dir: Path) -> list[str]:
 def _loss_steps(cfg, run_id: str) -> list[int]:
     from mlflow.tracking import MlflowClient
 
-    from toolkit.tracking.runs import tracking_uri
+    from toolkit.tracking.stores import tracking_uri
 
     return [m.step for m in MlflowClient(tracking_uri=tracking_uri(cfg.execution)).get_metric_history(run_id, "loss")]
 

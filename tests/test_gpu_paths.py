@@ -51,7 +51,7 @@ def load_script(name: str):
 def test_every_gpu_branch_imports_and_its_annotations_resolve():
     import toolkit.execution.backends as backends
     import toolkit.execution.pool_inference as inference
-    import toolkit.execution.jobs as jobs
+    import toolkit.engine.jobs as jobs
     import toolkit.stages.tune as tune_stage
     import toolkit.stages.tune_trial as tune_trial
     import toolkit.engine.workers as train_loops
@@ -73,7 +73,7 @@ def test_every_gpu_branch_imports_and_its_annotations_resolve():
 
 
 def test_gpu_profile_tune_trials_hold_a_quarter_gpu_each_and_train_on_it():
-    from toolkit.execution.jobs import worker_device
+    from toolkit.engine.jobs import worker_device
     from toolkit.stages import tune as tune_stage
     from toolkit.stages.tune_trial import TrialJob, _trial_study, placed_device, trial_execution
 
@@ -127,7 +127,7 @@ def test_ray_train_workers_ask_for_one_gpu_each_and_accelerate_for_bf16(monkeypa
     import accelerate
 
     import toolkit.execution.backends as backends
-    from toolkit.execution.jobs import TrainJob
+    from toolkit.engine.jobs import TrainJob
     from toolkit.engine.workers import make_accelerator
 
     cfg = gpu_profile("ray.num_workers=2")
@@ -171,7 +171,7 @@ def test_ray_data_actors_ask_for_one_gpu_each(ray_session, monkeypatch, fake_mni
 
     import toolkit.execution.backends as backends
     import toolkit.execution.pool_inference as inference
-    from toolkit.execution.jobs import ModelWeights
+    from toolkit.engine.jobs import ModelWeights
     from toolkit.maths.models import Classifier
 
     cfg = gpu_profile(f"run.data_root={fake_mnist_root}", "data.train_subset=1000", "model.width=8")

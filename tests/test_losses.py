@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from toolkit.engine import distributed
+from toolkit.maths import distributed
 from toolkit.maths import losses
 from toolkit.maths.losses import nt_xent_loss
 

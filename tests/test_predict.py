@@ -161,7 +161,7 @@ def mlflow_runs(cfg, trained, model_file, data):
     from mlflow.tracking import MlflowClient
 
     from toolkit.tracking import logged_models as mlflow_models
-    from toolkit.tracking.runs import tracking_uri
+    from toolkit.tracking.stores import tracking_uri
 
     uri = tracking_uri(cfg.execution)
     client = MlflowClient(tracking_uri=uri)

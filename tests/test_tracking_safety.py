@@ -13,9 +13,8 @@ import time
 import pytest
 
 from toolkit.config import Config, ConfigError
-from toolkit.tracking.runs import (
-    RUN_KEY_TAG, check_run_id, check_tracking_reachable, filter_value, find_run, mlflow_run, prepare_sqlite_store,
-)
+from toolkit.tracking.runs import RUN_KEY_TAG, check_run_id, filter_value, find_run, mlflow_run
+from toolkit.tracking.stores import check_tracking_reachable, prepare_sqlite_store
 
 SECRET = "s3cr3t-pw"
 
@@ -155,7 +154,7 @@ def test_sqlite_in_a_missing_folder_is_one_line(tmp_path):
 
 CREATE = textwrap.dedent("""
     import sys
-    from toolkit.tracking.runs import prepare_sqlite_store
+    from toolkit.tracking.stores import prepare_sqlite_store
     from mlflow.tracking import MlflowClient
     print("ready", flush=True)
     sys.stdin.readline()  # both start together once both have imported MLflow

@@ -106,7 +106,7 @@ def test_two_cpu_workers_are_real_ddp(tmp_path):
 
     from toolkit.config import Config
     from toolkit.datasets.mnist import Split
-    from toolkit.execution.jobs import TrainJob, worker_device
+    from toolkit.engine.jobs import TrainJob, worker_device
 
     # run.device=cuda is the driver's device: Ray Train's workers follow ray.use_gpu (false here) instead
     cfg = Config().replace(**{"model.width": 8, "run.backend": "ray", "run.device": "cuda"})
@@ -152,7 +152,7 @@ def _ray_cfg(tiny_config, **over):
 def _client(cfg):
     from mlflow.tracking import MlflowClient
 
-    from toolkit.tracking.runs import tracking_uri
+    from toolkit.tracking.stores import tracking_uri
 
     return MlflowClient(tracking_uri=tracking_uri(cfg.execution))
 
@@ -161,7 +161,7 @@ def _check_job_carries_only_its_study(job, cfg, loop: str, tmp_path) -> None:
     """What crosses to the Ray workers: the study sections the loop reads (typed), the device that
     ``jobs.worker_device`` gives its loop, and no execution: no tracking URI, no run folder of the driver's."""
     from toolkit.config import EXECUTION_SECTIONS, Execution
-    from toolkit.execution.jobs import TrainJob, worker_device
+    from toolkit.engine.jobs import TrainJob, worker_device
 
     assert isinstance(job, TrainJob) and job.loop == loop
     execution_types = tuple(type(getattr(Execution(), s)) for s in EXECUTION_SECTIONS)  # RunConfig, TrackingConfig, ...

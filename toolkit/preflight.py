@@ -18,6 +18,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from toolkit.config import STAGE_SECTIONS, ConfigError, Execution, Study
+from toolkit.tracking.stores import readable_tracking_uri
 
 RAY_CONNECT_TIMEOUT_S = 3.0
 
@@ -57,25 +58,6 @@ _READS_MODEL_INIT = ("supervised", "pseudolabel", "tune")
 # the commands that open MLflow runs (report and predict only read them)
 _WRITES_RUNS = ("pretrain", "probe", "supervised", "pseudolabel", "student", "tune", "pipeline")
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-
-
-def readable_tracking_uri(execution: Execution, what: str) -> str:
-    """The tracking URI to read ``what`` from (``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else the sqlite
-    file in ``run.output_dir``); ConfigError when that is a sqlite file that does not exist.
-
-    Reading from a missing sqlite store would create it (and the output folder): a bad run id
-    would leave an empty store behind, and it cannot hold the run anyway.
-    """
-    from toolkit.execution.storage import resolve_output_dir
-    from toolkit.tracking.runs import configured_tracking_uri
-
-    uri = (configured_tracking_uri(execution)
-           or f"sqlite:///{resolve_output_dir(execution.run.output_dir) / 'mlflow.db'}")
-    path = uri[len("sqlite:///"):].split("?", 1)[0] if uri.startswith("sqlite:///") else ""
-    if path and path != ":memory:" and not Path(path).is_file():
-        raise ConfigError(f"{what}: the tracking store {path!r} does not exist (tracking.uri, else "
-                          "$MLFLOW_TRACKING_URI, else <run.output_dir>/mlflow.db)")
-    return uri
 
 
 def _check_model_ref(execution: Execution, ref: str, key: str, kind: str, model_cfg=None) -> None:
@@ -147,7 +129,7 @@ def _check_tracking_store(execution: Execution) -> None:
     ``run.output_dir``, is made with the output folder). The store itself is created when the
     first run opens, after every input was read (``tracking.prepare_sqlite_store``).
     """
-    from toolkit.tracking.runs import configured_tracking_uri
+    from toolkit.tracking.stores import configured_tracking_uri
 
     uri = configured_tracking_uri(execution)
     if not uri:

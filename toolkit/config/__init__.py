@@ -14,7 +14,6 @@ path; the modules each hold one part:
 - ``fields``, ``credentials``: the helpers sections are written with, and why a URI with a secret is refused
 """
 
-from toolkit.maths.schedules import THRESHOLD_SCHEDULES, rate_problem
 from toolkit.config.checks import MNIST_TRAIN_IMAGES, check_command_config, embedded_ray_cpus
 from toolkit.config.credentials import uri_credentials_problem
 from toolkit.config.fields import MAX_SEED, RUN_ID_PATTERN, RUN_NAME_PATTERN, ConfigError, _check, _opt
@@ -43,6 +42,8 @@ from toolkit.config.stage_map import STAGE_SECTIONS, result_keys, stage_digest
 from toolkit.config.study import EXECUTION_SECTIONS, STUDY_SECTIONS, Config, Execution, Study, _section_types, all_keys, help_text
 from toolkit.config.study_sections import (
     PIPELINE_STAGES,
+    THRESHOLD_SCHEDULES,
+    rate_problem,
     AugmentConfig,
     ClassifierConfig,
     DataConfig,

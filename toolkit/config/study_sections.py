@@ -10,8 +10,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from toolkit.maths.schedules import THRESHOLD_SCHEDULES, rate_problem
 from toolkit.config.fields import MAX_SEED, _check, _opt
+
+
+# the pseudo-label threshold schedules (their formulas: ``maths/schedules.py``)
+THRESHOLD_SCHEDULES = ("constant", "linear", "exponential", "cosine", "step")
+
+
+def rate_problem(kind: str, rate: float) -> str | None:
+    """Why ``rate`` cannot drive schedule ``kind``, or None (also for kinds that read no rate).
+
+    ``rate`` is a decay factor in (0, 1) for ``exponential`` and a drop in threshold units in
+    (0, 1] for ``step``; ``pseudolabel.threshold_rate`` is checked with it, and so is every schedule call.
+    """
+    if kind == "exponential" and not 0.0 < rate < 1.0:
+        return "must be in (0, 1) for exponential"
+    if kind == "step" and not 0.0 < rate <= 1.0:
+        return "must be in (0, 1] for step"
+    return None
+
 
 
 @dataclass(frozen=True)

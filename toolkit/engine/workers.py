@@ -20,7 +20,7 @@ from toolkit.engine import checkpoints
 from toolkit.maths.augment import make_generator
 from toolkit.datasets.mnist import DataError, load_mnist
 from toolkit.engine.loops import EpochBatches, MixedBatches, OptimState, classifier_steps, evaluate, simclr_epoch
-from toolkit.execution.jobs import TrainJob
+from toolkit.engine.jobs import TrainJob
 from toolkit.maths.models import Classifier, SimCLRModel
 from toolkit.maths.schedules import warmup_cosine_lambda
 

@@ -22,7 +22,7 @@ from typing import Any, Callable, Protocol
 
 from toolkit.engine import checkpoints
 from toolkit.config import ConfigError, Execution
-from toolkit.execution.jobs import TrainJob
+from toolkit.engine.jobs import TrainJob
 from toolkit.execution.ray_checkpoints import older_registered_checkpoints, remove_strays
 from toolkit.execution.storage import check_shared, resolve_output_dir, storage_path
 

@@ -26,7 +26,7 @@ from toolkit.engine import checkpoints
 from toolkit.config import ConfigError, DataConfig, Execution, Study
 from toolkit.datasets.mnist import NUM_CLASSES, load_mnist, resolve_root
 from toolkit.engine.loops import predict_logits
-from toolkit.execution.jobs import ModelWeights
+from toolkit.engine.jobs import ModelWeights
 from toolkit.maths.models import Classifier
 
 # CPUs each inference actor reserves: a fraction, so an actor pool never takes every

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from toolkit.engine.distributed import gather_with_grad, rank, world_size
+from toolkit.maths.distributed import gather_with_grad, rank, world_size
 
 __all__ = ["nt_xent_loss"]
 
@@ -60,7 +60,7 @@ def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float, gather: bool = True
         offset = 0
 
     # Anchors are the local rows; their gradient flows directly, and the
-    # gathered copy carries the other ranks' contributions back (see engine/distributed.py).
+    # gathered copy carries the other ranks' contributions back (see maths/distributed.py).
     logits = local @ candidates.T / temperature  # (2n, 2N)
 
     idx = torch.arange(2 * n, device=local.device)

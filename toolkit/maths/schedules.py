@@ -9,9 +9,10 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-THRESHOLD_SCHEDULES = ("constant", "linear", "exponential", "cosine", "step")
 # The schedules take every setting as an argument, without defaults: the defaults are the
-# config's (``PseudoLabelConfig``), which also imports the names above.
+# config's (``PseudoLabelConfig``), which also holds their names and which rate each accepts,
+# so the config, below this floor, never imports the maths.
+from toolkit.config.study_sections import THRESHOLD_SCHEDULES, rate_problem
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,19 +97,6 @@ def _check_threshold_args(round_index: int, start: float, floor: float, rounds: 
         raise ValueError(f"floor must be in (0, 1], got {floor}")
     if floor > start:
         raise ValueError(f"floor must be <= start ({start}), got {floor}")
-
-
-def rate_problem(kind: str, rate: float) -> str | None:
-    """Why ``rate`` cannot drive schedule ``kind``, or None (also for kinds that read no rate).
-
-    ``rate`` is a decay factor in (0, 1) for ``exponential`` and a drop in threshold units in
-    (0, 1] for ``step``; the config checks ``pseudolabel.threshold_rate`` with this too.
-    """
-    if kind == "exponential" and not 0.0 < rate < 1.0:
-        return "must be in (0, 1) for exponential"
-    if kind == "step" and not 0.0 < rate <= 1.0:
-        return "must be in (0, 1] for step"
-    return None
 
 
 def _check_rate(kind: str, rate: float) -> None:

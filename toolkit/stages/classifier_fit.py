@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from toolkit.execution.jobs import ModelWeights, TrainJob
+from toolkit.engine.jobs import ModelWeights, TrainJob
 from toolkit.tracking.runs import MetricsLogger
 from toolkit.stages.data_inputs import data_root_for_workers
 from toolkit.stages.model_files import save_model_file

@@ -12,7 +12,7 @@ import torch
 from toolkit.engine import checkpoints
 from toolkit.config import ConfigError, Execution, Study
 from toolkit.execution.pool_inference import build_classifier, device_for
-from toolkit.execution.jobs import ModelWeights
+from toolkit.engine.jobs import ModelWeights
 from toolkit.maths.models import Classifier, SimCLRModel
 
 
@@ -41,7 +41,7 @@ def resolve_model_ref(execution: Execution, ref: str, dest: Path) -> Path:
     if _RUN_ID.match(ref):
         import mlflow
 
-        from toolkit.preflight import readable_tracking_uri
+        from toolkit.tracking.stores import readable_tracking_uri
 
         # a store that does not exist cannot hold the run: say so, without creating it
         uri = readable_tracking_uri(execution, f"cannot fetch model/{checkpoints.MODEL_FILE} of MLflow run {ref}")

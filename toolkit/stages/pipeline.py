@@ -13,7 +13,8 @@ from __future__ import annotations
 import time
 
 from toolkit.config import Execution, Study
-from toolkit.tracking.runs import Tracker, mlflow_run, run_url, tracking_uri
+from toolkit.tracking.runs import Tracker, mlflow_run, run_url
+from toolkit.tracking.stores import tracking_uri
 from toolkit.stages.skeleton import STAGE_RUN_TAG, StageResult, run_key
 
 

@@ -149,7 +149,7 @@ def read_images(path: str | os.PathLike) -> tuple[torch.Tensor, list[str]]:
 def _toolkit_predictor(path: Path, device: torch.device, batch_size: int) -> Predictor:
     from toolkit.engine.loops import predict_probs, read_tta_recipe
     from toolkit.execution.pool_inference import build_classifier
-    from toolkit.execution.jobs import ModelWeights
+    from toolkit.engine.jobs import ModelWeights
 
     try:
         payload = checkpoints.load_model_file(path, "classifier")
@@ -347,22 +347,19 @@ def _device(execution: Execution) -> str:
 
 
 def _store_of(execution: Execution) -> str:
-    """The tracking URI a run id or MLflow URI is looked up in; a missing default store is an error, not created.
+    """The tracking URI a run id or MLflow URI is looked up in; a missing store is an error, not created.
 
     Without ``tracking.uri`` (or ``$MLFLOW_TRACKING_URI``) that is ``<run.output_dir>/mlflow.db``: a
     model the pipeline registered under another output folder (a profile's ``runs/cpu``) is not
     there, and an empty store made here would only say "not found".
     """
-    from toolkit.execution.storage import resolve_output_dir
-    from toolkit.tracking.runs import tracking_uri  # MLflow only for run ids and URIs: no store is created otherwise
+    from toolkit.tracking.stores import readable_tracking_uri  # no store is created for a path
 
-    if not (execution.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")):
-        db = resolve_output_dir(execution.run.output_dir) / "mlflow.db"
-        if not db.is_file():
-            raise CheckpointError(f"predict.model={execution.predict.model}: no MLflow store at {db} (tracking.uri is not set "
-                                  f"and run.output_dir={execution.run.output_dir} holds none); give the tracking.uri=... "
-                                  "the pipeline printed with the model, or the --config it ran with")
-    return tracking_uri(execution)
+    try:
+        return readable_tracking_uri(execution, f"predict.model={execution.predict.model}")
+    except ConfigError as e:
+        raise CheckpointError(f"{e}; give the tracking.uri=... the pipeline printed with the model, or the "
+                              "--config it ran with") from None
 
 
 def predict(study: Study, execution: Execution) -> Predictions:

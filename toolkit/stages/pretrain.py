@@ -5,7 +5,7 @@ from __future__ import annotations
 from toolkit.engine import checkpoints
 from toolkit.execution.backends import run_training
 from toolkit.config import Execution, Study, stage_digest
-from toolkit.execution.jobs import TrainJob
+from toolkit.engine.jobs import TrainJob
 from toolkit.tracking.runs import MetricsLogger
 from toolkit.stages.data_inputs import data_root_for_workers
 from toolkit.stages.model_files import save_model_file

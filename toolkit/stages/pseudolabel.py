@@ -12,7 +12,7 @@ from pathlib import Path
 from toolkit.engine import checkpoints
 from toolkit.config import Execution, Study, stage_digest
 from toolkit.execution.pool_inference import device_for
-from toolkit.execution.jobs import ModelWeights
+from toolkit.engine.jobs import ModelWeights
 from toolkit.tracking.plots import plot_class_counts, plot_curves
 from toolkit.tracking.runs import Tracker
 from toolkit.stages.model_files import init_weights, load_classifier_file, save_model_file

@@ -23,7 +23,7 @@ from toolkit.engine import checkpoints
 from toolkit.config import ConfigError, PseudoLabelConfig, Study, stage_digest
 from toolkit.datasets.mnist import Split
 from toolkit.execution.pool_inference import predict_pool
-from toolkit.execution.jobs import ModelWeights
+from toolkit.engine.jobs import ModelWeights
 from toolkit.maths.selection import select_pseudo_labels
 from toolkit.maths.schedules import threshold_at
 from toolkit.tracking.runs import Tracker

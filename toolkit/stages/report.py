@@ -22,7 +22,8 @@ from pathlib import Path
 
 from toolkit.config import ConfigError, Execution, SplitConfig, Study
 from toolkit.tracking.plots import plot_error_by_stage
-from toolkit.tracking.runs import Tracker, tracking_uri
+from toolkit.tracking.runs import Tracker
+from toolkit.tracking.stores import tracking_uri
 from toolkit.stages.skeleton import STAGE_RUN_TAG, StageResult, stage_dir
 
 # (row name, stage, metric under the standard protocol, metric under the strict one (None: not

@@ -36,7 +36,7 @@ from toolkit.config import ConfigError, Execution, Study, stage_digest
 from toolkit.datasets.mnist import NUM_CLASSES
 from toolkit.engine.loops import extract_features, predict_probs, tta_recipe
 from toolkit.execution.pool_inference import device_for, predict_pool
-from toolkit.execution.jobs import ModelWeights
+from toolkit.engine.jobs import ModelWeights
 from toolkit.maths.selection import knn_smooth
 from toolkit.stages.classifier_fit import ClassifierTraining, train_classifier
 from toolkit.stages.model_files import load_classifier_file, load_encoder

@@ -33,7 +33,7 @@ from toolkit.engine import checkpoints
 from toolkit.config import ConfigError, Execution, Study, stage_digest
 from toolkit.datasets.mnist import Mnist, make_split
 from toolkit.execution.pool_inference import device_for
-from toolkit.execution.jobs import ModelWeights
+from toolkit.engine.jobs import ModelWeights
 from toolkit.config.search_space import SearchSpace, base_point, best_overrides, nested, parse_space, read_space, trial_config
 from toolkit.execution.storage import check_shared, storage_path
 from toolkit.tracking.tune_runs import METRIC, TrialRow, close_trial_runs, collect, kill_trial_runs, trial_runs_callback, write_csv

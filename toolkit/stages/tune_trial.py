@@ -19,7 +19,7 @@ from typing import Any
 
 from toolkit.config import Execution, Study
 from toolkit.datasets.mnist import resolve_root
-from toolkit.execution.jobs import ModelWeights
+from toolkit.engine.jobs import ModelWeights
 from toolkit.config.search_space import trial_config
 from toolkit.tracking.runs import Tracker
 from toolkit.tracking.tune_runs import DEVICE, DEVICE_NAME, METRIC

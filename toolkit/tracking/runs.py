@@ -13,37 +13,14 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from toolkit.config import RUN_ID_PATTERN, ConfigError, Execution, Study, uri_credentials_problem
-from toolkit.locks import lock_exclusive
+from toolkit.config import RUN_ID_PATTERN, ConfigError, Execution, Study
 from toolkit.tracking.machine import _git_commit, _user, machine_tags
+from toolkit.tracking.stores import check_tracking_reachable, tracking_uri
 from toolkit.redaction import MASK, is_secret_name, redact, redact_tree
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 RUN_KEY_TAG = "toolkit.run_key"
-
-
-def configured_tracking_uri(execution: Execution) -> str:
-    """``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else ""; ConfigError (masked) when it holds a credential.
-
-    Every command reads it here (predict and report too), so a secret is refused before MLflow sees it.
-    """
-    uri = execution.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
-    if uri:
-        _refuse_credentials(uri)
-    return uri
-
-
-def tracking_uri(execution: Execution) -> str:
-    """``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else an absolute sqlite file under ``run.output_dir``."""
-    uri = configured_tracking_uri(execution)
-    if uri:
-        return uri
-    from toolkit.execution.storage import resolve_output_dir
-
-    out = resolve_output_dir(execution.run.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{out / 'mlflow.db'}"
 
 
 def safe_params(flat: dict[str, Any]) -> dict[str, str]:
@@ -143,89 +120,6 @@ def filter_value(value: Any) -> str:
         if '"' not in s:
             return f'"{s}"'
     raise ConfigError(f"{s!r} cannot be used in an MLflow search: it holds both kinds of quotes, a backslash or a line break")
-
-
-def prepare_sqlite_store(uri: str, timeout_s: float = 120.0) -> None:
-    """Create (or migrate) the sqlite store of ``uri`` under an exclusive lock on ``<db>.lock``.
-
-    Two processes that open a fresh sqlite store at once both run MLflow's alembic migration
-    and one of them fails (``table _alembic_tmp_... already exists``), which can leave the
-    store broken. Under the lock the first creates the tables and the others find them.
-    """
-    path = uri[len("sqlite:///"):].split("?", 1)[0] if uri.startswith("sqlite:///") else ""
-    if not path or path == ":memory:":
-        return
-    db = Path(path)
-    label = _uri_label(uri)
-    if not db.parent.is_dir():
-        raise ConfigError(f"{label} is not usable: the folder {str(db.parent)!r} does not exist")
-    lock = db.with_name(db.name + ".lock")
-    try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        if db.is_file():  # an existing store in a folder we may not write: reading it needs no lock
-            fd = None
-        else:
-            raise ConfigError(f"{label} is not usable: cannot create {str(lock)!r}: {e.strerror}") from None
-    try:
-        if fd is not None and not lock_exclusive(fd, timeout_s):
-            raise ConfigError(f"{label} is not usable: another process has been creating the store for "
-                              f"{timeout_s:g} s (lock {str(lock)!r})")
-        from mlflow.tracking import MlflowClient
-
-        try:
-            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)  # creates / checks the tables
-        except Exception as e:  # noqa: BLE001 - a store that cannot be opened is one line, whatever the cause
-            from toolkit.errors import one_line
-
-            msg = one_line(getattr(e, "message", None) or e) or type(e).__name__
-            raise ConfigError(f"{label} cannot be opened: {type(e).__name__}: {msg}") from None
-    finally:
-        if fd is not None:
-            os.close(fd)  # releases the lock
-
-
-def _uri_label(uri: str) -> str:
-    """How an error line names the tracking URI: masked, and where it came from."""
-    label = f"tracking.uri={redact(uri)!r}"
-    return label + " (from $MLFLOW_TRACKING_URI)" if os.environ.get("MLFLOW_TRACKING_URI") == uri else label
-
-
-def _refuse_credentials(uri: str) -> None:
-    problem = uri_credentials_problem(uri)
-    if problem:
-        raise ConfigError(f"{_uri_label(uri)} is not allowed: {problem}")
-
-
-def check_tracking_reachable(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail fast, in one line, when the tracking store of ``uri`` cannot be used.
-
-    http(s): one GET of ``<uri>/health`` within ``timeout_s`` (any HTTP answer, even 401 or
-    404, means a server is there; no answer means MLflow would retry for minutes).
-    sqlite: the store is created under a file lock (``prepare_sqlite_store``). A URI with
-    credentials is refused: they would be copied into configs and artifacts.
-    """
-    label = _uri_label(uri)
-    _refuse_credentials(uri)
-    scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""
-    if scheme in ("http", "https"):
-        import urllib.error
-        import urllib.request
-
-        url = uri.rstrip("/") + "/health"
-        try:
-            with urllib.request.urlopen(urllib.request.Request(url, method="GET"), timeout=timeout_s):
-                pass
-        except urllib.error.HTTPError:
-            return  # a server answered
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            reason = getattr(e, "reason", e)
-            if isinstance(reason, (TimeoutError, socket.timeout)):
-                reason = f"no answer within {timeout_s:g} s"
-            text = str(getattr(reason, "strerror", None) or reason).strip().splitlines()
-            raise ConfigError(f"{label} is not reachable: {text[0] if text else type(e).__name__}") from None
-    elif scheme == "sqlite":
-        prepare_sqlite_store(uri)
 
 
 def find_run(execution: Execution, run_key: str, parent_run_id: str | None = None):

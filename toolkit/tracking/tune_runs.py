@@ -18,7 +18,8 @@ from typing import Any, Callable
 
 from toolkit.config import MNIST_TRAIN_IMAGES, ConfigError, Execution, Study
 from toolkit.config.search_space import SearchSpace, schedule_kind, trial_config, trial_values
-from toolkit.tracking.runs import RUN_KEY_TAG, Tracker, find_run, safe_params, tracking_uri
+from toolkit.tracking.runs import RUN_KEY_TAG, Tracker, find_run, safe_params
+from toolkit.tracking.stores import tracking_uri
 
 METRIC = "val_acc"  # what each trial reports after every round, and the search maximises
 ROUND_METRICS = ("val_acc", "threshold", "added", "pool_left")
