@@ -142,9 +142,9 @@ class RaySession:
 
 
 def _worker(loop: str) -> Callable:
-    from toolkit.engine import workers as train_loops
+    from toolkit.engine import workers
 
-    return {"simclr": train_loops.simclr_worker, "classifier": train_loops.classifier_worker}[loop]
+    return {"simclr": workers.simclr_worker, "classifier": workers.classifier_worker}[loop]
 
 
 def _ray_entry(train_loop_config: dict) -> None:

@@ -1,6 +1,6 @@
 """A toolkit network as two plain files, read back without unpickling anything or running their code.
 
-What the toolkit logs as an MLflow model (``mlflow_models``) and reads back (``toolkit predict``):
+What the toolkit logs as an MLflow model (``tracking.logged_models``) and reads back (``toolkit predict``):
 
 * ``weights.pt``: ``{"state_dict": {name: tensor}}``, read with ``torch.load(weights_only=True)``;
 * ``toolkit_model.json``: the format, the kind (``classifier`` / ``encoder``), the architecture

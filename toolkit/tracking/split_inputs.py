@@ -1,4 +1,4 @@
-"""The labeled / validation / pool split as an MLflow run's dataset inputs (``mlflow_models`` re-exports these)."""
+"""The labeled / validation / pool split as an MLflow run's dataset inputs (``tracking.logged_models`` re-exports these)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def log_split_dataset(target: Any, run_id: str, split, name: str | None = None, 
     ``split_digest(split)``; ``source`` (e.g. the MNIST folder) is recorded as the dataset source.
     Logging the same split again (a resumed run) adds nothing. Returns the two dataset names.
     """
-    # here, not at the top: mlflow_models imports this module at its end
+    # here, not at the top: logged_models imports this module at its end
     from toolkit.tracking.logged_models import _client, _disabled, _uri_of, using_tracking_uri
 
     if _disabled(target):
