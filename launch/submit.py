@@ -44,7 +44,7 @@ PASSTHROUGH_ENV = ("TOOLKIT_DATA_DIR", "TOOLKIT_OUTPUT_ROOT", "MLFLOW_TRACKING_U
 
 # Never uploaded with the code (gitignore syntax, relative to the repo root;
 # Ray also honours .gitignore). A leading "/" anchors a pattern at the root,
-# so toolkit/datasets/mnist.py still ships while the MNIST folder ./data does not.
+# so a toolkit file or folder named like one of them (toolkit/datasets/) still ships while ./data does not.
 WORKING_DIR_EXCLUDES = (
     ".git",
     "/.venv*",

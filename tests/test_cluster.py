@@ -139,7 +139,7 @@ def repo(tmp_path) -> Path:
         "ray:\n  use_gpu: true\n  num_workers: 2\n")
     (tmp_path / "toolkit").mkdir()
     (tmp_path / "toolkit" / "__init__.py").write_text("")
-    (tmp_path / "toolkit" / "datasets/mnist.py").write_text("")
+    (tmp_path / "toolkit" / "data.py").write_text("")
     for junk in (".git/HEAD", "runs/x/ckpt.bin", "outputs/a.txt", "data/MNIST/raw/t10k",
                  ".venv/bin/python", "venv/bin/python", "mlflow.db"):
         (tmp_path / junk).parent.mkdir(parents=True, exist_ok=True)
@@ -180,7 +180,7 @@ def test_job_spec_working_dir_excludes_local_state(repo):
     _zip_files(env["working_dir"], ray_constants.get_runtime_env_default_excludes() + env["excludes"],
                str(out), include_gitignore=True)
     files = {n for n in zipfile.ZipFile(out).namelist() if not n.endswith("/")}
-    assert files == {"launch/configs/gpu.yaml", "toolkit/__init__.py", "toolkit/datasets/mnist.py"}
+    assert files == {"launch/configs/gpu.yaml", "toolkit/__init__.py", "toolkit/data.py"}
 
 
 def test_job_spec_passes_only_whitelisted_env(repo):
