@@ -18,7 +18,7 @@ MNIST_TRAIN_IMAGES = 60_000
 
 def embedded_ray_cpus(cfg: Config) -> int | None:
     """Logical CPUs of the embedded local Ray this config starts, or None when it joins a cluster."""
-    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+    if not cfg.execution.embedded():
         return None
     return cfg.ray.num_cpus or max(4, os.cpu_count() or 1)
 

@@ -8,10 +8,6 @@ exceptions is needed to keep a backend, a folder or a thread count out of it.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
-
 from toolkit.config.study import STUDY_SECTIONS, Study
 
 
@@ -36,7 +32,6 @@ def result_keys(stage: str) -> list[str]:
 
 
 def stage_digest(study: Study, stage: str) -> str:
-    """Short stable hash of the study sections that decide ``stage``'s result."""
-    d = {s: dataclasses.asdict(getattr(study, s)) for s in STAGE_SECTIONS[stage]}
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+    """Short stable hash of the study sections that decide ``stage``'s result (``Study.digest``)."""
+    return study.digest(*STAGE_SECTIONS[stage])
 

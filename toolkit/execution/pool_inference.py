@@ -64,7 +64,8 @@ def device_for(execution: Execution | None = None) -> torch.device:
 
 def build_classifier(weights: ModelWeights, device: torch.device | str) -> torch.nn.Module:
     """A classifier from weights passed by value, in eval mode and channels_last on ``device``: the one
-    place a classifier is built from saved weights (model files, Ray objects, MLflow model packages).
+    place a classifier is built from a model file's weights (stages, Ray Data actors, ``toolkit predict``;
+    an MLflow model package is read by ``tracking.model_package``).
 
     The architecture comes from the weights' own config, so the caller's config need not match it.
     """

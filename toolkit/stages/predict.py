@@ -310,7 +310,7 @@ def load_predictor(ref: str, tracking_uri: str = "", device: torch.device | str 
 # ----------------------------------------------------------------------------- the command
 
 
-def predict_images(model: str, input_path: str, output: str = "", batch_size: int = 1024, device: str = "cpu",
+def predict_images(model: str, input_path: str, output: str = "", batch_size: int = 1024, device: torch.device | str = "cpu",
                    tracking_uri: str = "", trust_pickled: bool = False) -> Predictions:
     """Load ``model``, read the images at ``input_path``, predict; write CSV to ``output`` (if given)."""
     images, names = read_images(input_path)  # first: a bad path should not wait for a model download
@@ -340,12 +340,6 @@ def write_csv(result: Predictions, out: str | os.PathLike | io.TextIOBase) -> No
         w.writerow((name, label, f"{conf:.4f}"))
 
 
-def _device(execution: Execution) -> str:
-    if execution.run.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return execution.run.device
-
-
 def _store_of(execution: Execution) -> str:
     """The tracking URI a run id or MLflow URI is looked up in; a missing store is an error, not created.
 
@@ -373,10 +367,12 @@ def predict(study: Study, execution: Execution) -> Predictions:
     if not pc.input:
         raise ConfigError("predict.input is empty: give an idx3 file (.gz ok), a .npy uint8 (N, 28, 28) array, "
                           "or a PNG/JPEG image or folder of them")
+    from toolkit.execution.pool_inference import device_for
+
     uri = ""
     if not Path(pc.model).expanduser().exists() and (_URI.match(pc.model) or _RUN_ID.match(pc.model)):
         uri = _store_of(execution)
-    result = predict_images(pc.model, pc.input, pc.output, pc.batch_size, _device(execution), uri,
+    result = predict_images(pc.model, pc.input, pc.output, pc.batch_size, device_for(execution), uri,
                             pc.trust_pickled_model)
     if not pc.output:
         write_csv(result, sys.stdout)
