@@ -36,6 +36,9 @@ from toolkit.config import (
 # A valid value other than the default, for keys whose default cannot simply be nudged
 # (strings with a fixed vocabulary or a format, lists). Other keys are found by _other_value.
 OTHER_VALUES = {
+    "data.image_size": 32,
+    "data.name": "cifar10",
+    "model.name": "resnet18",
     "run.data_root": "/elsewhere/mnist",
     "model.init": "simclr:/elsewhere/model.pt",
     "probe.checkpoint": "/elsewhere/simclr.pt",

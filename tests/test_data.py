@@ -144,7 +144,7 @@ def test_split_save(tmp_path, mnist_small):
 
 
 def test_split_too_many_labels(mnist_small):
-    with pytest.raises(ConfigError, match=r"^split\.labels_per_class=1000 .*digit \d has only \d+ training images"):
+    with pytest.raises(ConfigError, match=r"^split\.labels_per_class=1000 .*class \d has only \d+ training images"):
         make_split(mnist_small.train_labels, labels_per_class=1000, val_size=10, seed=0)
 
 

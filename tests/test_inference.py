@@ -118,8 +118,9 @@ def test_predict_pool_dispatches_on_config(cfg, weights, images, pool, local_pro
     monkeypatch.setattr(inference, "predict_pool_ray", lambda *a, **kw: calls.append((a, kw)) or "ray")
     ray_cfg = cfg.replace(**{"inference.backend": "ray", "inference.actors": 3, "run.backend": "ray"})
     assert inference.predict_pool(ray_cfg.study, ray_cfg.execution, weights, pool, images) == "ray"
-    # the actors get the execution, the data section and the indices, never the driver's images
-    assert calls == [((ray_cfg.execution, ray_cfg.study.data, weights, pool, 3, 256), {})]
+    # the actors get the execution, the data section and the indices, never the driver's images (a benchmark:
+    # each node reads its own copy)
+    assert calls == [((ray_cfg.execution, ray_cfg.study.data, weights, pool, 3, 256, None), {})]
     # run.backend=local wins over inference.backend=ray: that backend must work without Ray
     local_cfg = cfg.replace(**{"inference.backend": "ray", "run.backend": "local", "run.device": "cpu"})
     np.testing.assert_allclose(inference.predict_pool(local_cfg.study, local_cfg.execution, weights, pool, images),

@@ -131,7 +131,7 @@ def test_signature_input_example_and_requirements(store, logged):
     # the network is two plain files; MLflow's loader runs the toolkit's code file, and nothing is pickled
     assert os.path.isfile(os.path.join(folder, "artifacts", model_package.WEIGHTS_FILE))
     assert json.load(open(os.path.join(folder, "artifacts", model_package.DESCRIPTION_FILE)))["architecture"] == {
-        "width": 8, "depth": 2, "convs_per_stage": MODEL_CFG.convs_per_stage, "pool": MODEL_CFG.pool}
+        "name": "cnn", "width": 8, "depth": 2, "convs_per_stage": MODEL_CFG.convs_per_stage, "pool": MODEL_CFG.pool}
     assert os.path.isfile(os.path.join(folder, "code", "toolkit", "maths/models.py"))  # serving needs no installed toolkit
     assert info.flavors.keys() == {"python_function"}
     assert info.flavors["python_function"]["loader_module"] == "mlflow.pyfunc.loaders.code_model"
@@ -377,3 +377,111 @@ def test_a_tampered_toolkit_model_runs_no_code(store, logged, tmp_path):
     with pytest.raises(CheckpointError, match="not a readable toolkit weights file") as e:
         model_package.read_mlflow_model(folder)
     assert "weights_only" not in str(e.value) and not marker.exists()
+
+
+# ------------------------------------------------------------------ any dataset: a colour model, names, other encoders
+
+COLOUR_NAMES = ["cat", "dog", "ship", "truck"]
+
+
+def _colour_spec():
+    from toolkit.datasets.spec import ImageSpec
+
+    return ImageSpec(3, 32, 4, (0.5,) * 3, (0.25,) * 3)
+
+
+def _colour_classifier(cfg: ModelConfig = MODEL_CFG):
+    with torch.random.fork_rng():
+        torch.manual_seed(4)
+        model = Classifier(cfg, _colour_spec())
+        model.train()(torch.rand(16, 3, 32, 32))  # BatchNorm running stats move
+    return model.eval()
+
+
+def test_a_logged_colour_model_says_its_shape_and_reads_back_the_same(store, run_id, tmp_path):
+    """A 3-channel 32 px model of 4 named classes: signature (-1, 3, 32, 32) -> (-1, 4); read back by
+    the toolkit (``model_package``, ``toolkit predict``) and by MLflow with the model's probabilities."""
+    import mlflow
+    from mlflow.models import get_model_info
+    from PIL import Image
+
+    from toolkit.stages.predict import predict_images
+
+    uri, _, _ = store
+    model = _colour_classifier()
+    images = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (12, 3, 32, 32), dtype=np.uint8))
+    with torch.no_grad():
+        reference = model(images.float() / 255).softmax(1)
+    model_uri = mm.log_classifier(uri, run_id, model, input_example=images[:3], spec=_colour_spec(),
+                                  class_names=COLOUR_NAMES)
+    with mm.using_tracking_uri(uri):
+        info = get_model_info(model_uri)
+        served = torch.from_numpy(np.asarray(mlflow.pyfunc.load_model(model_uri).predict(images.numpy())))
+    (inp,), (out,) = info.signature.inputs.inputs, info.signature.outputs.inputs
+    assert (inp.type, inp.shape) == (np.dtype(np.uint8), (-1, 3, 32, 32))
+    assert (out.type, out.shape) == (np.dtype(np.float32), (-1, 4))
+    assert info.metadata[model_package.CLASS_NAMES_KEY] == COLOUR_NAMES
+    torch.testing.assert_close(served, reference, atol=1e-5, rtol=1e-4)
+
+    read = _read_as_toolkit(uri, model_uri, tmp_path / "download")
+    assert (read.kind, read.out_dim, read.spec, read.class_names) == (mm.CLASSIFIER, 4, _colour_spec(), tuple(COLOUR_NAMES))
+    torch.testing.assert_close(read(images), reference, atol=1e-5, rtol=1e-4)
+
+    # `toolkit predict` on the same pixels as PNG files: the same probabilities, labelled by name
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i, x in enumerate(images.numpy()):
+        Image.fromarray(x.transpose(1, 2, 0)).save(folder / f"img{i:02d}.png")
+    got = predict_images(model_uri, str(folder), tracking_uri=uri)
+    torch.testing.assert_close(torch.from_numpy(got.probs), reference, atol=1e-5, rtol=1e-4)
+    assert [label for _, label, _ in got.rows()] == [COLOUR_NAMES[int(y)] for y in got.labels]
+
+
+def test_input_examples_follow_the_spec():
+    """MNIST-shaped examples keep (N, 28, 28); others are (N, C, S, S); an empty one gives blank images."""
+    from toolkit.datasets.spec import MNIST_SPEC
+
+    digits = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
+    assert mm._example_images(digits, MNIST_SPEC).shape == (4, 28, 28)
+    assert mm._example_images(digits[:, 0], MNIST_SPEC).shape == (4, 28, 28)
+    empty = mm._example_images(torch.zeros(0, 3, 32, 32, dtype=torch.uint8), _colour_spec())
+    assert empty.shape == (2, 3, 32, 32) and empty.max() == 0
+    assert mm._example_images(None, _colour_spec()).shape == (2, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"\(N, 3, 32, 32\)"):
+        mm._example_images(digits, _colour_spec())
+
+
+def test_a_resnet_package_and_an_old_description_read_back(tmp_path):
+    """``describe`` knows the ResNet-18 encoder; a description from before specs and encoder names
+    reads as the MNIST CNN it was."""
+    from toolkit.datasets.spec import MNIST_SPEC
+
+    resnet_cfg = ModelConfig(name="resnet18", width=8, pool=1)
+    model = _colour_classifier(resnet_cfg)
+    kind, weights, description = model_package.write(tmp_path / "resnet", model, spec=_colour_spec(),
+                                                     class_names=COLOUR_NAMES)
+    doc = json.loads(description.read_text())
+    assert (kind, doc["architecture"]) == (mm.CLASSIFIER, {"name": "resnet18", "width": 8, "pool": 1})
+    assert doc["input"]["shape"] == [-1, 3, 32, 32] and doc["input"]["channels"] == 3
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        reference = model(images.float() / 255).softmax(1)
+    read = model_package.read(weights, description)
+    torch.testing.assert_close(read(images), reference, atol=1e-5, rtol=1e-4)
+    encoder_kind, _, _ = model_package.write(tmp_path / "encoder", SimCLRModel(resnet_cfg, _colour_spec()),
+                                             spec=_colour_spec())
+    assert encoder_kind == mm.ENCODER
+    with pytest.raises(ValueError, match="standardises with mean"):  # the spec must be the one it was built for
+        model_package.write(tmp_path / "wrong", model)
+
+    mnist = Classifier(MODEL_CFG).eval()
+    _, weights, description = model_package.write(tmp_path / "mnist", mnist)
+    doc = json.loads(description.read_text())
+    del doc["architecture"]["name"], doc["class_names"]
+    doc["input"] = {k: doc["input"][k] for k in ("dtype", "shape", "transform")}
+    description.write_text(json.dumps(doc))
+    old = model_package.read(weights, description)
+    assert (old.spec, old.class_names) == (MNIST_SPEC, None)
+    digits = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(old(digits), mnist(digits[:, None].float() / 255).softmax(1), atol=1e-5, rtol=1e-4)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from toolkit.datasets.spec import ImageSpec
 from torch import nn
 
 from toolkit.engine import checkpoints
@@ -64,7 +66,7 @@ def test_projection_head_and_classifier_parts():
     m = SimCLRModel(mc)
     assert isinstance(m.projector, ProjectionHead)
     assert m.projector(torch.randn(4, m.encoder.feature_dim)).shape == (4, 5)
-    c = Classifier(mc, num_classes=3)
+    c = Classifier(mc, ImageSpec(num_classes=3))
     assert c(_x(2)).shape == (2, 3)
     assert c.dropout.p == mc.dropout
 
@@ -81,7 +83,7 @@ def test_kinds():
 
 def test_architecture_holds_the_shape_fields():
     mc = ModelConfig(width=16, depth=2, convs_per_stage=2, proj_dim=8, proj_hidden=9, dropout=0.3)
-    assert architecture(mc) == {"width": 16, "depth": 2, "convs_per_stage": 2, "pool": 2, "proj_dim": 8, "proj_hidden": 9}
+    assert architecture(mc) == {"name": "cnn", "width": 16, "depth": 2, "convs_per_stage": 2, "pool": 2, "proj_dim": 8, "proj_hidden": 9}
 
 
 def test_inputs_are_standardised_inside_the_model():
@@ -348,3 +350,20 @@ def test_torch_load_is_called_with_weights_only(tmp_path, monkeypatch):
     load_model_file(path, "classifier")
     assert calls and all(kw.get("weights_only") is True for kw in calls)
     assert all(str(kw.get("map_location")) == "cpu" for kw in calls)
+
+
+def test_a_colour_spec_builds_networks_for_its_images():
+    """Channels, side, classes and statistics come from the spec: 3x32x32 colour in, 4 classes out, and the
+    statistics are buffers the state dict does not hold (an MNIST file's keys are unchanged)."""
+    spec = ImageSpec(3, 32, 4, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    c = Classifier(ModelConfig(width=8), spec)
+    assert c(torch.rand(2, 3, 32, 32)).shape == (2, 4)
+    assert torch.equal(c.encoder.mean.flatten(), torch.tensor(spec.mean))
+    assert not any(k.endswith(("mean", "std")) and "bn" not in k and "running" not in k for k in c.state_dict())
+    assert set(Classifier(ModelConfig(width=8)).state_dict()) == set(c.state_dict())
+
+
+def test_mnist_networks_standardise_with_mnist_statistics():
+    x = torch.rand(3, 1, 28, 28)
+    enc = Classifier(ModelConfig(width=8)).encoder
+    torch.testing.assert_close(enc.body((x - 0.1307) / 0.3081), enc.body((x - enc.mean) / enc.std))

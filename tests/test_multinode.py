@@ -509,3 +509,44 @@ def test_two_nodes_give_the_figures_of_one_node(cluster, pretrain_job, data_root
     assert sorted(one_loss) == sorted(two_loss) == [1, 2]
     for step in one_loss:
         assert one_loss[step] == pytest.approx(two_loss[step], rel=1e-3), (step, one_loss, two_loss)
+
+
+# ------------------------------------------------------------------ your own images on a cluster (issue 26)
+
+
+def _write_digits_folder(root: Path, per_class: int) -> int:
+    """scikit-learn's digits (real 8x8 scans) as labeled/<digit>/ (``per_class`` each) + unlabeled/; their count."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    seen = {c: 0 for c in range(10)}
+    for i, (image, label) in enumerate(zip(d.images, d.target)):
+        label = int(label)
+        part = f"labeled/{label}" if seen[label] < per_class else "unlabeled"
+        seen[label] += 1
+        (root / part).mkdir(parents=True, exist_ok=True)
+        Image.fromarray((image * 255 / 16).round().astype("uint8"), "L").save(root / part / f"{i:04d}.png")
+    return len(d.images) - 10 * per_class
+
+
+def test_a_folder_dataset_reaches_node_b_through_the_object_store(cluster):
+    """A user's image folder lives on the head's disk alone; the classifier's Ray Train workers (one per node)
+    and the Ray Data actors (both nodes) get its images through the object store, never by a path, and
+    the run ends with every unlabeled image labeled."""
+    c = cluster
+    root = c.run_dir / "own-images"
+    n_unlabeled = _write_digits_folder(root, per_class=5)
+    assert c.node_b_sees(root) == [], "node b must not see the head's folder for this test to prove anything"
+    rc, logs = c.submit(["pseudolabel", *overrides(c, "own-images", **{
+        "data.name": "folder", "run.data_root": str(root), "data.image_size": 16, "split.labels_per_class": 5,
+        "pseudolabel.mode": "iterative", "inference.backend": "ray", "inference.actors": 2})], timeout=JOB_TIMEOUT)
+    assert_succeeded(rc, logs, "pseudolabel on a folder dataset")
+    assert_on_both_nodes(c, logs, "RayTrainWorker", "classifier workers on a folder dataset")
+    assert_on_both_nodes(c, logs, "PoolPredictor", "Ray Data actors on a folder dataset")
+    runs = assert_mlflow_complete(c, "mn-own-images")
+    assert any(r.data.tags.get("data.kind") == "real" for r in runs)
+    # nothing read a pool label (none exists): no pseudo-label precision was computed
+    assert not any(math.isfinite(v) for r in runs for k, v in r.data.metrics.items() if k.startswith("round/diagnostic"))
+    assert "pool left" in logs and n_unlabeled > 0
+    assert_node_b_clean(c)

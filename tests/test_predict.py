@@ -124,16 +124,16 @@ def test_every_input_format_gives_the_same_images(data, tmp_path):
     }
     np.save(forms["npy"], images)
     for form, path in forms.items():
-        got, names = read_images(path)
+        got, names = read_images(path)  # converted to MNIST's spec: (N, 1, 28, 28), the pixels untouched
         assert got.dtype == torch.uint8 and len(names) == 12, form
-        np.testing.assert_array_equal(got.numpy(), images, err_msg=form)
+        np.testing.assert_array_equal(got.numpy(), images[:, None], err_msg=form)
     assert read_images(forms["png folder"])[1][:2] == ["digit000.png", "digit001.png"]
     one, names = read_images(tmp_path / "pngs" / "digit003.png")
-    np.testing.assert_array_equal(one.numpy(), images[3:4])
+    np.testing.assert_array_equal(one.numpy(), images[3:4, None])
     assert names == ["digit003.png"]
     # JPEG is lossy: the same digit, within a few grey levels on average
     jpg, _ = read_images(write_pngs(tmp_path / "jpgs", images[:2], ".jpg"))
-    assert float(np.abs(jpg.numpy().astype(float) - images[:2]).mean()) < 8
+    assert float(np.abs(jpg.numpy()[:, 0].astype(float) - images[:2]).mean()) < 8
 
 
 def test_csv_output_and_printed_rows(model_file, data, cfg, tmp_path, capsys):
@@ -201,12 +201,10 @@ def test_models_from_mlflow_run_ids_and_uris(cfg, mlflow_runs, data, reference, 
 
 @pytest.fixture(scope="module")
 def bad_files(tmp_path_factory, data, cfg):
-    from PIL import Image
-
     d = tmp_path_factory.mktemp("bad")
-    Image.fromarray(np.zeros((32, 32), np.uint8)).save(d / "big.png")
+    (d / "broken.png").write_text("not a picture")  # any size is converted now: a non-image is what is refused
     np.save(d / "floats.npy", data.test_images[:3].numpy() / 255.0)
-    np.save(d / "wrong_shape.npy", np.zeros((3, 32, 32), np.uint8))
+    np.save(d / "wrong_shape.npy", np.zeros((3, 5, 32, 32), np.uint8))  # 5 channels in neither layout
     labels = (2049).to_bytes(4, "big") + (3).to_bytes(4, "big") + bytes([1, 2, 3])
     (d / "labels-idx1-ubyte").write_bytes(labels)
     (d / "truncated-idx3-ubyte").write_bytes(open(write_idx3(d / "full", data.test_images[:3].numpy()), "rb").read()[:-10])
@@ -220,10 +218,10 @@ def bad_files(tmp_path_factory, data, cfg):
 
 
 @pytest.mark.parametrize("model, images, error, words", [
-    ("MODEL", "big.png", DataError, "32x32 pixels, expected 28x28"),
+    ("MODEL", "broken.png", DataError, "not a readable image"),
     ("MODEL", "missing.idx3", DataError, "no such file"),
     ("MODEL", "floats.npy", DataError, "dtype float64, expected uint8"),
-    ("MODEL", "wrong_shape.npy", DataError, "shape (3, 32, 32)"),
+    ("MODEL", "wrong_shape.npy", DataError, "shape (3, 5, 32, 32)"),
     ("MODEL", "labels-idx1-ubyte", DataError, "idx1 (labels) file"),
     ("MODEL", "truncated-idx3-ubyte", DataError, "truncated"),
     ("MODEL", "notes.txt", DataError, "unknown format"),
@@ -293,3 +291,100 @@ def test_a_student_file_predicts_with_its_test_time_augmentation(trained, cfg, d
     assert np.abs(out.probs - reference).max() > 1e-3  # not the plain predictions
     acc = float((out.labels == data.test_labels.numpy()).mean())
     assert acc > 0.6, acc
+
+
+# ------------------------------------------------------------------ any dataset: colour, any size, class names
+
+COLOUR_SPEC_ARGS = (3, 32, 4, (0.5,) * 3, (0.25,) * 3)
+COLOUR_NAMES = ["cat", "dog", "ship", "truck"]
+
+
+@pytest.fixture(scope="module")
+def colour_model(cfg, tmp_path_factory):
+    """A 3-channel 32 px classifier of 4 named classes, saved as a stage saves it (``input``, ``class_names``)."""
+    from toolkit.datasets.spec import ImageSpec
+
+    spec = ImageSpec(*COLOUR_SPEC_ARGS)
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        model = Classifier(cfg.model, spec)
+        # a few steps on random colour images: BatchNorm statistics move, the head is not uniform
+        model.train()(torch.rand(32, 3, 32, 32))
+    path = tmp_path_factory.mktemp("colour") / "model.pt"
+    checkpoints.save(path, checkpoints.model_payload("classifier", cfg.study.to_dict(), model.state_dict(),
+                                                     input=spec.to_dict(), class_names=COLOUR_NAMES))
+    return model.eval(), str(path)
+
+
+def mixed_pictures(folder: Path) -> list[Path]:
+    """Images of several sizes (none 32 px, some not square) and modes, as PNG and JPEG."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    pictures = {
+        "a_rgb.png": Image.fromarray(rng.integers(0, 256, (30, 45, 3), dtype=np.uint8)),
+        "b_gray.png": Image.fromarray(rng.integers(0, 256, (64, 64), dtype=np.uint8)),
+        "c_rgba.png": Image.fromarray(rng.integers(0, 256, (20, 20, 4), dtype=np.uint8), "RGBA"),
+        "d_palette.png": Image.fromarray(rng.integers(0, 256, (50, 40, 3), dtype=np.uint8)).convert("P"),
+        "e_photo.jpg": Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)),
+        "f_gray16.png": Image.fromarray(rng.integers(0, 65536, (28, 28), dtype=np.uint16)),
+    }
+    for name, im in pictures.items():
+        im.save(folder / name)
+    (folder / "notes.txt").write_text("not an image: skipped in a folder")
+    return sorted(folder / name for name in pictures)
+
+
+def test_a_colour_model_predicts_any_picture_with_its_class_names(colour_model, cfg, tmp_path, capsys):
+    """Each picture is converted to the model's 3 x 32 x 32 by training's own conversion, and the
+    label column holds the model file's class names."""
+    from PIL import Image
+
+    from toolkit.datasets.convert import image_to_chw
+
+    model, path = colour_model
+    files = mixed_pictures(tmp_path / "pictures")
+    expected_pixels = []
+    for f in files:
+        with Image.open(f) as im:
+            expected_pixels.append(image_to_chw(im, 32, 3))
+    expected_pixels = torch.from_numpy(np.stack(expected_pixels))
+    with torch.no_grad():
+        reference = model(expected_pixels.float() / 255).softmax(1).numpy()
+
+    out = predict_images(path, str(tmp_path / "pictures"))
+    assert out.names == [f.name for f in files]
+    assert out.class_names == tuple(COLOUR_NAMES)
+    torch.testing.assert_close(torch.from_numpy(out.probs), torch.from_numpy(reference), atol=1e-5, rtol=1e-4)
+    clear = np.diff(np.sort(reference, 1)[:, -2:], axis=1)[:, 0] > 1e-4  # a near-tie may flip with the last bits
+    np.testing.assert_array_equal(out.labels[clear], reference.argmax(1)[clear])
+
+    out_csv = tmp_path / "labels.csv"
+    assert main(["predict", f"predict.model={path}", f"predict.input={tmp_path / 'pictures'}",
+                 f"predict.output={out_csv}", f"run.output_dir={cfg.run.output_dir}"]) == 0
+    rows = list(csv.DictReader(out_csv.open()))
+    assert [r["image"] for r in rows] == out.names
+    assert [r["label"] for r in rows] == [COLOUR_NAMES[int(y)] for y in out.labels]
+    assert "per class {'cat'" in capsys.readouterr().err
+
+
+def test_a_colour_model_takes_arrays_and_grey_digits(colour_model, data, tmp_path):
+    """A .npy in channels-last layout and an idx3 of 28 px grey digits are converted like files are."""
+    from toolkit.datasets.convert import array_to_chw
+    from toolkit.datasets.spec import ImageSpec
+
+    model, path = colour_model
+    hwc = np.random.default_rng(1).integers(0, 256, (5, 40, 40, 3), dtype=np.uint8)
+    np.save(tmp_path / "hwc.npy", hwc)
+    digits = write_idx3(tmp_path / "digits-idx3-ubyte", data.test_images[:5].numpy())
+    for source, want in ((str(tmp_path / "hwc.npy"), [array_to_chw(x.transpose(2, 0, 1), 32, 3) for x in hwc]),
+                         (digits, [array_to_chw(x[None], 32, 3) for x in data.test_images[:5].numpy()])):
+        pixels = torch.from_numpy(np.stack(want))
+        with torch.no_grad():
+            reference = model(pixels.float() / 255).softmax(1)
+        out = predict_images(path, source)
+        torch.testing.assert_close(torch.from_numpy(out.probs), reference, atol=1e-5, rtol=1e-4)
+    # a grey digit becomes three equal planes, 32 px
+    got, _ = read_images(digits, ImageSpec(*COLOUR_SPEC_ARGS))
+    assert got.shape == (5, 3, 32, 32) and bool((got[:, 0] == got[:, 2]).all())

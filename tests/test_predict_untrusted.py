@@ -218,7 +218,7 @@ def test_the_predict_command_the_pipeline_prints_works_as_pasted(tmp_path, data_
     client.set_tag(stage_run, "toolkit.model_uri", log_classifier(uri, stage_run, net))
     cfg = Config().replace(**{"tracking.uri": uri, "run.data_root": data_root})
     results = {0: {"supervised": StageResult("supervised", "key", run_id=stage_run, metrics={"val_acc": 0.9})}}
-    _register_best(cfg.execution, Tracker(uri, parent_run), results)
+    _register_best(cfg.study, cfg.execution, Tracker(uri, parent_run), results)
     printed = [ln.strip() for ln in capsys.readouterr().out.splitlines() if ln.strip().startswith("toolkit predict")]
     assert len(printed) == 1, printed
     argv = shlex.split(printed[0])
@@ -252,3 +252,23 @@ def test_the_predict_command_the_pipeline_prints_works_as_pasted(tmp_path, data_
                                   "predict.input": argv[-1].split("=", 1)[1], "run.output_dir": str(fresh / "runs")})
         predict(cfg.study, cfg.execution)
     assert list(fresh.iterdir()) == []
+
+
+def test_a_foreign_signature_says_the_images_and_classes():
+    """A model the toolkit did not log is fed what its signature takes: (N, S, S) or (N, C, S, S)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    from toolkit.stages.predict import _signature_spec
+
+    def sig(shape, out):
+        return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), shape)]),
+                              outputs=Schema([TensorSpec(np.dtype(np.float32), out)]))
+
+    spec, flat = _signature_spec(sig((-1, 28, 28), (-1, 10)))
+    assert (spec.input_shape(), spec.num_classes, flat) == ((1, 28, 28), 10, True)
+    spec, flat = _signature_spec(sig((-1, 3, 32, 32), (-1, 4)))
+    assert (spec.input_shape(), spec.num_classes, flat) == ((3, 32, 32), 4, False)
+    for shape, out in (((-1, 5, 32, 32), (-1, 4)), ((-1, 3, 32, 16), (-1, 4)), ((-1, 28, 28), (-1, 2, 5))):
+        assert _signature_spec(sig(shape, out)) is None
+    assert _signature_spec(None) is None

@@ -24,6 +24,7 @@ import torch
 
 from toolkit.config import Config
 from toolkit.datasets.mnist import Mnist, make_split
+from toolkit.datasets.training_data import ImageData
 from toolkit.stages.skeleton import StageResult
 from toolkit.stages.report import final_model_figures, table_rows
 from toolkit.stages.student import ensemble_labels
@@ -53,9 +54,8 @@ def poison_outside_labeled(monkeypatch, cfg: Config) -> None:
     The split is still drawn from the real labels (it is the same split; only what the code
     could read about the other images changes).
     """
-    import toolkit.execution.pool_inference
+    import toolkit.datasets.mnist
     import toolkit.stages.data_inputs
-    import toolkit.engine.workers
     from toolkit.datasets.mnist import load_mnist
 
     real = load_mnist(cfg.run.data_root, False, cfg.data.train_subset, cfg.data.test_subset)
@@ -68,11 +68,12 @@ def poison_outside_labeled(monkeypatch, cfg: Config) -> None:
         assert torch.equal(d.train_labels, real.train_labels[: len(d.train_labels)])
         return Mnist(d.train_images, shifted[: len(d.train_labels)].clone(), d.test_images, d.test_labels)
 
-    def real_split(labels, labels_per_class, val_size, seed):
-        return make_split(real.train_labels[: len(labels)], labels_per_class, val_size, seed)
+    def real_split(labels, labels_per_class, val_size, seed, num_classes=10):
+        return make_split(real.train_labels[: len(labels)], labels_per_class, val_size, seed, num_classes)
 
-    for module in (toolkit.stages.data_inputs, toolkit.engine.workers, toolkit.execution.pool_inference):
-        monkeypatch.setattr(module, "load_mnist", poisoned_load)
+    # every reader of the images (stages, Ray Train workers, Ray Data actors) goes through load_image_data,
+    # which reads MNIST with toolkit.datasets.mnist.load_mnist
+    monkeypatch.setattr(toolkit.datasets.mnist, "load_mnist", poisoned_load)
     monkeypatch.setattr(toolkit.stages.data_inputs, "make_split", real_split)
 
 
@@ -210,13 +211,13 @@ def test_the_smoother_sees_labeled_and_pool_images_only_and_keeps_pool_order(mon
     n = 40
     images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1).expand(n, 28, 28).clone()  # image i is all i
     labels = torch.arange(n) % 10
-    data = Mnist(images, labels, images[:2], labels[:2])
+    data = ImageData(images.unsqueeze(1), labels, images[:2].unsqueeze(1), labels[:2])
     split = Split(labeled=torch.tensor([0, 1]), val=torch.tensor([2, 3, 4]), pool=torch.arange(5, n), seed=0,
                   labels_per_class=1)
     seen = []
 
     def fake_features(encoder, imgs):
-        ids = imgs[:, 0, 0].long()
+        ids = imgs[:, 0, 0, 0].long()
         seen.append(ids.clone())
         # one-hot of the image's digit class: an image's neighbours share its class (i % 10)
         return torch.nn.functional.one_hot(ids % 10, 10).float() + 0.01 * ids.float().unsqueeze(1) / n

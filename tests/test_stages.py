@@ -274,7 +274,6 @@ class _CountingClassifier(torch.nn.Module):
 
 
 def test_the_test_report_runs_the_plain_pass_once_and_gives_the_models_page_the_plain_figure_alone(tmp_path, monkeypatch):
-    from types import SimpleNamespace
 
     import toolkit.tracking.logged_models
     from toolkit.engine.loops import tta_recipe
@@ -283,8 +282,10 @@ def test_the_test_report_runs_the_plain_pass_once_and_gives_the_models_page_the_
 
     monkeypatch.setattr(toolkit.tracking.logged_models, "log_classifier", lambda *a, **k: "models:/m-0123")
     torch.manual_seed(0)
-    data = SimpleNamespace(test_images=torch.randint(0, 256, (40, 28, 28), dtype=torch.uint8),
-                           test_labels=torch.randint(0, 10, (40,)))
+    from toolkit.datasets.training_data import ImageData
+
+    data = ImageData(torch.zeros(0, 1, 28, 28, dtype=torch.uint8), torch.zeros(0, dtype=torch.long),
+                     torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (40,)))
     cfg, model, tracker = Config(), _CountingClassifier(), _RecordingTracker()
     # the report reads the run's tracker, execution (tracking.log_models), data and folder; no split
     run = StageRun(cfg.study, cfg.execution, "t-key", tmp_path, tracker, data, split=None)

@@ -134,6 +134,10 @@ def test_reproduce_args_name_how_the_trial_ran():
 
 
 def test_pool_subset_shrinks_the_images_the_split_is_drawn_from(mnist_small):
+    from toolkit.datasets.training_data import ImageData
+
+    m = mnist_small
+    mnist_small = ImageData(m.train_images.unsqueeze(1), m.train_labels, m.test_images.unsqueeze(1), m.test_labels)
     cfg = Config().replace(**{"split.val_size": 200, "tune.pool_subset": 500})
     assert tune_stage._pool_train_subset(cfg.study, mnist_small) == 100 + 200 + 500
     assert tune_stage._pool_train_subset(cfg.study.replace(**{"tune.pool_subset": 0}), mnist_small) == 0

@@ -25,7 +25,7 @@ COMMANDS: dict[str, str] = {
     "pipeline": "pretrain -> probe -> supervised -> one-shot -> iterative -> SimCLR-initialised iterative -> student",
     "tune": "Ray Tune search of the iterative pseudo-labeler's threshold schedule",
     "report": "results table and plots of a pipeline run",
-    "predict": "labels and confidences for images (idx3, .npy, PNG/JPEG) from a model file, MLflow run or model URI",
+    "predict": "labels and confidences for images (idx3, .npy, image files of any size) from a model file, MLflow run or model URI",
 }
 _RUNS_ON = {"pretrain": ("ray",), "probe": ("tracking",), "supervised": ("ray",), "pseudolabel": ("ray", "inference"),
             "student": ("ray", "inference"), "tune": ("ray", "trials"), "pipeline": ("ray", "inference", "trials"),

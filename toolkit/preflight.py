@@ -103,11 +103,15 @@ def check_inputs(study: Study, execution: Execution, command: str) -> None:
     ``predict`` read runs from; the tracking store the command will write to. Nothing here writes.
     """
     if "data" in STAGE_SECTIONS.get(command, ()):
-        from toolkit.datasets.mnist import load_mnist, make_split
+        from toolkit.datasets.training_data import load_image_data
+        from toolkit.stages.data_inputs import check_pretrain_batch, split_of
 
-        data = load_mnist(execution.run.data_root, execution.run.download, study.data.train_subset, study.data.test_subset)
+        data = load_image_data(study.data, execution.run.data_root, execution.run.download)
+        pretrains = command == "pretrain" or (command == "pipeline" and "pretrain" in study.pipeline.stages)
         for seed in study.pipeline.seeds if command == "pipeline" else [study.split.seed]:
-            make_split(data.train_labels, study.split.labels_per_class, study.split.val_size, seed)
+            split = split_of(study.replace(**{"split.seed": seed}), data)
+            if pretrains:
+                check_pretrain_batch(study, split)
     if command == "probe" and study.probe.checkpoint:
         _check_model_ref(execution, study.probe.checkpoint, "probe.checkpoint", "simclr")
     if command in _READS_MODEL_INIT and study.model.init.startswith("simclr:"):

@@ -31,10 +31,13 @@ def check_command_config(cfg: Config, sections: tuple[str, ...] | None = None) -
     """
     uses = (lambda s: True) if sections is None else (lambda s: s in sections)
     n_train = min(cfg.data.train_subset or MNIST_TRAIN_IMAGES, MNIST_TRAIN_IMAGES)
-    if uses("split"):
+    # MNIST's sizes are known without reading it; another dataset's are checked once it is read
+    # (preflight: data_inputs.split_of, check_pretrain_batch)
+    mnist = cfg.data.name == "mnist"
+    if uses("split") and mnist:
         _check(cfg.split.val_size < n_train, "split.val_size",
                f"must be smaller than the {n_train} training images (data.train_subset)", cfg.split.val_size)
-    if uses("pretrain"):
+    if uses("pretrain") and mnist:
         # SimCLR sees the training images outside the validation split (at most pretrain.max_images)
         images = n_train - cfg.split.val_size
         if cfg.pretrain.max_images:

@@ -30,6 +30,8 @@ class RunConfig:
                                           "Switched mid-stage, that training restarts: each backend keeps its own "
                                           "checkpoints")
     device: str = _opt("auto", "local backend: 'auto', 'cpu' or 'cuda'")
+    resident_mb: int = _opt(0, "training images held whole in memory (and on the device) up to this many MB; larger "
+                               "ones are read from the image cache a batch at a time (0: half the free memory)")
     threads: int = _opt(0, "torch threads per process (0: torch's default)")
     verbose: bool = _opt(False, "show Ray's own output (worker prefixes, Ray Train/Data/Tune progress) on the console; "
                                 "it is always in Ray's log files")
@@ -37,6 +39,7 @@ class RunConfig:
     def validate(self) -> None:
         _check(self.backend in ("ray", "local"), "run.backend", "'ray' or 'local'", self.backend)
         _check(self.device in ("auto", "cpu", "cuda"), "run.device", "'auto', 'cpu' or 'cuda'", self.device)
+        _check(self.resident_mb >= 0, "run.resident_mb", "must be >= 0 (0: half the free memory)", self.resident_mb)
         _check(self.threads >= 0, "run.threads", "must be >= 0", self.threads)
         # the name becomes folder names and MLflow filter values: no path separators, '..', quotes or spaces
         _check(not self.name or (bool(RUN_NAME_PATTERN.match(self.name)) and ".." not in self.name), "run.name",
@@ -98,8 +101,9 @@ class ReportConfig:
 class PredictConfig:
     model: str = _opt("", "classifier (required): toolkit model.pt path, MLflow run id, or MLflow model URI "
                           "(runs:/<run id>/model, models:/<name>/<version>, models:/<name>@best)")
-    input: str = _opt("", "images (required): idx3 file (MNIST format, .gz too), .npy uint8 (N, 28, 28), "
-                          "or a 28x28 PNG/JPEG image or folder of them")
+    input: str = _opt("", "images (required): an idx3 file (.gz too), a .npy uint8 array (N, H, W), (N, C, H, W) "
+                          "or (N, H, W, C), or an image file or folder of them (any size and mode: converted "
+                          "to the model's channels and size, as its training data were)")
     output: str = _opt("", "CSV file for image,label,confidence (empty: print the rows)")
     batch_size: int = _opt(1024, "images per forward pass (on a CPU at most engine.CPU_FORWARD_BATCH)")
     trust_pickled_model: bool = _opt(False, "also load MLflow models the toolkit did not log, with MLflow's loader, "

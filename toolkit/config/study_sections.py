@@ -31,12 +31,24 @@ def rate_problem(kind: str, rate: float) -> str | None:
 
 
 
+DATASETS = ("mnist", "fashion_mnist", "kmnist", "cifar10", "folder", "npz")  # toolkit.datasets.registry.LOADERS
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    train_subset: int = _opt(0, "use only the first N training images (0: all 60,000); for tests and smoke runs")
-    test_subset: int = _opt(0, "use only the first N test images (0: all 10,000)")
+    name: str = _opt("mnist", "dataset: mnist, fashion_mnist, kmnist, cifar10 (benchmarks: every training label known, "
+                              "the split hides all but split.labels_per_class per class), or your own images: folder "
+                              "(run.data_root/labeled/<class>/..., unlabeled/..., optional test/<class>/...) or npz")
+    image_size: int = _opt(0, "side the images are converted to, pixels (0: the data's own)")
+    channels: int = _opt(0, "1 (grayscale) or 3 (colour) the images are converted to (0: the data's own)")
+    train_subset: int = _opt(0, "use only the first N training images of a benchmark (0: all); for tests and smoke runs")
+    test_subset: int = _opt(0, "use only the first N test images (0: all)")
 
     def validate(self) -> None:
+        _check(self.name in DATASETS, "data.name", f"one of {', '.join(DATASETS)}", self.name)
+        _check(self.image_size == 0 or 8 <= self.image_size <= 256, "data.image_size", "0 or in [8, 256]",
+               self.image_size)
+        _check(self.channels in (0, 1, 3), "data.channels", "0 (the data's own), 1 or 3", self.channels)
         _check(self.train_subset >= 0, "data.train_subset", "must be >= 0", self.train_subset)
         _check(self.test_subset >= 0, "data.test_subset", "must be >= 0", self.test_subset)
 
@@ -55,6 +67,8 @@ class SplitConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    name: str = _opt("cnn", "encoder: 'cnn' (the toolkit's small CNN: width, depth, convs_per_stage, pool) or "
+                            "'resnet18' (torchvision's, adapted to small images: width 64 is torchvision's; pool)")
     width: int = _opt(32, "channels of the first conv stage (doubles each stage)")
     depth: int = _opt(3, "conv stages of the encoder (2..4)")
     convs_per_stage: int = _opt(1, "3x3 convs in each stage after the first (1..3)")
@@ -68,6 +82,7 @@ class ModelConfig:
                         "split.seed)")
 
     def validate(self) -> None:
+        _check(self.name in ("cnn", "resnet18"), "model.name", "'cnn' or 'resnet18'", self.name)
         _check(8 <= self.width <= 512, "model.width", "must be in [8, 512]", self.width)
         _check(2 <= self.depth <= 4, "model.depth", "must be in [2, 4]", self.depth)
         _check(1 <= self.convs_per_stage <= 3, "model.convs_per_stage", "must be in [1, 3]", self.convs_per_stage)
@@ -95,14 +110,18 @@ class AugmentConfig:
     blur_prob: float = _opt(0.2, "probability of a Gaussian blur per image")
     erase_prob: float = _opt(0.25, "probability of random erasing per image")
     noise_std: float = _opt(0.05, "std of additive Gaussian noise (images in [0, 1])")
+    hflip_prob: float = _opt(0.0, "probability of a left-right mirror per image: 0.5 for data whose classes survive "
+                                  "it (photos, CIFAR-10, Fashion-MNIST), 0 for digits and letters")
+    colour_jitter: float = _opt(0.4, "colour images only: brightness, contrast and saturation scaled by 1 +- this")
+    grayscale_prob: float = _opt(0.2, "colour images only: probability of turning a view grayscale")
 
     def validate(self) -> None:
         _check(self.strength >= 0, "augment.strength", "must be >= 0", self.strength)
         _check(0 < self.scale_min <= self.scale_max, "augment.scale_min", "must be in (0, scale_max]", self.scale_min)
-        for name in ("elastic_prob", "blur_prob", "erase_prob"):
+        for name in ("elastic_prob", "blur_prob", "erase_prob", "hflip_prob", "grayscale_prob"):
             v = getattr(self, name)
             _check(0.0 <= v <= 1.0, f"augment.{name}", "a probability in [0, 1]", v)
-        for name in ("rotate_deg", "shear_deg", "translate", "elastic_alpha", "noise_std"):
+        for name in ("rotate_deg", "shear_deg", "translate", "elastic_alpha", "noise_std", "colour_jitter"):
             v = getattr(self, name)
             _check(v >= 0, f"augment.{name}", "must be >= 0", v)
 

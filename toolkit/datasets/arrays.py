@@ -37,6 +37,9 @@ class ArraySource:
     test_labels: np.ndarray | None
     class_names: tuple[str, ...]
     stats: tuple[tuple[str, int, int], ...]
+    # where each row came from, as the user's arrays name it ("images[17]", "unlabeled[3]")
+    labeled_names: tuple[str, ...] = ()
+    unlabeled_names: tuple[str, ...] = ()
 
 
 def _first_line(e: BaseException) -> str:
@@ -65,7 +68,7 @@ def _load(root: Path) -> tuple[dict[str, np.ndarray], list[Path]]:
     return found, files
 
 
-def _as_nchw(a: np.ndarray, where: str) -> np.ndarray:
+def as_nchw(a: np.ndarray, where: str) -> np.ndarray:
     """uint8 (N, C, H, W) for an image array of any accepted layout and pixel type."""
     if a.ndim == 3:
         a = a[:, None]
@@ -125,7 +128,7 @@ def read_arrays(root: Path) -> ArraySource:
         raise DataError(f"{root} holds no 'images' array (keys: {', '.join(sorted(found)) or 'none'})")
     if ("test_images" in found) != ("test_labels" in found):
         raise DataError(f"{root}: test_images and test_labels come together (test images are only reported)")
-    parts = {key: _as_nchw(found[key], f"{root}: {key}") for key in _IMAGE_KEYS if key in found}
+    parts = {key: as_nchw(found[key], f"{root}: {key}") for key in _IMAGE_KEYS if key in found}
     shapes = {p.shape[1:] for p in parts.values()}
     if len(shapes) > 1:
         raise DataError(f"{root}: image arrays differ in (C, H, W): {sorted(shapes)}; give one shape")
@@ -152,5 +155,8 @@ def read_arrays(root: Path) -> ArraySource:
     unlabeled = unlabeled_here if unlabeled is None else (
         unlabeled if len(unlabeled_here) == 0 else np.concatenate([unlabeled_here, unlabeled]))
     stats = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    extra = len(parts["unlabeled"]) if "unlabeled" in parts else 0
+    row_names = (tuple(f"images[{i}]" for i in np.flatnonzero(known)),
+                 tuple(f"images[{i}]" for i in np.flatnonzero(~known)) + tuple(f"unlabeled[{i}]" for i in range(extra)))
     return ArraySource(labeled, labels[known] if known.any() else None, unlabeled, parts.get("test_images"),
-                       test_labels, names, stats)
+                       test_labels, names, stats, *row_names)

@@ -107,9 +107,16 @@ class Split:
     pool: torch.Tensor
     seed: int
     labels_per_class: int
+    # "benchmark": drawn from a fully labeled set by ``seed``; "real": the owner's labels, val = labeled (in-sample)
+    kind: str = "benchmark"
+
+    @property
+    def val_is_labeled(self) -> bool:
+        return self.kind == "real"
 
     def to_dict(self) -> dict:
         return {
+            "kind": self.kind,
             "seed": self.seed,
             "labels_per_class": self.labels_per_class,
             "sizes": {"labeled": len(self.labeled), "val": len(self.val), "pool": len(self.pool)},
@@ -125,8 +132,9 @@ class Split:
         return p
 
 
-def make_split(labels: torch.Tensor, labels_per_class: int, val_size: int, seed: int) -> Split:
-    """Stratified labeled set (``labels_per_class`` per digit), random validation set, rest = pool.
+def make_split(labels: torch.Tensor, labels_per_class: int, val_size: int, seed: int,
+               num_classes: int = NUM_CLASSES) -> Split:
+    """Stratified labeled set (``labels_per_class`` per class), random validation set, rest = pool.
 
     Depends only on (labels, labels_per_class, val_size, seed): the same seed gives the
     same 100 images on every machine and every worker.
@@ -136,11 +144,11 @@ def make_split(labels: torch.Tensor, labels_per_class: int, val_size: int, seed:
     labels = labels.cpu()
     g = torch.Generator().manual_seed(seed)
     labeled = []
-    for c in range(NUM_CLASSES):
+    for c in range(num_classes):
         idx = (labels == c).nonzero().flatten()
         if len(idx) < labels_per_class:
             raise ConfigError(
-                f"split.labels_per_class={labels_per_class} is not allowed: digit {c} has only {len(idx)} training images"
+                f"split.labels_per_class={labels_per_class} is not allowed: class {c} has only {len(idx)} training images"
             )
         labeled.append(idx[torch.randperm(len(idx), generator=g)[:labels_per_class]])
     labeled_idx = torch.cat(labeled).sort().values
@@ -158,5 +166,6 @@ def make_split(labels: torch.Tensor, labels_per_class: int, val_size: int, seed:
 
 
 def to_float(images_u8: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 28, 28) -> float (B, 1, 28, 28) in [0, 1]."""
-    return images_u8.unsqueeze(1).float().div_(255.0)
+    """uint8 (B, C, S, S) -> float (B, C, S, S) in [0, 1]; (B, S, S) is taken as one channel."""
+    x = images_u8.unsqueeze(1) if images_u8.ndim == 3 else images_u8
+    return x.float().div_(255.0)

@@ -229,7 +229,8 @@ def _load_npz(name: str, root: Path, target: tuple, download: bool, cache_dir: P
     arrays, mean, std, digest = _from_arrays(source, target, cache_dir)
     labeled = arrays["labeled"]
     info = DatasetInfo("npz", labeled.shape[1], labeled.shape[2], src.class_names, mean, std, False, "real", digest)
-    return Dataset(info, labeled, src.labels, arrays["unlabeled"], arrays.get("test"), src.test_labels)
+    return Dataset(info, labeled, src.labels, arrays["unlabeled"], arrays.get("test"), src.test_labels,
+                   src.labeled_names, src.unlabeled_names)
 
 
 def _benchmark_loader(name: str) -> Callable[..., Dataset]:
@@ -263,6 +264,6 @@ def check_labels_per_class(dataset: Dataset, labels_per_class: int) -> None:
     counts = np.bincount(dataset.labels, minlength=len(names)) if dataset.labels is not None else np.zeros(len(names))
     for index, count in enumerate(counts.tolist()):
         if count < labels_per_class:
-            where = f" (labeled/{names[index]}/)" if dataset.labeled_files is not None else ""
+            where = f" (labeled/{names[index]}/)" if dataset.info.name == "folder" else ""
             raise DataError(f"class {names[index]!r} has {count} labeled images{where}, fewer than "
                             f"split.labels_per_class={labels_per_class}")

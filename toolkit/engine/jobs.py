@@ -11,6 +11,7 @@ data root, which the cluster set-up gives every node at the same place (``ray_cl
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
@@ -24,6 +25,7 @@ from toolkit.config import (
     Study,
 )
 from toolkit.datasets.mnist import Split
+from toolkit.datasets.spec import MNIST_SPEC, ImageSpec
 
 
 def worker_device(execution: Execution, loop: str) -> str:
@@ -62,11 +64,16 @@ class TrainJob:
     pseudo_indices: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     pseudo_labels: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     label: str = ""                    # shown in progress lines
+    # the images themselves where no node can read them from data_root (a user's dataset): an ImageData
+    # in-process, a Ray ObjectRef to it on Ray's workers (backends puts it in the object store once per job)
+    images: Any = None
+    resident_bytes: int = 0            # run.resident_mb in bytes: larger training images are streamed (0: auto)
 
     @classmethod
-    def simclr(cls, study: Study, execution: Execution, data_root: str, split: Split) -> "TrainJob":
+    def simclr(cls, study: Study, execution: Execution, data_root: str, split: Split, images: Any = None) -> "TrainJob":
         return cls("simclr", data_root, split, study.data, study.model, study.augment, pretrain=study.pretrain,
-                   device=worker_device(execution, "simclr"), threads=execution.run.threads)
+                   device=worker_device(execution, "simclr"), threads=execution.run.threads, images=images,
+                   resident_bytes=execution.run.resident_mb << 20)
 
     @classmethod
     def for_classifier(cls, study: Study, execution: Execution, data_root: str, split: Split,
@@ -74,7 +81,8 @@ class TrainJob:
         """``start``: steps, init_kind, init_state, encoder_pretrained, pseudo_indices, pseudo_labels, label."""
         return cls("classifier", data_root, split, study.data, study.model, study.augment,
                    classifier=study.classifier, labeled_fraction=study.pseudolabel.labeled_fraction,
-                   device=worker_device(execution, "classifier"), threads=execution.run.threads, **start)
+                   device=worker_device(execution, "classifier"), threads=execution.run.threads,
+                   resident_bytes=execution.run.resident_mb << 20, **start)
 
     def sections(self) -> dict:
         """The study sections this job carries, as the ``config`` a checkpoint records."""
@@ -88,12 +96,14 @@ class TrainJob:
 
 @dataclass(frozen=True)
 class ModelWeights:
-    """A model travelling by value: its kind, the config that built it (architecture) and its weights."""
+    """A model travelling by value: its kind, the config that built it (architecture), its weights and
+    the images it takes (``spec``: channels, size, classes, normalisation)."""
 
     kind: str                          # "classifier" | "simclr"
     config: dict
     state_dict: dict[str, torch.Tensor]
+    spec: ImageSpec = MNIST_SPEC
 
     @classmethod
     def from_payload(cls, payload: dict) -> "ModelWeights":
-        return cls(payload["kind"], payload["config"], payload["state_dict"])
+        return cls(payload["kind"], payload["config"], payload["state_dict"], ImageSpec.from_dict(payload.get("input")))

@@ -68,7 +68,7 @@ class EpochBatches:
     the number of workers. The ragged tail is dropped: NT-Xent wants full batches.
     """
 
-    images: torch.Tensor  # uint8 (N, 28, 28) on the device
+    images: torch.Tensor  # uint8 (N, C, S, S) on the device
     global_batch: int
     seed: int
     epoch: int
@@ -80,7 +80,7 @@ class EpochBatches:
         return self.images.shape[0] // self.global_batch
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        """This rank's uint8 batches (global_batch / world, 28, 28), one per step."""
+        """This rank's uint8 batches (global_batch / world, C, S, S), one per step."""
         perm = epoch_permutation(self.images.shape[0], self.seed, self.epoch, self.images.device)
         gb = self.global_batch
         return (self.images[local_slice(perm[s * gb: (s + 1) * gb], self.rank, self.world)] for s in range(self.steps))
@@ -95,9 +95,9 @@ class MixedBatches:
     100 labels an "epoch" means nothing, steps do.
     """
 
-    labeled_x: torch.Tensor  # uint8 (L, 28, 28) on the device
+    labeled_x: torch.Tensor  # uint8 (L, C, S, S) on the device
     labeled_y: torch.Tensor  # int64 (L,)
-    pseudo_x: torch.Tensor | None  # uint8 (P, 28, 28) or None
+    pseudo_x: torch.Tensor | None  # uint8 (P, C, S, S) or None
     pseudo_y: torch.Tensor | None  # int64 (P,) or None
     steps: int
     batch_size: int  # images per batch on this rank
@@ -202,7 +202,7 @@ CPU_FORWARD_BATCH = 128
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 2048, autocast: Any = None) -> torch.Tensor:
-    """Logits (N, C) in float32 for uint8 images (N, 28, 28), in eval mode.
+    """Logits (N, C) in float32 for uint8 images (N, C, S, S), in eval mode.
 
     ``batch_size`` images per forward pass at most; on a CPU at most ``CPU_FORWARD_BATCH``.
     """
@@ -227,7 +227,7 @@ def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 204
 @torch.no_grad()
 def predict_probs_tta(model: nn.Module, images: torch.Tensor, aug: AugmentConfig, views: int, seed: int = 0,
                       batch_size: int = 2048, plain: torch.Tensor | None = None) -> torch.Tensor:
-    """Softmax probabilities (N, C) of uint8 images (N, 28, 28), averaged over the plain image and
+    """Softmax probabilities (N, C) of uint8 images (N, C, S, S), averaged over the plain image and
     ``views`` augmented copies (test-time augmentation; ``views`` = 0: the plain softmax).
 
     The copies are drawn from a generator seeded with ``seed``, so a model's predictions repeat

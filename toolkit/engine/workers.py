@@ -18,7 +18,10 @@ import torch
 
 from toolkit.engine import checkpoints
 from toolkit.maths.augment import make_generator
-from toolkit.datasets.mnist import DataError, load_mnist
+from toolkit.config import ConfigError
+from toolkit.datasets.checks import DataError
+from toolkit.datasets.streamed import take
+from toolkit.datasets.training_data import ImageData, load_image_data
 from toolkit.engine.loops import EpochBatches, MixedBatches, OptimState, classifier_steps, evaluate, simclr_epoch
 from toolkit.engine.jobs import TrainJob
 from toolkit.maths.models import Classifier, SimCLRModel
@@ -64,15 +67,22 @@ class Progress:
         sys.stdout.flush()
 
 
-def _load_images(job: TrainJob):
-    """MNIST from this node's own copy (the same absolute path on every node of a cluster)."""
+def _load_images(job: TrainJob) -> ImageData:
+    """The job's images: those it carries (a user's dataset, through Ray's object store on a cluster), else a
+    benchmark read from this node's own copy (the same absolute path on every node of a cluster)."""
     import socket
 
+    if job.images is not None:
+        if isinstance(job.images, ImageData):
+            return job.images
+        import ray
+
+        return ray.get(job.images)
     try:
-        return load_mnist(job.data_root, False, job.data.train_subset, job.data.test_subset)
+        return load_image_data(job.data, job.data_root, resident_bytes=job.resident_bytes)
     except DataError as e:
-        raise DataError(f"on node {socket.gethostname()}: {e} (every node needs its own copy of MNIST at the "
-                        "driver's data root: see ray_cluster.yaml's setup)") from None
+        raise DataError(f"on node {socket.gethostname()}: {e} (every node needs its own copy of the benchmark at "
+                        "the driver's data root: see ray_cluster.yaml's setup)") from None
 
 
 def _maybe_sync_bn(job: TrainJob, model: torch.nn.Module, world: int) -> torch.nn.Module:
@@ -126,17 +136,17 @@ def simclr_worker(job: TrainJob, session) -> None:
     train_idx = torch.cat([job.split.labeled, job.split.pool])
     if pc.max_images:
         train_idx = train_idx[torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(job.model.seed))[: pc.max_images]]
-    images = data.train_images[train_idx].to(device)
+    images = take(data.train_images, train_idx).to(device)  # streamed images stay unread until a batch needs them
 
     local_batch = max(1, pc.batch_size // world)
     global_batch = local_batch * world
     steps_per_epoch = images.shape[0] // global_batch
     if steps_per_epoch < 1:
-        raise ValueError(f"pretrain.batch_size={pc.batch_size} is larger than the {images.shape[0]} training images")
+        raise ConfigError(f"pretrain.batch_size={pc.batch_size} is larger than the {images.shape[0]} training images")
     total_steps = pc.epochs * steps_per_epoch
 
     torch.manual_seed(job.model.seed)  # identical initial weights on every rank
-    model = _maybe_sync_bn(job, SimCLRModel(job.model), world).to(memory_format=torch.channels_last)
+    model = _maybe_sync_bn(job, SimCLRModel(job.model, data.spec), world).to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=pc.lr, weight_decay=pc.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine_lambda(total_steps, int(pc.warmup_epochs * steps_per_epoch), 0.0)
@@ -205,11 +215,11 @@ def classifier_worker(job: TrainJob, session) -> None:
     val_x, val_y = data.train_images[val], data.train_labels[val]
     pseudo_x = pseudo_y = None
     if len(job.pseudo_indices):
-        pseudo_x = data.train_images[job.pseudo_indices.to(device)]
+        pseudo_x = take(data.train_images, job.pseudo_indices)
         pseudo_y = job.pseudo_labels.to(device)
 
     torch.manual_seed(job.model.seed)
-    model = Classifier(job.model)
+    model = Classifier(job.model, data.spec)
     pretrained = _classifier_init(job, model)
     model = _maybe_sync_bn(job, model, world).to(memory_format=torch.channels_last)
     enc_params = list(model.encoder.parameters())

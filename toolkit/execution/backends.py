@@ -10,6 +10,8 @@ node): no worker opens the tracking store or a path on the driver's disk.
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 import os
 import shutil
@@ -341,11 +343,15 @@ def run_training(execution: Execution, job: TrainJob, run_name: str, sink: Metri
     storage = storage_path(execution)
     check_shared(execution, storage)
     remove_strays(storage, run_name)  # left by an interrupted run: Ray would neither resume nor delete them
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
     resources = {"CPU": execution.ray.cpus_per_worker}
     if execution.ray.use_gpu:
         resources["GPU"] = 1
+    if job.images is not None and not isinstance(job.images, ray.ObjectRef):
+        # a user's images: once into the object store, which every worker reads from wherever it runs
+        job = dataclasses.replace(job, images=ray.put(job.images))
     trainer = _interruptible_trainer_class()(
         train_loop_per_worker=_ray_entry,
         train_loop_config={"job": job},

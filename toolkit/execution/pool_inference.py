@@ -24,7 +24,9 @@ import torch.nn.functional as F
 
 from toolkit.engine import checkpoints
 from toolkit.config import ConfigError, DataConfig, Execution, Study
-from toolkit.datasets.mnist import NUM_CLASSES, load_mnist, resolve_root
+from toolkit.datasets.mnist import resolve_root
+from toolkit.datasets.streamed import take
+from toolkit.datasets.training_data import load_image_data
 from toolkit.engine.loops import predict_logits
 from toolkit.engine.jobs import ModelWeights
 from toolkit.maths.models import Classifier
@@ -71,7 +73,7 @@ def build_classifier(weights: ModelWeights, device: torch.device | str) -> torch
     """
     if weights.kind != "classifier":
         raise checkpoints.CheckpointError(f"pool inference needs a classifier, got a '{weights.kind}' model")
-    model = Classifier(checkpoints.model_config_of({"config": weights.config}))
+    model = Classifier(checkpoints.model_config_of({"config": weights.config}), weights.spec)
     model.load_state_dict(weights.state_dict)
     return model.to(device=device, memory_format=torch.channels_last).eval()
 
@@ -82,7 +84,7 @@ def weights_from_file(model_path: str) -> ModelWeights:
 
 
 def pool_probs(model: torch.nn.Module, images_u8: torch.Tensor, batch_size: int = 2048) -> torch.Tensor:
-    """Softmax probabilities (N, 10) float32 for uint8 images (N, 28, 28) on the model's device.
+    """Softmax probabilities (N, C) float32 for uint8 images (N, C, S, S) on the model's device.
 
     float32 throughout (no autocast): the probabilities feed a confidence threshold,
     and both drivers must agree to within float rounding.
@@ -96,24 +98,26 @@ def predict_pool_local(weights: ModelWeights, images: torch.Tensor, indices: Any
     their order, in-process on ``device`` (default: cuda when visible)."""
     idx = _as_index_array(indices)
     if idx.size == 0:
-        return np.zeros((0, NUM_CLASSES), dtype=np.float32)
+        return np.zeros((0, weights.spec.num_classes), dtype=np.float32)
     device = torch.device(device) if device is not None else device_for()
     model = build_classifier(weights, device)
     _check_in_range(idx, images.shape[0], "predict_pool_local")
-    # index on the CPU, then move only the pool images (N, 28, 28) uint8
-    pool = images[torch.from_numpy(idx)].to(device)
+    # index on the CPU, then move only the pool images (N, C, S, S) uint8
+    pool = take(images, torch.from_numpy(idx)).to(device)
     return pool_probs(model, pool, batch_size).cpu().numpy().astype(np.float32, copy=False)
 
 
 class PoolPredictor:
-    """Ray Data ``map_batches`` callable: {"index": (B,)} -> {"index": (B,), "probs": (B, 10) float32}.
+    """Ray Data ``map_batches`` callable: {"index": (B,)} -> {"index": (B,), "probs": (B, C) float32}.
 
-    Constructed once per actor: the model and the uint8 training images (N, 28, 28)
+    Constructed once per actor: the model and the uint8 training images (N, C, S, S)
     are loaded then and stay on the actor's device, so a batch costs one gather and
-    one forward pass.
+    one forward pass. ``images``: a Ray ObjectRef to a user's images (no other node can
+    read their folder), or None: a benchmark, read from this node's copy at ``data_root``.
     """
 
-    def __init__(self, weights: Any, data_root: str, train_subset: int, use_gpu: bool):
+    def __init__(self, weights: Any, data: DataConfig, data_root: str, images: Any, use_gpu: bool,
+                 resident_bytes: int = 0):
         import ray
 
         # Ray sets CUDA_VISIBLE_DEVICES to the actor's GPU, so "cuda" is that GPU
@@ -122,7 +126,10 @@ class PoolPredictor:
             weights = ray.get(weights)
         self.model = build_classifier(weights, self.device)
         # download=False: concurrent actors must not race to download; the data must be there
-        self.images = load_mnist(data_root, download=False, train_subset=train_subset).train_images.to(self.device)
+        if images is not None:
+            self.images = ray.get(images).to(self.device)
+        else:
+            self.images = load_image_data(data, data_root, download=False, resident_bytes=resident_bytes).train_images.to(self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # batches are read-only zero-copy views: copy before torch.from_numpy
@@ -209,7 +216,7 @@ def _reorder(indices: np.ndarray, got_index: np.ndarray, got_probs: np.ndarray) 
 
 
 def predict_pool_ray(execution: Execution, data: DataConfig, weights: ModelWeights, indices: Any, num_actors: int,
-                     batch_size: int) -> np.ndarray:
+                     batch_size: int, images: torch.Tensor | None = None) -> np.ndarray:
     """Probabilities (len(indices), 10) float32 in the order of ``indices``, from a Ray Data actor pool.
 
     ``num_actors`` actors (one GPU each when ``ray.use_gpu``) each get the weights from
@@ -224,7 +231,7 @@ def predict_pool_ray(execution: Execution, data: DataConfig, weights: ModelWeigh
     if np.unique(idx).size != idx.size:
         raise ValueError(f"pool indices must be unique: {idx.size - np.unique(idx).size} repeated")
     if idx.size == 0:
-        return np.zeros((0, NUM_CLASSES), dtype=np.float32)
+        return np.zeros((0, weights.spec.num_classes), dtype=np.float32)
     if num_actors < 1 or batch_size < 1:
         raise ConfigError(f"num_actors={num_actors} and batch_size={batch_size} must both be >= 1")
 
@@ -272,9 +279,11 @@ def predict_pool_ray(execution: Execution, data: DataConfig, weights: ModelWeigh
             PoolPredictor,
             fn_constructor_kwargs={
                 "weights": ray.put(weights),  # once per round, whatever the number of actors
+                "data": data,
                 "data_root": str(resolve_root(execution.run.data_root)),
-                "train_subset": data.train_subset,
+                "images": ray.put(images) if images is not None else None,
                 "use_gpu": execution.ray.use_gpu,
+                "resident_bytes": execution.run.resident_mb << 20,
             },
             compute=ray.data.ActorPoolStrategy(size=num_actors),
             batch_size=batch,
@@ -286,14 +295,14 @@ def predict_pool_ray(execution: Execution, data: DataConfig, weights: ModelWeigh
         got_index, got_probs = [], []
         for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
             got_index.append(np.asarray(out["index"], dtype=np.int64))
-            got_probs.append(np.asarray(out["probs"], dtype=np.float32).reshape(-1, NUM_CLASSES))
+            got_probs.append(np.asarray(out["probs"], dtype=np.float32).reshape(-1, weights.spec.num_classes))
     finally:
         if pg is not None:
             from ray.util.placement_group import remove_placement_group
 
             remove_placement_group(pg)  # the pool has shut down (or failed): free the reserved slots
     got_i = np.concatenate(got_index) if got_index else np.zeros(0, dtype=np.int64)
-    got_p = np.concatenate(got_probs) if got_probs else np.zeros((0, NUM_CLASSES), dtype=np.float32)
+    got_p = np.concatenate(got_probs) if got_probs else np.zeros((0, weights.spec.num_classes), dtype=np.float32)
     return _reorder(idx, got_i, got_p)
 
 
@@ -308,4 +317,6 @@ def predict_pool(study: Study, execution: Execution, weights: ModelWeights, indi
     inf = execution.inference
     if inf.backend == "local" or execution.run.backend == "local":
         return predict_pool_local(weights, images, indices, batch_size=inf.batch_size, device=device_for(execution))
-    return predict_pool_ray(execution, study.data, weights, indices, inf.actors, inf.batch_size)
+    # a user's images travel to the actors through the object store; a benchmark is read on each node
+    own = images if study.data.name in ("folder", "npz") else None
+    return predict_pool_ray(execution, study.data, weights, indices, inf.actors, inf.batch_size, own)

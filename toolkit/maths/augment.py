@@ -63,13 +63,15 @@ def random_elastic_offsets(n: int, size: tuple[int, int], alpha_px: float, prob:
 
 def random_blur(x: torch.Tensor, prob: float, g: torch.Generator) -> torch.Tensor:
     """Gaussian blur (3x3, sigma drawn in [0.5, 1.0]) on a random subset of images."""
-    n = x.shape[0]
+    n, c, h, w = x.shape
     sigma = _uniform(n, 0.5, 1.0, g, x.device).view(n, 1, 1)
     r = torch.arange(-1, 2, device=x.device, dtype=x.dtype).view(1, 3, 1)
     k1 = torch.exp(-(r**2) / (2 * sigma**2))  # (n, 3, 1)
     k1 = k1 / k1.sum(1, keepdim=True)
     kernels = (k1 @ k1.transpose(1, 2)).unsqueeze(1)  # (n, 1, 3, 3): one kernel per image
-    blurred = F.conv2d(x.transpose(0, 1), kernels, padding=1, groups=n).transpose(0, 1)
+    # every (image, channel) plane is a group of its own: (1, n*c, h, w) with each image's kernel c times
+    planes = x.reshape(1, n * c, h, w)
+    blurred = F.conv2d(planes, kernels.repeat_interleave(c, 0), padding=1, groups=n * c).view(n, c, h, w)
     on = _bernoulli(n, prob, g, x.device).view(n, 1, 1, 1)
     return torch.where(on, blurred, x)
 
@@ -92,11 +94,45 @@ def random_erase(x: torch.Tensor, prob: float, g: torch.Generator, max_frac: flo
     return x.masked_fill((inside & on).unsqueeze(1), 0.0)
 
 
+def random_hflip(x: torch.Tensor, prob: float, g: torch.Generator) -> torch.Tensor:
+    """Mirror a random subset of images left to right (only for data whose classes survive it)."""
+    on = _bernoulli(x.shape[0], prob, g, x.device).view(-1, 1, 1, 1)
+    return torch.where(on, x.flip(3), x)
+
+
+def random_colour(x: torch.Tensor, jitter: float, gray_prob: float, g: torch.Generator) -> torch.Tensor:
+    """SimCLR's colour distortion on (B, 3, H, W): brightness, contrast and saturation each scaled by a
+    factor drawn in [1 - jitter, 1 + jitter] per image, then grayscale with probability ``gray_prob``."""
+    n, dev = x.shape[0], x.device
+    if jitter > 0:
+        lo, hi = max(0.0, 1.0 - jitter), 1.0 + jitter
+        x = x * _uniform(n, lo, hi, g, dev).view(n, 1, 1, 1)  # brightness
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = (x - mean) * _uniform(n, lo, hi, g, dev).view(n, 1, 1, 1) + mean  # contrast
+        gray = (x * _LUMA.to(dev, x.dtype)).sum(1, keepdim=True)
+        x = (x - gray) * _uniform(n, lo, hi, g, dev).view(n, 1, 1, 1) + gray  # saturation
+        x = x.clamp(0.0, 1.0)
+    if gray_prob > 0:
+        gray = (x * _LUMA.to(dev, x.dtype)).sum(1, keepdim=True).expand_as(x)
+        x = torch.where(_bernoulli(n, gray_prob, g, dev).view(n, 1, 1, 1), gray, x)
+    return x
+
+
+_LUMA = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)  # ITU-R 601, as Pillow's convert("L")
+
+
 def augment(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
-    """One augmented view of a batch: (B, 1, H, W) float in [0, 1] -> same shape, new random draw per image."""
+    """One augmented view of a batch: (B, C, H, W) float in [0, 1] -> same shape, new random draw per image.
+
+    Colour distortion runs on colour batches only and flips only when ``hflip_prob`` > 0, so a
+    grayscale batch draws exactly the random numbers it always did."""
     if cfg.strength == 0:
         return x
-    n, _, h, w = x.shape
+    n, c, h, w = x.shape
+    if cfg.hflip_prob > 0:
+        x = random_hflip(x, cfg.hflip_prob, g)
+    if c == 3 and (cfg.colour_jitter > 0 or cfg.grayscale_prob > 0):
+        x = random_colour(x, cfg.colour_jitter * min(cfg.strength, 1.0), cfg.grayscale_prob, g)
     grid = random_affine_grid(n, (h, w), cfg, g, x.device)
     if cfg.elastic_alpha > 0 and cfg.elastic_prob > 0:
         grid = grid + random_elastic_offsets(n, (h, w), cfg.elastic_alpha * cfg.strength, cfg.elastic_prob, g, x.device)

@@ -6,11 +6,18 @@ import torch
 from torch import nn
 
 from toolkit.config import ModelConfig
-from toolkit.datasets.mnist import NUM_CLASSES
+from toolkit.datasets.spec import MNIST_SPEC, ImageSpec
 
-# MNIST pixel statistics: inputs arrive in [0, 1] and are standardised inside the model,
-# so augmentation, inference actors and probes never need to know about normalisation.
-MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+# Inputs arrive in [0, 1] and are standardised inside the model with the dataset's statistics
+# (``ImageSpec.mean/std``; MNIST's are 0.1307, 0.3081), so augmentation, inference actors and
+# probes never need to know about normalisation.
+MNIST_MEAN, MNIST_STD = MNIST_SPEC.mean[0], MNIST_SPEC.std[0]
+
+
+def _standardiser(module: nn.Module, spec: ImageSpec) -> None:
+    """``module.mean`` / ``module.std`` (1, C, 1, 1): non-persistent, so a state dict holds weights only."""
+    module.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+    module.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
 
 def _conv_bn(cin: int, cout: int) -> nn.Sequential:
@@ -18,7 +25,7 @@ def _conv_bn(cin: int, cout: int) -> nn.Sequential:
 
 
 class Encoder(nn.Module):
-    """(B, 1, 28, 28) in [0, 1] -> features (B, feature_dim).
+    """(B, C, S, S) in [0, 1] -> features (B, feature_dim); C, S and the statistics from ``spec``.
 
     Stage i has ``width * 2**i`` channels and ``convs_per_stage`` 3x3 convs; every
     stage but the last halves the resolution (28 -> 14 -> 7 -> 3), and global
@@ -27,10 +34,12 @@ class Encoder(nn.Module):
     average-pooled to ``pool x pool`` cells and flattened.
     """
 
-    def __init__(self, width: int = 32, depth: int = 3, convs_per_stage: int = 1, pool: int = 1):
+    def __init__(self, width: int = 32, depth: int = 3, convs_per_stage: int = 1, pool: int = 1,
+                 spec: ImageSpec = MNIST_SPEC):
         super().__init__()
+        _standardiser(self, spec)
         layers: list[nn.Module] = []
-        cin = 1
+        cin = spec.channels
         for i in range(depth):
             cout = width * 2**i
             layers.append(_conv_bn(cin, cout))
@@ -45,7 +54,7 @@ class Encoder(nn.Module):
         self.feature_dim = cin * pool * pool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x - MNIST_MEAN) / MNIST_STD
+        x = (x - self.mean) / self.std
         return self.pool(self.body(x)).flatten(1)
 
 
@@ -67,9 +76,9 @@ class SimCLRModel(nn.Module):
 
     kind = "simclr"
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, spec: ImageSpec = MNIST_SPEC):
         super().__init__()
-        self.encoder = Encoder(cfg.width, cfg.depth, cfg.convs_per_stage, cfg.pool)
+        self.encoder = build_encoder(cfg, spec)
         self.projector = ProjectionHead(self.encoder.feature_dim, cfg.proj_hidden, cfg.proj_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,20 +86,39 @@ class SimCLRModel(nn.Module):
 
 
 class Classifier(nn.Module):
-    """Encoder + dropout + linear head: (B, 1, 28, 28) -> logits (B, 10)."""
+    """Encoder + dropout + linear head: (B, C, S, S) -> logits (B, spec.num_classes)."""
 
     kind = "classifier"
 
-    def __init__(self, cfg: ModelConfig, num_classes: int = NUM_CLASSES):
+    def __init__(self, cfg: ModelConfig, spec: ImageSpec = MNIST_SPEC):
         super().__init__()
-        self.encoder = Encoder(cfg.width, cfg.depth, cfg.convs_per_stage, cfg.pool)
+        self.encoder = build_encoder(cfg, spec)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.head = nn.Linear(self.encoder.feature_dim, num_classes)
+        self.head = nn.Linear(self.encoder.feature_dim, spec.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(self.encoder(x)))
 
 
+def _cnn(cfg: ModelConfig, spec: ImageSpec) -> nn.Module:
+    return Encoder(cfg.width, cfg.depth, cfg.convs_per_stage, cfg.pool, spec)
+
+
+def _resnet18(cfg: ModelConfig, spec: ImageSpec) -> nn.Module:
+    from toolkit.maths.resnet import ResNet18Encoder  # torchvision's import costs seconds: only when asked
+
+    return ResNet18Encoder(cfg.width, cfg.pool, spec)
+
+
+# model.name -> builder of an encoder: (B, C, S, S) in [0, 1] -> (B, .feature_dim), standardising inside.
+# Bring your own backbone: add a builder here taking (ModelConfig, ImageSpec) (see maths/resnet.py).
+ENCODERS = {"cnn": _cnn, "resnet18": _resnet18}
+
+
+def build_encoder(cfg: ModelConfig, spec: ImageSpec = MNIST_SPEC) -> nn.Module:
+    return ENCODERS[cfg.name](cfg, spec)
+
+
 def architecture(cfg: ModelConfig) -> dict:
     """The model-config fields that decide tensor shapes (a checkpoint must match them)."""
-    return {"width": cfg.width, "depth": cfg.depth, "convs_per_stage": cfg.convs_per_stage, "pool": cfg.pool, "proj_dim": cfg.proj_dim, "proj_hidden": cfg.proj_hidden}
+    return {"name": cfg.name, "width": cfg.width, "depth": cfg.depth, "convs_per_stage": cfg.convs_per_stage, "pool": cfg.pool, "proj_dim": cfg.proj_dim, "proj_hidden": cfg.proj_hidden}

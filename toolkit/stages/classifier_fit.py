@@ -11,7 +11,7 @@ import torch
 
 from toolkit.engine.jobs import ModelWeights, TrainJob
 from toolkit.tracking.runs import MetricsLogger
-from toolkit.stages.data_inputs import data_root_for_workers
+from toolkit.stages.data_inputs import data_root_for_workers, images_for_workers
 from toolkit.stages.model_files import save_model_file
 from toolkit.stages.skeleton import StageRun
 
@@ -51,9 +51,10 @@ def train_classifier(run: StageRun, run_name: str, out_file: str, training: Clas
         steps=training.steps or study.classifier.steps, init_kind=init.kind if init else "",
         init_state=init.state_dict if init else None, encoder_pretrained=training.encoder_pretrained,
         label=training.label, pseudo_indices=training.pseudo_indices, pseudo_labels=training.pseudo_labels,
+        images=images_for_workers(run.data),
     )
     payload, _ = run_training(execution, job, run_name, MetricsLogger(run.tracker, "step", training.step_offset))
     final = final_model_state(payload)
-    path = save_model_file(run.folder / out_file, "classifier", study, final["state_dict"], val_acc=final["val_acc"],
+    path = save_model_file(run.folder / out_file, "classifier", study, final["state_dict"], run.data, val_acc=final["val_acc"],
                            step=final["step"], encoder_pretrained=final["encoder_pretrained"], **(file_extra or {}))
     return path, final

@@ -26,15 +26,18 @@ def log_test_report(run: StageRun, model: torch.nn.Module, title: str, tta: dict
     if tracker.enabled and run.execution.tracking.log_models:
         from toolkit.tracking.logged_models import log_classifier
 
-        uri = log_classifier(tracker, tracker.run_id, model, input_example=data.test_images[:4])
+        uri = log_classifier(tracker, tracker.run_id, model, input_example=data.test_images[:4], spec=data.spec,
+                             class_names=data.class_names)
         tracker.set_tags({"toolkit.model_uri": uri})
         model_id = uri[len("models:/"):] if uri.startswith("models:/m-") else None
+    if not data.has_test:  # a real dataset without a test/ folder: nothing to report, nothing invented
+        return {"test_acc": float("nan"), **({"test_acc_plain": float("nan")} if tta else {})}
     dev = next(model.parameters()).device
     images = data.test_images.to(dev)
     plain = predict_probs(model, images)  # once: the views' mean starts from it
     probs = predict_probs(model, images, tta, plain=plain) if tta else plain
     metrics, pred = accuracy_metrics(probs, data.test_labels)
-    cm = confusion_matrix(pred, data.test_labels, 10)
+    cm = confusion_matrix(pred, data.test_labels, data.spec.num_classes)
     png = plot_confusion_matrix(cm, folder / "confusion_test.png", f"{title}: test acc {metrics['test_acc']:.4f}")
     tracker.log_artifact(png, "plots")
     if not tta:
@@ -47,10 +50,10 @@ def log_test_report(run: StageRun, model: torch.nn.Module, title: str, tta: dict
     return {**metrics, "test_acc_plain": plain_acc}
 
 def accuracy_metrics(probs: torch.Tensor, labels: torch.Tensor, prefix: str = "test_") -> tuple[dict[str, float], torch.Tensor]:
-    """Accuracy and per-digit accuracy of predicted probabilities (N, 10) against ``labels``, and the
+    """Accuracy and per-class accuracy (``acc_digit<c>``: the class index) of predicted probabilities (N, C) against ``labels``, and the
     predicted classes (on the CPU, wherever the two came from)."""
     pred, labels = probs.argmax(1).cpu(), labels.cpu()
     acc = float((pred == labels).float().mean())
     per_class = {f"{prefix}acc_digit{c}": float((pred[labels == c] == c).float().mean())
-                 for c in range(10) if (labels == c).any()}
+                 for c in range(probs.shape[1]) if (labels == c).any()}
     return {f"{prefix}acc": acc, **per_class}, pred

@@ -13,6 +13,8 @@ from toolkit.engine import checkpoints
 from toolkit.config import ConfigError, Execution, Study
 from toolkit.execution.pool_inference import build_classifier, device_for
 from toolkit.engine.jobs import ModelWeights
+from toolkit.datasets.spec import ImageSpec
+from toolkit.datasets.training_data import ImageData
 from toolkit.maths.models import Classifier, SimCLRModel
 
 
@@ -28,7 +30,7 @@ _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 def load_encoder(path: str | Path, device: torch.device) -> torch.nn.Module:
     """The frozen encoder of a SimCLR checkpoint, in eval mode on ``device``."""
     payload = checkpoints.load_model_file(path, "simclr")
-    model = SimCLRModel(checkpoints.model_config_of(payload))
+    model = SimCLRModel(checkpoints.model_config_of(payload), ImageSpec.from_dict(payload.get("input")))
     model.load_state_dict(payload["state_dict"])
     return model.encoder.to(device).to(memory_format=torch.channels_last).eval()
 
@@ -55,15 +57,33 @@ def resolve_model_ref(execution: Execution, ref: str, dest: Path) -> Path:
     raise ConfigError(f"model reference {ref!r} is neither an existing checkpoint file nor an MLflow run id")
 
 
-def init_weights(study: Study, execution: Execution, folder: Path) -> ModelWeights | None:
-    """``model.init`` -> the SimCLR model's weights, read once by the driver (checked against the model now,
-    not inside a worker), or None for a start from scratch."""
+def check_fits_data(weights: ModelWeights, data: ImageData, path: str | Path) -> ModelWeights:
+    """``weights`` if they take ``data``'s images and classes; else one ``CheckpointError`` line naming both."""
+    have, want = weights.spec, data.spec
+    if (have.channels, have.image_size) != (want.channels, want.image_size) or (
+            weights.kind == "classifier" and have.num_classes != want.num_classes):
+        raise checkpoints.CheckpointError(
+            f"checkpoint {path} takes {have.channels}x{have.image_size}x{have.image_size} images"
+            f"{f' of {have.num_classes} classes' if weights.kind == 'classifier' else ''}, but "
+            f"data.name={data.name} gives {want.channels}x{want.image_size}x{want.image_size}"
+            f"{f' of {want.num_classes}' if weights.kind == 'classifier' else ''}: a model from another dataset")
+    return weights
+
+
+def init_weights(study: Study, execution: Execution, folder: Path, data: ImageData | None = None) -> ModelWeights | None:
+    """``model.init`` -> the SimCLR model's weights, read once by the driver (checked against the model and
+    ``data`` now, not inside a worker), or None for a start from scratch."""
     if not study.model.init.startswith("simclr:"):
         return None
     path = resolve_model_ref(execution, study.model.init[len("simclr:"):], folder)
-    return ModelWeights.from_payload(checkpoints.load_model_file(path, "simclr", study.model))
+    weights = ModelWeights.from_payload(checkpoints.load_model_file(path, "simclr", study.model))
+    return check_fits_data(weights, data, path) if data is not None else weights
 
 
-def save_model_file(path: Path, kind: str, study: Study, state_dict: dict, **extra: Any) -> Path:
-    """A stage's model file: the weights and the study that made them (``checkpoints.model_payload``)."""
-    return checkpoints.save(path, checkpoints.model_payload(kind, study.to_dict(), state_dict, **extra))
+def save_model_file(path: Path, kind: str, study: Study, state_dict: dict, data: ImageData | None = None,
+                    **extra: Any) -> Path:
+    """A stage's model file: the weights, the study that made them (``checkpoints.model_payload``), the
+    images they take (``input``: ``data``'s ``ImageSpec``) and the names of their classes (without
+    ``data``: MNIST's, which is what a file without them is read as)."""
+    about = {"input": data.spec.to_dict(), "class_names": list(data.class_names)} if data is not None else {}
+    return checkpoints.save(path, checkpoints.model_payload(kind, study.to_dict(), state_dict, **about, **extra))

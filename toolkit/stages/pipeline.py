@@ -11,6 +11,7 @@ command skips finished stages and resumes an interrupted one where it stopped.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from toolkit.config import Execution, Study
 from toolkit.tracking.runs import Tracker, mlflow_run, run_url
@@ -81,7 +82,27 @@ def run_seed(study: Study, execution: Execution, parent_id: str | None, seed: in
     return out
 
 
-def _register_best(execution: Execution, parent: Tracker, results: dict[int, dict[str, StageResult]]) -> None:
+def _publish_pool_labels(execution: Execution, parent: Tracker, results: dict[int, dict[str, StageResult]]) -> None:
+    """Each seed's student's labeled pool as ``<run.output_dir>/pool_labels-seed<k>.csv``, the first seed's also
+    as ``pool_labels.csv``; logged to the pipeline's run too."""
+    import shutil
+
+    from toolkit.stages.pool_labels import FILE
+
+    out = Path(execution.run.output_dir)
+    for n, (seed, stages) in enumerate(results.items()):
+        done = stages.get("student")
+        table = Path(done.model_path).parent / FILE if done and done.model_path else None
+        if table is None or not table.is_file():
+            continue
+        names = [f"pool_labels-seed{seed}.csv"] + ([FILE] if n == 0 else [])
+        for name in names:
+            shutil.copyfile(table, out / name)
+        parent.log_artifact(out / names[0])
+        print(f"[pipeline] labeled pool (most doubtful first): {out / names[-1]}", flush=True)
+
+
+def _register_best(study: Study, execution: Execution, parent: Tracker, results: dict[int, dict[str, StageResult]]) -> None:
     """Register the classifier with the best validation accuracy (never test) in the Model Registry."""
     if not (parent.enabled and execution.tracking.log_models and execution.tracking.registered_model):
         return
@@ -91,6 +112,11 @@ def _register_best(execution: Execution, parent: Tracker, results: dict[int, dic
 
     candidates = [(r.metrics["val_acc"], seed, stage, r) for seed, stages in results.items()
                   for stage, r in stages.items() if r.run_id and "val_acc" in r.metrics and stage != "probe"]
+    if study.data.name in ("folder", "npz"):
+        # a real dataset's validation figures are its labeled images' own (in-sample): they cannot choose
+        # among models, so the pipeline's final model (the student, else the last stage) is the one
+        finals = [c for c in candidates if c[2] == "student"] or candidates[-1:]
+        candidates = finals
     if not candidates:
         return
     val, seed, stage, best = max(candidates, key=lambda c: c[0])
@@ -103,18 +129,18 @@ def _register_best(execution: Execution, parent: Tracker, results: dict[int, dic
     parent.set_tags({"toolkit.registered_model": version})
     print(f"[pipeline] registered {stage} (seed {seed}, val acc {val:.4f}) as {version} "
           f"(alias: models:/{execution.tracking.registered_model}@best); predict with it:\n"
-          f"  {predict_command(parent.uri, f'models:/{execution.tracking.registered_model}@best', execution.run.data_root)}",
+          f"  {predict_command(parent.uri, f'models:/{execution.tracking.registered_model}@best', execution.run.data_root, study.data.name)}",
           flush=True)
 
 
-def predict_command(uri: str, model_uri: str, data_root: str = "") -> str:
+def predict_command(uri: str, model_uri: str, data_root: str = "", dataset: str = "mnist") -> str:
     """The ``toolkit predict`` command for ``model_uri`` in store ``uri``, to paste into any shell, anywhere.
 
     The store is named explicitly (masked of credentials: those come from MLFLOW_TRACKING_* in the
     user's environment): without it, predict looks in ``<run.output_dir>/mlflow.db`` of the
     default output folder, not the profile's (``runs/cpu``) where the pipeline registered the model.
-    The images are MNIST's test set (absolute path): the command runs as printed, and a user swaps
-    in their own idx3 / .npy / PNG folder.
+    The images are MNIST's test set, or a folder dataset's unlabeled/ folder (absolute path): the command
+    runs as printed, and a user swaps in their own idx3 / .npy / image folder.
     """
     import shlex
 
@@ -122,6 +148,8 @@ def predict_command(uri: str, model_uri: str, data_root: str = "") -> str:
     from toolkit.redaction import redact
 
     images = resolve_root(data_root) / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
+    if dataset == "folder":
+        images = resolve_root(data_root) / "unlabeled"
     return " ".join(["toolkit", "predict", shlex.quote(f"tracking.uri={redact(uri)}"),
                      shlex.quote(f"predict.model={model_uri}"), shlex.quote(f"predict.input={images}")])
 
@@ -129,7 +157,7 @@ def predict_command(uri: str, model_uri: str, data_root: str = "") -> str:
 def pipeline(study: Study, execution: Execution) -> dict:
     """Run the study; return {seed: {stage: StageResult}} and log the summary table to the parent run."""
     from toolkit.stages.pretrain import pretrain
-    from toolkit.stages.report import report_folder, summarise
+    from toolkit.stages.report import real_data_summary, report_folder, summarise
 
     key = run_key(study, execution, "pipeline")
     t0 = time.perf_counter()
@@ -157,8 +185,13 @@ def pipeline(study: Study, execution: Execution) -> dict:
             results[seed] = run_seed(study, execution, parent.run_id, seed, simclr_path)
         seconds = time.perf_counter() - t0
         parent.log_metrics({"pipeline_seconds": seconds})
-        table = summarise(parent, results, report_folder(execution, parent), study.split)
+        if study.data.name in ("folder", "npz"):
+            table = real_data_summary(parent, results, report_folder(execution, parent))
+        else:
+            # every registered benchmark has ten classes; a real dataset has its own summary above
+            table = summarise(parent, results, report_folder(execution, parent), study.split, data=study.data)
         print(table, flush=True)
-        _register_best(execution, parent, results)
+        _publish_pool_labels(execution, parent, results)
+        _register_best(study, execution, parent, results)
         print(f"[pipeline] done in {seconds:.0f}s. Browse: {run_url(parent)}", flush=True)
     return results

@@ -1,14 +1,17 @@
 """`toolkit predict`: a trained classifier's label and confidence for each image.
 
-    toolkit predict predict.model=runs/stages/<key>/model.pt predict.input=digits/ predict.output=labels.csv
+    toolkit predict predict.model=runs/stages/<key>/model.pt predict.input=images/ predict.output=labels.csv
 
 ``predict.model`` is a toolkit model file (``model.pt``, or the stage folder holding it), an
 MLflow run id (the run's logged MLflow model, else its ``model/model.pt`` artifact), an MLflow
 model URI (``runs:/<run id>/model``, ``models:/<name>/<version>``, ``models:/<name>@best``,
 ``models:/<model id>``) or a downloaded MLflow model folder. ``predict.input`` is an idx3 image
-file as MNIST ships it (``.gz`` too), a ``.npy`` uint8 array ``(N, 28, 28)``, or one PNG/JPEG
-image or a folder of them (28x28, white digit on black like MNIST; colour is turned to grey).
-Rows are written as CSV (``image,label,confidence``) to ``predict.output``, or printed.
+file (``.gz`` too), a ``.npy`` uint8 array, or one image file or a folder of them, of any size and
+mode: each image is converted to the model's input (its ``ImageSpec``) exactly as training
+converted its data (``toolkit.stages.predict_input``). Rows are written as CSV
+(``image,label,confidence``) to ``predict.output``, or printed; the label is the model's class
+name where it records them (a model file's ``class_names``, an MLflow model's description or
+metadata), else the class index.
 
 Nothing here trains or logs: no MLflow run is opened, and MLflow is only touched when the
 model comes from it. Bad input is a DataError / CheckpointError / ConfigError of one line.
@@ -23,14 +26,13 @@ the toolkit did not log, and only with ``predict.trust_pickled_model=true``.
 from __future__ import annotations
 
 import csv
-import gzip
 import io
 import os
 import re
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -40,116 +42,54 @@ import torch
 from toolkit.engine import checkpoints
 from toolkit.engine.checkpoints import CheckpointError
 from toolkit.config import ConfigError, Execution, Study
-from toolkit.datasets.mnist import IMAGE_SIZE, NUM_CLASSES, DataError
+from toolkit.datasets.spec import MNIST_SPEC, ImageSpec
+from toolkit.stages.predict_input import load_images, read_images
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-IDX3_MAGIC, IDX1_MAGIC = 2051, 2049
+__all__ = ["Model", "Predictions", "load_images", "load_predictor", "predict", "predict_images", "read_images",
+           "write_csv"]
+
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")  # runs:/, models:/, file://, s3://, ...
 
-Predictor = Callable[[torch.Tensor], torch.Tensor]  # uint8 (B, 28, 28) on CPU -> probabilities (B, 10)
+Predictor = Callable[[torch.Tensor], torch.Tensor]  # uint8 (B, C, S, S) on CPU -> probabilities (B, K)
+
+
+@dataclass
+class Model:
+    """A classifier ready to predict: its function, the images it takes and the names of its classes."""
+
+    predict: Predictor
+    spec: ImageSpec
+    class_names: tuple[str, ...] | None  # label i is class_names[i]; None: the index is the label
+    what: str = ""  # what was loaded, for the summary line
 
 
 @dataclass
 class Predictions:
-    """One row per image: its name, the predicted digit and the probability the model gave it."""
+    """One row per image: its name, the predicted class and the probability the model gave it."""
 
     names: list[str]
-    labels: np.ndarray  # (N,) int64
+    labels: np.ndarray  # (N,) int64 class indices
     confidences: np.ndarray  # (N,) float32
-    probs: np.ndarray  # (N, 10) float32
+    probs: np.ndarray  # (N, K) float32
     model: str  # what was loaded, for the summary line
+    class_names: tuple[str, ...] | None = None
 
-    def rows(self) -> list[tuple[str, int, float]]:
-        return [(n, int(y), float(c)) for n, y, c in zip(self.names, self.labels, self.confidences)]
-
-
-# ----------------------------------------------------------------------------- images
-
-
-def _idx3_images(raw: bytes, path: Path) -> np.ndarray:
-    """The images of an idx3 file (magic 2051, dims N x 28 x 28, then N*784 bytes): the one idx reader."""
-    from toolkit.datasets.idx import parse_idx
-
-    if int.from_bytes(raw[:4], "big") == IDX1_MAGIC:
-        raise DataError(f"predict.input {path} is an idx1 (labels) file; give the images (idx3) file")
-    images = parse_idx(raw, path, 3, "predict.input")
-    if images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
-        rows, cols = images.shape[1:]
-        raise DataError(f"predict.input {path}: images are {rows}x{cols}, expected {IMAGE_SIZE}x{IMAGE_SIZE} (MNIST format)")
-    return images
-
-
-def _npy_images(path: Path) -> np.ndarray:
-    try:
-        x = np.load(path, allow_pickle=False)
-    except Exception as e:  # noqa: BLE001 - any failure means "not a plain .npy array"
-        raise DataError(f"predict.input {path}: not a readable .npy array ({type(e).__name__}: {e})".splitlines()[0]) from None
-    if x.ndim == 4 and x.shape[1] == 1:
-        x = x[:, 0]  # (N, 1, 28, 28)
-    if x.ndim == 2:
-        x = x[None]  # one image
-    if x.dtype != np.uint8:
-        raise DataError(f"predict.input {path}: dtype {x.dtype}, expected uint8 images with values 0..255 "
-                        "(from floats in [0, 1]: (x * 255).round().astype(np.uint8))")
-    if x.ndim != 3 or x.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
-        raise DataError(f"predict.input {path}: shape {tuple(x.shape)}, expected (N, {IMAGE_SIZE}, {IMAGE_SIZE})")
-    return x
-
-
-def _picture(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            if im.size != (IMAGE_SIZE, IMAGE_SIZE):
-                w, h = im.size
-                raise DataError(f"predict.input {path}: image is {w}x{h} pixels, expected {IMAGE_SIZE}x{IMAGE_SIZE} "
-                                "(MNIST format: 28x28 grayscale, white digit on black)")
-            return np.asarray(im.convert("L"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError) as e:
-        raise DataError(f"predict.input {path}: not a readable PNG/JPEG image ({e})".splitlines()[0]) from None
-
-
-def read_images(path: str | os.PathLike) -> tuple[torch.Tensor, list[str]]:
-    """uint8 images ``(N, 28, 28)`` and a name per image (file name, or ``<file>:<index>``)."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise DataError(f"predict.input {p}: no such file or folder")
-    if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise DataError(f"predict.input {p}: no PNG/JPEG images in this folder")
-        images = np.stack([_picture(f) for f in files])
-        return torch.from_numpy(images), [f.name for f in files]
-    suffix = p.suffix.lower()
-    if suffix in IMAGE_SUFFIXES:
-        return torch.from_numpy(_picture(p)[None].copy()), [p.name]
-    if suffix == ".npy":
-        images = _npy_images(p)
-    else:
-        raw = p.read_bytes()
-        if raw[:2] == b"\x1f\x8b":  # gzip, whatever the name says
-            try:
-                raw = gzip.decompress(raw)
-            except (OSError, EOFError) as e:
-                raise DataError(f"predict.input {p}: broken gzip file ({e})") from None
-        elif int.from_bytes(raw[:4], "big") not in (IDX3_MAGIC, IDX1_MAGIC):
-            raise DataError(f"predict.input {p}: unknown format; expected an idx3 image file (.gz too), "
-                            "a .npy uint8 array (N, 28, 28), or PNG/JPEG images")
-        images = _idx3_images(raw, p)
-    if len(images) == 0:
-        raise DataError(f"predict.input {p}: holds no images")
-    return torch.from_numpy(np.ascontiguousarray(images)), [f"{p.name}:{i}" for i in range(len(images))]
+    def rows(self) -> list[tuple[str, int | str, float]]:
+        """(image, label, confidence); the label is the class name when the model has names."""
+        named = self.class_names
+        return [(n, named[int(y)] if named else int(y), float(c))
+                for n, y, c in zip(self.names, self.labels, self.confidences)]
 
 
 # ----------------------------------------------------------------------------- models
 
 
-def _toolkit_predictor(path: Path, device: torch.device, batch_size: int) -> Predictor:
+def _toolkit_predictor(path: Path, device: torch.device, batch_size: int) -> Model:
     from toolkit.engine.loops import predict_probs, read_tta_recipe
     from toolkit.execution.pool_inference import build_classifier
     from toolkit.engine.jobs import ModelWeights
+    from toolkit.tracking.model_package import read_class_names, read_spec
 
     try:
         payload = checkpoints.load_model_file(path, "classifier")
@@ -158,9 +98,11 @@ def _toolkit_predictor(path: Path, device: torch.device, batch_size: int) -> Pre
             raise CheckpointError(f"{e}: a SimCLR encoder gives features, not labels; predict with a classifier "
                                   "(supervised or pseudolabel stage; model.init=simclr:<path> starts one from it)") from None
         raise
-    try:
-        model = build_classifier(ModelWeights.from_payload(payload), device)
-    except (RuntimeError, TypeError, KeyError, ConfigError) as e:
+    try:  # a file without "input" / "class_names" is from before other datasets: MNIST, labels are indices
+        spec = read_spec(payload.get("input"))
+        names = read_class_names(payload.get("class_names"), spec.num_classes)
+        model = build_classifier(replace(ModelWeights.from_payload(payload), spec=spec), device)
+    except (RuntimeError, TypeError, KeyError, ValueError, ConfigError) as e:
         raise CheckpointError(f"checkpoint {payload['path']} does not fit a classifier: {e}".splitlines()[0]) from None
     tta = payload.get("tta")  # a student predicts as the mean over augmented views: its file says how
     if tta is not None:
@@ -174,12 +116,33 @@ def _toolkit_predictor(path: Path, device: torch.device, batch_size: int) -> Pre
         with torch.no_grad():
             return predict_probs(model, images.to(device), tta, batch_size).cpu()
 
-    return run
+    return Model(run, spec, names)
 
 
-def _trusted_predictor(uri: str, model_uri: str) -> Predictor:
-    """Any MLflow model shaped uint8 (N, 28, 28) -> (N, 10), loaded by MLflow: it runs the model's code."""
+def _signature_spec(sig) -> tuple[ImageSpec, bool] | None:
+    """The images and classes an MLflow signature says, uint8 (-1, S, S) or (-1, C, S, S) -> (-1, K), and
+    whether its batches have no channel axis (the 3-D form); None for any other signature.
+
+    Only channels, side and classes matter (the model standardises its input itself)."""
+    ins = sig.inputs.inputs if sig is not None and sig.inputs is not None else []
+    outs = sig.outputs.inputs if sig is not None and sig.outputs is not None else []
+    if len(ins) != 1 or len(outs) != 1:
+        return None
+    shape, out = tuple(getattr(ins[0], "shape", None) or ()), tuple(getattr(outs[0], "shape", None) or ())
+    flat = len(shape) == 3
+    if flat:
+        shape = (-1, 1, *shape[1:])
+    if not (len(shape) == 4 and shape[0] == -1 and shape[1] in (1, 3) and shape[2] == shape[3] and shape[2] >= 1
+            and len(out) == 2 and out[0] == -1 and out[1] >= 1):
+        return None
+    c = shape[1]
+    return ImageSpec(c, shape[2], out[1], (0.5,) * c, (0.5,) * c), flat
+
+
+def _trusted_predictor(uri: str, model_uri: str) -> Model:
+    """Any MLflow model shaped uint8 (N, S, S) or (N, C, S, S) -> (N, K), loaded by MLflow: it runs the model's code."""
     from toolkit.tracking.logged_models import CLASSIFIER, ENCODER, KIND_KEY, load_trusted_model
+    from toolkit.tracking.model_package import CLASS_NAMES_KEY, read_class_names
 
     try:
         model, meta = load_trusted_model(uri, model_uri)
@@ -189,24 +152,27 @@ def _trusted_predictor(uri: str, model_uri: str) -> Predictor:
     kind = meta.get(KIND_KEY)
     if kind == ENCODER:
         raise CheckpointError(f"predict.model={model_uri} is a SimCLR encoder (features out), not a classifier")
-    sig = meta.get("_signature")
-    if kind != CLASSIFIER:
-        ins = sig.inputs.inputs if sig is not None and sig.inputs is not None else []
-        outs = sig.outputs.inputs if sig is not None and sig.outputs is not None else []
-        ok = (len(ins) == 1 and getattr(ins[0], "shape", None) == (-1, IMAGE_SIZE, IMAGE_SIZE)
-              and len(outs) == 1 and getattr(outs[0], "shape", None) == (-1, NUM_CLASSES))
-        if not ok:
-            raise CheckpointError(f"predict.model={model_uri} is not a toolkit classifier "
-                                  "(expected uint8 (-1, 28, 28) -> (-1, 10) in its signature)")
+    found = _signature_spec(meta.get("_signature"))
+    if found is None and kind == CLASSIFIER:
+        found = MNIST_SPEC, True  # a toolkit classifier from before its models were plain files: MNIST's
+    if found is None:
+        raise CheckpointError(f"predict.model={model_uri} is not a toolkit classifier "
+                              "(expected uint8 (-1, S, S) or (-1, C, S, S) -> (-1, K) in its signature)")
+    spec, flat = found
+    try:
+        names = read_class_names(meta.get(CLASS_NAMES_KEY), spec.num_classes)
+    except ValueError:
+        names = None  # names that do not fit its outputs name nothing: labels stay indices
 
     def run(images: torch.Tensor) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(model.predict(images.cpu().numpy())), dtype=torch.float32)
+        x = images[:, 0] if flat else images  # the batch in its signature's own shape
+        return torch.as_tensor(np.asarray(model.predict(x.cpu().numpy())), dtype=torch.float32)
 
-    return run
+    return Model(run, spec, names)
 
 
 def _mlflow_predictor(uri: str, model_uri: str, device: torch.device, batch_size: int,
-                      trust_pickled: bool = False) -> Predictor:
+                      trust_pickled: bool = False) -> Model:
     """A classifier the toolkit logged as an MLflow model (a local folder or a URI), from its plain files."""
     from toolkit.tracking.logged_models import download_model
     from toolkit.tracking.model_package import ENCODER, NotAToolkitModel, read_mlflow_model
@@ -238,7 +204,7 @@ def _mlflow_predictor(uri: str, model_uri: str, device: torch.device, batch_size
     def run(images: torch.Tensor) -> torch.Tensor:
         return model(images, batch_size).cpu()
 
-    return run
+    return Model(run, model.spec, model.class_names)
 
 
 def _run_model_uri(uri: str, run_id: str) -> str | None:
@@ -267,8 +233,8 @@ def _run_model_uri(uri: str, run_id: str) -> str | None:
 
 
 def load_predictor(ref: str, tracking_uri: str = "", device: torch.device | str = "cpu",
-                   batch_size: int = 1024, trust_pickled: bool = False) -> tuple[Predictor, str]:
-    """The classifier named by ``ref`` as a function of uint8 image batches, and what was loaded.
+                   batch_size: int = 1024, trust_pickled: bool = False) -> Model:
+    """The classifier named by ``ref``: a function of uint8 image batches of its spec, and what was loaded.
 
     ``trust_pickled``: an MLflow model the toolkit did not log is loaded by MLflow (running its
     code) instead of being refused."""
@@ -280,22 +246,23 @@ def load_predictor(ref: str, tracking_uri: str = "", device: torch.device | str 
     if p.exists():
         if p.is_dir() and (p / "MLmodel").is_file():
             folder = str(p.resolve())
-            return _mlflow_predictor(tracking_uri, folder, device, batch_size, trust_pickled), folder
-        return _toolkit_predictor(p, device, batch_size), str(p.resolve())
+            return replace(_mlflow_predictor(tracking_uri, folder, device, batch_size, trust_pickled), what=folder)
+        return replace(_toolkit_predictor(p, device, batch_size), what=str(p.resolve()))
     if _URI.match(ref):
-        return _mlflow_predictor(tracking_uri, ref, device, batch_size, trust_pickled), ref
+        return replace(_mlflow_predictor(tracking_uri, ref, device, batch_size, trust_pickled), what=ref)
     if _RUN_ID.match(ref):
         model_uri = _run_model_uri(tracking_uri, ref)
         if model_uri:
-            return (_mlflow_predictor(tracking_uri, model_uri, device, batch_size, trust_pickled),
-                    f"{model_uri} (run {ref})")
+            return replace(_mlflow_predictor(tracking_uri, model_uri, device, batch_size, trust_pickled),
+                           what=f"{model_uri} (run {ref})")
         import mlflow
 
         dest = tempfile.mkdtemp(prefix="toolkit-predict-")
         try:
             local = mlflow.artifacts.download_artifacts(run_id=ref, artifact_path=f"model/{checkpoints.MODEL_FILE}",
                                                         dst_path=dest, tracking_uri=tracking_uri)
-            return _toolkit_predictor(Path(local), device, batch_size), f"run {ref} model/{checkpoints.MODEL_FILE}"
+            return replace(_toolkit_predictor(Path(local), device, batch_size),
+                           what=f"run {ref} model/{checkpoints.MODEL_FILE}")
         except CheckpointError:
             raise
         except Exception:  # noqa: BLE001 - any MLflow failure means the run has no model
@@ -312,15 +279,18 @@ def load_predictor(ref: str, tracking_uri: str = "", device: torch.device | str 
 
 def predict_images(model: str, input_path: str, output: str = "", batch_size: int = 1024, device: torch.device | str = "cpu",
                    tracking_uri: str = "", trust_pickled: bool = False) -> Predictions:
-    """Load ``model``, read the images at ``input_path``, predict; write CSV to ``output`` (if given)."""
-    images, names = read_images(input_path)  # first: a bad path should not wait for a model download
-    predictor, what = load_predictor(model, tracking_uri, device, batch_size, trust_pickled)
-    probs = torch.cat([predictor(images[i: i + batch_size]) for i in range(0, len(images), batch_size)])
-    if probs.ndim != 2 or probs.shape[1] != NUM_CLASSES:
-        raise CheckpointError(f"predict.model={model} gives outputs of shape {tuple(probs.shape)}, expected (N, 10)")
+    """Load ``model``, read the images at ``input_path``, convert them to the model's input, predict; write
+    CSV to ``output`` (if given)."""
+    found = load_images(input_path)  # first: a bad path should not wait for a model download
+    loaded = load_predictor(model, tracking_uri, device, batch_size, trust_pickled)
+    images = found.to_spec(loaded.spec)
+    probs = torch.cat([loaded.predict(images[i: i + batch_size]) for i in range(0, len(images), batch_size)])
+    k = loaded.spec.num_classes
+    if probs.ndim != 2 or probs.shape[1] != k:
+        raise CheckpointError(f"predict.model={model} gives outputs of shape {tuple(probs.shape)}, expected (N, {k})")
     conf, labels = probs.max(1)
-    result = Predictions(names, labels.numpy().astype(np.int64), conf.numpy().astype(np.float32),
-                         probs.numpy().astype(np.float32), what)
+    result = Predictions(found.names, labels.numpy().astype(np.int64), conf.numpy().astype(np.float32),
+                         probs.numpy().astype(np.float32), loaded.what, loaded.class_names)
     if output:
         write_csv(result, output)
     return result
@@ -365,8 +335,8 @@ def predict(study: Study, execution: Execution) -> Predictions:
     if not pc.model:
         load_predictor(pc.model)  # raises the ConfigError that names the key
     if not pc.input:
-        raise ConfigError("predict.input is empty: give an idx3 file (.gz ok), a .npy uint8 (N, 28, 28) array, "
-                          "or a PNG/JPEG image or folder of them")
+        raise ConfigError("predict.input is empty: give an idx3 file (.gz ok), a .npy uint8 (N, H, W) / (N, C, H, W) "
+                          "array, or a PNG/JPEG image or folder of them")
     from toolkit.execution.pool_inference import device_for
 
     uri = ""
@@ -376,9 +346,10 @@ def predict(study: Study, execution: Execution) -> Predictions:
                             pc.trust_pickled_model)
     if not pc.output:
         write_csv(result, sys.stdout)
-    counts = np.bincount(result.labels, minlength=NUM_CLASSES)
+    counts = np.bincount(result.labels, minlength=result.probs.shape[1]).tolist()
+    per_class = dict(zip(result.class_names, counts)) if result.class_names else counts
     where = f" -> {Path(pc.output).expanduser().resolve()}" if pc.output else ""
     print(f"[predict] {len(result.names)} images{where}; model {result.model}; "
-          f"mean confidence {float(result.confidences.mean()):.3f}; per digit {counts.tolist()}",
+          f"mean confidence {float(result.confidences.mean()):.3f}; per class {per_class}",
           file=sys.stderr, flush=True)
     return result

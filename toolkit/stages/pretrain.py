@@ -7,7 +7,7 @@ from toolkit.execution.backends import run_training
 from toolkit.config import Execution, Study, stage_digest
 from toolkit.engine.jobs import TrainJob
 from toolkit.tracking.runs import MetricsLogger
-from toolkit.stages.data_inputs import data_root_for_workers
+from toolkit.stages.data_inputs import data_root_for_workers, images_for_workers
 from toolkit.stages.model_files import save_model_file
 from toolkit.stages.skeleton import Stage, StageOutput, StageResult, StageRun, run_key, run_stage
 
@@ -16,18 +16,19 @@ def pretrain(study: Study, execution: Execution, parent_run_id: str | None = Non
     """Train SimCLR; write ``model.pt`` (kind 'simclr') into the stage folder and the MLflow run."""
 
     def body(run: StageRun) -> StageOutput:
-        job = TrainJob.simclr(study, execution, data_root_for_workers(execution), run.split)
+        job = TrainJob.simclr(study, execution, data_root_for_workers(execution), run.split, images_for_workers(run.data))
         state, metrics = run_training(execution, job, run.key, MetricsLogger(run.tracker, "epoch"))
         model_path = save_model_file(run.folder / checkpoints.MODEL_FILE, "simclr", study, state["state_dict"],
-                                     epoch=state["epoch"])
+                                     run.data, epoch=state["epoch"])
         run.tracker.log_artifact(model_path, "model")
         if run.tracker.enabled and execution.tracking.log_models:
             from toolkit.tracking.logged_models import log_encoder
             from toolkit.maths.models import SimCLRModel
 
-            encoder = SimCLRModel(study.model)
+            encoder = SimCLRModel(study.model, run.data.spec)
             encoder.load_state_dict(state["state_dict"])
-            uri = log_encoder(run.tracker, run.tracker.run_id, encoder, input_example=run.data.test_images[:4])
+            uri = log_encoder(run.tracker, run.tracker.run_id, encoder, input_example=run.data.test_images[:4],
+                              spec=run.data.spec, class_names=run.data.class_names)
             run.tracker.set_tags({"toolkit.model_uri": uri})
         final = {"final_loss": float(metrics.get("loss", float("nan")))}
         run.tracker.log_metrics(final)

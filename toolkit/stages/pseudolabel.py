@@ -15,7 +15,7 @@ from toolkit.execution.pool_inference import device_for
 from toolkit.engine.jobs import ModelWeights
 from toolkit.tracking.plots import plot_class_counts, plot_curves
 from toolkit.tracking.runs import Tracker
-from toolkit.stages.model_files import init_weights, load_classifier_file, save_model_file
+from toolkit.stages.model_files import check_fits_data, init_weights, load_classifier_file, save_model_file
 from toolkit.stages.pseudolabel_rounds import STATE_FILE, RoundsStart, load_state, run_rounds, save_state
 from toolkit.stages.skeleton import Stage, StageOutput, StageResult, StageRun, run_key, run_stage, with_inputs
 from toolkit.stages.evaluation import log_test_report
@@ -53,15 +53,16 @@ def pseudolabel(study: Study, execution: Execution, parent_run_id: str | None = 
         key = with_inputs(key, [base_model])
 
     def body(run: StageRun) -> StageOutput:
-        init = init_weights(study, execution, run.folder)
+        init = init_weights(study, execution, run.folder, run.data)
         start = None
         if base_model:
-            start = ModelWeights.from_payload(checkpoints.load_model_file(base_model, "classifier", study.model))
+            start = check_fits_data(ModelWeights.from_payload(
+                checkpoints.load_model_file(base_model, "classifier", study.model)), run.data, base_model)
         state_path = run.folder / STATE_FILE
         source = Path(first_round_from.model_path).parent if first_round_from and first_round_from.model_path else None
         begin = RoundsStart(start=start, start_id=str(base_model or "round0"), init=init, adopt_from=source)
         state = run_rounds(run, load_state(state_path), lambda st, m: save_state(state_path, st), begin)
-        final = save_model_file(run.folder / checkpoints.MODEL_FILE, "classifier", study, state["state_dict"],
+        final = save_model_file(run.folder / checkpoints.MODEL_FILE, "classifier", study, state["state_dict"], run.data,
                                 encoder_pretrained=bool(state["encoder_pretrained"]))
         run.tracker.log_artifact(final, "model")
         _round_plots(run.tracker, state, run.folder, f"pseudo-labeling ({mode})")

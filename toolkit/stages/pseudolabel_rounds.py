@@ -22,6 +22,7 @@ import torch
 from toolkit.engine import checkpoints
 from toolkit.config import ConfigError, PseudoLabelConfig, Study, stage_digest
 from toolkit.datasets.mnist import Split
+from toolkit.datasets.spec import ImageSpec
 from toolkit.execution.pool_inference import predict_pool
 from toolkit.engine.jobs import ModelWeights
 from toolkit.maths.selection import select_pseudo_labels
@@ -56,9 +57,9 @@ def save_state(path: Path, state: dict) -> None:
     checkpoints.save(path, {k: v for k, v in state.items() if k != "path"})  # atomic: a kill keeps the previous round
 
 
-def state_weights(state: dict) -> ModelWeights:
+def state_weights(state: dict, spec: ImageSpec) -> ModelWeights:
     """The state's current model (a classifier), as weights to pass by value."""
-    return ModelWeights("classifier", state["model_config"], state["state_dict"])
+    return ModelWeights("classifier", state["model_config"], state["state_dict"], spec)
 
 
 def _log_round(tracker: Tracker, entry: dict) -> None:
@@ -139,32 +140,35 @@ def run_rounds(run: StageRun, state: dict | None, after_round: Callable[[dict, d
         start = begin.start
         if start is None:  # round 0: the labeled images alone
             _, trained = train_classifier(run, f"{key}-round0", "round0.pt", ClassifierTraining(init=init, label="round 0"))
-            start = ModelWeights("classifier", study.to_dict(), trained["state_dict"])
+            start = ModelWeights("classifier", study.to_dict(), trained["state_dict"], data.spec)
         state = new_state(digest, begin.start_id, start, init is not None, split)
 
     for r in range(state["rounds_done"], rounds):
         t0 = time.perf_counter()
         threshold = round_threshold(pc, r)
         pool = torch.tensor(state["pool"], dtype=torch.long)
-        probs = torch.from_numpy(predict_pool(study, run.execution, state_weights(state), pool, data.train_images))
+        probs = torch.from_numpy(predict_pool(study, run.execution, state_weights(state, data.spec), pool, data.train_images))
         sel = select_pseudo_labels(probs, threshold, pc.per_class_cap or None, pc.class_adaptive)
         new_idx = pool[sel.positions]
         keep = torch.ones(len(pool), dtype=torch.bool)
         keep[sel.positions] = False
         pseudo_idx = state["pseudo_indices"] + new_idx.tolist()
         pseudo_lab = state["pseudo_labels"] + sel.labels.tolist()
-        # diagnostics only: the pool's true labels never feed back into selection or training
-        precision_round = float((train_labels[new_idx] == sel.labels).float().mean()) if len(new_idx) else float("nan")
+        # diagnostics only, and only where the pool's labels exist (a benchmark): they never feed back into
+        # selection or training; a real dataset's pool has no labels to compare with
+        truth = data.kind == "benchmark"
+        precision_round = (float((train_labels[new_idx] == sel.labels).float().mean())
+                           if len(new_idx) and truth else float("nan"))
         all_idx = torch.tensor(pseudo_idx, dtype=torch.long)
         precision_total = (float((train_labels[all_idx] == torch.tensor(pseudo_lab)).float().mean())
-                           if len(pseudo_idx) else float("nan"))
-        warm = ModelWeights("classifier", state["model_config"], state["state_dict"])
+                           if len(pseudo_idx) and truth else float("nan"))
+        warm = state_weights(state, data.spec)
         _, trained = train_classifier(run, f"{key}-round{r + 1}", f"round{r + 1}.pt", ClassifierTraining(
             init=warm if pc.warm_start else init, encoder_pretrained=bool(state["encoder_pretrained"]),
             pseudo_indices=torch.tensor(pseudo_idx, dtype=torch.long), pseudo_labels=torch.tensor(pseudo_lab, dtype=torch.long),
             steps=pc.steps_per_round, step_offset=(r + 1) * 1_000_000, label=f"round {r + 1}/{rounds}",
         ))
-        counts = sel.counts_per_class(10).tolist()
+        counts = sel.counts_per_class(data.spec.num_classes).tolist()
         metrics = {
             "threshold": threshold,
             "added": len(new_idx),
@@ -184,7 +188,8 @@ def run_rounds(run: StageRun, state: dict | None, after_round: Callable[[dict, d
             "history": state["history"] + [entry],
         })
         print(f"[pseudolabel] round {r + 1}/{rounds}: threshold {threshold:.4f}, +{len(new_idx)} "
-              f"(precision {precision_round:.4f}, diagnostic), pool left {int(keep.sum())}, val acc {trained['val_acc']:.4f}",
+              f"(precision {precision_round:.4f}, diagnostic), pool left {int(keep.sum())}, "
+              f"{'labeled acc (in-sample)' if split.val_is_labeled else 'val acc'} {trained['val_acc']:.4f}",
               flush=True)
         after_round(state, metrics)
     return state

@@ -20,7 +20,7 @@ import re
 import statistics
 from pathlib import Path
 
-from toolkit.config import ConfigError, Execution, SplitConfig, Study
+from toolkit.config import ConfigError, DataConfig, Execution, SplitConfig, Study
 from toolkit.tracking.plots import plot_error_by_stage
 from toolkit.tracking.runs import Tracker
 from toolkit.tracking.stores import tracking_uri
@@ -128,9 +128,11 @@ def _row(name: str, stage: str, standard: dict[int, float | None], strict: dict[
     }
 
 
-def table_rows(results: dict[int, dict[str, StageResult]]) -> list[dict]:
+def table_rows(results: dict[int, dict[str, StageResult]], references: bool = True) -> list[dict]:
+    """The table's rows; ``references``: beside the published MNIST-100 figures (only MNIST has them)."""
     rows = []
     for name, stage, metric, strict_metric, ref in ROWS:
+        ref = ref if references else None
         seeds = [seed for seed, r in results.items() if stage in r]
         standard = {seed: results[seed][stage].metrics.get(metric) for seed in seeds}
         if not any(v is not None for v in standard.values()):
@@ -182,13 +184,13 @@ def report_folder(execution: Execution, tracker: Tracker) -> Path:
 
 
 def summarise(tracker: Tracker, results: dict[int, dict[str, StageResult]], folder: Path, split: SplitConfig,
-              val_size: int | None = None) -> str:
+              val_size: int | None = None, data: DataConfig | None = None) -> str:
     """Write results.md / results.csv / error plot into ``folder``, log them to ``tracker``'s run; return the markdown.
 
     ``split``: the split the seeds were drawn with; ``val_size``: the validation split's
     actual size (default: ``split.val_size``).
     """
-    rows = table_rows(results)
+    rows = table_rows(results, references=data is None or data.name == "mnist")
     md = to_markdown(rows, list(results), 10 * split.labels_per_class, val_size or split.val_size)
     (folder / "results.md").write_text(md)
     with (folder / "results.csv").open("w", newline="") as f:
@@ -203,12 +205,14 @@ def summarise(tracker: Tracker, results: dict[int, dict[str, StageResult]], fold
         per_seed = {}
         for name, stage, metric, _, _ in ROWS:
             vals = [r[stage].metrics[metric] for r in results.values() if stage in r and metric in r[stage].metrics]
+            vals = [v for v in vals if math.isfinite(v)]  # a dataset without a test set has no test figure
             if vals:
                 per_seed[name] = vals
-        png = plot_error_by_stage(per_seed, folder / "error_by_stage.png",
-                                  f"test error by stage, {len(results)} split seed(s)",
-                                  {r["result"]: r["reference_value"] for r in rows if r["reference_value"]})
-        tracker.log_artifact(png, "report")
+        if per_seed:
+            png = plot_error_by_stage(per_seed, folder / "error_by_stage.png",
+                                      f"test error by stage, {len(results)} split seed(s)",
+                                      {r["result"]: r["reference_value"] for r in rows if r["reference_value"]})
+            tracker.log_artifact(png, "report")
         summary = {}
         for r in rows:
             slug = re.sub(r"[^a-z0-9]+", "_", r["result"].lower()).strip("_")[:60]
@@ -216,6 +220,34 @@ def summarise(tracker: Tracker, results: dict[int, dict[str, StageResult]], fold
             if not math.isnan(r["strict_mean"]):
                 summary[f"summary/{slug}/strict_mean"] = r["strict_mean"]
         tracker.log_metrics(summary)
+    return md
+
+
+def real_data_summary(tracker: Tracker, results: dict[int, dict[str, StageResult]], folder: Path) -> str:
+    """A real dataset's results: what its own labels say (the probe's nested cross-validation, with its 95%
+    interval), the test figure only where a test/ folder exists, and how much of the pool the final model
+    labels with high confidence. No hidden label exists, so no figure compares against one."""
+    lines = ["Your images: no label beyond yours exists, so accuracy is estimated from your labels alone.", "",
+             "| seed | estimated accuracy (linear probe, nested CV) | 95% interval | test accuracy | pool images | "
+             "confidence >= 0.9 |", "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for seed, stages in results.items():
+        est = stages["probe"].metrics if "probe" in stages else {}
+        final = stages.get("student") or next((stages[s] for s in reversed(CHAIN) if s in stages), None)
+        test = final.metrics.get("test_acc", math.nan) if final else math.nan
+        table = Path(final.model_path).parent / "pool_labels.csv" if final and final.model_path else None
+        n = sure = 0
+        if table is not None and table.is_file():
+            with table.open() as f:
+                confs = [float(r["confidence"]) for r in csv.DictReader(f)]
+            n, sure = len(confs), sum(c >= 0.9 for c in confs)
+        acc = est.get("estimate/linear_cv_acc", math.nan)
+        lo, hi = est.get("estimate/linear_cv_low95", math.nan), est.get("estimate/linear_cv_high95", math.nan)
+        lines.append(f"| {seed} | {100 * acc:.2f}% | [{100 * lo:.2f}, {100 * hi:.2f}]% | "
+                     f"{'-' if math.isnan(test) else f'{100 * test:.2f}%'} | {n} | "
+                     f"{f'{100 * sure / n:.1f}%' if n else '-'} |")
+    md = "\n".join(lines) + "\n"
+    (folder / "results.md").write_text(md)
+    tracker.log_artifact(folder / "results.md", "report")
     return md
 
 

@@ -13,7 +13,8 @@ from typing import Any, Callable
 
 from toolkit.engine import checkpoints
 from toolkit.config import Config, Execution, Study, stage_digest, to_yaml
-from toolkit.datasets.mnist import Mnist, Split, resolve_root
+from toolkit.datasets.mnist import Split, resolve_root
+from toolkit.datasets.training_data import ImageData
 from toolkit.redaction import redact
 from toolkit.execution.storage import resolve_output_dir
 from toolkit.tracking.runs import Tracker
@@ -109,6 +110,10 @@ def log_config_and_split(tracker: Tracker, run: "StageRun") -> None:
     split.save(folder / "split.json")
     tracker.log_artifact(folder / "config.yaml")
     tracker.log_artifact(folder / "split.json")
+    tags = {"split.kind": split.kind}
+    if run.data is not None:  # what kind of data, and its classes in label order
+        tags.update({"data.kind": run.data.kind, "data.classes": ",".join(run.data.class_names)[:5000]})
+    tracker.set_tags(tags)
     tracker.log_params({
         "split.labeled_size": len(split.labeled),
         "split.val_size_actual": len(split.val),
@@ -125,7 +130,7 @@ class StageRun:
     key: str
     folder: Path
     tracker: Tracker
-    data: Mnist
+    data: ImageData
     split: Split
 
 
@@ -180,7 +185,8 @@ def run_stage(study: Study, execution: Execution, stage: Stage, body: Callable[[
             if tracker.enabled:  # the split as the run's MLflow dataset inputs (training / validation)
                 from toolkit.tracking.logged_models import log_split_dataset
 
-                log_split_dataset(tracker, tracker.run_id, split, source=str(resolve_root(execution.run.data_root)))
+                log_split_dataset(tracker, tracker.run_id, split, source=str(resolve_root(execution.run.data_root)),
+                                  name=f"{data.name}-seed{split.seed}-{split.labels_per_class}x{data.spec.num_classes}")
             out: StageOutput = body(run)
             seconds = time.perf_counter() - t0
             metrics = {**out.metrics, "stage_seconds": seconds}

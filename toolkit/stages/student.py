@@ -33,15 +33,23 @@ import torch.nn.functional as F
 
 from toolkit.engine import checkpoints
 from toolkit.config import ConfigError, Execution, Study, stage_digest
-from toolkit.datasets.mnist import NUM_CLASSES
 from toolkit.engine.loops import extract_features, predict_probs, tta_recipe
 from toolkit.execution.pool_inference import device_for, predict_pool
+from toolkit.datasets.streamed import take
 from toolkit.engine.jobs import ModelWeights
 from toolkit.maths.selection import knn_smooth
 from toolkit.stages.classifier_fit import ClassifierTraining, train_classifier
 from toolkit.stages.model_files import load_classifier_file, load_encoder
+from toolkit.stages.pool_labels import FILE as POOL_LABELS_FILE, write_pool_labels
 from toolkit.stages.skeleton import Stage, StageOutput, StageResult, StageRun, run_key, run_stage, with_inputs
 from toolkit.stages.evaluation import accuracy_metrics, log_test_report
+
+
+def ensemble_probs(probs: list[torch.Tensor], smooth: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                   ) -> torch.Tensor:
+    """The teachers' (N, C) probabilities averaged (then ``smoothed``, if given)."""
+    mean = torch.stack(probs).mean(0)
+    return smooth(mean) if smooth is not None else mean
 
 
 def ensemble_labels(probs: list[torch.Tensor], min_confidence: float,
@@ -49,10 +57,7 @@ def ensemble_labels(probs: list[torch.Tensor], min_confidence: float,
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Average the teachers' (N, C) probabilities (then ``smooth`` them, if given); return
     (kept positions, their labels, the confidence of every row)."""
-    mean = torch.stack(probs).mean(0)
-    if smooth is not None:
-        mean = smooth(mean)
-    conf, labels = mean.max(1)
+    conf, labels = ensemble_probs(probs, smooth).max(1)
     keep = (conf >= min_confidence).nonzero().flatten()
     return keep, labels[keep], conf
 
@@ -69,8 +74,8 @@ def embedding_smoother(run: StageRun, encoder_path: str) -> Callable[[torch.Tens
     device = device_for(run.execution)
     encoder = load_encoder(encoder_path, device)
     rows = torch.cat([split.labeled, split.pool])
-    feats = extract_features(encoder, data.train_images[rows].to(device))  # the top-k runs where they are
-    known = F.one_hot(data.train_labels[split.labeled], NUM_CLASSES).float()
+    feats = extract_features(encoder, take(data.train_images, rows).to(device))  # the top-k runs where they are
+    known = F.one_hot(data.train_labels[split.labeled], data.spec.num_classes).float()
 
     def smooth(pool_probs: torch.Tensor) -> torch.Tensor:
         table = torch.cat([known, pool_probs.float()])
@@ -111,12 +116,17 @@ def student(study: Study, execution: Execution, teachers: list[str], parent_run_
         weights = [ModelWeights.from_payload(p) for p in payloads]
         probs = [torch.from_numpy(predict_pool(study, execution, w, pool, run.data.train_images)) for w in weights]
         smooth = embedding_smoother(run, encoder) if encoder else None
-        keep, labels, conf = ensemble_labels(probs, sc.min_confidence, smooth)
+        ensemble = ensemble_probs(probs, smooth)
+        conf, all_labels = ensemble.max(1)
+        keep = (conf >= sc.min_confidence).nonzero().flatten()
+        labels = all_labels[keep]
         idx = pool[keep]
         votes = torch.stack([p.argmax(1) for p in probs])
         agreement = float((votes == votes[0]).all(0).float().mean()) if len(probs) > 1 else 1.0
-        # diagnostics only: the pool's true labels never feed back into selection or training
-        precision = float((run.data.train_labels[idx] == labels).float().mean()) if len(idx) else float("nan")
+        # diagnostics only, where the pool's labels exist (a benchmark): they never feed back into selection
+        # or training
+        truth = run.data.kind == "benchmark"
+        precision = float((run.data.train_labels[idx] == labels).float().mean()) if len(idx) and truth else float("nan")
         how = (f"kNN-smoothed (k={sc.knn_k}) in the SimCLR embedding" if encoder else
                "not smoothed (student.knn_k=0)" if sc.knn_k == 0 else "not smoothed (no SimCLR encoder)")
         print(f"[student] {len(teachers)} teachers label {len(idx)}/{len(pool)} pool images, {how} "
@@ -130,6 +140,10 @@ def student(study: Study, execution: Execution, teachers: list[str], parent_run_
                                              file_extra={"tta": tta} if tta else None)
         run.tracker.log_artifact(model_path, "model")
         model = load_classifier_file(model_path, device_for(execution))
+        # the labeled pool: the student's own predictions (as its model file predicts), most doubtful first
+        final_probs = predict_probs(model, take(run.data.train_images, pool).to(device_for(execution)), tta).cpu()
+        table = write_pool_labels(run.folder / POOL_LABELS_FILE, run.data, pool, final_probs, votes, ensemble)
+        run.tracker.log_artifact(table)
         metrics = log_test_report(run, model, "student of the pseudo-labelers", tta=tta)
         val_acc = final["val_acc"]
         if tta:  # the validation figure the same way as the test figure (logged; it chooses nothing)

@@ -17,7 +17,7 @@ from toolkit.stages.evaluation import log_test_report
 
 def supervised(study: Study, execution: Execution, parent_run_id: str | None = None, key: str | None = None) -> StageResult:
     def body(run: StageRun) -> StageOutput:
-        init = init_weights(study, execution, run.folder)
+        init = init_weights(study, execution, run.folder, run.data)
         model_path, final = train_classifier(run, run.key, checkpoints.MODEL_FILE, ClassifierTraining(init=init))
         run.tracker.log_artifact(model_path, "model")
         model = load_classifier_file(model_path, device_for(execution))

@@ -31,7 +31,8 @@ import yaml
 
 from toolkit.engine import checkpoints
 from toolkit.config import ConfigError, Execution, Study, stage_digest
-from toolkit.datasets.mnist import Mnist, make_split
+from toolkit.datasets.mnist import make_split
+from toolkit.datasets.training_data import ImageData
 from toolkit.execution.pool_inference import device_for
 from toolkit.engine.jobs import ModelWeights
 from toolkit.config.search_space import SearchSpace, base_point, best_overrides, nested, parse_space, read_space, trial_config
@@ -87,7 +88,7 @@ def _searcher(study: Study, execution: Execution, start: dict[str, Any] | None =
                                  random_state=study.model.seed)
 
 
-def _pool_train_subset(study: Study, data: Mnist) -> int:
+def _pool_train_subset(study: Study, data: ImageData) -> int:
     """``data.train_subset`` that leaves ``tune.pool_subset`` pool images per trial (0: leave it).
 
     run_rounds takes its pool from the split, so the pool is made smaller by splitting
@@ -99,12 +100,13 @@ def _pool_train_subset(study: Study, data: Mnist) -> int:
     n = study.tune.pool_subset
     if not n:
         return 0
-    want = 10 * study.split.labels_per_class + study.split.val_size + n
+    want = data.spec.num_classes * study.split.labels_per_class + study.split.val_size + n
     if want >= len(data.train_labels):
         print(f"[tune] tune.pool_subset={n}: the pool is already at most that large, using it whole", flush=True)
         return 0
     try:
-        make_split(data.train_labels[:want], study.split.labels_per_class, study.split.val_size, study.split.seed)
+        make_split(data.train_labels[:want], study.split.labels_per_class, study.split.val_size, study.split.seed,
+                   data.spec.num_classes)
     except ConfigError as e:
         raise ConfigError(f"tune.pool_subset={n} is not allowed: the first {want} training images cannot hold "
                           f"the split ({e})") from None
@@ -267,11 +269,16 @@ def _search(run: StageRun, base: Study, space: SearchSpace, simclr: str | None,
             base_model: str | None) -> tuple[list[TrialRow], TrialJob]:
     """Run (or resume) the trials in the stage's MLflow run; return their rows and what every trial got."""
     study, execution, key, folder, tracker = run.study, run.execution, run.key, run.folder, run.tracker
+    if run.data.kind == "real":
+        # its validation set is the labeled images themselves: a search would pick the best overfit
+        raise ConfigError(f"toolkit tune is not allowed on data.name={study.data.name}: a real dataset has no "
+                          "validation images to choose by (its labels are all training labels); run the pipeline "
+                          "without pipeline.tune")
     choices: dict[str, ModelWeights] = {}  # explicit 'simclr:<path | run id>' choices: read once, shipped by value
     for v in space.entries.get("model.init", ("choice", []))[1]:
         ref = str(v)[len("simclr:"):] if str(v).startswith("simclr:") else None
         if ref and ref != SIMCLR_REF:
-            choices[ref] = init_weights(base.replace(**{"model.init": v}), execution, folder)
+            choices[ref] = init_weights(base.replace(**{"model.init": v}), execution, folder, run.data)
     start = None
     if base_model:
         start = ModelWeights.from_payload(checkpoints.load_model_file(base_model, "classifier", study.model))
@@ -280,7 +287,7 @@ def _search(run: StageRun, base: Study, space: SearchSpace, simclr: str | None,
     pool_subset = _pool_train_subset(study, run.data)
     trial_base = base.replace(**{"data.train_subset": pool_subset}) if pool_subset else base
     job = TrialJob(base=trial_base, execution=trial_execution(execution), key=key,
-                   simclr=init_weights(study, execution, folder), start=start, simclr_choices=choices)
+                   simclr=init_weights(study, execution, folder, run.data), start=start, simclr_choices=choices)
     _start_ray(execution)
     first = base_point(base, space) if study.tune.include_base else None
     if first:
@@ -336,7 +343,7 @@ def _report(run: StageRun, rows: list[TrialRow], space: SearchSpace, simclr: str
 
     with best.checkpoint.as_directory() as d:  # from ray.storage_path (downloaded if it is a cloud URI)
         best_state = load_state(Path(d) / STATE_FILE)
-    final = save_model_file(folder / checkpoints.MODEL_FILE, "classifier", best_cfg, best_state["state_dict"],
+    final = save_model_file(folder / checkpoints.MODEL_FILE, "classifier", best_cfg, best_state["state_dict"], run.data,
                             encoder_pretrained=bool(best_state["encoder_pretrained"]))
     tracker.log_artifact(final, "model")
     model = load_classifier_file(final, device_for(execution))

@@ -1,18 +1,21 @@
 """MLflow Models, dataset inputs and the Model Registry, for runs the toolkit opened by id.
 
-What a logged model takes and gives (its signature says the same):
+What a logged model takes and gives (its signature says the same), for the ``ImageSpec`` of the
+data it was trained on (``spec``: C channels, S x S pixels, K classes):
 
-* classifier: uint8 images ``(N, 28, 28)``, MNIST's own format (0 = background, 255 = ink)
-  -> float32 class probabilities ``(N, 10)``;
-* encoder:    uint8 images ``(N, 28, 28)`` -> float32 features ``(N, feature_dim)``.
+* classifier: uint8 images ``(N, C, S, S)`` -> float32 class probabilities ``(N, K)``;
+* encoder:    uint8 images ``(N, C, S, S)`` -> float32 features ``(N, feature_dim)``;
+* MNIST-shaped models (1 channel, 28 px) take ``(N, 28, 28)``, as they always did, so existing
+  clients keep working; other one-channel models take ``(N, 1, S, S)`` (and ``(N, S, S)`` when called).
 
-Raw uint8 in: a served model takes the pixels as MNIST stores them, and its user needs no
-knowledge of the toolkit's scaling. A logged model is a ``python_function`` MLflow model whose
-network is two plain files (``toolkit.tracking.model_package``): ``weights.pt`` (tensors only) and
-``toolkit_model.json`` (kind, architecture, input transform, test-time recipe). MLflow's own
-loaders (``mlflow.pyfunc.load_model``, ``mlflow models serve``) run ``toolkit/tracking/pyfunc.py``
-("models from code", with a copy of the ``toolkit`` package as the model's ``code/``), which
-rebuilds the network from those files; nothing in the model is pickled. ``toolkit predict``
+Raw uint8 in, converted to C x S x S as training converted them (``toolkit.datasets.convert``): a
+model's user needs no knowledge of the toolkit's scaling. Label ``i`` is ``class_names[i]``, stored
+in the description and the MLmodel metadata (``toolkit.class_names``). A logged model is a
+``python_function`` MLflow model whose network is two plain files (``toolkit.tracking.model_package``):
+``weights.pt`` (tensors only) and ``toolkit_model.json`` (kind, architecture, input spec, class names,
+test-time recipe). MLflow's own loaders (``mlflow.pyfunc.load_model``, ``mlflow models serve``) run
+``toolkit/tracking/pyfunc.py`` ("models from code", with a copy of the ``toolkit`` package as the
+model's ``code/``), which rebuilds the network from those files; nothing in the model is pickled. ``toolkit predict``
 calls no MLflow loader at all: it downloads the model's files (``download_model``) and reads
 the two files itself, so a model from elsewhere cannot run code in it.
 
@@ -26,15 +29,16 @@ A stage calls, in the driver and on rank 0 only (``tracker`` may be passed where
 asked for; a disabled tracker makes every call a no-op)::
 
     log_split_dataset(tracker, tracker.run_id, split, source=str(resolve_root(execution.run.data_root)))
-    uri = log_classifier(tracker, tracker.run_id, model, input_example=data.test_images[:4], step=steps)
-    log_encoder(tracker, tracker.run_id, simclr_model, input_example=data.test_images[:4])
+    uri = log_classifier(tracker, tracker.run_id, model, input_example=data.test_images[:4], step=steps,
+                         spec=data.spec, class_names=data.class_names)
+    log_encoder(tracker, tracker.run_id, simclr_model, input_example=data.test_images[:4], spec=data.spec,
+                class_names=data.class_names)
     register_best(tracker, uri, name)   # the pipeline, for its best model
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -49,7 +53,7 @@ import torch
 from torch import nn
 
 from toolkit.tracking import model_package
-from toolkit.datasets.mnist import IMAGE_SIZE, NUM_CLASSES
+from toolkit.datasets.spec import MNIST_SPEC, ImageSpec
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -136,43 +140,63 @@ def pip_requirements() -> list[str]:
     ]
 
 
-def _example_images(input_example: Any, most: int = 8) -> np.ndarray:
-    """uint8 ``(2..most, 28, 28)``: at most ``most`` images (it is stored in the model as JSON)."""
-    if input_example is None:
-        return np.zeros((2, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
-    x = input_example.detach().cpu().numpy() if isinstance(input_example, torch.Tensor) else np.asarray(input_example)
-    if x.dtype != np.uint8 or x.ndim != 3 or x.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
-        raise ValueError(f"input_example must be uint8 (N, 28, 28) images, got {x.dtype} {x.shape}")
+def _example_images(input_example: Any, spec: ImageSpec = MNIST_SPEC, most: int = 8) -> np.ndarray:
+    """uint8 ``(2..most, *signature shape)``: at most ``most`` images (it is stored in the model as JSON).
+
+    ``input_example``: None, or uint8 ``(N, C, S, S)`` of ``spec`` (``(N, S, S)`` for one channel); blank
+    images stand in for missing ones (a dataset without a test set gives an empty example)."""
+    shape = model_package.signature_shape(spec)[1:]
+    x = np.zeros((0, *shape), np.uint8) if input_example is None else (
+        input_example.detach().cpu().numpy() if isinstance(input_example, torch.Tensor) else np.asarray(input_example))
+    c, s = spec.channels, spec.image_size
+    if x.dtype == np.uint8 and x.ndim == 3 and c == 1 and x.shape[1:] == (s, s):
+        x = x[:, None]
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != spec.input_shape():
+        want = f"(N, {c}, {s}, {s})" + (f" or (N, {s}, {s})" if c == 1 else "")
+        raise ValueError(f"input_example must be uint8 {want} images (the model's input spec), got {x.dtype} {x.shape}")
+    x = x[:most].reshape(-1, *shape)  # MNIST-shaped models keep their (N, 28, 28) example
     if len(x) < 2:
-        x = np.concatenate([x, np.zeros((2 - len(x), IMAGE_SIZE, IMAGE_SIZE), np.uint8)])
-    return np.ascontiguousarray(x[:most])
+        x = np.concatenate([x, np.zeros((2 - len(x), *shape), np.uint8)])
+    return np.ascontiguousarray(x)
 
 
-def _signature(out_dim: int):
+def _signature(spec: ImageSpec, out_dim: int):
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, IMAGE_SIZE, IMAGE_SIZE))]),
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), model_package.signature_shape(spec))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, out_dim))]),
     )
+
+
+def _input_meaning(spec: ImageSpec) -> str:
+    """The MLmodel's ``toolkit.input``: what a caller sends, in words."""
+    shape = ", ".join(["N", *(str(d) for d in model_package.signature_shape(spec)[1:])])
+    if spec == MNIST_SPEC:
+        return f"uint8 ({shape}), MNIST format: 0 background, 255 ink"
+    return f"uint8 ({shape}): {spec.channels}-channel {spec.image_size}x{spec.image_size} images, pixels 0..255"
 
 
 @dataclass(frozen=True)
 class LogOptions:
     """How ``log_classifier`` / ``log_encoder`` log a model, beyond the model itself.
 
-    ``input_example``: uint8 images ``(N, 28, 28)`` stored with the model and shown in the UI (a few
-    test digits are best; without one, two blank images). ``metadata``: extra MLmodel metadata.
-    ``step``: the run's step the model belongs to. ``tta``: the classifier's test-time augmentation
-    recipe (``engine.tta_recipe``), stored in its description: the model then predicts, in MLflow and
-    in ``toolkit predict``, as the mean over the augmented views, as its model file does.
+    ``input_example``: uint8 images ``(N, C, S, S)`` of ``spec`` stored with the model and shown in the UI
+    (a few test images are best; without one, or with an empty one, two blank images). ``metadata``:
+    extra MLmodel metadata. ``step``: the run's step the model belongs to. ``tta``: the classifier's
+    test-time augmentation recipe (``engine.tta_recipe``), stored in its description: the model then
+    predicts, in MLflow and in ``toolkit predict``, as the mean over the augmented views, as its model
+    file does. ``spec``: the images the network was built for (``data.spec``; it decides the signature).
+    ``class_names``: the dataset's class names (``data.class_names``), one per class.
     """
 
     input_example: Any = None
     metadata: dict | None = None
     step: int = 0
     tta: dict | None = None
+    spec: ImageSpec = MNIST_SPEC
+    class_names: tuple | list | None = None
 
 
 def _toolkit_code(dest: Path) -> str:
@@ -195,17 +219,20 @@ def _log_model(uri: str, run_id: str, model: nn.Module, name: str, kind: str, op
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     client = _client(uri)
     run = client.get_run(run_id)
-    example = _example_images(opts.input_example)
+    example = _example_images(opts.input_example, opts.spec)
     with tempfile.TemporaryDirectory(prefix="toolkit-model-") as tmp:
-        got, weights, description = model_package.write(Path(tmp) / "files", model, opts.tta)
+        got, weights, description = model_package.write(Path(tmp) / "files", model, opts.tta, opts.spec,
+                                                        opts.class_names)
         if got != kind:
             raise ValueError(f"log_{kind} was given a {got} ({type(model).__name__})")
-        out_dim = json.loads(description.read_text())["output"]["shape"][-1]
+        doc = json.loads(description.read_text())
+        out_dim = doc["output"]["shape"][-1]
         meta = {
             KIND_KEY: kind,
             model_package.FORMAT_KEY: model_package.FORMAT,
-            "toolkit.input": "uint8 (N, 28, 28), MNIST format: 0 background, 255 ink",
+            "toolkit.input": _input_meaning(opts.spec),
             "toolkit.output": f"float32 (N, {out_dim}) " + ("class probabilities" if kind == CLASSIFIER else "features"),
+            **({model_package.CLASS_NAMES_KEY: doc["class_names"]} if doc["class_names"] is not None else {}),
             **(opts.metadata or {}),
         }
         with using_tracking_uri(uri):
@@ -224,7 +251,7 @@ def _log_model(uri: str, run_id: str, model: nn.Module, name: str, kind: str, op
                 python_model=str(Path(__file__).resolve().with_name("pyfunc.py")),  # models from code
                 artifacts={model_package.WEIGHTS: str(weights), model_package.DESCRIPTION: str(description)},
                 code_paths=[_toolkit_code(Path(tmp) / "code")],
-                signature=_signature(out_dim),
+                signature=_signature(opts.spec, out_dim),
                 input_example=example,
                 pip_requirements=pip_requirements(),
                 metadata=meta,
@@ -239,8 +266,9 @@ def log_classifier(target: Any, run_id: str, model: nn.Module, name: str = "mode
     """Log ``model`` (a ``toolkit.maths.models.Classifier``) as an MLflow model of run ``run_id``.
 
     ``target``: the tracking URI, a ``Tracker`` or an ``MlflowClient``. The logged model maps uint8
-    ``(N, 28, 28)`` images to ``(N, 10)`` probabilities. ``options``: ``LogOptions``'s fields
-    (``input_example``, ``metadata``, ``step``, ``tta``). ``registered_name`` also registers it (see
+    ``(N, C, S, S)`` images of ``spec`` (``(N, 28, 28)`` for MNIST) to ``(N, K)`` probabilities.
+    ``options``: ``LogOptions``'s fields (``input_example``, ``metadata``, ``step``, ``tta``, ``spec``,
+    ``class_names``). ``registered_name`` also registers it (see
     ``register_best``). Returns the model URI (``models:/<model id>``), which ``toolkit predict``,
     ``mlflow.pyfunc.load_model`` and ``mlflow models serve`` accept.
     """
@@ -255,7 +283,7 @@ def log_classifier(target: Any, run_id: str, model: nn.Module, name: str = "mode
 def log_encoder(target: Any, run_id: str, model: nn.Module, name: str = "encoder", **options: Any) -> str:
     """Log a SimCLR encoder (a ``SimCLRModel``, whose ``.encoder`` is used, or an ``Encoder``).
 
-    The logged model maps uint8 ``(N, 28, 28)`` images to the encoder's features (what the
+    The logged model maps uint8 images of ``spec`` to the encoder's features (what the
     probes use; the projection head is left out). ``options`` as for ``log_classifier``.
     Returns the model URI.
     """

@@ -334,7 +334,7 @@ def plot_error_by_stage(per_seed: dict[str, list[float]], path: str | Path, titl
         ax.legend(loc="lower right", fontsize=8)
     ax.set_xscale("log")
     # the axis spans the references too: a diamond left of the lowest bar would be cut off
-    lo, hi = min(df["error"].min(), *ref.values()), max(df["error"].max(), *ref.values())
+    lo, hi = min([df["error"].min(), *ref.values()]), max([df["error"].max(), *ref.values()])
     ticks = [t for t in (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100) if lo / 2 <= t <= hi * 2]
     ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
     ax.minorticks_off()

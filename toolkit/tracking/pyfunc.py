@@ -17,7 +17,8 @@ from toolkit.tracking.model_package import DESCRIPTION, WEIGHTS, read
 
 
 class ToolkitImageModel(mlflow.pyfunc.PythonModel):
-    """uint8 images ``(N, 28, 28)`` -> float32 probabilities ``(N, 10)`` (or features, for an encoder)."""
+    """uint8 images ``(N, C, S, S)`` (``(N, S, S)`` for a one-channel model; C, S: the model's input spec)
+    -> float32 probabilities ``(N, num_classes)`` (or features, for an encoder)."""
 
     def load_context(self, context):
         self.model = read(context.artifacts[WEIGHTS], context.artifacts[DESCRIPTION])
@@ -27,6 +28,7 @@ class ToolkitImageModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
         # a served model gets the JSON's nested lists as the signature's uint8 array; copy: it may be read-only
         images = torch.from_numpy(np.array(model_input, dtype=np.uint8, copy=True))
+        # a shape the network does not take is refused with the shape it takes (ValueError), not a conv error
         return self.model(images).numpy()
 
 

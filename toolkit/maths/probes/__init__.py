@@ -19,7 +19,7 @@ re-exported here so ``from toolkit.maths.probes import X`` stays the one import 
 
 from toolkit.maths.probes.features import Standardize, _check_feats_labels, _seeded
 from toolkit.maths.probes.knn import knn_predict
-from toolkit.maths.probes.linear import select_linear_C, select_linear_C_cv, train_linear_probe
+from toolkit.maths.probes.linear import nested_cv_accuracy, select_linear_C, select_linear_C_cv, train_linear_probe
 from toolkit.maths.probes.metrics import _check_pred_labels, accuracy, confusion_matrix, per_class_accuracy, predict
 from toolkit.maths.probes.mlp import MLPProbeSettings, train_mlp_probe
 from toolkit.maths.probes.runner import _PROTOCOL_RE, PROBE_NAMES, LabeledFeatures, ProbeSettings, _resolved, run_probes
@@ -27,5 +27,5 @@ from toolkit.maths.probes.runner import _PROTOCOL_RE, PROBE_NAMES, LabeledFeatur
 __all__ = [
     "PROBE_NAMES", "LabeledFeatures", "MLPProbeSettings", "ProbeSettings", "Standardize", "accuracy",
     "confusion_matrix", "knn_predict", "per_class_accuracy", "predict", "run_probes", "select_linear_C",
-    "select_linear_C_cv", "train_linear_probe", "train_mlp_probe",
+    "nested_cv_accuracy", "select_linear_C_cv", "train_linear_probe", "train_mlp_probe",
 ]

@@ -126,3 +126,30 @@ def select_linear_C_cv(
             scores[c] += accuracy(predict(probe, train_feats[held]), labels[held]) / folds
     best = max(grid, key=lambda c: (scores[c], -c))
     return best, scores
+
+
+def nested_cv_accuracy(
+    feats: torch.Tensor,
+    labels: torch.Tensor,
+    folds: int = 5,
+    num_classes: int = 10,
+    grid: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0),
+) -> tuple[float, int]:
+    """An honest accuracy estimate of the linear probe from the labeled images alone: each outer fold is
+    predicted by a probe whose ``C`` was chosen by cross-validation inside the other folds, so no image
+    helps choose the probe that predicts it. Returns (held-out accuracy over all images, images predicted)."""
+    labels = _check_feats_labels(feats, labels, num_classes, "train")
+    fold_of = torch.empty_like(labels)
+    for c in labels.unique():
+        where = (labels == c).nonzero().flatten()
+        fold_of[where] = torch.arange(len(where), device=labels.device) % folds
+    right = 0.0
+    for k in range(folds):
+        held, kept = fold_of == k, fold_of != k
+        if not held.any():
+            continue
+        inner = max(2, min(folds - 1, int(torch.bincount(labels[kept]).clamp(min=1).min())))
+        c, _ = select_linear_C_cv(feats[kept], labels[kept], folds=inner, grid=grid, num_classes=num_classes)
+        probe = train_linear_probe(feats[kept], labels[kept], num_classes, C=c)
+        right += accuracy(predict(probe, feats[held]), labels[held]) * int(held.sum())
+    return right / len(labels), len(labels)
