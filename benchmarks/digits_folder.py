@@ -43,8 +43,8 @@ sections did not change, e.g. the SimCLR pretraining): its recorded time then co
 the stages that ran (the log says which were skipped; ``toolkit_skipped`` lists them).
 
 Prints a markdown table (one row per seed, then mean +- sample std and the 95% t-interval over
-seeds of each column) and writes the same to ``WORK/results.json`` (``results-TAG.json`` with ``--tag``; rewritten
-after each seed).
+seeds of each column) and writes the same to ``WORK/results.json`` (``results-TAG.json`` with
+``--tag``; rewritten after each seed).
 ``WORK`` belongs to the script: it must be empty, new, or a folder this script made before; each
 run rewrites ``seed<k>/data`` and ``truth.csv`` and (unless ``--keep-out``) removes the seed's out
 folder before the pipeline runs, so every recorded time is then a run from scratch. Exit status 1

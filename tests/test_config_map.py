@@ -36,6 +36,7 @@ from toolkit.config import (
 # A valid value other than the default, for keys whose default cannot simply be nudged
 # (strings with a fixed vocabulary or a format, lists). Other keys are found by _other_value.
 OTHER_VALUES = {
+    "consistency.schedule": "cosine",
     "data.image_size": 32,
     "data.name": "cifar10",
     "model.name": "resnet18",

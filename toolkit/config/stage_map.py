@@ -18,10 +18,10 @@ from toolkit.config.study import STUDY_SECTIONS, Study
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "pretrain": ("data", "split", "model", "augment", "pretrain"),
     "probe": ("data", "split", "model", "probe"),
-    "supervised": ("data", "split", "model", "augment", "classifier"),
-    "pseudolabel": ("data", "split", "model", "augment", "classifier", "pseudolabel"),
-    "tune": ("data", "split", "model", "augment", "classifier", "pseudolabel", "tune"),
-    "student": ("data", "split", "model", "augment", "classifier", "pseudolabel", "student"),
+    "supervised": ("data", "split", "model", "augment", "classifier", "consistency"),
+    "pseudolabel": ("data", "split", "model", "augment", "classifier", "consistency", "pseudolabel"),
+    "tune": ("data", "split", "model", "augment", "classifier", "consistency", "pseudolabel", "tune"),
+    "student": ("data", "split", "model", "augment", "classifier", "consistency", "pseudolabel", "student"),
     "pipeline": STUDY_SECTIONS,
 }
 

@@ -31,6 +31,7 @@ from toolkit.config.fields import ConfigError
 from toolkit.config.study_sections import (
     AugmentConfig,
     ClassifierConfig,
+    ConsistencyConfig,
     DataConfig,
     ModelConfig,
     PipelineConfig,
@@ -97,6 +98,7 @@ class Study(_Sections):
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
     pseudolabel: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     student: StudentConfig = field(default_factory=StudentConfig)

@@ -260,6 +260,43 @@ class StudentConfig:
         _check(self.tta_strength >= 0, "student.tta_strength", "must be >= 0", self.tta_strength)
 
 
+@dataclass(frozen=True)
+class ConsistencyConfig:
+    """Online consistency training (FixMatch with an EMA teacher) added to every classifier training of the study."""
+
+    weight: float = _opt(0.0, "weight of the unlabeled consistency loss (FixMatch's lambda_u); 0: off, the classifiers "
+                              "learn from labels and pseudo-labels alone")
+    unlabeled_ratio: int = _opt(2, "unlabeled pool images per labeled-batch image in each step (FixMatch's mu)")
+    threshold_start: float = _opt(0.95, "confidence the EMA teacher's weak-view prediction needs at the first step")
+    threshold_floor: float = _opt(0.95, "the threshold at the last step (the schedule softens it from start to floor)")
+    schedule: str = _opt("constant", "how the threshold moves over the training's eval_every chunks: "
+                                     + ", ".join(THRESHOLD_SCHEDULES) + " (the pseudo-labeler's schedules)")
+    rate: float = _opt(0.5, "exponential: decay factor in (0, 1); step: drop per step")
+    class_adaptive: bool = _opt(False, "FlexMatch: each class's threshold scaled by how often the teacher is confident "
+                                       "about it (statistics summed over all workers)")
+    distribution_alignment: bool = _opt(False, "ReMixMatch: the teacher's probabilities rescaled so that its running "
+                                               "mean prediction matches the labeled class frequencies")
+    ema_decay: float = _opt(0.999, "the teacher's weights: exponential moving average of the student's")
+    weak_strength: float = _opt(0.3, "augment.strength of the teacher's (weak) views")
+    strong_strength: float = _opt(1.3, "augment.strength of the student's (strong) views")
+
+    def validate(self) -> None:
+        _check(self.weight >= 0, "consistency.weight", "must be >= 0", self.weight)
+        _check(self.unlabeled_ratio >= 1, "consistency.unlabeled_ratio", "must be >= 1", self.unlabeled_ratio)
+        for name in ("threshold_start", "threshold_floor"):
+            v = getattr(self, name)
+            _check(0.0 < v <= 1.0, f"consistency.{name}", "must be in (0, 1]", v)
+        _check(self.threshold_floor <= self.threshold_start, "consistency.threshold_floor",
+               "must be <= consistency.threshold_start", self.threshold_floor)
+        _check(self.schedule in THRESHOLD_SCHEDULES, "consistency.schedule", f"one of {', '.join(THRESHOLD_SCHEDULES)}",
+               self.schedule)
+        problem = rate_problem(self.schedule, self.rate)
+        _check(problem is None, "consistency.rate", problem or "", self.rate)
+        _check(0.0 <= self.ema_decay < 1.0, "consistency.ema_decay", "must be in [0, 1)", self.ema_decay)
+        _check(self.weak_strength >= 0, "consistency.weak_strength", "must be >= 0", self.weak_strength)
+        _check(self.strong_strength >= 0, "consistency.strong_strength", "must be >= 0", self.strong_strength)
+
+
 PIPELINE_STAGES = ("pretrain", "probe", "supervised", "oneshot", "iterative", "simclr_iterative", "student")
 
 

@@ -18,6 +18,7 @@ import torch
 from toolkit.config import (
     AugmentConfig,
     ClassifierConfig,
+    ConsistencyConfig,
     DataConfig,
     Execution,
     ModelConfig,
@@ -54,6 +55,7 @@ class TrainJob:
     augment: AugmentConfig
     pretrain: PretrainConfig | None = None        # the SimCLR loop's recipe
     classifier: ClassifierConfig | None = None    # the classifier loop's recipe
+    consistency: ConsistencyConfig | None = None  # the classifier loop's unlabeled consistency term (weight 0: off)
     labeled_fraction: float = 1.0      # classifier: share of each batch from the true labels (pseudolabel.*)
     device: str = "auto"               # worker_device(): 'cuda' | 'cpu' | 'auto'
     threads: int = 0                   # torch threads per process (run.threads; 0: torch's default)
@@ -80,7 +82,7 @@ class TrainJob:
                        **start: object) -> "TrainJob":
         """``start``: steps, init_kind, init_state, encoder_pretrained, pseudo_indices, pseudo_labels, label."""
         return cls("classifier", data_root, split, study.data, study.model, study.augment,
-                   classifier=study.classifier, labeled_fraction=study.pseudolabel.labeled_fraction,
+                   classifier=study.classifier, consistency=study.consistency, labeled_fraction=study.pseudolabel.labeled_fraction,
                    device=worker_device(execution, "classifier"), threads=execution.run.threads,
                    resident_bytes=execution.run.resident_mb << 20, **start)
 
@@ -91,6 +93,8 @@ class TrainJob:
             out["pretrain"] = asdict(self.pretrain)
         if self.classifier is not None:
             out["classifier"] = asdict(self.classifier)
+        if self.consistency is not None:
+            out["consistency"] = asdict(self.consistency)
         return out
 
 

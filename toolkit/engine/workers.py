@@ -23,9 +23,10 @@ from toolkit.datasets.checks import DataError
 from toolkit.datasets.streamed import take
 from toolkit.datasets.training_data import ImageData, load_image_data
 from toolkit.engine.loops import EpochBatches, MixedBatches, OptimState, classifier_steps, evaluate, simclr_epoch
+from toolkit.engine.consistency_loop import ConsistencyState, consistency_steps
 from toolkit.engine.jobs import TrainJob
 from toolkit.maths.models import Classifier, SimCLRModel
-from toolkit.maths.schedules import warmup_cosine_lambda
+from toolkit.maths.schedules import threshold_at, warmup_cosine_lambda
 
 
 def make_accelerator(job: TrainJob):
@@ -237,12 +238,20 @@ def classifier_worker(job: TrainJob, session) -> None:
 
     local_batch = max(1, cc.batch_size // world)
     progress = Progress(label, steps, "step", rank, done)
+    online = _consistency_setup(job, data, accelerator.unwrap_model(model), labeled_y)
     while done < steps:
         chunk = min(cc.eval_every, steps - done)
         gen = make_generator(job.model.seed * 1_000_003 + done * 16 + rank, device)
         batches = MixedBatches(labeled_x, labeled_y, pseudo_x, pseudo_y, chunk, local_batch,
                                job.labeled_fraction)
-        stats = classifier_steps(model, opt, batches, job.augment, gen, accelerator, cc.label_smoothing)
+        if online is None:
+            stats = classifier_steps(model, opt, batches, job.augment, gen, accelerator, cc.label_smoothing)
+        else:
+            con = job.consistency
+            chunks = -(-steps // cc.eval_every)
+            online.update(step=done, threshold=threshold_at(done // cc.eval_every, con.schedule, con.threshold_start,
+                                                            con.threshold_floor, chunks, con.rate))
+            stats = consistency_steps(model, opt, batches, online["pool"], online, gen, accelerator)
         done += chunk
         plain = accelerator.unwrap_model(model)
         val_stats = evaluate(plain, val_x, val_y)  # logged; never used to pick weights
@@ -254,6 +263,8 @@ def classifier_worker(job: TrainJob, session) -> None:
             "val_loss": val_stats["loss"],
             "lr": scheduler.get_last_lr()[-1],
             "images_per_s": stats["images_per_s"] * world,
+            **{k: stats[k] for k in ("unlabeled_loss", "mask_rate") if k in stats},
+            **({"consistency_threshold": online["threshold"]} if online is not None else {}),
         }
         payload = None
         if rank == 0:
@@ -264,6 +275,18 @@ def classifier_worker(job: TrainJob, session) -> None:
             )
         session.report(metrics, payload)
         progress(done, {k: metrics[k] for k in ("train_loss", "val_acc", "images_per_s")})
+
+
+def _consistency_setup(job: TrainJob, data: ImageData, plain: torch.nn.Module, labeled_y: torch.Tensor) -> dict | None:
+    """What ``consistency_steps`` needs across chunks (the EMA teacher starts from the model as it is now,
+    resumed or fresh), or None when ``consistency.weight`` is 0. The pool is read where it lies (streamed or
+    resident); its labels, where a benchmark has them, are never read."""
+    if job.consistency is None or job.consistency.weight == 0:
+        return None
+    pool = take(data.train_images, job.split.pool)
+    return {"aug": job.augment, "consistency": job.consistency, "label_smoothing": job.classifier.label_smoothing,
+            "plain": plain, "state": ConsistencyState.start(plain, labeled_y, data.spec.num_classes),
+            "pool": pool}
 
 
 def final_model_state(state: dict[str, Any]) -> dict[str, Any]:

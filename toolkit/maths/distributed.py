@@ -22,6 +22,7 @@ __all__ = [
     "world_size",
     "rank",
     "gather_with_grad",
+    "all_reduce_sum",
 ]
 
 
@@ -88,3 +89,20 @@ def gather_with_grad(t: Tensor) -> Tensor:
     if world_size() == 1:
         return t
     return _GatherWithGrad.apply(t)
+
+
+def all_reduce_sum(t: Tensor) -> Tensor:
+    """The element-wise sum of ``t`` over all ranks, as a new tensor (no gradient).
+
+    For statistics that must be global (consistency training's confident counts and the
+    teacher's mean prediction), so that W ranks each holding a share of the batch compute
+    what one process computes on the whole batch. Every rank must pass the same shape and
+    dtype. Without a process group (or with world size 1) returns a clone of ``t``; ``t``
+    itself is never modified.
+    """
+    # detach: statistics carry no graph, and all_reduce works in place on the copy.
+    # contiguous: the collectives need dense storage; clone would keep t's strides.
+    out = t.detach().clone(memory_format=torch.contiguous_format)
+    if world_size() > 1:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
