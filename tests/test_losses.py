@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import socket
 from datetime import timedelta
 from unittest import mock
 
 import pytest
+from gloo import spawn_ranks
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from toolkit.maths import distributed
 from toolkit.maths import losses
@@ -215,20 +214,13 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def gloo_results(tmp_path_factory) -> list[dict]:
     """Run the 2-rank gloo job once (a couple of seconds) and return each rank's results."""
     if not (dist.is_available() and dist.is_gloo_available()):
         pytest.skip("torch.distributed with gloo is not available")
     out_dir = tmp_path_factory.mktemp("gloo")
-    mp.spawn(_worker, args=(WORLD, _free_port(), str(out_dir)), nprocs=WORLD, join=True)
-    return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
+    return spawn_ranks(_worker, WORLD, out_dir)
 
 
 @pytest.fixture(scope="module")
