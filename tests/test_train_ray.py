@@ -173,8 +173,8 @@ def _check_job_carries_only_its_study(job, cfg, loop: str, tmp_path) -> None:
         assert job.pretrain == cfg.pretrain and job.classifier is None
         assert set(job.sections()) == {"data", "model", "augment", "pretrain"}
     else:
-        assert job.classifier == cfg.classifier and job.pretrain is None
-        assert set(job.sections()) == {"data", "model", "augment", "classifier"}
+        assert job.classifier == cfg.classifier and job.consistency == cfg.consistency and job.pretrain is None
+        assert set(job.sections()) == {"data", "model", "augment", "classifier", "consistency"}
     assert job.device == worker_device(cfg.execution, loop) == "cpu" and job.threads == cfg.run.threads
     blob = pickle.dumps(job)
     assert cfg.tracking.uri.encode() not in blob and str(tmp_path).encode() not in blob  # nothing of the driver's run

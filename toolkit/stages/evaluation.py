@@ -38,7 +38,8 @@ def log_test_report(run: StageRun, model: torch.nn.Module, title: str, tta: dict
     probs = predict_probs(model, images, tta, plain=plain) if tta else plain
     metrics, pred = accuracy_metrics(probs, data.test_labels)
     cm = confusion_matrix(pred, data.test_labels, data.spec.num_classes)
-    png = plot_confusion_matrix(cm, folder / "confusion_test.png", f"{title}: test acc {metrics['test_acc']:.4f}")
+    png = plot_confusion_matrix(cm, folder / "confusion_test.png", f"{title}: test acc {metrics['test_acc']:.4f}",
+                                class_names=data.class_names)
     tracker.log_artifact(png, "plots")
     if not tta:
         tracker.log_metrics(metrics, model_id=model_id)  # on the run, and on the logged model's page

@@ -40,7 +40,7 @@ from toolkit.engine.jobs import ModelWeights
 from toolkit.maths.selection import knn_smooth
 from toolkit.stages.classifier_fit import ClassifierTraining, train_classifier
 from toolkit.stages.model_files import load_classifier_file, load_encoder
-from toolkit.stages.pool_labels import FILE as POOL_LABELS_FILE, write_pool_labels
+from toolkit.stages.pool_labels import FILE as POOL_LABELS_FILE, accepted_rounds, write_pool_labels
 from toolkit.stages.skeleton import Stage, StageOutput, StageResult, StageRun, run_key, run_stage, with_inputs
 from toolkit.stages.evaluation import accuracy_metrics, log_test_report
 
@@ -140,9 +140,11 @@ def student(study: Study, execution: Execution, teachers: list[str], parent_run_
                                              file_extra={"tta": tta} if tta else None)
         run.tracker.log_artifact(model_path, "model")
         model = load_classifier_file(model_path, device_for(execution))
-        # the labeled pool: the student's own predictions (as its model file predicts), most doubtful first
-        final_probs = predict_probs(model, take(run.data.train_images, pool).to(device_for(execution)), tta).cpu()
-        table = write_pool_labels(run.folder / POOL_LABELS_FILE, run.data, pool, final_probs, votes, ensemble)
+        # the labeled pool, most doubtful first: the student network's plain predictions (one pass; its
+        # test-time views over a whole pool would cost views + 1 passes for a table sorted by the same doubt)
+        final_probs = predict_probs(model, take(run.data.train_images, pool).to(device_for(execution))).cpu()
+        table = write_pool_labels(run.folder / POOL_LABELS_FILE, run.data, pool, final_probs, votes, ensemble,
+                                  accepted_rounds(teachers[0]))
         run.tracker.log_artifact(table)
         metrics = log_test_report(run, model, "student of the pseudo-labelers", tta=tta)
         val_acc = final["val_acc"]

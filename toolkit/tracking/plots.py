@@ -40,8 +40,10 @@ def _save(fig, path: str | Path, dpi: int) -> Path:
     return path
 
 
-def plot_confusion_matrix(cm: Any, path: str | Path, title: str, dpi: int = 120) -> Path:
-    """Heatmap of a (C, C) confusion matrix (rows = true digit, columns = predicted digit).
+def plot_confusion_matrix(cm: Any, path: str | Path, title: str, dpi: int = 120,
+                          class_names: Sequence[str] | None = None) -> Path:
+    """Heatmap of a (C, C) confusion matrix (rows = true class, columns = predicted class; axes named by
+    ``class_names`` when given, else by index).
 
     Cells are annotated with counts and coloured by the fraction of their true class, so that
     rare classes remain readable.
@@ -63,8 +65,8 @@ def plot_confusion_matrix(cm: Any, path: str | Path, title: str, dpi: int = 120)
         vmin=0.0,
         vmax=1.0,
         square=True,
-        xticklabels=list(range(c)),
-        yticklabels=list(range(c)),
+        xticklabels=list(class_names) if class_names else list(range(c)),
+        yticklabels=list(class_names) if class_names else list(range(c)),
         cbar_kws={"label": "fraction of true class"},
         annot_kws={"fontsize": 7},
         ax=ax,
