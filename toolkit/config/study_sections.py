@@ -31,7 +31,9 @@ def rate_problem(kind: str, rate: float) -> str | None:
 
 
 
-DATASETS = ("mnist", "fashion_mnist", "kmnist", "cifar10", "folder", "npz")  # toolkit.datasets.registry.LOADERS
+BENCHMARKS = ("mnist", "fashion_mnist", "kmnist", "cifar10")  # every training label known (registry.BENCHMARKS)
+OWN_DATA = ("folder", "npz")  # a user's images: only the labels they gave exist
+DATASETS = BENCHMARKS + OWN_DATA  # toolkit.datasets.registry.LOADERS
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,11 @@ class DataConfig:
     channels: int = _opt(0, "1 (grayscale) or 3 (colour) the images are converted to (0: the data's own)")
     train_subset: int = _opt(0, "use only the first N training images of a benchmark (0: all); for tests and smoke runs")
     test_subset: int = _opt(0, "use only the first N test images (0: all)")
+
+    @property
+    def own_images(self) -> bool:
+        """A user's dataset (its split is the real one; its images travel to Ray's workers by value)."""
+        return self.name in OWN_DATA
 
     def validate(self) -> None:
         _check(self.name in DATASETS, "data.name", f"one of {', '.join(DATASETS)}", self.name)

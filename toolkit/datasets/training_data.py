@@ -104,18 +104,6 @@ def load_image_data(data, root: str = "", download: bool = False, resident_bytes
                      tuple(info.class_names), info.kind, data.name, files)
 
 
-def check_data(data, root: str = "", download: bool = False) -> None:
-    """Raise DataError (one line) unless ``data`` can be read from ``root``: what the driver checks before
-    starting workers. MNIST checks headers and sizes only; other datasets are decoded into the cache
-    (once: later reads are memory maps)."""
-    if data.name == "mnist" and data.image_size in (0, 28) and data.channels in (0, 1):
-        from toolkit.datasets.mnist import check_mnist
-
-        check_mnist(root, download)
-        return
-    load_image_data(data, root, download)
-
-
 def real_split(labels: torch.Tensor, labels_per_class: int, num_classes: int, class_names: tuple[str, ...]):
     """A real dataset's split: every labeled image is labeled, every other one is in the pool, and the
     validation set is the labeled set itself (in-sample: no label is spared to hold out)."""

@@ -12,7 +12,7 @@ summed over all ranks (``distributed.all_reduce_sum``), so 2 workers decide what
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -35,8 +35,8 @@ class ConsistencyState:
     teacher: nn.Module
     prior: torch.Tensor          # (C,) the labeled class frequencies (the target of distribution alignment)
     running_mean: torch.Tensor   # (C,) the teacher's running mean prediction on the pool
-    counts: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # (C,) running confident counts
-    unused: torch.Tensor = field(default_factory=lambda: torch.zeros(()))  # running count below the threshold
+    counts: torch.Tensor         # (C,) running confident counts (FlexMatch's sigma), summed over ranks
+    unused: torch.Tensor         # () running count of pool images below the threshold
 
     @classmethod
     def start(cls, model: nn.Module, labels: torch.Tensor, num_classes: int) -> "ConsistencyState":

@@ -318,5 +318,5 @@ def predict_pool(study: Study, execution: Execution, weights: ModelWeights, indi
     if inf.backend == "local" or execution.run.backend == "local":
         return predict_pool_local(weights, images, indices, batch_size=inf.batch_size, device=device_for(execution))
     # a user's images travel to the actors through the object store; a benchmark is read on each node
-    own = images if study.data.name in ("folder", "npz") else None
+    own = images if study.data.own_images else None
     return predict_pool_ray(execution, study.data, weights, indices, inf.actors, inf.batch_size, own)

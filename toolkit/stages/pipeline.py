@@ -112,7 +112,7 @@ def _register_best(study: Study, execution: Execution, parent: Tracker, results:
 
     candidates = [(r.metrics["val_acc"], seed, stage, r) for seed, stages in results.items()
                   for stage, r in stages.items() if r.run_id and "val_acc" in r.metrics and stage != "probe"]
-    if study.data.name in ("folder", "npz"):
+    if study.data.own_images:
         # a real dataset's validation figures are its labeled images' own (in-sample): they cannot choose
         # among models, so the pipeline's final model (the student, else the last stage) is the one
         finals = [c for c in candidates if c[2] == "student"] or candidates[-1:]
@@ -185,7 +185,7 @@ def pipeline(study: Study, execution: Execution) -> dict:
             results[seed] = run_seed(study, execution, parent.run_id, seed, simclr_path)
         seconds = time.perf_counter() - t0
         parent.log_metrics({"pipeline_seconds": seconds})
-        if study.data.name in ("folder", "npz"):
+        if study.data.own_images:
             table = real_data_summary(parent, results, report_folder(execution, parent))
         else:
             # every registered benchmark has ten classes; a real dataset has its own summary above
