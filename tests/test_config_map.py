@@ -48,6 +48,7 @@ OTHER_VALUES = {
     "inference.backend": "local",
     "tune.space": "/elsewhere/space.yaml",
     "tune.search": "optuna",
+    "tune.objective": "label_folds",
     "pipeline.seeds": [0, 1],
     "student.teachers": ["/elsewhere/model.pt"],
     "pipeline.stages": ["pretrain", "probe"],

@@ -79,7 +79,7 @@ def test_gpu_profile_tune_trials_hold_a_quarter_gpu_each_and_train_on_it():
 
     cfg = gpu_profile()
     job = TrialJob(base=cfg.study, execution=trial_execution(cfg.execution), key="k", simclr=None, start=None,
-                   simclr_choices={})
+                   simclr_choices={}, split=None, images=None)
     trainable = tune_stage.trial_trainable(cfg.execution, job)
     # what the Tuner asks Ray for, per trial (Tune resolves with_resources' factory when it wraps the function)
     assert trainable._resources.required_resources == {"CPU": 2.0, "GPU": 0.25}

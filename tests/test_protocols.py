@@ -129,6 +129,15 @@ def test_a_stage_tuned_on_validation_has_no_strict_figure():
     assert rows["iterative"]["strict"] == "98.00%"
 
 
+def test_a_stage_tuned_by_folds_of_the_labels_keeps_its_strict_figure():
+    stages = {"iterative": _result("iterative", 0.98, 0.98), "simclr_iterative": _result("simclr_iterative", 0.99, 0.99),
+              "student": _result("student", 0.985, 0.985),
+              "tune": StageResult("tune", "tune", metrics={"label_folds": 5, "best_val_acc": 0.97})}
+    assert final_model_figures(stages)["strict"] == ("student", 0.985)
+    rows = {r["stage"]: r for r in table_rows({0: stages})}
+    assert rows["simclr_iterative"]["strict"] == "99.00%"
+
+
 def test_report_rows_give_mean_and_std_over_seeds_in_both_columns():
     results = {s: {"iterative": _result("iterative", acc, acc)} for s, acc in ((0, 0.98), (1, 0.99), (2, 0.97))}
     (row, final) = table_rows(results)

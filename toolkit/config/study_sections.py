@@ -222,6 +222,9 @@ class PseudoLabelConfig:
         _check(0 < self.labeled_fraction <= 1, "pseudolabel.labeled_fraction", "must be in (0, 1]", self.labeled_fraction)
 
 
+TUNE_OBJECTIVES = ("validation", "label_folds")
+
+
 @dataclass(frozen=True)
 class TuneConfig:
     space: str = _opt("", "YAML file with the search space (empty: the built-in MNIST space)")
@@ -232,8 +235,18 @@ class TuneConfig:
     pool_subset: int = _opt(0, "use only N pool images per trial (0: the whole pool)")
     include_base: bool = _opt(True, "the first trial runs the base config's own values of the searched keys (the "
                                     "hand-picked schedule), when they lie in the space: the search starts from it")
+    objective: str = _opt("validation", "what a trial reports after each round: 'validation' (accuracy on the "
+                                        "validation split: the standard protocol) or 'label_folds' (the strict "
+                                        "protocol: the mean accuracy over tune.folds folds of the labeled images, "
+                                        "each held out in turn; reads no label beyond them; the only objective for "
+                                        "a user's own dataset)")
+    folds: int = _opt(5, "label_folds: how many folds (each trial trains its rounds once per fold; at most the "
+                         "smallest class's labeled images)")
 
     def validate(self) -> None:
+        _check(self.objective in TUNE_OBJECTIVES, "tune.objective", f"one of {', '.join(TUNE_OBJECTIVES)}",
+               self.objective)
+        _check(self.folds >= 2, "tune.folds", "must be >= 2", self.folds)
         _check(self.num_samples >= 1, "tune.num_samples", "must be >= 1", self.num_samples)
         _check(self.search in ("random", "optuna"), "tune.search", "'random' or 'optuna'", self.search)
         _check(self.grace_rounds >= 1, "tune.grace_rounds", "must be >= 1", self.grace_rounds)

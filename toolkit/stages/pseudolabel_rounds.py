@@ -102,12 +102,15 @@ def new_state(digest: str, start_id: str, start: ModelWeights, encoder_pretraine
 class RoundsStart:
     """Where the rounds start: ``start``, the model of round 0 (None: train it on the labeled images,
     from ``init``, the SimCLR weights, if any), the id that names it, and ``adopt_from``, a finished
-    one-shot run's folder whose round may stand as round 1."""
+    one-shot run's folder whose round may stand as round 1. ``until``: stop after that many rounds
+    (None: all of them); a later call with the state it returned goes on, so several runs can move
+    round by round together (a Tune trial's label folds)."""
 
     start: ModelWeights | None = None
     start_id: str = "round0"
     init: ModelWeights | None = None
     adopt_from: Path | None = None
+    until: int | None = None
 
 
 def run_rounds(run: StageRun, state: dict | None, after_round: Callable[[dict, dict], None],
@@ -130,7 +133,7 @@ def run_rounds(run: StageRun, state: dict | None, after_round: Callable[[dict, d
     if state and state.get("config_digest") != digest:
         raise ConfigError(f"run.name={run.execution.run.name!r}: {scratch} holds pseudo-labeling rounds of another "
                           "study; choose another run.name (or delete that folder to start over)")
-    if state:
+    if state and begin.until is None:
         print(f"[pseudolabel] resuming after round {state['rounds_done']}", flush=True)
     if not state and begin.adopt_from is not None:
         state = _adopt_first_round(study, begin.adopt_from, digest, begin.start_id, tracker)
@@ -143,7 +146,7 @@ def run_rounds(run: StageRun, state: dict | None, after_round: Callable[[dict, d
             start = ModelWeights("classifier", study.to_dict(), trained["state_dict"], data.spec)
         state = new_state(digest, begin.start_id, start, init is not None, split)
 
-    for r in range(state["rounds_done"], rounds):
+    for r in range(state["rounds_done"], rounds if begin.until is None else min(rounds, begin.until)):
         t0 = time.perf_counter()
         threshold = round_threshold(pc, r)
         pool = torch.tensor(state["pool"], dtype=torch.long)

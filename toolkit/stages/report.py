@@ -9,7 +9,7 @@ best-seen-during-training value). Two protocols, side by side:
   no validation label (last weights, fixed recipe), so every trained stage counts under both;
   the probe's C is chosen by cross-validation inside the 100 labels; the final model is the
   pre-declared last stage (the student), and a stage whose schedule Tune chose on validation
-  accuracy has no strict figure.
+  accuracy has no strict figure (one Tune chose by folds of the 100 labels, ``tune.objective=label_folds``, has).
 """
 
 from __future__ import annotations
@@ -84,8 +84,13 @@ def interval_text(values: list[float]) -> str:
     return "-" if ci is None else f"[{100 * ci[0]:.2f}, {100 * ci[1]:.2f}]%"
 
 
+def _tuned_on_validation(stages: dict[str, StageResult]) -> bool:
+    """The pipeline's Tune search chose by validation accuracy (not by folds of the labeled images: ``label_folds``)."""
+    return "tune" in stages and not stages["tune"].metrics.get("label_folds", 0)
+
+
 def _strict_value(stages: dict[str, StageResult], stage: str, metric: str | None) -> float | None:
-    if metric is None or (stage in TUNED and "tune" in stages):
+    if metric is None or (stage in TUNED and _tuned_on_validation(stages)):
         return None  # chosen on validation labels: no strict figure
     return stages[stage].metrics.get(metric)
 

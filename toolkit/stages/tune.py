@@ -4,9 +4,13 @@ The space (what may be searched, how a point becomes a trial config, what best.y
 holds) is ``toolkit.config.search_space``; the trials' MLflow runs and rows are
 ``toolkit.tracking.tune_runs``; what runs inside each trial's Tune actor is
 ``stages/tune_trial.py``; this module runs the search. After every round a trial reports
-its validation accuracy (the only objective) and a Tune checkpoint of its round state;
-ASHA stops weak trials at round rungs. The test set is touched once, by the final model of
-the best trial.
+its objective and a Tune checkpoint of its round state; ASHA stops weak trials at round
+rungs. The objective (``tune.objective``) is the validation split's accuracy (the standard
+protocol) or, reading no label beyond the labeled images (the strict protocol, and the only
+one for a user's own dataset), their cross-validated accuracy: each trial runs its rounds
+once per fold of the labeled images, all folds round by round together, and the best
+trial's config then trains once more on all of them (``refit/``). The test set is touched
+once, by the final model.
 
 Outputs (stage folder and the parent MLflow run): ``best.yaml`` (``toolkit pseudolabel
 --config best.yaml`` trains the best trial's config), ``trials.csv``, ``search.png``, the
@@ -31,6 +35,7 @@ import yaml
 
 from toolkit.engine import checkpoints
 from toolkit.config import ConfigError, Execution, Study, stage_digest
+from toolkit.datasets.folds import check_folds
 from toolkit.datasets.mnist import make_split
 from toolkit.datasets.training_data import ImageData
 from toolkit.execution.pool_inference import device_for
@@ -38,11 +43,12 @@ from toolkit.engine.jobs import ModelWeights
 from toolkit.config.search_space import SearchSpace, base_point, best_overrides, nested, parse_space, read_space, trial_config
 from toolkit.execution.storage import check_shared, storage_path
 from toolkit.tracking.tune_runs import METRIC, TrialRow, close_trial_runs, collect, kill_trial_runs, trial_runs_callback, write_csv
+from toolkit.stages.data_inputs import images_for_workers
 from toolkit.stages.model_files import init_weights, load_classifier_file, save_model_file
-from toolkit.stages.pseudolabel_rounds import STATE_FILE, load_state
+from toolkit.stages.pseudolabel_rounds import STATE_FILE, load_state, run_rounds, save_state
 from toolkit.stages.skeleton import Stage, StageOutput, StageResult, StageRun, run_stage
 from toolkit.stages.evaluation import log_test_report
-from toolkit.stages.tune_trial import SIMCLR_REF, TrialJob, _trial, _trial_study, reproduce_args, trial_execution
+from toolkit.stages.tune_trial import SIMCLR_REF, TrialJob, _trial, _trial_study, reproduce_args, rounds_start, trial_execution
 
 BEST_FILE = "best.yaml"
 RESULTS_FILE = "trials.csv"
@@ -213,10 +219,27 @@ def _plot(rows: list[TrialRow], columns: list[str], path: Path, title: str) -> P
     return plot_search(panels or {"trial": list(range(len(pts)))}, trials, path, title)
 
 
+def _refit(run: StageRun, best_cfg: Study, job: TrialJob) -> dict:
+    """The best label-folds trial's config trained once more on all the labeled images, in this process's
+    execution (its rounds resume from ``refit/`` after a crash); returns its final round state."""
+    folder = run.folder / "refit"
+    folder.mkdir(exist_ok=True)
+    print("[tune] the best trial's config trains once more on all the labeled images", flush=True)
+    refit = StageRun(best_cfg, run.execution, f"{run.key}-refit", folder, run.tracker, run.data, run.split)
+    return run_rounds(refit, load_state(folder / STATE_FILE), lambda st, _: save_state(folder / STATE_FILE, st),
+                      rounds_start(job, best_cfg))
+
+
+def objective_name(study: Study) -> str:
+    """What a trial's ``val_acc`` measured, in words."""
+    return "val acc" if study.tune.objective == "validation" else f"{study.tune.folds}-fold labeled acc"
+
+
 def _write_best(folder: Path, key: str, best: TrialRow, overrides: dict[str, Any], job: TrialJob) -> Path:
     path = folder / BEST_FILE
     path.write_text(
-        f"# best of `toolkit tune` {key}: trial {best.trial_id}, val acc {best.val_acc:.4f} ({best.kind})\n"
+        f"# best of `toolkit tune` {key}: trial {best.trial_id}, {objective_name(job.base)} {best.val_acc:.4f} "
+        f"({best.kind})\n"
         f"# on the full pool:     toolkit pseudolabel --config {path}\n"
         f"# this trial, as it ran: toolkit pseudolabel --config {path} {reproduce_args(job.execution, job.base.data.train_subset)}\n"
         + yaml.safe_dump(nested(overrides), sort_keys=False)
@@ -250,7 +273,8 @@ def tune(study: Study, execution: Execution, parent_run_id: str | None = None,
     simclr = SIMCLR_REF if study.model.init.startswith("simclr:") else None
     base = study.replace(**{"model.init": f"simclr:{SIMCLR_REF}"}) if simclr else study
     space = parse_space(text, source, base, simclr, base_model)  # a bad space fails before anything starts
-    tags = {"toolkit.tune.search": study.tune.search, "toolkit.tune.space": source, "toolkit.init": study.model.init}
+    tags = {"toolkit.tune.search": study.tune.search, "toolkit.tune.space": source, "toolkit.init": study.model.init,
+            "toolkit.tune.objective": study.tune.objective}
 
     def body(run: StageRun) -> StageOutput:
         (run.folder / SPACE_FILE).write_text(text)
@@ -269,11 +293,17 @@ def _search(run: StageRun, base: Study, space: SearchSpace, simclr: str | None,
             base_model: str | None) -> tuple[list[TrialRow], TrialJob]:
     """Run (or resume) the trials in the stage's MLflow run; return their rows and what every trial got."""
     study, execution, key, folder, tracker = run.study, run.execution, run.key, run.folder, run.tracker
-    if run.data.kind == "real":
+    folds = study.tune.objective == "label_folds"
+    if run.data.kind == "real" and not folds:
         # its validation set is the labeled images themselves: a search would pick the best overfit
-        raise ConfigError(f"toolkit tune is not allowed on data.name={study.data.name}: a real dataset has no "
-                          "validation images to choose by (its labels are all training labels); run the pipeline "
-                          "without pipeline.tune")
+        raise ConfigError(f"tune.objective=validation is not allowed on data.name={study.data.name}: a real dataset "
+                          "has no validation images to choose by (its labels are all training labels); use "
+                          "tune.objective=label_folds (cross-validation inside the labeled images)")
+    if run.data.kind == "real" and study.tune.pool_subset:
+        raise ConfigError("tune.pool_subset is not allowed on a user's own dataset (it shrinks a benchmark's "
+                          "split); leave it 0")
+    if folds:
+        check_folds(study.tune.folds, run.data.train_labels[run.split.labeled])
     choices: dict[str, ModelWeights] = {}  # explicit 'simclr:<path | run id>' choices: read once, shipped by value
     for v in space.entries.get("model.init", ("choice", []))[1]:
         ref = str(v)[len("simclr:"):] if str(v).startswith("simclr:") else None
@@ -286,8 +316,12 @@ def _search(run: StageRun, base: Study, space: SearchSpace, simclr: str | None,
         print(f"[tune] {note}", flush=True)
     pool_subset = _pool_train_subset(study, run.data)
     trial_base = base.replace(**{"data.train_subset": pool_subset}) if pool_subset else base
+    # the split travels by value: a trial reads no label to draw it (and a user's images travel with it)
+    split = make_split(run.data.train_labels[:pool_subset], study.split.labels_per_class, study.split.val_size,
+                       study.split.seed, run.data.spec.num_classes) if pool_subset else run.split
     job = TrialJob(base=trial_base, execution=trial_execution(execution), key=key,
-                   simclr=init_weights(study, execution, folder, run.data), start=start, simclr_choices=choices)
+                   simclr=init_weights(study, execution, folder, run.data), start=start, simclr_choices=choices,
+                   split=split, images=images_for_workers(run.data))
     _start_ray(execution)
     first = base_point(base, space) if study.tune.include_base else None
     if first:
@@ -341,16 +375,20 @@ def _report(run: StageRun, rows: list[TrialRow], space: SearchSpace, simclr: str
     tracker.log_artifact(best_path)
     tracker.set_tags({"toolkit.tune.best_trial": best.trial_id, "toolkit.tune.best_kind": best.kind})
 
-    with best.checkpoint.as_directory() as d:  # from ray.storage_path (downloaded if it is a cloud URI)
-        best_state = load_state(Path(d) / STATE_FILE)
+    if study.tune.objective == "label_folds":  # the trial's models each trained on a share of the labels
+        best_state = _refit(run, trial_config(base, best.sample, simclr), job)
+    else:
+        with best.checkpoint.as_directory() as d:  # from ray.storage_path (downloaded if it is a cloud URI)
+            best_state = load_state(Path(d) / STATE_FILE)
     final = save_model_file(folder / checkpoints.MODEL_FILE, "classifier", best_cfg, best_state["state_dict"], run.data,
                             encoder_pretrained=bool(best_state["encoder_pretrained"]))
     tracker.log_artifact(final, "model")
     model = load_classifier_file(final, device_for(execution))
     metrics = log_test_report(run, model, f"tune: best trial ({best.kind})")
-    search = {"best_val_acc": best.val_acc, "trials": len(rows), "trials_completed": counts["completed"],
+    search = {"best_val_acc": best.val_acc, "label_folds": study.tune.folds if study.tune.objective == "label_folds" else 0,
+              "trials": len(rows), "trials_completed": counts["completed"],
               "trials_stopped_early": counts["stopped_early"], "trials_failed": counts["failed"]}
     tracker.log_metrics(search)
     return StageOutput(final, {**metrics, **search},
-                       f"best trial {best.trial_id} ({best.kind}) val acc {best.val_acc:.4f}, test acc "
+                       f"best trial {best.trial_id} ({best.kind}) {objective_name(study)} {best.val_acc:.4f}, test acc "
                        f"{metrics['test_acc']:.4f}\n[tune] best config: {best_path}")

@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import shlex
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from toolkit.config import Execution, Study
-from toolkit.datasets.mnist import resolve_root
+from toolkit.datasets.folds import label_folds
+from toolkit.datasets.mnist import Split, resolve_root
+from toolkit.datasets.training_data import ImageData, load_image_data
 from toolkit.engine.jobs import ModelWeights
 from toolkit.config.search_space import trial_config
 from toolkit.tracking.runs import Tracker
 from toolkit.tracking.tune_runs import DEVICE, DEVICE_NAME, METRIC
-from toolkit.stages.data_inputs import load_data_and_split
+from toolkit.stages.data_inputs import split_of
 from toolkit.stages.pseudolabel_rounds import STATE_FILE, RoundsStart, load_state, run_rounds, save_state
 from toolkit.stages.skeleton import StageRun
 
@@ -40,6 +42,8 @@ class TrialJob:
     simclr: ModelWeights | None        # the SimCLR weights of model.init=simclr (the searched 'simclr' choice)
     start: ModelWeights | None         # a base classifier every trial starts its rounds from (no round 0)
     simclr_choices: dict[str, ModelWeights]  # explicit 'simclr:<ref>' choices of model.init
+    split: Split | None                # the driver's split (None: the trial draws the study's split itself)
+    images: ImageData | None           # a user's own images (no node but the driver can read their folder)
 
 
 def trial_execution(execution: Execution) -> Execution:
@@ -94,39 +98,85 @@ def _round_result(entry: dict, placed: dict[str, str]) -> dict[str, Any]:
             "added": int(entry["added"]), "pool_left": int(entry["pool_left"]), **placed}
 
 
+def rounds_start(job: TrialJob, study: Study) -> RoundsStart:
+    """Where a trial's rounds (or the best config's refit) start: the base model, else round 0 from the SimCLR
+    weights ``study.model.init`` names (carried in the job), else from scratch."""
+    init = None
+    if study.model.init.startswith("simclr:"):
+        ref = study.model.init[len("simclr:"):]
+        init = job.simclr if ref == SIMCLR_REF else job.simclr_choices[ref]
+    return RoundsStart(start=job.start, start_id="base" if job.start else "round0", init=init)
+
+
+def fold_file(fold: int) -> str:
+    """A label-folds trial's checkpoint holds one round state per fold."""
+    return f"fold{fold}-{STATE_FILE}"
+
+
+def _fold_entry(states: list[dict], splits: list[Split]) -> dict:
+    """The folds' last rounds as one round result: the held-out accuracy over all labeled images (each fold's
+    validation accuracy weighted by its size); the other figures are the folds' means."""
+    entries = [s["history"][-1] for s in states]
+    sizes = [len(s.val) for s in splits]
+    mean = lambda k: sum(e[k] for e in entries) / len(entries)  # noqa: E731
+    return {"round": entries[0]["round"], "threshold": entries[0]["threshold"],
+            "val_acc": sum(e["val_acc"] * n for e, n in zip(entries, sizes)) / sum(sizes),
+            "added": round(mean("added")), "pool_left": round(mean("pool_left"))}
+
+
+def _trial_data(job: TrialJob, study: Study, execution: Execution) -> tuple[ImageData, Split]:
+    """The images (carried, or this node's own copy of a benchmark) and the split (the driver's, when it sent one)."""
+    data = job.images if job.images is not None else load_image_data(
+        study.data, execution.run.data_root, execution.run.download, execution.run.resident_mb << 20)
+    return data, job.split if job.split is not None else split_of(study, data)
+
+
 def _trial(point: dict, job: TrialJob) -> None:
-    """A Tune trial: the rounds in this process; after each, ``{"val_acc", "round", ...}`` and a checkpoint."""
+    """A Tune trial: the rounds in this process; after each, ``{"val_acc", "round", ...}`` and a checkpoint.
+
+    ``tune.objective=label_folds``: the rounds run once per fold of the labeled images, all
+    folds moving round by round together, and ``val_acc`` is their held-out accuracy.
+    """
     import ray
     from ray import tune as ray_tune
 
     study = _trial_study(job, point)  # a ConfigError fails the trial, readably
     execution = job.execution.replace(**{"run.device": placed_device(ray.get_gpu_ids())})
     placed = device_report(execution)
-    init = None
-    if study.model.init.startswith("simclr:"):
-        ref = study.model.init[len("simclr:"):]
-        init = job.simclr if ref == SIMCLR_REF else job.simclr_choices[ref]
     trial_id = ray_tune.get_context().get_trial_id()
-    state = None
+    begin = rounds_start(job, study)
+    folds = study.tune.folds if study.tune.objective == "label_folds" else 0
     restored = ray_tune.get_checkpoint()
+    states: list[dict | None] = [None] * max(folds, 1)
     if restored is not None:  # a retried trial (its node died, or Ctrl-C): resume after its last round
         with restored.as_directory() as d:
-            state = load_state(Path(d) / STATE_FILE)
+            states = [load_state(Path(d) / (fold_file(f) if folds else STATE_FILE)) for f in range(len(states))]
     reported: list[int] = []
 
-    def after_round(st: dict, metrics: dict) -> None:
+    def report(entry: dict, saved: list[dict]) -> None:
         with tempfile.TemporaryDirectory(prefix="toolkit-trial-") as d:
-            save_state(Path(d) / STATE_FILE, st)
-            ray_tune.report(_round_result(st["history"][-1], placed), checkpoint=ray_tune.Checkpoint.from_directory(d))
-        reported.append(st["rounds_done"])
+            for f, st in enumerate(saved):
+                save_state(Path(d) / (fold_file(f) if folds else STATE_FILE), st)
+            ray_tune.report(_round_result(entry, placed), checkpoint=ray_tune.Checkpoint.from_directory(d))
+        reported.append(entry["round"])
 
     # scratch: this process's own training checkpoints, on this node, removed at the end
     with tempfile.TemporaryDirectory(prefix="toolkit-trial-") as scratch:
         execution = execution.replace(**{"run.output_dir": scratch})
-        data, split = load_data_and_split(study, execution)
+        data, split = _trial_data(job, study, execution)
         run = StageRun(study, execution, f"{job.key}-trial-{trial_id}", Path(scratch), Tracker.disabled(), data, split)
-        begin = RoundsStart(start=job.start, start_id="base" if job.start else "round0", init=init)
-        final = run_rounds(run, state, after_round, begin)
-    if not reported and final["history"]:
+        if not folds:
+            states = [run_rounds(run, states[0], lambda st, _: report(st["history"][-1], [st]), begin)]
+            final = states[0]["history"][-1] if states[0]["history"] else None
+        else:
+            splits = label_folds(split, data.train_labels, folds)
+            runs = [StageRun(study, execution, f"{run.key}-fold{f}", Path(scratch) / f"fold{f}", Tracker.disabled(),
+                             data, s) for f, s in enumerate(splits)]
+            done = states[0]["rounds_done"] if states[0] else 0
+            for r in range(done, study.pseudolabel.rounds):
+                states = [run_rounds(fr, st, lambda *_: None, replace(begin, until=r + 1)) for fr, st in zip(runs, states)]
+                report(_fold_entry(states, splits), states)
+            final = _fold_entry(states, splits) if done else None
+    if not reported and final:
         # restored after its last round had finished: Tune still needs the final result
-        ray_tune.report(_round_result(final["history"][-1], placed))
+        ray_tune.report(_round_result(final, placed))
