@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from toolkit.config import Config, ConfigError, Execution, load_config
+from toolkit.datasets.mnist import make_split
 
 REPO = Path(__file__).resolve().parents[1]
 GPU_PROFILE = REPO / "launch" / "configs" / "gpu.yaml"
@@ -79,7 +80,7 @@ def test_gpu_profile_tune_trials_hold_a_quarter_gpu_each_and_train_on_it():
 
     cfg = gpu_profile()
     job = TrialJob(base=cfg.study, execution=trial_execution(cfg.execution), key="k", simclr=None, start=None,
-                   simclr_choices={}, split=None, images=None)
+                   simclr_choices={}, splits=[make_split(torch.arange(2000) % 10, 10, 100, 0)], images=None)
     trainable = tune_stage.trial_trainable(cfg.execution, job)
     # what the Tuner asks Ray for, per trial (Tune resolves with_resources' factory when it wraps the function)
     assert trainable._resources.required_resources == {"CPU": 2.0, "GPU": 0.25}

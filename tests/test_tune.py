@@ -134,18 +134,32 @@ def test_reproduce_args_name_how_the_trial_ran():
 
 
 def test_pool_subset_shrinks_the_images_the_split_is_drawn_from(mnist_small):
+    from toolkit.datasets.mnist import make_split
     from toolkit.datasets.training_data import ImageData
 
     m = mnist_small
     mnist_small = ImageData(m.train_images.unsqueeze(1), m.train_labels, m.test_images.unsqueeze(1), m.test_labels)
     cfg = Config().replace(**{"split.val_size": 200, "tune.pool_subset": 500})
-    assert tune_stage._pool_train_subset(cfg.study, mnist_small) == 100 + 200 + 500
-    assert tune_stage._pool_train_subset(cfg.study.replace(**{"tune.pool_subset": 0}), mnist_small) == 0
-    assert tune_stage._pool_train_subset(cfg.study.replace(**{"tune.pool_subset": 5000}), mnist_small) == 0  # pool is smaller
+    full = make_split(mnist_small.train_labels, 10, 200, 0)
+    n, split = tune_stage._trial_split(cfg.study, mnist_small, full)
+    assert n == 100 + 200 + 500 and len(split.pool) == 500 and int(torch.cat([split.labeled, split.val]).max()) < n
+    assert tune_stage._trial_split(cfg.study.replace(**{"tune.pool_subset": 0}), mnist_small, full) == (0, full)
+    # the pool is smaller than that: the study's split, whole
+    assert tune_stage._trial_split(cfg.study.replace(**{"tune.pool_subset": 5000}), mnist_small, full) == (0, full)
     # 100 labels per digit from the first 1,011 images: digit 3 has only 94 there
     cfg = Config().replace(**{"split.labels_per_class": 100, "split.val_size": 10, "tune.pool_subset": 1})
     with pytest.raises(ConfigError, match="tune.pool_subset=1"):
-        tune_stage._pool_train_subset(cfg.study, mnist_small)
+        tune_stage._trial_split(cfg.study, mnist_small, full)
+
+
+def test_a_label_folds_search_refuses_what_would_let_other_labels_choose():
+    cfg = Config().replace(**{"tune.objective": "label_folds"})
+    tune_stage.check_search(cfg.study)
+    with pytest.raises(ConfigError, match="tune.pool_subset is not allowed with tune.objective=label_folds"):
+        tune_stage.check_search(cfg.study.replace(**{"tune.pool_subset": 500}))
+    with pytest.raises(ConfigError, match="a base model is not allowed with tune.objective=label_folds"):
+        tune_stage.check_search(cfg.study, base_model="/runs/supervised/model.pt")
+    tune_stage.check_search(Config().study.replace(**{"tune.pool_subset": 500}), base_model="/runs/m.pt")  # validation
 
 
 def test_optuna_searcher():
@@ -174,7 +188,7 @@ def test_a_trials_run_logs_the_device_the_trial_reported_not_the_drivers_guess(t
 
     cfg = Config().replace(**{"run.output_dir": str(tmp_path / "runs"), "tracking.uri": f"sqlite:///{tmp_path}/mlflow.db"})
     with mlflow_run(cfg.study, cfg.execution, "tune", "search") as parent:
-        callback = trial_runs_callback(cfg.execution, "search", parent.run_id, lambda point: cfg.study)
+        callback = trial_runs_callback(cfg.execution, "search", parent.run_id, lambda point: cfg.study, {})
         trial = SimpleNamespace(trial_id="t1", config={})
         callback.on_trial_start(0, [], trial)
         for r in (1, 2):

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from toolkit.config import Config, ConfigError
+from toolkit.config import Config, ConfigError, load_config, to_yaml
 from toolkit.datasets.folds import FOLD_KIND, check_folds, label_folds
 from toolkit.datasets.mnist import load_mnist, make_split
 
@@ -132,6 +132,7 @@ def _real_labels_split(monkeypatch, data_root: str) -> None:
 def test_a_label_folds_search_reads_no_label_beyond_the_labeled_images(ray_session, tmp_path, data_root, monkeypatch):
     from toolkit.stages import tune as tune_stage
     from toolkit.stages.model_files import load_classifier_file
+    from toolkit.stages.pseudolabel import pseudolabel
 
     poisoned_root = poisoned_copy(data_root, tmp_path / "poisoned-data", 0)
     honest_cfg = search_config(tmp_path / "honest", data_root)
@@ -148,9 +149,23 @@ def test_a_label_folds_search_reads_no_label_beyond_the_labeled_images(ray_sessi
     assert honest.metrics["test_acc"] == poisoned.metrics["test_acc"]
     a, b = (load_classifier_file(r.model_path, torch.device("cpu")).state_dict() for r in (honest, poisoned))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert (Path(honest.model_path).parent / "refit").is_dir()
-    best = (Path(honest.model_path).parent / tune_stage.BEST_FILE).read_text()
-    assert "2-fold labeled acc" in best
+    best = Path(honest.model_path).parent / tune_stage.BEST_FILE
+    assert "2-fold labeled acc" in best.read_text() and "once per fold of the labeled images, 2 folds" in best.read_text()
+    # the refit is the pseudolabel stage the pipeline runs next on best.yaml: found finished, not trained twice
+    refit = pseudolabel(load_config(best, base=Config.of(honest_cfg.study)).study, honest_cfg.execution)
+    assert refit.skipped
+    c = load_classifier_file(refit.model_path, torch.device("cpu")).state_dict()
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    # each trial's run logs the split it searched: all 100 labeled images in 2 folds, no validation image
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=honest_cfg.tracking.uri)
+    exp = client.get_experiment_by_name(honest_cfg.tracking.experiment).experiment_id
+    trial_runs = client.search_runs([exp], filter_string="tags.`toolkit.command` = 'tune-trial'")
+    assert len(trial_runs) == 2
+    for r in trial_runs:
+        assert (r.data.params["split.labeled_size"], r.data.params["split.val_size_actual"],
+                r.data.params["split.label_folds"]) == ("100", "0", "2")
 
     # the same poison under the validation objective moves the trials' figures: it reached the Tune actors
     over = {"tune.objective": "validation", "tune.num_samples": 1, "pseudolabel.rounds": 1}
@@ -164,21 +179,29 @@ def test_a_label_folds_search_reads_no_label_beyond_the_labeled_images(ray_sessi
 
 
 @pytest.mark.slow
-def test_a_users_own_folder_is_searched_by_label_folds_only(ray_session, tmp_path, monkeypatch):
+def test_a_users_own_folder_is_searched_by_label_folds_only(ray_session, tmp_path, monkeypatch, capsys):
     from test_own_images import write_digits_folder
+    from toolkit.cli import main
     from toolkit.stages import tune as tune_stage
 
     monkeypatch.setenv("TOOLKIT_CACHE_DIR", str(tmp_path / "cache"))
     write_digits_folder(tmp_path / "digits", labeled_per_class=3, unlabeled=120)
     over = {"data.name": "folder", "data.image_size": 16, "split.labels_per_class": 3, "tune.num_samples": 1,
             "data.train_subset": 0, "data.test_subset": 0, "pseudolabel.rounds": 1}
-    cfg = search_config(tmp_path / "s", str(tmp_path / "digits"), **{**over, "tune.objective": "validation"})
-    with pytest.raises(ConfigError, match="use tune.objective=label_folds"):
-        tune_stage.tune(cfg.study, cfg.execution)
-    cfg = search_config(tmp_path / "s", str(tmp_path / "digits"), **{**over, "tune.folds": 4})
-    with pytest.raises(ConfigError, match="tune.folds=4 is not allowed: the smallest class has 3"):
-        tune_stage.tune(cfg.study, cfg.execution)
     cfg = search_config(tmp_path / "s", str(tmp_path / "digits"), **over)
-    result = tune_stage.tune(cfg.study, cfg.execution)  # the images reach the Tune actor through the object store
+    (tmp_path / "cfg.yaml").write_text(to_yaml(cfg, only_changed=True))
+    for extra, words in ((["tune.objective=validation"], "use tune.objective=label_folds"),
+                         (["tune.folds=4"], "tune.folds=4 is not allowed: the smallest class has 3 labeled images"),
+                         (["tune.pool_subset=50"], "tune.pool_subset is not allowed with tune.objective=label_folds")):
+        capsys.readouterr()
+        assert main(["tune", "--config", str(tmp_path / "cfg.yaml"), *extra]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("toolkit tune: error: ") and words in lines[0], lines
+        assert not (tmp_path / "s" / "runs").exists() and not (tmp_path / "s" / "mlflow.db").exists()  # before anything
+    named = cfg.execution.replace(**{"run.name": "mine"})
+    result = tune_stage.tune(cfg.study, named)  # the images reach the Tune actor through the object store
     assert result.metrics["trials_completed"] == 1 and 0.0 <= result.metrics["best_val_acc"] <= 1.0
     assert Path(result.model_path).is_file()
+    # the same run.name for another study: its saved search is not restored as this one's
+    with pytest.raises(ConfigError, match="run.name='mine': .* holds a Tune search of another study"):
+        tune_stage.tune(cfg.study.replace(**{"tune.folds": 3}), named)

@@ -102,8 +102,14 @@ def check_inputs(study: Study, execution: Execution, command: str) -> None:
     starts from (``probe.checkpoint``, ``model.init``); the store that ``report`` and
     ``predict`` read runs from; the tracking store the command will write to. Nothing here writes.
     """
+    tunes = command == "tune" or (command == "pipeline" and study.pipeline.tune)
+    if tunes:
+        from toolkit.stages.tune import check_search
+
+        check_search(study)
     if "data" in STAGE_SECTIONS.get(command, ()):
         from toolkit.datasets.training_data import load_image_data
+        from toolkit.datasets.folds import check_folds
         from toolkit.stages.data_inputs import check_pretrain_batch, split_of
 
         data = load_image_data(study.data, execution.run.data_root, execution.run.download)
@@ -112,6 +118,8 @@ def check_inputs(study: Study, execution: Execution, command: str) -> None:
             split = split_of(study.replace(**{"split.seed": seed}), data)
             if pretrains:
                 check_pretrain_batch(study, split)
+            if tunes and study.tune.objective == "label_folds":
+                check_folds(study.tune.folds, data.train_labels[split.labeled])
     if command == "probe" and study.probe.checkpoint:
         _check_model_ref(execution, study.probe.checkpoint, "probe.checkpoint", "simclr")
     if command in _READS_MODEL_INIT and study.model.init.startswith("simclr:"):

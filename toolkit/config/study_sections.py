@@ -237,7 +237,7 @@ class TuneConfig:
                                     "hand-picked schedule), when they lie in the space: the search starts from it")
     objective: str = _opt("validation", "what a trial reports after each round: 'validation' (accuracy on the "
                                         "validation split: the standard protocol) or 'label_folds' (the strict "
-                                        "protocol: the mean accuracy over tune.folds folds of the labeled images, "
+                                        "protocol: the held-out accuracy over tune.folds folds of the labeled images, "
                                         "each held out in turn; reads no label beyond them; the only objective for "
                                         "a user's own dataset)")
     folds: int = _opt(5, "label_folds: how many folds (each trial trains its rounds once per fold; at most the "

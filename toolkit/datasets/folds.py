@@ -19,7 +19,8 @@ FOLD_KIND = "label_fold"  # Split.kind of a fold: its validation images are held
 
 def smallest_class(labels: torch.Tensor) -> int:
     """The fewest labeled images any class present has."""
-    return int(torch.bincount(labels)[torch.bincount(labels) > 0].min())
+    counts = torch.bincount(labels)
+    return int(counts[counts > 0].min())
 
 
 def check_folds(folds: int, labeled_labels: torch.Tensor) -> None:
@@ -36,8 +37,8 @@ def label_folds(split: Split, labels: torch.Tensor, folds: int) -> list[Split]:
     other labeled images the labeled set; the pool is ``split.pool`` in each.
 
     Stratified: each class's labeled images, in an order drawn by ``split.seed``, are dealt to
-    the folds in turn, starting one fold further for each class so that the folds' sizes
-    differ by at most one overall. Reads ``labels[split.labeled]`` only.
+    the folds in turn, each class going on from the fold where the previous one stopped, so
+    that the folds' sizes differ by at most one overall. Reads ``labels[split.labeled]`` only.
     """
     labeled_labels = labels[split.labeled]
     check_folds(folds, labeled_labels)

@@ -70,7 +70,7 @@ def run_seed(study: Study, execution: Execution, parent_id: str | None, seed: in
             from toolkit.stages.tune import best_config_path, tune
 
             tuned = tune(c, stage_execution, parent_id)
-            _tag(execution, parent_id, tuned, "tune", seed)
+            record("tune", tuned)  # the table then knows whether validation labels chose the schedule
             c = load_config(best_config_path(tuned), base=Config.of(c)).study  # best.yaml holds study keys only
         record("simclr_iterative", pseudolabel(c, stage_execution, parent_id))
     teachers = [out[s].model_path for s in ("iterative", "simclr_iterative") if s in out and out[s].model_path]

@@ -9,12 +9,13 @@ rungs. The objective (``tune.objective``) is the validation split's accuracy (th
 protocol) or, reading no label beyond the labeled images (the strict protocol, and the only
 one for a user's own dataset), their cross-validated accuracy: each trial runs its rounds
 once per fold of the labeled images, all folds round by round together, and the best
-trial's config then trains once more on all of them (``refit/``). The test set is touched
-once, by the final model.
+trial's config then trains once more on all of them (a ``pseudolabel`` stage of its own).
+The test set is touched once, by the final model.
 
 Outputs (stage folder and the parent MLflow run): ``best.yaml`` (``toolkit pseudolabel
 --config best.yaml`` trains the best trial's config), ``trials.csv``, ``search.png``, the
-best trial's ``model.pt`` and its test report; one nested MLflow run per trial.
+final model's ``model.pt`` (the best trial's, or the refit's) and its test report; one
+nested MLflow run per trial (and the refit's).
 
 Nothing a trial needs is a path on the driver's disk: the base config and the weights it
 starts from travel by value (``tune.with_parameters``); its checkpoints go to
@@ -28,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -35,20 +37,22 @@ import yaml
 
 from toolkit.engine import checkpoints
 from toolkit.config import ConfigError, Execution, Study, stage_digest
-from toolkit.datasets.folds import check_folds
-from toolkit.datasets.mnist import make_split
+from toolkit.datasets.folds import label_folds
+from toolkit.datasets.mnist import Split, make_split
 from toolkit.datasets.training_data import ImageData
 from toolkit.execution.pool_inference import device_for
 from toolkit.engine.jobs import ModelWeights
 from toolkit.config.search_space import SearchSpace, base_point, best_overrides, nested, parse_space, read_space, trial_config
 from toolkit.execution.storage import check_shared, storage_path
-from toolkit.tracking.tune_runs import METRIC, TrialRow, close_trial_runs, collect, kill_trial_runs, trial_runs_callback, write_csv
+from toolkit.tracking.tune_runs import (METRIC, TrialRow, close_trial_runs, collect, kill_trial_runs, split_sizes,
+                                        trial_runs_callback, write_csv)
 from toolkit.stages.data_inputs import images_for_workers
 from toolkit.stages.model_files import init_weights, load_classifier_file, save_model_file
-from toolkit.stages.pseudolabel_rounds import STATE_FILE, load_state, run_rounds, save_state
+from toolkit.stages.pseudolabel import pseudolabel
+from toolkit.stages.pseudolabel_rounds import STATE_FILE, load_state
 from toolkit.stages.skeleton import Stage, StageOutput, StageResult, StageRun, run_stage
 from toolkit.stages.evaluation import log_test_report
-from toolkit.stages.tune_trial import SIMCLR_REF, TrialJob, _trial, _trial_study, reproduce_args, rounds_start, trial_execution
+from toolkit.stages.tune_trial import SIMCLR_REF, TrialJob, _trial, _trial_study, reproduce_args, trial_execution
 
 BEST_FILE = "best.yaml"
 RESULTS_FILE = "trials.csv"
@@ -58,6 +62,26 @@ SEARCH_FILE = "search.json"
 
 
 # --------------------------------------------------------------------------- the search (in the driver)
+
+
+def check_search(study: Study, base_model: str | None = None) -> None:
+    """ConfigError for a search that would choose by labels it may not read, before anything starts.
+
+    A user's own dataset has no validation images (its "validation" set is the labeled images
+    themselves: a search would pick the best overfit). ``label_folds`` cannot take
+    ``tune.pool_subset`` (the trials' smaller split draws other labeled images than the study's)
+    nor a base model (trained on every labeled image, it has seen each fold's held-out ones).
+    """
+    if study.data.own_images and study.tune.objective == "validation":
+        raise ConfigError(f"tune.objective=validation is not allowed on data.name={study.data.name}: a real dataset "
+                          "has no validation images to choose by (its labels are all training labels); use "
+                          "tune.objective=label_folds (cross-validation inside the labeled images)")
+    if study.tune.objective == "label_folds" and study.tune.pool_subset:
+        raise ConfigError("tune.pool_subset is not allowed with tune.objective=label_folds: the trials' smaller split "
+                          "would draw other labeled images than the study's; leave it 0")
+    if study.tune.objective == "label_folds" and base_model:
+        raise ConfigError("a base model is not allowed with tune.objective=label_folds: trained on every labeled "
+                          "image, it has seen each fold's held-out images")
 
 
 def search_digest(study: Study, space_text: str, base_model: str | None = None) -> str:
@@ -94,29 +118,28 @@ def _searcher(study: Study, execution: Execution, start: dict[str, Any] | None =
                                  random_state=study.model.seed)
 
 
-def _pool_train_subset(study: Study, data: ImageData) -> int:
-    """``data.train_subset`` that leaves ``tune.pool_subset`` pool images per trial (0: leave it).
+def _trial_split(study: Study, data: ImageData, split: Split) -> tuple[int, Split]:
+    """The trials' ``data.train_subset`` and split: (0, the study's split), or with ``tune.pool_subset`` the
+    split of the first labeled + validation + pool_subset images, leaving that many pool images.
 
-    run_rounds takes its pool from the split, so the pool is made smaller by splitting
-    only the first images: labeled + validation + pool_subset. The split stays valid
-    (checked here) but is drawn from those images, so trials see other labeled and
-    validation images than a full run; all trials see the same ones, so they remain
-    comparable, and best.yaml never carries data.train_subset.
+    run_rounds takes its pool from the split, so the pool is made smaller by splitting only the
+    first images. The split stays valid (checked here) but is drawn from those images, so trials
+    see other labeled and validation images than a full run; all trials see the same ones, so
+    they remain comparable, and best.yaml never carries data.train_subset.
     """
     n = study.tune.pool_subset
     if not n:
-        return 0
+        return 0, split
     want = data.spec.num_classes * study.split.labels_per_class + study.split.val_size + n
     if want >= len(data.train_labels):
         print(f"[tune] tune.pool_subset={n}: the pool is already at most that large, using it whole", flush=True)
-        return 0
+        return 0, split
     try:
-        make_split(data.train_labels[:want], study.split.labels_per_class, study.split.val_size, study.split.seed,
-                   data.spec.num_classes)
+        return want, make_split(data.train_labels[:want], study.split.labels_per_class, study.split.val_size,
+                                study.split.seed, data.spec.num_classes)
     except ConfigError as e:
         raise ConfigError(f"tune.pool_subset={n} is not allowed: the first {want} training images cannot hold "
                           f"the split ({e})") from None
-    return want
 
 
 def tune_storage(execution: Execution) -> str:
@@ -150,8 +173,12 @@ def trial_trainable(execution: Execution, job: TrialJob):
     return ray_tune.with_resources(ray_tune.with_parameters(_trial, job=job), trial_resources(execution))
 
 
-def _fit(run: StageRun, space: SearchSpace, job: TrialJob, start: dict[str, Any] | None = None):
-    """Run (or restore and finish) the Tune experiment ``run.key``; return (ResultGrid, trials it was started with, path)."""
+def _fit(run: StageRun, space: SearchSpace, job: TrialJob, digest: str, start: dict[str, Any] | None = None):
+    """Run (or restore and finish) the Tune experiment ``run.key``; return (ResultGrid, trials it was started with, path).
+
+    A saved experiment is restored only when it searched the same study (``digest``): under one
+    ``run.name`` another study's trials would otherwise be ranked as this one's.
+    """
     from ray import tune as ray_tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -160,13 +187,17 @@ def _fit(run: StageRun, space: SearchSpace, job: TrialJob, start: dict[str, Any]
     path = f"{storage}/{key}"
     trainable = trial_trainable(execution, job)
     started = folder / SEARCH_FILE  # the restored search keeps the settings it started with
+    saved = json.loads(started.read_text()) if started.is_file() else {}
+    if ray_tune.Tuner.can_restore(path) and saved.get("digest", digest) != digest:
+        raise ConfigError(f"run.name={execution.run.name!r}: {path} holds a Tune search of another study; choose "
+                          "another run.name (or delete that folder to start over)")
     if ray_tune.Tuner.can_restore(path):
         print(f"[tune] resuming the search in {path}", flush=True)
         tuner = ray_tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
-        num_samples = json.loads(started.read_text())["num_samples"] if started.is_file() else study.tune.num_samples
+        num_samples = saved.get("num_samples", study.tune.num_samples)
     else:
         num_samples = study.tune.num_samples
-        started.write_text(json.dumps({"num_samples": num_samples, "max_rounds": space.max_rounds}))
+        started.write_text(json.dumps({"num_samples": num_samples, "max_rounds": space.max_rounds, "digest": digest}))
         scheduler = ASHAScheduler(time_attr="round", max_t=space.max_rounds, grace_period=study.tune.grace_rounds,
                                   reduction_factor=study.tune.reduction_factor)
         # what each trial's MLflow run logs as params: its study (its execution is tagged; run.device from the trial)
@@ -181,7 +212,7 @@ def _fit(run: StageRun, space: SearchSpace, job: TrialJob, start: dict[str, Any]
                 name=key, storage_path=storage, verbose=1 if execution.run.verbose else 0,
                 failure_config=ray_tune.FailureConfig(max_failures=execution.trials.max_failures),
                 checkpoint_config=ray_tune.CheckpointConfig(num_to_keep=1),
-                callbacks=[trial_runs_callback(job.execution, key, parent_run_id, params)],
+                callbacks=[trial_runs_callback(job.execution, key, parent_run_id, params, split_sizes(job.splits))],
             ),
         )
     return tuner.fit(), num_samples, path
@@ -219,15 +250,12 @@ def _plot(rows: list[TrialRow], columns: list[str], path: Path, title: str) -> P
     return plot_search(panels or {"trial": list(range(len(pts)))}, trials, path, title)
 
 
-def _refit(run: StageRun, best_cfg: Study, job: TrialJob) -> dict:
-    """The best label-folds trial's config trained once more on all the labeled images, in this process's
-    execution (its rounds resume from ``refit/`` after a crash); returns its final round state."""
-    folder = run.folder / "refit"
-    folder.mkdir(exist_ok=True)
-    print("[tune] the best trial's config trains once more on all the labeled images", flush=True)
-    refit = StageRun(best_cfg, run.execution, f"{run.key}-refit", folder, run.tracker, run.data, run.split)
-    return run_rounds(refit, load_state(folder / STATE_FILE), lambda st, _: save_state(folder / STATE_FILE, st),
-                      rounds_start(job, best_cfg))
+def _refit(run: StageRun, best_cfg: Study) -> StageResult:
+    """The best label-folds config trained once more on all the labeled images: a ``pseudolabel`` stage of its
+    own (its run nested in the search's, its rounds resumed after a crash), in this process's execution. The
+    pipeline's stage after the search trains the same study, so it finds this one finished."""
+    print("[tune] the best config trains once more, on all the labeled images", flush=True)
+    return pseudolabel(best_cfg, run.execution, run.tracker.run_id)
 
 
 def objective_name(study: Study) -> str:
@@ -241,7 +269,9 @@ def _write_best(folder: Path, key: str, best: TrialRow, overrides: dict[str, Any
         f"# best of `toolkit tune` {key}: trial {best.trial_id}, {objective_name(job.base)} {best.val_acc:.4f} "
         f"({best.kind})\n"
         f"# on the full pool:     toolkit pseudolabel --config {path}\n"
-        f"# this trial, as it ran: toolkit pseudolabel --config {path} {reproduce_args(job.execution, job.base.data.train_subset)}\n"
+        + (f"# this trial, as it ran: toolkit pseudolabel --config {path} "
+           f"{reproduce_args(job.execution, job.base.data.train_subset)}\n" if len(job.splits) == 1 else
+           f"# (the trial ran it once per fold of the labeled images, {len(job.splits)} folds)\n")
         + yaml.safe_dump(nested(overrides), sort_keys=False)
     )
     return path
@@ -259,8 +289,11 @@ def best_config_path(result: StageResult) -> Path:
 
 def tune(study: Study, execution: Execution, parent_run_id: str | None = None,
          base_model: str | None = None) -> StageResult:
-    """Search the pseudo-labeling schedule on validation accuracy; write best.yaml; test the best trial's model once.
+    """Search the pseudo-labeling schedule by ``tune.objective``; write best.yaml; test the final model once.
 
+    The final model is the best trial's (``validation``), or the best config trained on all the
+    labeled images as a ``pseudolabel`` stage of its own (``label_folds``: each trial's models
+    saw only a share of them; the pipeline's next stage then finds that stage finished).
     ``base_model``: a classifier file every trial starts its rounds from (no round 0 per
     trial). A SimCLR encoder (``model.init``) is likewise read once and shipped by value.
     """
@@ -268,6 +301,7 @@ def tune(study: Study, execution: Execution, parent_run_id: str | None = None,
         study = study.replace(**{"pseudolabel.mode": "iterative"})
     if study.tune.search == "optuna":
         _require_optuna()
+    check_search(study, base_model)
     text, source = read_space(study)
     # the trials get the SimCLR weights by value: their base config names them SIMCLR_REF
     simclr = SIMCLR_REF if study.model.init.startswith("simclr:") else None
@@ -276,34 +310,26 @@ def tune(study: Study, execution: Execution, parent_run_id: str | None = None,
     tags = {"toolkit.tune.search": study.tune.search, "toolkit.tune.space": source, "toolkit.init": study.model.init,
             "toolkit.tune.objective": study.tune.objective}
 
+    digest = search_digest(study, text, base_model)
+
     def body(run: StageRun) -> StageOutput:
         (run.folder / SPACE_FILE).write_text(text)
         run.tracker.log_artifact(run.folder / SPACE_FILE)
-        rows, job = _search(run, base, space, simclr, base_model)
+        rows, job = _search(run, base, space, simclr, base_model, digest)
         return _report(run, rows, space, simclr, job)
 
-    stage = Stage("tune", search_key(study, execution, text, base_model), search_digest(study, text, base_model),
+    stage = Stage("tune", search_key(study, execution, text, base_model), digest,
                   parent_run_id, tags,
-                  skipped_line=lambda done: f"best val acc {done.metrics.get('best_val_acc', float('nan')):.4f}, "
+                  skipped_line=lambda done: f"best {objective_name(study)} "
+                                            f"{done.metrics.get('best_val_acc', float('nan')):.4f}, "
                                             f"best config {best_config_path(done)}")
     return run_stage(study, execution, stage, body)
 
 
 def _search(run: StageRun, base: Study, space: SearchSpace, simclr: str | None,
-            base_model: str | None) -> tuple[list[TrialRow], TrialJob]:
+            base_model: str | None, digest: str) -> tuple[list[TrialRow], TrialJob]:
     """Run (or resume) the trials in the stage's MLflow run; return their rows and what every trial got."""
     study, execution, key, folder, tracker = run.study, run.execution, run.key, run.folder, run.tracker
-    folds = study.tune.objective == "label_folds"
-    if run.data.kind == "real" and not folds:
-        # its validation set is the labeled images themselves: a search would pick the best overfit
-        raise ConfigError(f"tune.objective=validation is not allowed on data.name={study.data.name}: a real dataset "
-                          "has no validation images to choose by (its labels are all training labels); use "
-                          "tune.objective=label_folds (cross-validation inside the labeled images)")
-    if run.data.kind == "real" and study.tune.pool_subset:
-        raise ConfigError("tune.pool_subset is not allowed on a user's own dataset (it shrinks a benchmark's "
-                          "split); leave it 0")
-    if folds:
-        check_folds(study.tune.folds, run.data.train_labels[run.split.labeled])
     choices: dict[str, ModelWeights] = {}  # explicit 'simclr:<path | run id>' choices: read once, shipped by value
     for v in space.entries.get("model.init", ("choice", []))[1]:
         ref = str(v)[len("simclr:"):] if str(v).startswith("simclr:") else None
@@ -314,14 +340,14 @@ def _search(run: StageRun, base: Study, space: SearchSpace, simclr: str | None,
         start = ModelWeights.from_payload(checkpoints.load_model_file(base_model, "classifier", study.model))
     for note in space.notes:
         print(f"[tune] {note}", flush=True)
-    pool_subset = _pool_train_subset(study, run.data)
+    pool_subset, split = _trial_split(study, run.data, run.split)
     trial_base = base.replace(**{"data.train_subset": pool_subset}) if pool_subset else base
-    # the split travels by value: a trial reads no label to draw it (and a user's images travel with it)
-    split = make_split(run.data.train_labels[:pool_subset], study.split.labels_per_class, study.split.val_size,
-                       study.split.seed, run.data.spec.num_classes) if pool_subset else run.split
+    # the splits travel by value: a trial reads no label to draw them (and a user's images travel with them)
+    splits = (label_folds(split, run.data.train_labels, study.tune.folds) if study.tune.objective == "label_folds"
+              else [split])
     job = TrialJob(base=trial_base, execution=trial_execution(execution), key=key,
                    simclr=init_weights(study, execution, folder, run.data), start=start, simclr_choices=choices,
-                   split=split, images=images_for_workers(run.data))
+                   splits=splits, images=images_for_workers(run.data))
     _start_ray(execution)
     first = base_point(base, space) if study.tune.include_base else None
     if first:
@@ -331,7 +357,7 @@ def _search(run: StageRun, base: Study, space: SearchSpace, simclr: str | None,
         print("[tune] tune.include_base: the base config's values lie outside the space; every trial is sampled",
               flush=True)
     try:
-        grid, num_samples, path = _fit(run, space, job, first)
+        grid, num_samples, path = _fit(run, space, job, digest, first)
     except KeyboardInterrupt:  # a second Ctrl-C (or SIGTERM) inside Tune: its trials' runs end with the parent's
         kill_trial_runs(execution, tracker.run_id)
         raise
@@ -349,7 +375,7 @@ def _search(run: StageRun, base: Study, space: SearchSpace, simclr: str | None,
 
 
 def _report(run: StageRun, rows: list[TrialRow], space: SearchSpace, simclr: str | None, job: TrialJob) -> StageOutput:
-    """trials.csv, search.png, best.yaml, and the best trial's model tested once."""
+    """trials.csv, search.png, best.yaml, and the final model (the best trial's, or the best config's refit) tested once."""
     study, execution, key, folder, tracker = run.study, run.execution, run.key, run.folder, run.tracker
     base = study.replace(**{"model.init": f"simclr:{SIMCLR_REF}"}) if simclr else study
     tracker.log_artifact(write_csv(rows, space.columns(), folder / RESULTS_FILE))
@@ -375,16 +401,19 @@ def _report(run: StageRun, rows: list[TrialRow], space: SearchSpace, simclr: str
     tracker.log_artifact(best_path)
     tracker.set_tags({"toolkit.tune.best_trial": best.trial_id, "toolkit.tune.best_kind": best.kind})
 
-    if study.tune.objective == "label_folds":  # the trial's models each trained on a share of the labels
-        best_state = _refit(run, trial_config(base, best.sample, simclr), job)
+    final = folder / checkpoints.MODEL_FILE
+    if study.tune.objective == "label_folds":  # the trials' models each trained on a share of the labels
+        shutil.copyfile(_refit(run, best_cfg).model_path, final)
+        tested = f"tune: the best config ({best.kind}) trained on all labeled images"
     else:
         with best.checkpoint.as_directory() as d:  # from ray.storage_path (downloaded if it is a cloud URI)
             best_state = load_state(Path(d) / STATE_FILE)
-    final = save_model_file(folder / checkpoints.MODEL_FILE, "classifier", best_cfg, best_state["state_dict"], run.data,
-                            encoder_pretrained=bool(best_state["encoder_pretrained"]))
+        save_model_file(final, "classifier", best_cfg, best_state["state_dict"], run.data,
+                        encoder_pretrained=bool(best_state["encoder_pretrained"]))
+        tested = f"tune: best trial ({best.kind})"
     tracker.log_artifact(final, "model")
     model = load_classifier_file(final, device_for(execution))
-    metrics = log_test_report(run, model, f"tune: best trial ({best.kind})")
+    metrics = log_test_report(run, model, tested)
     search = {"best_val_acc": best.val_acc, "label_folds": study.tune.folds if study.tune.objective == "label_folds" else 0,
               "trials": len(rows), "trials_completed": counts["completed"],
               "trials_stopped_early": counts["stopped_early"], "trials_failed": counts["failed"]}

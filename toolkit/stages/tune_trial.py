@@ -18,14 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from toolkit.config import Execution, Study
-from toolkit.datasets.folds import label_folds
 from toolkit.datasets.mnist import Split, resolve_root
 from toolkit.datasets.training_data import ImageData, load_image_data
 from toolkit.engine.jobs import ModelWeights
 from toolkit.config.search_space import trial_config
 from toolkit.tracking.runs import Tracker
 from toolkit.tracking.tune_runs import DEVICE, DEVICE_NAME, METRIC
-from toolkit.stages.data_inputs import split_of
 from toolkit.stages.pseudolabel_rounds import STATE_FILE, RoundsStart, load_state, run_rounds, save_state
 from toolkit.stages.skeleton import StageRun
 
@@ -42,7 +40,8 @@ class TrialJob:
     simclr: ModelWeights | None        # the SimCLR weights of model.init=simclr (the searched 'simclr' choice)
     start: ModelWeights | None         # a base classifier every trial starts its rounds from (no round 0)
     simclr_choices: dict[str, ModelWeights]  # explicit 'simclr:<ref>' choices of model.init
-    split: Split | None                # the driver's split (None: the trial draws the study's split itself)
+    splits: list[Split]                # the driver's split, or its folds of the labeled images (label_folds): a
+                                       # trial reads no label to draw them
     images: ImageData | None           # a user's own images (no node but the driver can read their folder)
 
 
@@ -99,8 +98,8 @@ def _round_result(entry: dict, placed: dict[str, str]) -> dict[str, Any]:
 
 
 def rounds_start(job: TrialJob, study: Study) -> RoundsStart:
-    """Where a trial's rounds (or the best config's refit) start: the base model, else round 0 from the SimCLR
-    weights ``study.model.init`` names (carried in the job), else from scratch."""
+    """Where a trial's rounds start: the base model, else round 0 from the SimCLR weights ``study.model.init``
+    names (carried in the job), else from scratch."""
     init = None
     if study.model.init.startswith("simclr:"):
         ref = study.model.init[len("simclr:"):]
@@ -108,15 +107,18 @@ def rounds_start(job: TrialJob, study: Study) -> RoundsStart:
     return RoundsStart(start=job.start, start_id="base" if job.start else "round0", init=init)
 
 
-def fold_file(fold: int) -> str:
-    """A label-folds trial's checkpoint holds one round state per fold."""
-    return f"fold{fold}-{STATE_FILE}"
+def state_file(fold: int, folds: int) -> str:
+    """A trial's checkpoint holds its round state (``rounds.pt``), or one per fold of ``folds`` > 1
+    (``fold<f>-rounds.pt``)."""
+    return f"fold{fold}-{STATE_FILE}" if folds > 1 else STATE_FILE
 
 
-def _fold_entry(states: list[dict], splits: list[Split]) -> dict:
-    """The folds' last rounds as one round result: the held-out accuracy over all labeled images (each fold's
-    validation accuracy weighted by its size); the other figures are the folds' means."""
+def _round_entry(states: list[dict], splits: list[Split]) -> dict:
+    """The last round of each fold (or of the one run) as one round result: the held-out accuracy pooled
+    over the folds (each fold's validation accuracy weighted by its size); added and pool left: the means."""
     entries = [s["history"][-1] for s in states]
+    if len(entries) == 1:
+        return entries[0]
     sizes = [len(s.val) for s in splits]
     mean = lambda k: sum(e[k] for e in entries) / len(entries)  # noqa: E731
     return {"round": entries[0]["round"], "threshold": entries[0]["threshold"],
@@ -124,18 +126,18 @@ def _fold_entry(states: list[dict], splits: list[Split]) -> dict:
             "added": round(mean("added")), "pool_left": round(mean("pool_left"))}
 
 
-def _trial_data(job: TrialJob, study: Study, execution: Execution) -> tuple[ImageData, Split]:
-    """The images (carried, or this node's own copy of a benchmark) and the split (the driver's, when it sent one)."""
-    data = job.images if job.images is not None else load_image_data(
-        study.data, execution.run.data_root, execution.run.download, execution.run.resident_mb << 20)
-    return data, job.split if job.split is not None else split_of(study, data)
+def _trial_images(job: TrialJob, study: Study, execution: Execution) -> ImageData:
+    """The images: a user's own, carried in the job; a benchmark's, from this node's own copy."""
+    if job.images is not None:
+        return job.images
+    return load_image_data(study.data, execution.run.data_root, execution.run.download, execution.run.resident_mb << 20)
 
 
 def _trial(point: dict, job: TrialJob) -> None:
     """A Tune trial: the rounds in this process; after each, ``{"val_acc", "round", ...}`` and a checkpoint.
 
     ``tune.objective=label_folds``: the rounds run once per fold of the labeled images, all
-    folds moving round by round together, and ``val_acc`` is their held-out accuracy.
+    folds moving round by round together, and ``val_acc`` is their pooled held-out accuracy.
     """
     import ray
     from ray import tune as ray_tune
@@ -145,38 +147,29 @@ def _trial(point: dict, job: TrialJob) -> None:
     placed = device_report(execution)
     trial_id = ray_tune.get_context().get_trial_id()
     begin = rounds_start(job, study)
-    folds = study.tune.folds if study.tune.objective == "label_folds" else 0
+    splits = job.splits
+    folds = len(splits)
+    states: list[dict | None] = [None] * len(splits)
     restored = ray_tune.get_checkpoint()
-    states: list[dict | None] = [None] * max(folds, 1)
     if restored is not None:  # a retried trial (its node died, or Ctrl-C): resume after its last round
         with restored.as_directory() as d:
-            states = [load_state(Path(d) / (fold_file(f) if folds else STATE_FILE)) for f in range(len(states))]
-    reported: list[int] = []
-
-    def report(entry: dict, saved: list[dict]) -> None:
-        with tempfile.TemporaryDirectory(prefix="toolkit-trial-") as d:
-            for f, st in enumerate(saved):
-                save_state(Path(d) / (fold_file(f) if folds else STATE_FILE), st)
-            ray_tune.report(_round_result(entry, placed), checkpoint=ray_tune.Checkpoint.from_directory(d))
-        reported.append(entry["round"])
+            states = [load_state(Path(d) / state_file(f, folds)) for f in range(len(splits))]
+        print(f"[tune] trial {trial_id}: resuming after round {states[0]['rounds_done']}", flush=True)
+    done = states[0]["rounds_done"] if states[0] else 0
 
     # scratch: this process's own training checkpoints, on this node, removed at the end
     with tempfile.TemporaryDirectory(prefix="toolkit-trial-") as scratch:
         execution = execution.replace(**{"run.output_dir": scratch})
-        data, split = _trial_data(job, study, execution)
-        run = StageRun(study, execution, f"{job.key}-trial-{trial_id}", Path(scratch), Tracker.disabled(), data, split)
-        if not folds:
-            states = [run_rounds(run, states[0], lambda st, _: report(st["history"][-1], [st]), begin)]
-            final = states[0]["history"][-1] if states[0]["history"] else None
-        else:
-            splits = label_folds(split, data.train_labels, folds)
-            runs = [StageRun(study, execution, f"{run.key}-fold{f}", Path(scratch) / f"fold{f}", Tracker.disabled(),
-                             data, s) for f, s in enumerate(splits)]
-            done = states[0]["rounds_done"] if states[0] else 0
-            for r in range(done, study.pseudolabel.rounds):
-                states = [run_rounds(fr, st, lambda *_: None, replace(begin, until=r + 1)) for fr, st in zip(runs, states)]
-                report(_fold_entry(states, splits), states)
-            final = _fold_entry(states, splits) if done else None
-    if not reported and final:
+        data = _trial_images(job, study, execution)
+        runs = [StageRun(study, execution, f"{job.key}-trial-{trial_id}" + (f"-fold{f}" if folds > 1 else ""),
+                         Path(scratch) / f"fold{f}", Tracker.disabled(), data, sp) for f, sp in enumerate(splits)]
+        for r in range(done, study.pseudolabel.rounds):
+            states = [run_rounds(run, st, lambda *_: None, replace(begin, until=r + 1)) for run, st in zip(runs, states)]
+            with tempfile.TemporaryDirectory(prefix="toolkit-trial-") as d:
+                for f, st in enumerate(states):
+                    save_state(Path(d) / state_file(f, folds), st)
+                ray_tune.report(_round_result(_round_entry(states, splits), placed),
+                                checkpoint=ray_tune.Checkpoint.from_directory(d))
+    if done and done >= study.pseudolabel.rounds:
         # restored after its last round had finished: Tune still needs the final result
-        ray_tune.report(_round_result(final, placed))
+        ray_tune.report(_round_result(_round_entry(states, splits), placed))

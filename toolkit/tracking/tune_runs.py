@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from toolkit.config import MNIST_TRAIN_IMAGES, ConfigError, Execution, Study
+from toolkit.config import ConfigError, Execution, Study
+from toolkit.datasets.mnist import Split
 from toolkit.config.search_space import SearchSpace, schedule_kind, trial_config, trial_values
 from toolkit.tracking.runs import RUN_KEY_TAG, Tracker, find_run, safe_params
 from toolkit.tracking.stores import tracking_uri
@@ -86,21 +87,26 @@ def write_csv(rows: list[TrialRow], keys: list[str], path: Path) -> Path:
     return path
 
 
-def _trial_params(tcfg: Study) -> dict[str, Any]:
-    """A trial's params: its config and the sizes of its split (as a stage's run logs them)."""
-    n, sc = tcfg.data.train_subset or MNIST_TRAIN_IMAGES, tcfg.split
-    labeled = 10 * sc.labels_per_class
-    flat = tcfg.flat()
-    return {**flat, "split.labeled_size": labeled, "split.val_size_actual": sc.val_size,
-            "split.pool_size": n - labeled - sc.val_size}
+def split_sizes(splits: list[Split]) -> dict[str, int]:
+    """The sizes a trial's run logs of the splits every trial runs on (as a stage's run logs them): one split's
+    labeled, validation and pool images; or, for folds of the labeled images (``label_folds``), all the labeled
+    images, no validation image (the validation split is not read) and the number of folds."""
+    first = splits[0]
+    if len(splits) == 1:
+        return {"split.labeled_size": len(first.labeled), "split.val_size_actual": len(first.val),
+                "split.pool_size": len(first.pool), "split.label_folds": 0}
+    return {"split.labeled_size": len(first.labeled) + len(first.val), "split.val_size_actual": 0,
+            "split.pool_size": len(first.pool), "split.label_folds": len(splits)}
 
 
-def trial_runs_callback(execution: Execution, key: str, parent_run_id: str | None, config_of: Callable[[dict], Study]):
+def trial_runs_callback(execution: Execution, key: str, parent_run_id: str | None, config_of: Callable[[dict], Study],
+                        sizes: dict[str, int]):
     """A Tune callback, in the driver: one nested MLflow run per trial (``<key>-trial-<id>``), its round metrics.
 
     ``execution``: how every trial runs (``tune_trial.trial_execution``: its tracking store is the
     driver's), tagged ``execution.<key>`` on each trial's run; ``config_of(point)``: the study a trial
-    runs for a sampled point (logged as params; a ConfigError is tagged, and the trial itself fails on it).
+    runs for a sampled point (logged as params with the split's ``sizes``; a ConfigError is tagged, and
+    the trial itself fails on it).
     """
     from ray.tune import Callback
 
@@ -139,7 +145,7 @@ def trial_runs_callback(execution: Execution, key: str, parent_run_id: str | Non
                     **{f"execution.{k}": v for k, v in safe_params(execution.flat()).items()}}
             run_id = client.create_run(exp, run_name=name, tags=tags).info.run_id
             try:
-                Tracker(uri, run_id).log_params(_trial_params(config_of(point)))
+                Tracker(uri, run_id).log_params({**config_of(point).flat(), **sizes})
             except ConfigError as e:  # recorded as failed when the trial itself raises it
                 Tracker(uri, run_id).set_tags({"toolkit.tune.config_error": str(e)[:500]})
             return run_id
