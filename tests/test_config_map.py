@@ -49,6 +49,7 @@ OTHER_VALUES = {
     "tune.space": "/elsewhere/space.yaml",
     "tune.search": "optuna",
     "tune.objective": "label_folds",
+    "student.smooth_space": "pixels",
     "pipeline.seeds": [0, 1],
     "student.teachers": ["/elsewhere/model.pt"],
     "pipeline.stages": ["pretrain", "probe"],

@@ -232,6 +232,18 @@ def test_a_folder_with_a_test_set_reports_the_students_test_accuracy(tmp_path):
     assert math.isfinite(results["probe"]["metrics"]["linear_cv/test_acc"])
 
 
+def test_a_student_smooths_by_the_pixels_without_any_pretraining(tmp_path, capsys):
+    root = tmp_path / "digits"
+    write_digits_folder(root, unlabeled=60)
+    rc = run_pipeline(tmp_path, "data.name=folder", f"run.data_root={root}", "data.image_size=16", "data.channels=1",
+                      "pipeline.stages=[iterative,student]", "student.smooth_space=pixels")
+    assert rc == 0
+    assert "kNN-smoothed (k=5) by the images' pixels" in capsys.readouterr().out
+    results = stage_results(tmp_path)
+    assert "student" in results and not any(k.startswith("pretrain") for k in results)  # no encoder was needed
+    assert len(read_pool_labels(tmp_path / "runs" / "pool_labels.csv")) == 60
+
+
 # --------------------------------------------------------------------------- arrays, CIFAR-10, Fashion-MNIST
 
 def test_an_npz_with_unknown_labels_labels_each_of_them(tmp_path):

@@ -242,3 +242,15 @@ def test_the_smoother_sees_labeled_and_pool_images_only_and_keeps_pool_order(mon
     out = smooth(probs)
     assert out.shape == (n - 5, 10)
     assert out.argmax(1).tolist() == (labels[split.pool] % 10).tolist()  # the mistake is outvoted, order kept
+
+
+def test_a_student_smoothing_by_pixels_needs_no_encoder_and_its_key_names_none():
+    from toolkit.stages.student import smoothing_encoder, smooths, student_key
+
+    cfg, teachers = Config(), ["/runs/a/model.pt"]
+    pixels = cfg.study.replace(**{"student.smooth_space": "pixels"})
+    assert smooths(pixels, None) and smoothing_encoder(pixels, "/runs/enc/model.pt") is None
+    assert student_key(pixels, cfg.execution, teachers, "/runs/enc/model.pt") == \
+        student_key(pixels, cfg.execution, teachers, None)
+    assert not smooths(cfg.study, None) and smooths(cfg.study, "/runs/enc/model.pt")
+    assert not smooths(pixels.replace(**{"student.knn_k": 0}), None)

@@ -223,6 +223,7 @@ class PseudoLabelConfig:
 
 
 TUNE_OBJECTIVES = ("validation", "label_folds")
+SMOOTH_SPACES = ("simclr", "pixels")
 
 
 @dataclass(frozen=True)
@@ -261,7 +262,10 @@ class StudentConfig:
                                       "pool image is labeled)")
     warm_start: bool = _opt(True, "start from the first teacher (the scratch iterative model); false: from scratch")
     knn_k: int = _opt(5, "average the teachers' probabilities over each pool image's k nearest neighbours in the "
-                         "SimCLR embedding (the 100 labeled images count as certain); 0: off. Needs the encoder")
+                         "space student.smooth_space names (the labeled images count as certain); 0: off")
+    smooth_space: str = _opt("simclr", "where those neighbours are found: 'simclr' (the SimCLR embedding; needs the "
+                                       "encoder) or 'pixels' (the images' own pixels, cosine similarity: for small "
+                                       "centred scans, whose raw pixels already group by class)")
     tta_views: int = _opt(8, "the student predicts (its validation and test figures, `toolkit predict` on its model file) "
                              "as the mean softmax over the plain image and this many augmented copies; 0: plain")
     tta_strength: float = _opt(0.5, "augment.strength of those copies (the training augmentation, scaled)")
@@ -275,6 +279,8 @@ class StudentConfig:
                "a list of model.pt paths or MLflow run ids", self.teachers)
         _check(self.steps >= 1, "student.steps", "must be >= 1", self.steps)
         _check(self.knn_k >= 0, "student.knn_k", "must be >= 0", self.knn_k)
+        _check(self.smooth_space in SMOOTH_SPACES, "student.smooth_space", f"one of {', '.join(SMOOTH_SPACES)}",
+               self.smooth_space)
         _check(0.0 <= self.min_confidence <= 1.0, "student.min_confidence", "must be in [0, 1]", self.min_confidence)
         _check(self.tta_views >= 0, "student.tta_views", "must be >= 0", self.tta_views)
         _check(self.tta_strength >= 0, "student.tta_strength", "must be >= 0", self.tta_strength)

@@ -169,8 +169,9 @@ def pipeline(study: Study, execution: Execution) -> dict:
             mlflow_run(study, execution, "pipeline", key, None, {"toolkit.seeds": study.pipeline.seeds}) as parent:
         print(f"[pipeline] {key}: seeds {study.pipeline.seeds}, stages {study.pipeline.stages}", flush=True)
         simclr_path = None
-        # the student's labels are smoothed in the SimCLR embedding unless student.knn_k=0
-        users = ("pretrain", "probe", "simclr_iterative") + (("student",) if study.student.knn_k > 0 else ())
+        # the student's labels are smoothed in the SimCLR embedding unless student.knn_k=0 or it smooths by pixels
+        smooths_in_simclr = study.student.knn_k > 0 and study.student.smooth_space == "simclr"
+        users = ("pretrain", "probe", "simclr_iterative") + (("student",) if smooths_in_simclr else ())
         needs_simclr = any(s in study.pipeline.stages for s in users)
         if needs_simclr:
             # one encoder for all seeds: SimCLR never sees a label, and the first seed's

@@ -7,7 +7,8 @@ SimCLR-initialised one when the pipeline runs that stage, as the gpu profile doe
 starts make different mistakes) predict every pool image, their probabilities are
 averaged, then averaged again over each image's ``student.knn_k`` nearest neighbours in the
 SimCLR embedding (what the label-free features know: a teacher's isolated mistake is outvoted
-by its neighbourhood), and each image whose confidence reaches ``student.min_confidence``
+by its neighbourhood; ``student.smooth_space=pixels``: by the images' own pixels, which for
+small centred scans group by class better than a small encoder's features), and each image whose confidence reaches ``student.min_confidence``
 gets that label, early mistakes revised. The student trains on the true labels
 plus all of these for ``student.steps`` steps and keeps its last weights. It predicts
 (its test and validation figures, and ``toolkit predict`` on its model file) as the mean
@@ -62,9 +63,10 @@ def ensemble_labels(probs: list[torch.Tensor], min_confidence: float,
     return keep, labels[keep], conf
 
 
-def embedding_smoother(run: StageRun, encoder_path: str) -> Callable[[torch.Tensor], torch.Tensor]:
+def embedding_smoother(run: StageRun, encoder_path: str | None) -> Callable[[torch.Tensor], torch.Tensor]:
     """Pool probabilities -> the same averaged over each image's ``student.knn_k`` nearest neighbours
-    in the SimCLR embedding, among the pool and the labeled images (whose rows are their true labels).
+    among the pool and the labeled images (whose rows are their true labels), in the SimCLR
+    embedding of ``encoder_path``, or (None: ``student.smooth_space=pixels``) by the images' own pixels.
 
     No validation label enters, and validation images are never neighbours. (The pipeline's
     one encoder is pretrained, without labels, on the first seed's non-validation images, so
@@ -72,9 +74,12 @@ def embedding_smoother(run: StageRun, encoder_path: str) -> Callable[[torch.Tens
     """
     data, split, k = run.data, run.split, run.study.student.knn_k
     device = device_for(run.execution)
-    encoder = load_encoder(encoder_path, device)
     rows = torch.cat([split.labeled, split.pool])
-    feats = extract_features(encoder, take(data.train_images, rows).to(device))  # the top-k runs where they are
+    images = take(data.train_images, rows).to(device)  # the top-k runs where they are
+    if encoder_path is None:
+        feats = images.flatten(1).float()  # cosine similarity of the raw pixels
+    else:
+        feats = extract_features(load_encoder(encoder_path, device), images)
     known = F.one_hot(data.train_labels[split.labeled], data.spec.num_classes).float()
 
     def smooth(pool_probs: torch.Tensor) -> torch.Tensor:
@@ -85,8 +90,13 @@ def embedding_smoother(run: StageRun, encoder_path: str) -> Callable[[torch.Tens
 
 
 def smoothing_encoder(study: Study, encoder: str | None) -> str | None:
-    """The encoder the student smooths with: ``encoder`` when ``student.knn_k`` > 0, else none."""
-    return encoder if study.student.knn_k > 0 else None
+    """The encoder the student smooths with: ``encoder`` when ``student.knn_k`` > 0 in the SimCLR embedding, else none."""
+    return encoder if study.student.knn_k > 0 and study.student.smooth_space == "simclr" else None
+
+
+def smooths(study: Study, encoder: str | None) -> bool:
+    """Whether the student smooths its teachers' labels: ``student.knn_k`` > 0, in the pixels or with an encoder."""
+    return study.student.knn_k > 0 and (study.student.smooth_space == "pixels" or encoder is not None)
 
 
 def student_key(study: Study, execution: Execution, teachers: list[str], encoder: str | None) -> str:
@@ -108,6 +118,7 @@ def student(study: Study, execution: Execution, teachers: list[str], parent_run_
         raise ValueError("the student stage needs at least one teacher model")
     sc = study.student
     key = student_key(study, execution, teachers, encoder)
+    smoothed = smooths(study, encoder)
     encoder = smoothing_encoder(study, encoder)
 
     def body(run: StageRun) -> StageOutput:
@@ -115,7 +126,7 @@ def student(study: Study, execution: Execution, teachers: list[str], parent_run_
         payloads = [checkpoints.load_model_file(t, "classifier") for t in teachers]  # each file read once
         weights = [ModelWeights.from_payload(p) for p in payloads]
         probs = [torch.from_numpy(predict_pool(study, execution, w, pool, run.data.train_images)) for w in weights]
-        smooth = embedding_smoother(run, encoder) if encoder else None
+        smooth = embedding_smoother(run, encoder) if smoothed else None
         ensemble = ensemble_probs(probs, smooth)
         conf, all_labels = ensemble.max(1)
         keep = (conf >= sc.min_confidence).nonzero().flatten()
@@ -128,6 +139,7 @@ def student(study: Study, execution: Execution, teachers: list[str], parent_run_
         truth = run.data.kind == "benchmark"
         precision = float((run.data.train_labels[idx] == labels).float().mean()) if len(idx) and truth else float("nan")
         how = (f"kNN-smoothed (k={sc.knn_k}) in the SimCLR embedding" if encoder else
+               f"kNN-smoothed (k={sc.knn_k}) by the images' pixels" if smoothed else
                "not smoothed (student.knn_k=0)" if sc.knn_k == 0 else "not smoothed (no SimCLR encoder)")
         print(f"[student] {len(teachers)} teachers label {len(idx)}/{len(pool)} pool images, {how} "
               f"(agreement {agreement:.4f}; precision {precision:.4f}, diagnostic)", flush=True)
