@@ -104,6 +104,7 @@ def search_config(root: Path, data_root: str, **over) -> Config:
         "split.val_size": VAL_SIZE, "model.width": 8, "classifier.steps": 20, "classifier.eval_every": 20,
         "classifier.warmup_steps": 5, "classifier.batch_size": 32, "pseudolabel.rounds": 2,
         "pseudolabel.threshold_floor": 0.5,
+        "tune.grace_rounds": 2,  # ASHA stops no trial: which one it stops depends on when results arrive
         "pseudolabel.steps_per_round": 10, "tune.space": str(root / "space.yaml"), "tune.num_samples": 2,
         "tune.objective": "label_folds", "tune.folds": 2, "trials.max_concurrent": 2, "trials.max_failures": 0,
         "run.device": "cpu", "run.threads": 1, "run.backend": "local", "inference.backend": "local",
@@ -168,7 +169,7 @@ def test_a_label_folds_search_reads_no_label_beyond_the_labeled_images(ray_sessi
                 r.data.params["split.label_folds"]) == ("100", "0", "2")
 
     # the same poison under the validation objective moves the trials' figures: it reached the Tune actors
-    over = {"tune.objective": "validation", "tune.num_samples": 1, "pseudolabel.rounds": 1}
+    over = {"tune.objective": "validation", "tune.num_samples": 1, "pseudolabel.rounds": 1, "tune.grace_rounds": 1}
     honest_val_cfg = search_config(tmp_path / "honest-val", data_root, **over)
     honest_val = tune_stage.tune(honest_val_cfg.study, honest_val_cfg.execution)
     with monkeypatch.context() as m:
@@ -187,7 +188,7 @@ def test_a_users_own_folder_is_searched_by_label_folds_only(ray_session, tmp_pat
     monkeypatch.setenv("TOOLKIT_CACHE_DIR", str(tmp_path / "cache"))
     write_digits_folder(tmp_path / "digits", labeled_per_class=3, unlabeled=120)
     over = {"data.name": "folder", "data.image_size": 16, "split.labels_per_class": 3, "tune.num_samples": 1,
-            "data.train_subset": 0, "data.test_subset": 0, "pseudolabel.rounds": 1}
+            "data.train_subset": 0, "data.test_subset": 0, "pseudolabel.rounds": 1, "tune.grace_rounds": 1}
     cfg = search_config(tmp_path / "s", str(tmp_path / "digits"), **over)
     (tmp_path / "cfg.yaml").write_text(to_yaml(cfg, only_changed=True))
     for extra, words in ((["tune.objective=validation"], "use tune.objective=label_folds"),
